@@ -1,0 +1,202 @@
+"""Distil the multi-step teacher into a one/few-step student (paper §3.4, appendix A.1).
+
+The student f_θ(z_t, t, r, κ) predicts the average velocity from time t to an earlier time r
+(r = t: the instantaneous velocity). It starts as a copy of the teacher's EMA weights plus a
+zero-effect r embedder (dit.py), and learns from the frozen teacher's guided velocity
+
+    v_tea = v_pcond + ω·(v_cond − v_pcond)                                         (eq. 5)
+    L_base = ‖f(z_t, t, t, κ) − v_tea‖²                                            (eq. 4/6)
+
+plus a consistency loss for r < t — recursive consistency (rc, eq. 12–17, the paper's choice) or
+the shortcut midpoint rule (shortcut, eq. 7–11, Table 3 baseline).
+
+    python distill.py --teacher RUN_DIR --data DIR --out STUDENT_DIR [--method rc] [--size 256] \
+        [--batch 32] [--steps 50000]
+
+The model preset, codec and semantic encoder come from the teacher's config.json. The output run
+dir has the same layout as a teacher's, so `sample.py --ckpt STUDENT_DIR --steps 1` works.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, fields
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import dit
+import vae
+from train_teacher import (TrainConfig, build_conditions, config_parser, draw_teacher, fit, interpolate,
+                           setup_distributed)
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    teacher: str = ""        # teacher run dir (config.json + ema.safetensors)
+    method: str = "rc"       # rc | shortcut
+    omega: float = 0.5       # distillation guidance weight ω of the teacher target (eq. 5)
+    delta: float = 0.01      # RC: teacher warm-start step Δ (eq. 13)
+    n_rc: int = 2            # RC: student rollout steps from t_m to r
+
+
+# The paper's recipe (appendix A.2): 50K steps, batch 32, lr 2e-5 — overridable by flags.
+DEFAULTS = dict(size=256, batch=32, steps=50_000, lr=2e-5, val_steps=1)
+
+
+# ----------------------------------------------------------------------------- times and targets
+
+def sample_times(n: int, g: torch.Generator):
+    """t = max(u1, u2) (more weight near the noise end), r = t·(1 − g), g ~ U(0, 1)."""
+    t = torch.maximum(torch.rand(n, generator=g), torch.rand(n, generator=g))
+    r = t * (1 - torch.rand(n, generator=g))
+    return t, r
+
+
+def teacher_target(teacher, z_t, t, c_str_full, c_str_partial, c_sem, omega):
+    """v_tea = v_pcond + ω·(v_cond − v_pcond) (eq. 5); full: (c̃_str, c_sem), partial: (α·c_str, ∅)."""
+    x = torch.cat([torch.cat([c_str_full, z_t], 1), torch.cat([c_str_partial, z_t], 1)])  # (2B, 2C, h, w)
+    sem = None if c_sem is None else torch.cat([c_sem, torch.zeros_like(c_sem)])
+    v_cond, v_pcond = teacher(x, t.repeat(2), sem).float().chunk(2)
+    return v_pcond + omega * (v_cond - v_pcond)
+
+
+def _b(x):
+    """(B,) → (B,1,1,1) to scale latents per sample."""
+    return x.view(-1, 1, 1, 1)
+
+
+@torch.no_grad()
+def rc_correction(student, z_t, t, r, u, v_tea, delta: float, n: int):
+    """The clipped correction of recursive consistency (eq. 13–14).
+
+    Teacher warm start to t_m = max(t − Δ, r): z_m = z_t − (t − t_m)·v_tea           (eq. 13)
+    then n equal student steps t_m → r, each f(z, t_i, r = t_{i+1}); F = Σ f·(t_i − t_{i+1}).
+    Consistency of the jump t → r:  u·d = (t − t_m)·v_tea + F,  d = t − r, so
+        d > Δ:  corr = (u·d − F)/Δ − v_tea        (c_l = d/Δ, c_r = 1/Δ in eq. 14)
+        d ≤ Δ:  corr = u − F/d − v_tea            (t_m = r: the teacher step covers the whole jump)
+    clipped to [−1, 1].
+    """
+    t_m = torch.maximum(t - delta, r)
+    z = z_t - _b(t - t_m) * v_tea
+    F_sum = torch.zeros_like(z_t)
+    for i in range(n):
+        t_i = t_m - (t_m - r) * i / n
+        t_next = t_m - (t_m - r) * (i + 1) / n
+        f = student(z, t_i, t_next).float()
+        F_sum += _b(t_i - t_next) * f
+        z = z - _b(t_i - t_next) * f
+    d = _b(t - r)
+    corr = torch.where(d > delta, (u * d - F_sum) / delta - v_tea, u - F_sum / d.clamp_min(1e-8) - v_tea)
+    return corr.clamp(-1, 1)
+
+
+@torch.no_grad()
+def shortcut_target(student, z_t, t, r):
+    """ū = sg((u_{t→s} + u_{s→r}) / 2), s = (t + r)/2, z_s = z_t − (t − s)·u_{t→s}   (eq. 7–9)."""
+    s = (t + r) / 2
+    u_ts = student(z_t, t, s).float()
+    z_s = z_t - _b(t - s) * u_ts
+    u_sr = student(z_s, s, r).float()
+    return (u_ts + u_sr) / 2
+
+
+# ----------------------------------------------------------------------------- the loss (eq. 17 / 11)
+
+def draw_distill(cfg: DistillConfig, latent_shape, g: torch.Generator) -> dict:
+    """The teacher's draws (ε, κ) with the time pair (t, r) of distillation instead of t."""
+    d = draw_teacher(cfg, latent_shape, g)
+    d["t"], d["r"] = sample_times(cfg.batch, g)
+    return d
+
+
+def distill_loss(cfg: DistillConfig, teacher, net, x0, c_str, c_sem, d: dict):
+    """L = L_base + L_cons, with L_cons = L_rc-cons (eq. 16–17) or L_short-cons (eq. 10–11)."""
+    t, r = d["t"], d["r"]
+    z_t = interpolate(x0, d["eps"], t)
+    # κ for the student, exactly as in teacher training; the teacher target always uses both branches.
+    c_str_k, c_sem_k = build_conditions(c_str, c_sem, cfg.mode, d["aux"], d["alpha"], d["a_logit"], d["n"])
+    c_str_full, _ = build_conditions(c_str, c_sem, "full", d["aux"], d["alpha"], d["a_logit"], d["n"])
+    with torch.no_grad():
+        v_tea = teacher_target(teacher, z_t, t, c_str_full, _b(d["alpha"]) * c_str, c_sem, cfg.omega)
+
+    def student(z, t_, r_):  # f(z, t, r, κ) with the step's conditioning
+        return net(torch.cat([c_str_k, z], 1), t_, c_sem_k, r_)
+
+    # One batch of 2B for the two predictions that need gradients: r = t (base) and r (jump).
+    sem2 = None if c_sem_k is None else c_sem_k.repeat(2, 1, 1)
+    x2 = torch.cat([c_str_k, z_t], 1).repeat(2, 1, 1, 1)
+    u_base, u = net(x2, t.repeat(2), sem2, torch.cat([t, r])).float().chunk(2)
+    loss_base = F.mse_loss(u_base, v_tea)                                        # eq. 4/6
+    if cfg.method == "rc":
+        target = u.detach() - rc_correction(student, z_t, t, r, u.detach(), v_tea, cfg.delta, cfg.n_rc)  # eq. 15
+    else:
+        target = shortcut_target(student, z_t, t, r)                             # eq. 9
+    return loss_base + F.mse_loss(u, target)                                     # eq. 17 / 11
+
+
+# ----------------------------------------------------------------------------- setup
+
+def load_teacher_run(path: str) -> tuple[dict, Path]:
+    """The teacher's config.json and EMA weights; a clear error if the dir is not a run."""
+    run = Path(path)
+    conf, weights = run / "config.json", run / "ema.safetensors"
+    if not conf.is_file() or not weights.is_file():
+        raise SystemExit(f"distill.py: {run} is not a teacher run dir (needs config.json and ema.safetensors)")
+    tconf = json.loads(conf.read_text())
+    sem = tconf["semantic"]
+    if sem not in ("none",) and not sem.startswith("random") and (run / sem).is_file():
+        tconf["semantic"] = str((run / sem).resolve())  # a random encoder saved inside the teacher run
+    return tconf, weights
+
+
+def build_student(cfg: DistillConfig, tconf: dict, weights: Path, device):
+    """Codec, semantic encoder, frozen teacher, the student (teacher weights + r embedder) and its EMA."""
+    codec = vae.load_codec(cfg.codec, device=device)
+    semantic = vae.load_semantic(cfg.semantic, image_size=cfg.semantic_size, device=device)
+    kw = dict(latent_channels=codec.channels, enc_dim=tconf["enc_dim"], train_grid=tconf["train_grid"])
+    teacher = dit.build(cfg.preset, **kw)
+    dit.load_release_checkpoint(teacher, weights)
+    teacher = teacher.to(device).requires_grad_(False).eval()
+    student = dit.build(cfg.preset, with_r=True, grad_ckpt=cfg.grad_ckpt, **kw)
+    dit.load_release_checkpoint(student, weights)  # r_embedder stays at its init: f(·, t, t) = teacher
+    ema = dit.build(cfg.preset, with_r=True, **kw)
+    ema.load_state_dict(student.state_dict())
+    return codec, semantic, teacher, student.to(device), ema.to(device).requires_grad_(False).eval()
+
+
+def parse_args(argv=None) -> DistillConfig:
+    """Teacher's config → distillation defaults → explicit flags."""
+    p = config_parser(DistillConfig, __doc__)
+    a = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    if not a.get("teacher") or not a.get("data"):
+        p.error("--teacher RUN_DIR and --data DIR are required")
+    if a.get("method", "rc") not in ("rc", "shortcut"):
+        p.error("--method must be rc or shortcut")
+    tconf, _ = load_teacher_run(a["teacher"])
+    inherit = {f.name: tconf[f.name] for f in fields(TrainConfig)
+               if f.name in tconf and f.name in ("preset", "codec", "light_decoder", "semantic", "semantic_size",
+                                                 "degradation", "mode", "p_partial", "alpha_min", "alpha_max",
+                                                 "aug_mean", "aug_std")}
+    return DistillConfig(**(inherit | DEFAULTS | {"out": "runs/student"} | a))
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    tconf, weights = load_teacher_run(cfg.teacher)
+    env = setup_distributed(cfg)
+    torch.manual_seed(cfg.seed)
+    codec, semantic, teacher, student, ema = build_student(cfg, tconf, weights, env[2])
+    try:
+        return fit(cfg, student, ema, codec, semantic, draw_distill, partial(distill_loss, cfg, teacher), env,
+                   student=True, name="distill.py")
+    finally:
+        if env[1] > 1:
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

@@ -1,0 +1,165 @@
+"""Teacher training: conditioning builders, the flow-matching loss, exact resume, DDP equivalence."""
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train_teacher as tt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_photos(folder: Path, n=6, size=(80, 96), seed=0):
+    """Smooth random colour images (gradients + blobs) so crops and codecs see image-like data."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size[0], 0:size[1]] / max(size)
+    for i in range(n):
+        img = np.zeros((*size, 3))
+        for c in range(3):
+            a, b, f = rng.uniform(-1, 1, 3)
+            img[..., c] = 0.5 + 0.3 * np.sin(6 * f * xx + 3 * a) * np.cos(5 * b * yy)
+        Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8)).save(folder / f"img{i}.png")
+    return folder
+
+
+def test_build_conditions_by_hand():
+    B = 4
+    c_str = torch.ones(B, 2, 2, 2)
+    c_sem = torch.ones(B, 3, 5)
+    aux = torch.tensor([False, True, False, True])
+    alpha = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    a_logit = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    n = torch.full((B, 2, 2, 2), 2.0)
+    a = [1 / (1 + math.exp(-v)) for v in (0.0, 1.0, 2.0, 3.0)]
+    full = [a[i] + 2 * math.sqrt(1 - a[i] ** 2) for i in range(B)]
+
+    cs, se = tt.build_conditions(c_str, c_sem, "partial", aux, alpha, a_logit, n)
+    want = [full[0], 0.2, full[2], 0.4]  # partial samples: α·c_str
+    for i in range(B):
+        assert torch.allclose(cs[i], torch.full((2, 2, 2), want[i]), atol=1e-6)
+    assert se[[0, 2]].eq(1).all() and se[[1, 3]].eq(0).all()
+
+    cs, se = tt.build_conditions(c_str, c_sem, "cfg", aux, alpha, a_logit, n)
+    want = [full[0], 0.0, full[2], 0.0]  # standard CFG: the condition is dropped entirely
+    for i in range(B):
+        assert torch.allclose(cs[i], torch.full((2, 2, 2), want[i]), atol=1e-6)
+    assert se[[1, 3]].eq(0).all()
+
+    cs, se = tt.build_conditions(c_str, c_sem, "full", aux, alpha, a_logit, n)
+    for i in range(B):
+        assert torch.allclose(cs[i], torch.full((2, 2, 2), full[i]), atol=1e-6)
+    assert se.eq(1).all()
+    cs, se = tt.build_conditions(c_str, None, "partial", aux, alpha, a_logit, n)
+    assert se is None
+
+
+def test_flow_matching_loss_direct_formula():
+    torch.manual_seed(0)
+    x0, eps, c_str = torch.randn(3, 4, 6, 6), torch.randn(3, 4, 6, 6), torch.randn(3, 4, 6, 6)
+    t = torch.tensor([0.1, 0.5, 0.9])
+
+    def model(x, t, c_sem):  # any fixed function of (c_str, z_t, t)
+        return x[:, :4] * 0.5 - x[:, 4:] * t.view(-1, 1, 1, 1)
+
+    loss = tt.flow_matching_loss(model, x0, c_str, None, t, eps)
+    X0, E, C, T = (v.numpy().astype(np.float64) for v in (x0, eps, c_str, t))
+    Z = (1 - T[:, None, None, None]) * X0 + T[:, None, None, None] * E
+    pred = C * 0.5 - Z * T[:, None, None, None]
+    assert loss.item() == pytest.approx(((pred - (E - X0)) ** 2).mean(), rel=1e-5)
+
+
+def test_conditioning_draws_statistics():
+    cfg = tt.TrainConfig(p_partial=0.1)
+    aux, alpha, a_logit, n = tt.draw_conditioning_noise(cfg, torch.zeros(20000, 1, 1, 1), torch.Generator().manual_seed(0))
+    assert abs(aux.float().mean().item() - 0.1) < 0.01
+    assert alpha.min() >= 0.05 and alpha.max() <= 0.25 and abs(alpha.mean().item() - 0.15) < 0.005
+    assert abs(a_logit.mean().item() - 5.0) < 0.05 and abs(a_logit.std().item() - 1.0) < 0.05
+
+
+def _cfg(tmp_path, photos, **kw):
+    base = dict(data=str(photos), out=str(tmp_path / "run"), preset="tiny", codec="pixel", semantic="none",
+                degradation="bicubic", size=32, batch=4, steps=4, lr=1e-3, ema=0.9, workers=0,
+                log_every=1, val_every=1000, ckpt_every=2, device="cpu")
+    return tt.TrainConfig(**(base | kw))
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    photos = make_photos(tmp_path / "photos")
+    full = tt.train(_cfg(tmp_path / "a", photos, out=str(tmp_path / "a")))
+    tt.train(_cfg(tmp_path / "b", photos, out=str(tmp_path / "b"), steps=2))
+    resumed = tt.train(_cfg(tmp_path / "b", photos, out=str(tmp_path / "b"), steps=4, resume=True))
+    assert sorted(resumed) == [2, 3]
+    for step in (2, 3):
+        assert resumed[step] == full[step], (step, resumed[step], full[step])
+    assert full[0] != full[3]  # the model actually trains
+
+
+def test_training_writes_run_dir_and_val_grid(tmp_path):
+    photos = make_photos(tmp_path / "photos", n=4, size=(64, 64))
+    run = tmp_path / "run"
+    cfg = _cfg(tmp_path, photos, out=str(run), val_data=str(photos), val_every=2, steps=2, semantic="random",
+               semantic_size=28, degradation="realesrgan", size=64, val_steps=2)
+    tt.train(cfg)
+    conf = json.loads((run / "config.json").read_text())
+    assert conf["train_grid"] == 64 // 8 // 2 and conf["semantic"] == "semantic.safetensors"
+    assert (run / "ema.safetensors").exists() and (run / "ckpt.safetensors").exists()
+    grid = Image.open(run / "val_0000002.png")
+    assert grid.size == (3 * 64, 4 * 64)  # LR | sample | HR, one row per validation image
+    log = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
+    assert "val_loss" in log[-1] and math.isfinite(log[-1]["val_loss"])
+
+
+def test_nonfinite_loss_stops_with_step(tmp_path, monkeypatch):
+    photos = make_photos(tmp_path / "photos", n=2)
+    real = tt.flow_matching_loss
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(tt, "flow_matching_loss", poisoned)
+    with pytest.raises(SystemExit) as e:
+        tt.train(_cfg(tmp_path, photos, steps=4, ckpt_every=1))
+    assert e.value.code == 3
+    # the checkpoint of the last good step (2) is still there and loadable
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "run" / "ckpt.safetensors"), "pt") as f:
+        assert f.metadata()["step"] == "2"
+
+
+def test_parse_args_preset_and_overrides():
+    cfg = tt.parse_args(["--preset", "small", "--data", "x", "--lr", "0.5", "--bf16"])
+    assert cfg.preset == "small" and cfg.size == tt.PRESETS["small"]["size"] and cfg.lr == 0.5 and cfg.bf16
+    cfg = tt.parse_args(["--preset", "0.5B-stage2"])
+    assert cfg.preset == "0.5B" and cfg.size == 512 and cfg.batch == 256 and cfg.lr == 5e-5
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    """torchrun with 2 gloo ranks gives the same first-step loss as 1 process with the same global batch."""
+    photos = make_photos(tmp_path / "photos")
+    args = ["--data", str(photos), "--preset", "tiny", "--codec", "pixel", "--semantic", "none",
+            "--degradation", "bicubic", "--size", "32", "--batch", "4", "--steps", "1", "--workers", "0",
+            "--log-every", "1", "--device", "cpu"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    subprocess.run([sys.executable, str(ROOT / "train_teacher.py"), *args, "--out", str(tmp_path / "one")],
+                   check=True, cwd=ROOT, env=env, capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                    str(ROOT / "train_teacher.py"), *args, "--out", str(tmp_path / "two")],
+                   check=True, cwd=ROOT, env=env, capture_output=True)
+    one = json.loads((tmp_path / "one" / "log.jsonl").read_text().splitlines()[0])["loss"]
+    two = json.loads((tmp_path / "two" / "log.jsonl").read_text().splitlines()[0])["loss"]
+    assert two == pytest.approx(one, rel=1e-5)
