@@ -1,0 +1,376 @@
+"""Frozen image encoders: latent codecs and the DINOv2 semantic encoder.
+
+Paper §3.1 (framework: the DiT works in the latent space of a frozen VAE, c_str = vae.encode(LR↑)),
+§3.2 (vision semantic condition: c_sem = DINOv2 block-8 patch tokens of the LR image) and §4.1
+(VOSR-0.5B: SD2.1 VAE + lightweight decoder, DINOv2-B; VOSR-1.4B: Qwen-Image 16-ch VAE, DINOv2-L).
+The numerics follow DESIGN.md §4. Nothing here is trained: every module is frozen and in eval mode.
+Every loader takes a local path; no weights are ever downloaded.
+
+Codecs: encode(img in [-1,1], (B,3,H,W)) -> latent (B,channels,H/factor,W/factor), decode(latent) -> img.
+  "pixel"        exact weight-free 8x8 space-to-depth (192 ch), the lower bound a latent space must beat
+  FOLDER         a diffusers AutoencoderKL / AutoencoderKLQwenImage saved with save_pretrained
+  FOLDER + file  same encoder, decoded by the lightweight SD2 decoder (LightDecoder) from a state dict
+Semantic encoder: load_semantic("none" | "random" | "random-b" | "random-l" | WEIGHTS_FILE).
+"""
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import diffusers
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import Decoder
+from safetensors.torch import load_file, save_file
+
+
+def _read_state_dict(path) -> dict:
+    """Read a flat {name: tensor} dict from .safetensors (preferred) or .pt/.pth (weights_only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    for nest in ("model", "state_dict"):  # training checkpoints often nest the weights one level down
+        if isinstance(sd, dict) and isinstance(sd.get(nest), dict):
+            sd = sd[nest]
+    return sd
+
+
+def _load_strict(module: nn.Module, sd: dict, path) -> None:
+    """Strict load with an error naming the file and the first bad key; works on a meta-device module."""
+    own = module.state_dict()
+    for k in own:
+        if k not in sd:
+            raise ValueError(f"{path}: missing key '{k}' ({len(set(own) - set(sd))} missing in all)")
+    for k, v in sd.items():
+        if k not in own:
+            raise ValueError(f"{path}: unexpected key '{k}' ({len(set(sd) - set(own))} unexpected in all)")
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ValueError(f"{path}: key '{k}' has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+    module.load_state_dict(sd, strict=True, assign=True)  # assign: the module may live on the meta device
+
+
+def _freeze(module: nn.Module) -> nn.Module:
+    """Eval mode and no gradients: these encoders are never trained."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+# ----------------------------------------------------------------------------------------------------
+# Latent codecs
+# ----------------------------------------------------------------------------------------------------
+
+class Codec(nn.Module):
+    """Frozen image <-> latent map. encode: (B,3,H,W) in [-1,1] -> (B,channels,H/factor,W/factor) float32.
+
+    decode returns float32 images, nominally in [-1,1] but NOT clamped (callers clamp before saving;
+    only the Qwen-Image VAE clamps internally).
+    `spec` and `light_decoder` are the strings load_codec was called with, for config JSONs.
+    """
+    channels: int
+    factor: int
+    spec: str = ""
+    light_decoder = None
+
+    def train(self, mode: bool = True):
+        """Stay in eval mode even when a parent module calls .train()."""
+        return super().train(False)
+
+    def _check(self, img: torch.Tensor) -> None:
+        """Images must be (B,3,H,W) with H and W multiples of the downsampling factor."""
+        if img.ndim != 4 or img.shape[1] != 3 or img.shape[2] % self.factor or img.shape[3] % self.factor:
+            raise ValueError(f"expected (B,3,H,W) with H,W multiples of {self.factor}, got {tuple(img.shape)}")
+
+
+class PixelCodec(Codec):
+    """Exact, weight-free 8x8 space-to-depth: channel c*64 + 8*i + j holds pixel (8y+i, 8x+j) of colour c."""
+
+    def __init__(self, factor: int = 8):
+        super().__init__()
+        self.factor, self.channels, self.spec = factor, 3 * factor * factor, "pixel"
+
+    def encode(self, img: torch.Tensor, generator=None, mode: bool = False) -> torch.Tensor:
+        """(B,3,H,W) -> (B,192,H/8,W/8); generator/mode are accepted for interface parity and ignored."""
+        self._check(img)
+        return F.pixel_unshuffle(img.float(), self.factor)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """(B,192,h,w) -> (B,3,8h,8w); the exact inverse of encode."""
+        return F.pixel_shuffle(latent.float(), self.factor)
+
+
+class LightDecoder(Decoder):
+    """The lightweight SD2 decoder of VOSR-0.5B (~12.4 M params); input is latent / scaling_factor."""
+
+    def __init__(self):
+        super().__init__(in_channels=4, out_channels=3, up_block_types=("UpDecoderBlock2D",) * 4,
+                         block_out_channels=(64, 128, 256, 256), layers_per_block=2, norm_num_groups=32,
+                         act_fn="silu")
+
+    @classmethod
+    def from_file(cls, path) -> "LightDecoder":
+        """Load a released state dict strictly (a 'module.'/'decoder.' prefix on every key is stripped)."""
+        sd = _read_state_dict(path)
+        for prefix in ("module.", "decoder."):
+            if sd and all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+        with torch.device("meta"):  # skip the random init, every weight comes from the file
+            dec = cls()
+        _load_strict(dec, sd, path)
+        return _freeze(dec)
+
+
+class DiffusersCodec(Codec):
+    """A diffusers VAE with the latent normalisation of its config.
+
+    If the config has latents_mean/latents_std (16-ch family): z = (latent - mean) / std.
+    Otherwise (SD2.1, FLUX):                                   z = (latent - shift_factor) * scaling_factor.
+    """
+
+    def __init__(self, vae: nn.Module, spec: str = "", light_decoder: LightDecoder | None = None,
+                 light_decoder_path: str | None = None):
+        super().__init__()
+        cfg = vae.config
+        self.vae = _freeze(vae)
+        self.is_video = type(vae).__name__ == "AutoencoderKLQwenImage"  # causal video VAE: one frame
+        if self.is_video:
+            self.channels, self.factor = cfg.z_dim, 2 ** len(cfg.temperal_downsample)
+        else:
+            self.channels, self.factor = cfg.latent_channels, 2 ** (len(cfg.block_out_channels) - 1)
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        self.per_channel = mean is not None and std is not None
+        if self.per_channel:
+            mean, std = torch.tensor(mean).float().view(1, -1, 1, 1), torch.tensor(std).float().view(1, -1, 1, 1)
+        else:
+            mean, std = torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+        self.scaling_factor = float(getattr(cfg, "scaling_factor", None) or 1.0)
+        self.shift_factor = float(getattr(cfg, "shift_factor", None) or 0.0)
+        if light_decoder is not None and (self.channels != 4 or self.per_channel):
+            raise ValueError(f"{spec}: the light decoder needs a 4-channel SD-style VAE, got {self.channels} ch")
+        self.light = _freeze(light_decoder) if light_decoder is not None else None
+        self.spec, self.light_decoder = spec, light_decoder_path
+
+    def normalize(self, latent: torch.Tensor) -> torch.Tensor:
+        """Raw VAE latent -> the normalised z the DiT sees."""
+        if self.per_channel:
+            return (latent.float() - self.mean) / self.std
+        return (latent.float() - self.shift_factor) * self.scaling_factor
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised z -> raw VAE latent (the inverse of normalize)."""
+        if self.per_channel:
+            return z.float() * self.std + self.mean
+        return z.float() / self.scaling_factor + self.shift_factor
+
+    @torch.no_grad()
+    def encode(self, img: torch.Tensor, generator: torch.Generator | None = None, mode: bool = False) -> torch.Tensor:
+        """Sample of the posterior (mode=True: its mean), normalised. generator makes the sample repeatable."""
+        self._check(img)
+        x = img.to(self.vae.dtype)
+        if self.is_video:
+            x = x.unsqueeze(2)                                  # (B,3,1,H,W)
+        dist = self.vae.encode(x).latent_dist
+        latent = dist.mode() if mode else dist.sample(generator=generator)
+        if self.is_video:
+            latent = latent.squeeze(2)                          # (B,C,h,w)
+        return self.normalize(latent)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised z (B,C,h,w) -> image (B,3,h*factor,w*factor), float32, unclamped."""
+        latent = self.denormalize(z)
+        if self.light is not None:  # the light decoder takes latent/scaling_factor directly, no post_quant_conv
+            return self.light(latent.to(next(self.light.parameters()).dtype)).float()
+        latent = latent.to(self.vae.dtype)
+        if self.is_video:
+            return self.vae.decode(latent.unsqueeze(2)).sample.squeeze(2).float()
+        return self.vae.decode(latent).sample.float()
+
+
+def load_codec(spec: str, light_decoder: str | None = None, device="cpu", dtype=torch.float32) -> Codec:
+    """'pixel' or a diffusers VAE folder (config.json, or a pipeline folder with vae/config.json)."""
+    if spec == "pixel":
+        if light_decoder:
+            raise ValueError(f"a light decoder ({light_decoder}) cannot be used with the pixel codec")
+        return PixelCodec().to(device)
+    folder = Path(spec)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"codec folder not found: {folder} (give 'pixel' or a diffusers VAE folder)")
+    if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
+        folder = folder / "vae"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in codec folder {folder}")
+    with open(folder / "config.json") as f:
+        class_name = json.load(f).get("_class_name")
+    if class_name not in ("AutoencoderKL", "AutoencoderKLQwenImage"):
+        raise ValueError(f"{folder}/config.json: unsupported VAE class {class_name!r} "
+                         "(expected AutoencoderKL or AutoencoderKLQwenImage)")
+    if not hasattr(diffusers, class_name):
+        raise ValueError(f"{folder}: {class_name} needs a newer diffusers (installed {diffusers.__version__})")
+    vae = getattr(diffusers, class_name).from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype)
+    light = LightDecoder.from_file(light_decoder).to(dtype) if light_decoder else None
+    return DiffusersCodec(vae, spec=str(spec), light_decoder=light,
+                          light_decoder_path=str(light_decoder) if light_decoder else None).to(device)
+
+
+def codec_spec_of(codec: Codec) -> dict:
+    """What load_codec needs to rebuild this codec: {'codec': spec, 'light_decoder': path or None}."""
+    return {"codec": codec.spec, "light_decoder": codec.light_decoder}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Semantic encoder (DINOv2 via timm), paper §3.2
+# ----------------------------------------------------------------------------------------------------
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DINOV2_TIMM_NAMES = {384: "vit_small_patch14_dinov2", 768: "vit_base_patch14_dinov2",
+                     1024: "vit_large_patch14_dinov2"}
+
+
+def resize_pos_embed(patch_pos: torch.Tensor, grid: int) -> torch.Tensor:
+    """(1, M*M, D) patch position table -> (1, grid*grid, D), as the reference DINOv2 code does it.
+
+    DINOv2's interpolate_pos_encoding: bicubic, no antialias, scale_factor = (grid + 0.1) / M (the +0.1
+    is its historical offset against float round-down), computed in float32; a table that already has
+    the right size is used as is.
+    """
+    n, dim = patch_pos.shape[1], patch_pos.shape[2]
+    M = int(math.sqrt(n))
+    assert M * M == n, f"position table of {n} entries is not a square grid"
+    if M == grid:
+        return patch_pos
+    s = (grid + 0.1) / M
+    table = patch_pos.float().reshape(1, M, M, dim).permute(0, 3, 1, 2)               # (1,D,M,M)
+    table = F.interpolate(table, scale_factor=(s, s), mode="bicubic", antialias=False)  # (1,D,grid,grid)
+    assert table.shape[-2:] == (grid, grid)
+    return table.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(patch_pos.dtype)
+
+
+class SemanticEncoder(nn.Module):
+    """c_sem: DINOv2 block-`layer` patch tokens of the LR image, (B, (image_size/14)^2, dim). DESIGN §4."""
+
+    def __init__(self, vit: nn.Module, image_size: int = 448, layer: int = 8, spec: str = ""):
+        super().__init__()
+        patch = vit.patch_embed.patch_size[0]
+        if image_size % patch:
+            raise ValueError(f"image_size {image_size} must be a multiple of the patch size {patch}")
+        if not 0 <= layer < len(vit.blocks):
+            raise ValueError(f"layer {layer} out of range for a ViT with {len(vit.blocks)} blocks")
+        self.vit = _freeze(vit)
+        self.dim, self.image_size, self.layer, self.spec = vit.embed_dim, image_size, layer, spec
+        self.grid = image_size // patch
+        self.num_tokens = self.grid ** 2
+        self.register_buffer("img_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("img_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True):
+        """Stay in eval mode even when a parent module calls .train()."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        """img (B,3,H,W) in [0,1] (the resized-back LR image) -> tokens (B, N, dim)."""
+        vit = self.vit
+        dtype = vit.patch_embed.proj.weight.dtype
+        x = F.interpolate(img.float(), size=(self.image_size, self.image_size), mode="bicubic",
+                          align_corners=False)                                  # (B,3,S,S), no antialias
+        x = (x.clamp(0, 1) - self.img_mean) / self.img_std
+        x = vit.patch_embed.proj(x.to(dtype)).flatten(2).transpose(1, 2)       # (B,G*G,D)
+        x = vit.patch_embed.norm(x)
+        npt = vit.num_prefix_tokens                                              # cls (+ registers)
+        pos = vit.pos_embed
+        prefix_pos, patch_pos = (None, pos) if vit.no_embed_class else (pos[:, :npt], pos[:, npt:])
+        x = x + resize_pos_embed(patch_pos, self.grid)
+        prefix = [vit.cls_token] + ([vit.reg_token] if vit.reg_token is not None else [])
+        prefix = torch.cat(prefix, dim=1)                                        # (1,npt,D)
+        if prefix_pos is not None:
+            prefix = prefix + prefix_pos
+        x = torch.cat([prefix.expand(x.shape[0], -1, -1), x], dim=1)            # (B,npt+G*G,D)
+        x = vit.norm_pre(x)
+        for blk in vit.blocks[: self.layer + 1]:                                 # blocks 0..layer inclusive
+            x = blk(x)
+        return x[:, npt:]                                                        # patch tokens, no final norm
+
+
+def build_dinov2(dim: int = 384, depth: int | None = None, reg_tokens: int = 0, img_size: int = 518) -> nn.Module:
+    """A randomly initialised timm DINOv2 ViT (S/B/L by embed dim) with a (img_size/14)^2 position table."""
+    if dim not in DINOV2_TIMM_NAMES:
+        raise ValueError(f"unsupported DINOv2 width {dim}; expected one of {sorted(DINOV2_TIMM_NAMES)}")
+    kw = dict(pretrained=False, img_size=img_size, num_classes=0)
+    if depth is not None:
+        kw["depth"] = depth
+    if reg_tokens:  # the DINOv2-with-registers layout in timm: cls pos folded into cls_token
+        kw.update(reg_tokens=reg_tokens, no_embed_class=True)
+    return timm.create_model(DINOV2_TIMM_NAMES[dim], **kw)
+
+
+def dinov2_official_to_timm(sd: dict) -> dict:
+    """Map facebookresearch/dinov2 key names to timm's; timm-keyed dicts pass through unchanged.
+
+    Same in both: cls_token, pos_embed, patch_embed.proj.*, blocks.N.{norm1,attn.qkv,attn.proj,ls1.gamma,
+    norm2,mlp.fc1,mlp.fc2,ls2.gamma}.*, norm.*. Differences handled here:
+      mask_token                 (iBOT masking, unused at inference)      -> dropped
+      blocks.C.N.*               (block_chunks > 0 training checkpoints)  -> blocks.N.*
+      register_tokens            -> reg_token; pos_embed[:, 0] is folded into cls_token and removed from
+                                    pos_embed (timm's no_embed_class layout for registers)
+      head.*                     (a classifier head; never used)          -> dropped
+    """
+    out = {}
+    for k, v in sd.items():
+        if k == "mask_token" or k.startswith("head."):
+            continue
+        k = re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k)
+        if re.match(r"blocks\.\d+\.mlp\.w(12|3)\.", k):
+            raise ValueError("SwiGLU DINOv2 (ViT-g) weights are not supported; use ViT-S/B/L")
+        out[k] = v
+    if "register_tokens" in out:
+        out["reg_token"] = out.pop("register_tokens")
+        out["cls_token"] = out["cls_token"] + out["pos_embed"][:, :1]
+        out["pos_embed"] = out["pos_embed"][:, 1:]
+    return out
+
+
+def load_semantic(spec: str, image_size: int = 448, device="cpu", seed: int = 0, layer: int = 8,
+                  dtype=torch.float32):
+    """'none' -> None (callers pass zeros); 'random'/'random-b'/'random-l' -> seeded random ViT-S/B/L;
+    otherwise a DINOv2 weights file (.safetensors, or .pth/.pt), architecture inferred from its shapes."""
+    if spec == "none":
+        return None
+    if spec in ("random", "random-s", "random-b", "random-l"):
+        dim = {"random": 384, "random-s": 384, "random-b": 768, "random-l": 1024}[spec]
+        with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
+            torch.manual_seed(seed)
+            vit = build_dinov2(dim)
+        return SemanticEncoder(vit, image_size, layer, spec=spec).to(device, dtype)
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"semantic encoder weights not found: {path} (or use none/random)")
+    sd = dinov2_official_to_timm(_read_state_dict(path))
+    if "pos_embed" not in sd or "cls_token" not in sd:
+        raise ValueError(f"{path}: not a DINOv2 state dict (no pos_embed/cls_token)")
+    dim = sd["pos_embed"].shape[-1]
+    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    reg = sd["reg_token"].shape[1] if "reg_token" in sd else 0
+    n_pos = sd["pos_embed"].shape[1] - (0 if reg else 1)                         # patch entries only
+    with torch.device("meta"):  # skip timm's (slow) random init, every weight comes from the file
+        vit = build_dinov2(dim, depth=depth, reg_tokens=reg, img_size=14 * math.isqrt(n_pos))
+    _load_strict(vit, sd, path)
+    return SemanticEncoder(vit, image_size, layer, spec=str(spec)).to(device, dtype)
+
+
+def save_semantic(encoder: SemanticEncoder, path) -> None:
+    """Write the encoder's ViT weights with timm key names to a .safetensors file (atomically)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in encoder.vit.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
