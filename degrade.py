@@ -1,0 +1,622 @@
+"""Degradation: HR photos in, degraded LR images out (DESIGN.md §3).
+
+VOSR trains only on synthetic pairs made with the Real-ESRGAN second-order degradation
+(vosr_paper.txt §4.1, "We then synthesize LR-HR training pairs using the Real-ESRGAN
+degradation pipeline"). This file reproduces that pipeline in batched torch so it runs on
+the GPU inside a training step:
+
+    HR ─blur─resize─noise─JPEG─┬─(p=.8) blur─resize─noise─┬─ resize+sinc → JPEG ─┐
+                               first order     second order └─ JPEG → resize+sinc ─┴─ clamp, 8-bit → LR
+
+Unlike the released code (one kernel and one set of scalars per batch) every random choice
+is drawn **per sample**, from an explicit CPU `torch.Generator`, so a seed reproduces a batch
+bit for bit and the GPU path uses exactly the same draws. It also owns the image-file I/O
+that every other script imports (`find_images`, `read_image`, `write_image`, `ImageError`)
+and a classic bicubic ×4 degradation for the first, easy experiment (DESIGN.md §10).
+
+CLI:  python degrade.py -i HR_DIR -o OUT_DIR --crop 256     (writes hr/, lr/, contact_sheet.png)
+      python degrade.py --bench [--device cuda]           (images/s at 512²)
+"""
+import argparse
+import math
+import os
+import sys
+import time
+import uuid
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+
+@dataclass
+class DegradeConfig:
+    """Real-ESRGAN parameter table, DESIGN.md §3 (names follow BasicSR's option file)."""
+    # --- first order ---
+    kernel_range: tuple = (7, 9, 11, 13, 15, 17, 19, 21)  # odd sizes, zero-padded to kernel_pad_to
+    kernel_pad_to: int = 21
+    kernel_list: tuple = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
+    kernel_prob: tuple = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
+    sinc_prob: float = 0.1                      # sinc kernel instead of a blur kernel
+    blur_sigma: tuple = (0.2, 3.0)
+    betag_range: tuple = (0.5, 4.0)             # generalized Gaussian β
+    betap_range: tuple = (1.0, 2.0)             # plateau β
+    resize_prob: tuple = (0.2, 0.7, 0.1)        # up, down, keep
+    resize_range: tuple = (0.15, 1.5)
+    resize_modes: tuple = ("area", "bilinear", "bicubic")
+    gaussian_noise_prob: float = 0.5            # else Poisson
+    noise_range: tuple = (1.0, 30.0)            # Gaussian σ in 8-bit levels
+    poisson_scale_range: tuple = (0.05, 3.0)
+    gray_noise_prob: float = 0.4
+    jpeg_range: tuple = (30, 95)
+    # --- second order ---
+    second_blur_prob: float = 0.8
+    kernel_list2: tuple = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
+    kernel_prob2: tuple = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
+    sinc_prob2: float = 0.1
+    blur_sigma2: tuple = (0.2, 1.5)
+    betag_range2: tuple = (0.5, 4.0)
+    betap_range2: tuple = (1.0, 2.0)
+    resize_prob2: tuple = (0.3, 0.4, 0.3)
+    resize_range2: tuple = (0.3, 1.2)           # relative to the final H/scale size, as in BasicSR
+    gaussian_noise_prob2: float = 0.5
+    noise_range2: tuple = (1.0, 25.0)
+    poisson_scale_range2: tuple = (0.05, 2.5)
+    gray_noise_prob2: float = 0.4
+    jpeg_range2: tuple = (30, 95)
+    # --- final step ---
+    final_sinc_prob: float = 0.8                # else a 21×21 delta (identity)
+    final_jpeg_first_prob: float = 0.5          # JPEG then resize+sinc, else resize+sinc then JPEG
+
+
+# ----------------------------------------------------------------------------- image files
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+class ImageError(Exception):
+    """An image file that cannot be read or written; the message always names the file."""
+
+
+def find_images(root, recursive=True):
+    """Sorted image files under `root` (or [root] if it is a file); hidden files are skipped."""
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"input folder not found: {root}")
+    if root.is_file():
+        return [root]
+    files = root.rglob("*") if recursive else root.glob("*")
+    # skip hidden names: macOS "._x.jpg" sidecars and our own in-flight ".x.tmp" files
+    return sorted(p for p in files if p.is_file() and p.suffix.lower() in IMAGE_EXTS
+                  and not p.name.startswith("."))
+
+
+def _to_rgb_array(im):
+    """PIL image of any mode → (H, W, 3) float32 in [0, 1]."""
+    has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        # 16-bit grey (PNG opens as I;16 or I, values 0..65535): divide by 65535, not 255.
+        # Float "F" images follow Pillow's own convention of a 0..255 range.
+        a = np.asarray(im).astype(np.float32) / (255.0 if im.mode == "F" else 65535.0)
+        return np.repeat(np.clip(a, 0.0, 1.0)[:, :, None], 3, axis=2)
+    if has_alpha:
+        # transparency is composited on white (what a viewer shows); alpha is not super-resolved
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, rgba)
+    return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0   # L, P, CMYK, YCbCr, 1 ...
+
+
+def read_image(path):
+    """Image file → (3, H, W) float32 in [0, 1]; converts any mode, honours EXIF orientation."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()                           # decode now so truncation is caught here
+            try:
+                im = ImageOps.exif_transpose(im)
+            except Exception as e:              # a broken EXIF block should not lose the photo
+                warnings.warn(f"{path}: ignoring unreadable EXIF orientation ({e})")
+            arr = _to_rgb_array(im)
+    except Exception as e:                      # PIL raises OSError, SyntaxError, ValueError, ...
+        reason = str(e) or type(e).__name__
+        if type(e).__name__ == "UnidentifiedImageError" or "cannot identify" in reason:
+            reason = "not a readable image file (empty, corrupt or unknown format)"
+        raise ImageError(f"{path}: {reason}") from e
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+
+
+def write_image(path, img):
+    """(3,H,W) or (1,3,H,W) float in [0,1] → 8-bit file (format from extension), written atomically."""
+    path = Path(path)
+    if img.dim() == 4 and img.shape[0] == 1:
+        img = img[0]
+    if img.dim() != 3 or img.shape[0] != 3:
+        raise ValueError(f"{path}: expected a (3,H,W) image tensor, got shape {tuple(img.shape)}")
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ImageError(f"{path}: unknown image extension {path.suffix!r}")
+    for parent in [path.parent, *path.parent.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise NotADirectoryError(f"cannot write {path}: {parent} is a file, not a folder")
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {path}: it is a folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = (img.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        Image.fromarray(arr).save(tmp, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+        os.replace(tmp, path)                   # atomic: readers see the old file or the new one
+    except OSError as e:
+        raise ImageError(f"{path}: cannot write ({e})") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- kernels
+# All kernels are (B, 21, 21), normalised to sum 1, built on a 21×21 grid; a kernel of odd
+# size k < 21 is zero outside the central k×k window (= BasicSR's "compute k×k, zero-pad").
+
+def _grid(pad_to=21):
+    """Pixel offsets (x = column, y = row) from the centre of a pad_to × pad_to kernel."""
+    ax = torch.arange(pad_to, dtype=torch.float64) - (pad_to - 1) / 2
+    yy, xx = torch.meshgrid(ax, ax, indexing="ij")
+    return xx, yy
+
+
+def _finish(k, size, pad_to):
+    """Zero outside the size×size window and normalise to sum 1."""
+    xx, yy = _grid(pad_to)
+    half = (torch.as_tensor(size, dtype=torch.float64).reshape(-1, 1, 1) - 1) / 2
+    k = k * ((xx.abs() <= half) & (yy.abs() <= half))
+    return k / k.sum(dim=(-2, -1), keepdim=True)
+
+
+def _mahalanobis(sigma_x, sigma_y, theta, pad_to):
+    """q = [x y] Σ⁻¹ [x y]ᵀ with Σ = R(θ) diag(σx², σy²) R(θ)ᵀ, per sample: (B, pad_to, pad_to)."""
+    sx, sy, th = (torch.as_tensor(v, dtype=torch.float64).reshape(-1, 1, 1) for v in (sigma_x, sigma_y, theta))
+    c, s = torch.cos(th), torch.sin(th)
+    # Σ⁻¹ = R diag(1/σx², 1/σy²) Rᵀ
+    a = c * c / sx**2 + s * s / sy**2
+    b = c * s * (1 / sx**2 - 1 / sy**2)
+    d = s * s / sx**2 + c * c / sy**2
+    xx, yy = _grid(pad_to)
+    return a * xx**2 + 2 * b * xx * yy + d * yy**2
+
+
+def gaussian_kernel(sigma_x, sigma_y, theta, size, pad_to=21):
+    """Anisotropic Gaussian exp(-q/2); isotropic when sigma_x == sigma_y."""
+    return _finish(torch.exp(-0.5 * _mahalanobis(sigma_x, sigma_y, theta, pad_to)), size, pad_to)
+
+
+def generalized_gaussian_kernel(sigma_x, sigma_y, theta, beta, size, pad_to=21):
+    """BasicSR's generalized Gaussian exp(-(q)^β / 2); β = 1 is the Gaussian."""
+    beta = torch.as_tensor(beta, dtype=torch.float64).reshape(-1, 1, 1)
+    return _finish(torch.exp(-0.5 * _mahalanobis(sigma_x, sigma_y, theta, pad_to) ** beta), size, pad_to)
+
+
+def plateau_kernel(sigma_x, sigma_y, theta, beta, size, pad_to=21):
+    """Plateau-shaped kernel 1 / (1 + q^β)."""
+    beta = torch.as_tensor(beta, dtype=torch.float64).reshape(-1, 1, 1)
+    return _finish(1.0 / (_mahalanobis(sigma_x, sigma_y, theta, pad_to) ** beta + 1.0), size, pad_to)
+
+
+def sinc_kernel(cutoff, size, pad_to=21):
+    """Circular low-pass (jinc): k(r) = ωc·J1(ωc·r) / (2π r), k(0) = ωc²/(4π)."""
+    wc = torch.as_tensor(cutoff, dtype=torch.float64).reshape(-1, 1, 1)
+    xx, yy = _grid(pad_to)
+    r = torch.sqrt(xx**2 + yy**2)
+    r_safe = torch.where(r == 0, torch.ones_like(r), r)
+    k = wc * torch.special.bessel_j1(wc * r_safe) / (2 * math.pi * r_safe)
+    k = torch.where(r == 0, wc**2 / (4 * math.pi), k)
+    return _finish(k, size, pad_to)
+
+
+def delta_kernel(batch, pad_to=21):
+    """Identity kernel (the "no final sinc" case)."""
+    k = torch.zeros(batch, pad_to, pad_to, dtype=torch.float64)
+    k[:, pad_to // 2, pad_to // 2] = 1.0
+    return k
+
+
+def _uniform(n, lo, hi, g):
+    return lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)
+
+
+def _beta(n, lo, hi, g):
+    """BasicSR's β draw: half the time in [lo, 1], else in [1, hi]."""
+    return torch.where(torch.rand(n, generator=g, dtype=torch.float64) < 0.5, _uniform(n, lo, 1.0, g),
+                       _uniform(n, 1.0, hi, g))
+
+
+def random_kernels(n, kernel_range, kernel_list, kernel_prob, sinc_prob, sigma_range, betag_range,
+                   betap_range, generator, pad_to=21):
+    """Draw n blur kernels (B, pad_to, pad_to) the Real-ESRGAN way, one per sample."""
+    g = generator
+    sizes = torch.tensor(kernel_range)[torch.randint(len(kernel_range), (n,), generator=g)]
+    kind = torch.multinomial(torch.tensor(kernel_prob, dtype=torch.float64), n, replacement=True, generator=g)
+    names = [kernel_list[i] for i in kind.tolist()]
+    iso = torch.tensor(["iso" in m and "aniso" not in m for m in names])
+    sx = _uniform(n, *sigma_range, g)
+    sy = torch.where(iso, sx, _uniform(n, *sigma_range, g))            # aniso: σx, σy independent
+    theta = torch.where(iso, torch.zeros(n, dtype=torch.float64), _uniform(n, -math.pi, math.pi, g))
+    bg, bp = _beta(n, *betag_range, g), _beta(n, *betap_range, g)
+    k = gaussian_kernel(sx, sy, theta, sizes, pad_to)
+    is_gen = torch.tensor(["generalized" in m for m in names]).reshape(-1, 1, 1)
+    is_plat = torch.tensor(["plateau" in m for m in names]).reshape(-1, 1, 1)
+    k = torch.where(is_gen, generalized_gaussian_kernel(sx, sy, theta, bg, sizes, pad_to), k)
+    k = torch.where(is_plat, plateau_kernel(sx, sy, theta, bp, sizes, pad_to), k)
+    # sinc instead of blur with prob sinc_prob; cutoff range depends on the kernel size
+    use_sinc = torch.rand(n, generator=g, dtype=torch.float64) < sinc_prob
+    wc = torch.where(sizes < 13, _uniform(n, math.pi / 3, math.pi, g), _uniform(n, math.pi / 5, math.pi, g))
+    return torch.where(use_sinc.reshape(-1, 1, 1), sinc_kernel(wc, sizes, pad_to), k)
+
+
+def filter2d(img, kernel):
+    """Per-sample 2-D filter: img (B,C,H,W), kernel (B,k,k); reflect padding like BasicSR's filter2D."""
+    b, c, h, w = img.shape
+    k = kernel.shape[-1]
+    p = k // 2
+    # reflect needs pad < size; tiny intermediate images fall back to edge replication
+    img = F.pad(img, (p, p, p, p), mode="reflect" if p < min(h, w) else "replicate")
+    weight = kernel.to(img).reshape(b, 1, k, k).repeat_interleave(c, dim=0)   # (B*C, 1, k, k)
+    out = F.conv2d(img.reshape(1, b * c, h + 2 * p, w + 2 * p), weight, groups=b * c)
+    return out.reshape(b, c, h, w)
+
+
+# ----------------------------------------------------------------------------- JPEG (torch)
+
+_LUMA = torch.tensor([
+    [16, 11, 10, 16, 24, 40, 51, 61], [12, 12, 14, 19, 26, 58, 60, 55],
+    [14, 13, 16, 24, 40, 57, 69, 56], [14, 17, 22, 29, 51, 87, 80, 62],
+    [18, 22, 37, 56, 68, 109, 103, 77], [24, 35, 55, 64, 81, 104, 113, 92],
+    [49, 64, 78, 87, 103, 121, 120, 101], [72, 92, 95, 98, 112, 100, 103, 99]], dtype=torch.float64)
+_CHROMA = torch.full((8, 8), 99.0, dtype=torch.float64)
+_CHROMA[:4, :4] = torch.tensor([[17, 18, 24, 47], [18, 21, 26, 66], [24, 26, 56, 99], [47, 66, 99, 99]])
+
+
+def jpeg_tables(quality):
+    """IJG tables scaled by quality (libjpeg's jpeg_quality_scaling): (B,8,8) luma, chroma."""
+    q = torch.as_tensor(quality, dtype=torch.float64).reshape(-1, 1, 1).clamp(1, 100)
+    s = torch.where(q < 50, 5000.0 / q, 200.0 - 2.0 * q)
+    return (torch.floor((_LUMA * s + 50) / 100).clamp(1, 255),
+            torch.floor((_CHROMA * s + 50) / 100).clamp(1, 255))
+
+
+def _dct_basis(device):
+    """64×64 matrix of the 2-D 8×8 DCT-II on row-major blocks: kron(D, D), D orthonormal.
+
+    (D ⊗ D) vec(X) = vec(D X Dᵀ), exactly JPEG's forward DCT; orthonormal, so its transpose inverts it.
+    """
+    n = torch.arange(8, dtype=torch.float64)
+    d = torch.cos((2 * n[None, :] + 1) * n[:, None] * math.pi / 16) * math.sqrt(2 / 8)
+    d[0] /= math.sqrt(2)
+    return torch.kron(d, d).to(device=device, dtype=torch.float32)
+
+
+def _quantise(x, table, basis):
+    """x (B,H,W) level-shifted plane, H, W multiples of 8 → quantised-dequantised plane."""
+    b, h, w = x.shape
+    blocks = x.reshape(b, h // 8, 8, w // 8, 8).transpose(2, 3).reshape(b, -1, 64)   # (B, blocks, 64)
+    coef = blocks @ basis.T                                          # forward DCT of every block
+    t = table.to(x).reshape(b, 1, 64)
+    blocks = (torch.round(coef / t) * t) @ basis                     # quantise, dequantise, IDCT
+    return blocks.reshape(b, h // 8, w // 8, 8, 8).transpose(2, 3).reshape(b, h, w)
+
+
+# JFIF full-range colour transforms (on 0..255 values); chroma is centred on 0 here, not 128
+_RGB2YCC = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+_YCC2RGB = torch.tensor([[1.0, 0.0, 1.402], [1.0, -0.344136, -0.714136], [1.0, 1.772, 0.0]])
+
+
+def jpeg(img, quality):
+    """JPEG round trip in torch: img (B,3,H,W) in [0,1], quality (B,) per sample → (B,3,H,W)."""
+    b, _, h, w = img.shape
+    quality = torch.as_tensor(quality).reshape(-1).expand(b)
+    luma_t, chroma_t = jpeg_tables(quality.cpu())
+    x = img.float().clamp(0, 1) * 255
+    x = F.pad(x, (0, (-w) % 16, 0, (-h) % 16), mode="replicate")   # libjpeg replicates the edge
+    shift = torch.tensor([128.0, 0.0, 0.0], device=x.device)          # JPEG level shift (Y − 128)
+    ycc = F.conv2d(x, _RGB2YCC.to(x.device)[:, :, None, None], bias=-shift)   # (B, 3, H16, W16)
+    chroma = F.avg_pool2d(ycc[:, 1:], 2)                            # 4:2:0: (B, 2, H16/2, W16/2)
+    basis = _dct_basis(x.device)
+    y = _quantise(ycc[:, 0], luma_t, basis)
+    chroma = _quantise(chroma.flatten(0, 1), chroma_t.repeat_interleave(2, 0), basis).unflatten(0, (b, 2))
+    # libjpeg's default "fancy" upsampling is the 3/4-1/4 triangle filter = bilinear, half-pixel
+    chroma = chroma[:, :, : (h + 1) // 2, : (w + 1) // 2]
+    chroma = F.interpolate(chroma, scale_factor=2, mode="bilinear", align_corners=False)[:, :, :h, :w]
+    ycc = torch.cat([y[:, None, :h, :w], chroma], 1)
+    rgb = F.conv2d(ycc, _YCC2RGB.to(x.device)[:, :, None, None], bias=shift[[0, 0, 0]])
+    return (rgb / 255).clamp(0, 1).to(img.dtype)
+
+
+# ----------------------------------------------------------------------------- noise
+
+def add_noise(img, gaussian, sigma, poisson_scale, gray, seed):
+    """Gaussian (σ/255) or Poisson noise on ONE sample (1,3,h,w); gray = one plane for all channels."""
+    g = torch.Generator(device=img.device).manual_seed(int(seed))
+    if gaussian:
+        shape = (1, 1) + img.shape[2:] if gray else img.shape
+        noise = torch.randn(shape, generator=g, device=img.device, dtype=img.dtype) * (sigma / 255)
+    else:
+        # BasicSR: quantise to 8 bits, vals = 2^ceil(log2(#distinct values)), Poisson(img·vals)/vals
+        x = 0.2989 * img[:, 0:1] + 0.587 * img[:, 1:2] + 0.114 * img[:, 2:3] if gray else img
+        x = (x * 255).round().clamp(0, 255)
+        n_vals = int((torch.bincount(x.flatten().long(), minlength=256) > 0).sum())
+        vals = 2.0 ** math.ceil(math.log2(max(n_vals, 1)))
+        x = x / 255
+        noise = (torch.poisson(x * vals, generator=g) / vals - x) * poisson_scale
+    return (img + noise).clamp(0, 1)                 # noise on a gray plane broadcasts over RGB
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+def sample_params(n, cfg=None, generator=None):
+    """Draw every random choice of the pipeline for n samples (CPU tensors, indexable per sample)."""
+    cfg = cfg or DegradeConfig()
+    g = generator if generator is not None else torch.default_generator
+    if g.device.type != "cpu":
+        raise ValueError("degrade: pass a CPU torch.Generator (draws happen on CPU so every device agrees)")
+    u = lambda lo, hi: _uniform(n, lo, hi, g)                                    # noqa: E731
+    coin = lambda p: torch.rand(n, generator=g, dtype=torch.float64) < p         # noqa: E731
+    modes = lambda: torch.randint(len(cfg.resize_modes), (n,), generator=g)      # noqa: E731
+
+    def resize_scale(probs, rng):
+        updown = torch.multinomial(torch.tensor(probs, dtype=torch.float64), n, replacement=True, generator=g)
+        up, down = u(1.0, rng[1]), u(rng[0], 1.0)
+        return torch.where(updown == 0, up, torch.where(updown == 1, down, torch.ones(n, dtype=torch.float64)))
+
+    p = {}
+    p["kernel1"] = random_kernels(n, cfg.kernel_range, cfg.kernel_list, cfg.kernel_prob, cfg.sinc_prob,
+                                  cfg.blur_sigma, cfg.betag_range, cfg.betap_range, g, cfg.kernel_pad_to)
+    p["kernel2"] = random_kernels(n, cfg.kernel_range, cfg.kernel_list2, cfg.kernel_prob2, cfg.sinc_prob2,
+                                  cfg.blur_sigma2, cfg.betag_range2, cfg.betap_range2, g, cfg.kernel_pad_to)
+    sizes = torch.tensor(cfg.kernel_range)[torch.randint(len(cfg.kernel_range), (n,), generator=g)]
+    sinc = sinc_kernel(u(math.pi / 3, math.pi), sizes, cfg.kernel_pad_to)     # final sinc: ωc ~ U[π/3, π]
+    p["sinc"] = torch.where(coin(cfg.final_sinc_prob).reshape(-1, 1, 1), sinc, delta_kernel(n, cfg.kernel_pad_to))
+    for i, (rp, rr, gp, nr, pr, grp, jr) in enumerate([
+            (cfg.resize_prob, cfg.resize_range, cfg.gaussian_noise_prob, cfg.noise_range,
+             cfg.poisson_scale_range, cfg.gray_noise_prob, cfg.jpeg_range),
+            (cfg.resize_prob2, cfg.resize_range2, cfg.gaussian_noise_prob2, cfg.noise_range2,
+             cfg.poisson_scale_range2, cfg.gray_noise_prob2, cfg.jpeg_range2)], start=1):
+        p[f"scale{i}"], p[f"mode{i}"] = resize_scale(rp, rr), modes()
+        p[f"gaussian{i}"], p[f"sigma{i}"], p[f"poisson{i}"] = coin(gp), u(*nr), u(*pr)
+        p[f"gray{i}"] = coin(grp)
+        p[f"seed{i}"] = torch.randint(2**62, (n,), generator=g)    # each sample's own noise stream
+        p[f"quality{i}"] = torch.randint(jr[0], jr[1] + 1, (n,), generator=g).double()
+    p["blur2"] = coin(cfg.second_blur_prob)
+    p["mode_final"] = modes()
+    p["jpeg_first"] = coin(cfg.final_jpeg_first_prob)
+    return p
+
+
+def _resize(x, size, mode):
+    size = (max(1, int(size[0])), max(1, int(size[1])))
+    return F.interpolate(x, size=size, mode=mode) if mode == "area" else \
+        F.interpolate(x, size=size, mode=mode, align_corners=False)
+
+
+def apply_degradation(hr, params, scale=4, modes=("area", "bilinear", "bicubic")):
+    """Run the second-order pipeline on hr (B,3,H,W) with per-sample params from sample_params."""
+    b, _, h, w = hr.shape
+    ho, wo = h // scale, w // scale                      # output floor(H/scale) × floor(W/scale)
+    p = params
+    out = filter2d(hr, p["kernel1"])                     # first-order blur, batched
+    # From the first random resize on, each sample has its own size: loop over samples.
+    finals = []
+    for i in range(b):
+        x = out[i:i + 1]                                 # (1, 3, H, W)
+        s = p["scale1"][i].item()                        # first resize is relative to the input
+        x = _resize(x, (x.shape[2] * s, x.shape[3] * s), modes[p["mode1"][i]])   # (1, 3, h1, w1)
+        x = add_noise(x, p["gaussian1"][i].item(), p["sigma1"][i].item(), p["poisson1"][i].item(),
+                      p["gray1"][i].item(), p["seed1"][i].item())
+        x = jpeg(x, p["quality1"][i:i + 1])
+        # --- second order ---
+        if p["blur2"][i]:
+            x = filter2d(x, p["kernel2"][i:i + 1])
+        s = p["scale2"][i].item()                        # second resize is relative to H/scale
+        x = _resize(x, (h / scale * s, w / scale * s), modes[p["mode2"][i]])   # (1, 3, h2, w2)
+        x = add_noise(x, p["gaussian2"][i].item(), p["sigma2"][i].item(), p["poisson2"][i].item(),
+                      p["gray2"][i].item(), p["seed2"][i].item())
+        if p["jpeg_first"][i]:                           # order B: JPEG, then resize + sinc
+            x = jpeg(x, p["quality2"][i:i + 1])
+        finals.append(_resize(x, (ho, wo), modes[p["mode_final"][i]]))
+    out = filter2d(torch.cat(finals), p["sinc"])         # all samples are (ho, wo) again: batched
+    last = ~p["jpeg_first"]                              # order A: resize + sinc, then JPEG
+    if last.any():
+        idx = last.nonzero().flatten().to(out.device)
+        out = out.index_copy(0, idx, jpeg(out[idx], p["quality2"][last]))
+    return (out.clamp(0, 1) * 255).round() / 255
+
+
+def _check_hr(hr, scale):
+    if hr.dim() != 4 or hr.shape[1] != 3 or not hr.is_floating_point():
+        raise ValueError(f"degrade: expected float hr of shape (B,3,H,W), got {hr.dtype} {tuple(hr.shape)}")
+    if hr.shape[2] < scale or hr.shape[3] < scale:
+        raise ValueError(f"degrade: image {hr.shape[2]}×{hr.shape[3]} is smaller than the scale {scale}")
+
+
+def _resize_back(lr, size):
+    up = F.interpolate(lr, size=size, mode="bicubic", align_corners=False)
+    return (up.clamp(0, 1) * 255).round() / 255
+
+
+def degrade(hr, scale=4, generator=None, resize_back=False, cfg=None):
+    """Real-ESRGAN second-order degradation of hr (B,3,H,W) in [0,1] → LR on the 8-bit grid.
+
+    Output is (B,3,floor(H/scale),floor(W/scale)), or (B,3,H,W) with resize_back (bicubic).
+    Every random choice is per sample and drawn from `generator` (CPU); None uses torch's global RNG.
+    """
+    _check_hr(hr, scale)
+    cfg = cfg or DegradeConfig()
+    params = sample_params(hr.shape[0], cfg, generator)
+    lr = apply_degradation(hr.float(), params, scale, cfg.resize_modes)
+    return (_resize_back(lr, hr.shape[2:]) if resize_back else lr).to(hr.dtype)
+
+
+def degrade_bicubic(hr, scale=4, resize_back=False):
+    """Classic SR degradation: antialiased bicubic ×1/scale, rounded to 8 bits (DESIGN.md §10)."""
+    _check_hr(hr, scale)
+    h, w = hr.shape[2] // scale, hr.shape[3] // scale
+    lr = F.interpolate(hr.float(), size=(h, w), mode="bicubic", align_corners=False, antialias=True)
+    lr = (lr.clamp(0, 1) * 255).round() / 255
+    return (_resize_back(lr, hr.shape[2:]) if resize_back else lr).to(hr.dtype)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _center_crop(img, side):
+    _, h, w = img.shape
+    top, left = (h - side) // 2, (w - side) // 2
+    return img[:, top:top + side, left:left + side]
+
+
+def _contact_sheet(pairs, gap=4):
+    """Rows of HR | LR (nearest-upscaled to HR size) on a white canvas, (3, H, W)."""
+    rows = []
+    for hr, lr in pairs:
+        lr_up = F.interpolate(lr[None], size=hr.shape[1:], mode="nearest")[0]
+        rows.append(torch.cat([hr, torch.ones(3, hr.shape[1], gap), lr_up], 2))
+    width = max(r.shape[2] for r in rows)
+    canvas = torch.ones(3, sum(r.shape[1] + gap for r in rows) - gap, width)
+    y = 0
+    for r in rows:
+        canvas[:, y:y + r.shape[1], : r.shape[2]] = r
+        y += r.shape[1] + gap
+    return canvas
+
+
+def _out_names(files, root):
+    """Output name per file: relative path with .png; name clashes (a.jpg, a.png) keep the extension."""
+    base = root if root.is_dir() else root.parent
+    rel = [f.relative_to(base) for f in files]
+    stems = [r.with_suffix("") for r in rel]
+    clash = {s for s, n in Counter(stems).items() if n > 1}
+    return [r.with_name(f"{r.stem}_{r.suffix[1:]}.png") if s in clash else r.with_suffix(".png")
+            for r, s in zip(rel, stems)]
+
+
+def run_folder(args):
+    """Degrade every image under args.input into args.output/{hr,lr}; returns the exit code."""
+    from tqdm import tqdm
+    root, out = Path(args.input), Path(args.output)
+    try:
+        files = find_images(root)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not files:
+        print(f"error: no images ({', '.join(IMAGE_EXTS)}) found in {root}", file=sys.stderr)
+        return 2
+    if out.exists() and not out.is_dir():
+        print(f"error: output path {out} is a file, not a folder", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    gen = torch.Generator().manual_seed(args.seed)
+    fn = degrade if args.mode == "realesrgan" else (lambda x, scale, generator: degrade_bicubic(x, scale))
+    pending, sheet, n_done, n_bad, lr_sizes = {}, [], 0, 0, set()
+
+    def flush(side):
+        nonlocal n_done
+        names, crops = zip(*pending.pop(side))
+        lrs = fn(torch.stack(crops).to(device), scale=args.scale, generator=gen).cpu()
+        for name, hr, lr in zip(names, crops, lrs):
+            write_image(out / "hr" / name, hr)
+            write_image(out / "lr" / name, lr)
+            lr_sizes.add(tuple(lr.shape[1:]))
+            if len(sheet) < 8:
+                sheet.append((hr, lr))
+        n_done += len(names)
+
+    bar = tqdm(list(zip(files, _out_names(files, root))), desc="degrade", unit="img")
+    for path, name in bar:
+        try:
+            img = read_image(path)
+        except ImageError as e:
+            tqdm.write(f"skipped: {e}", file=sys.stderr)
+            n_bad += 1
+            continue
+        side = min(args.crop, img.shape[1], img.shape[2]) // args.scale * args.scale
+        if side < args.scale:
+            tqdm.write(f"skipped: {path}: {img.shape[2]}×{img.shape[1]} is too small for scale {args.scale}",
+                       file=sys.stderr)
+            n_bad += 1
+            continue
+        if side < args.crop:
+            tqdm.write(f"note: {path} is {img.shape[2]}×{img.shape[1]}, smaller than --crop {args.crop}; "
+                       f"cropping {side}×{side}", file=sys.stderr)
+        pending.setdefault(side, []).append((name, _center_crop(img, side)))
+        if len(pending[side]) >= args.batch:             # batches of equal-size crops
+            flush(side)
+    for side in list(pending):
+        flush(side)
+    if n_done == 0:
+        print(f"error: none of the {len(files)} files could be processed", file=sys.stderr)
+        return 1
+    write_image(out / "contact_sheet.png", _contact_sheet(sheet))
+    sizes = ", ".join(f"{h}×{w}" for h, w in sorted(lr_sizes))
+    print(f"wrote {n_done} HR/LR pairs (LR {sizes}) to {out}; skipped {n_bad} file(s); "
+          f"contact sheet: {out / 'contact_sheet.png'}")
+    return 0
+
+
+def bench(args):
+    """Print degradation throughput at 512² on args.device."""
+    device = torch.device(args.device)
+    gen = torch.Generator().manual_seed(0)
+    # smooth random images (noise upsampled) so JPEG/Poisson see photo-like statistics
+    hr = F.interpolate(torch.rand(args.batch, 3, 32, 32, generator=gen), size=512, mode="bicubic")
+    hr = hr.clamp(0, 1).to(device)
+    fn = degrade if args.mode == "realesrgan" else (lambda x, scale, generator: degrade_bicubic(x, scale))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):                                   # warm-up
+        fn(hr, scale=args.scale, generator=gen)
+    sync()
+    n, t0 = 0, time.perf_counter()
+    while n < 3 or time.perf_counter() - t0 < 5.0:
+        fn(hr, scale=args.scale, generator=gen)
+        n += 1
+    sync()
+    dt = time.perf_counter() - t0
+    print(f"{args.mode} degradation on {device} ({torch.get_num_threads()} threads), batch {args.batch} "
+          f"at 512²: {n * args.batch / dt:.1f} images/s ({dt / n * 1000:.0f} ms/batch, {n} batches)")
+    return 0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Make HR/LR training pairs with the Real-ESRGAN degradation "
+                                             "(or bicubic), or benchmark it.")
+    ap.add_argument("-i", "--input", help="folder of HR images (searched recursively) or one image file")
+    ap.add_argument("-o", "--output", help="output folder: writes hr/, lr/ and contact_sheet.png")
+    ap.add_argument("--scale", type=int, default=4, help="downscaling factor (default 4)")
+    ap.add_argument("--crop", type=int, default=512, help="centre-crop side in HR pixels (default 512)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the degradation draws (default 0)")
+    ap.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    ap.add_argument("--mode", choices=("realesrgan", "bicubic"), default="realesrgan",
+                    help="realesrgan: second-order pipeline (DESIGN §3); bicubic: classic ×1/scale")
+    ap.add_argument("--batch", type=int, default=8, help="images per batch (default 8)")
+    ap.add_argument("--bench", action="store_true", help="print images/s at 512² instead of processing files")
+    args = ap.parse_args(argv)
+    if args.scale < 1 or args.batch < 1:
+        ap.error("--scale and --batch must be positive")
+    try:
+        torch.empty(1, device=args.device)
+    except (RuntimeError, AssertionError) as e:
+        print(f"error: device {args.device!r} is not usable: {e}", file=sys.stderr)
+        return 2
+    if args.bench:
+        return bench(args)
+    if not args.input or not args.output:
+        ap.error("-i/--input and -o/--output are required (or use --bench)")
+    if args.crop < args.scale or args.crop % args.scale:
+        ap.error(f"--crop {args.crop} must be a positive multiple of --scale {args.scale}")
+    return run_folder(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
