@@ -156,7 +156,8 @@ def build_student(cfg: DistillConfig, tconf: dict, weights: Path, device):
     """Codec, semantic encoder, frozen teacher, the student (teacher weights + r embedder) and its EMA."""
     codec = vae.load_codec(cfg.codec, device=device)
     semantic = vae.load_semantic(cfg.semantic, image_size=cfg.semantic_size, device=device)
-    kw = dict(latent_channels=codec.channels, enc_dim=tconf["enc_dim"], train_grid=tconf["train_grid"])
+    kw = dict(latent_channels=codec.channels, enc_dim=tconf["enc_dim"], train_grid=tconf["train_grid"],
+              patch_size=tconf.get("patch_size", 2))
     teacher = dit.build(cfg.preset, **kw)
     dit.load_release_checkpoint(teacher, weights)
     teacher = teacher.to(device).requires_grad_(False).eval()
@@ -177,7 +178,7 @@ def parse_args(argv=None) -> DistillConfig:
         p.error("--method must be rc or shortcut")
     tconf, _ = load_teacher_run(a["teacher"])
     inherit = {f.name: tconf[f.name] for f in fields(TrainConfig)
-               if f.name in tconf and f.name in ("preset", "codec", "light_decoder", "semantic", "semantic_size",
+               if f.name in tconf and f.name in ("preset", "patch_size", "codec", "light_decoder", "semantic", "semantic_size",
                                                  "degradation", "mode", "p_partial", "alpha_min", "alpha_max",
                                                  "aug_mean", "aug_std")}
     return DistillConfig(**(inherit | DEFAULTS | {"out": "runs/student"} | a))

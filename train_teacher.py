@@ -46,6 +46,7 @@ class TrainConfig:
     out: str = "runs/teacher"
     val_data: str | None = None       # held-out HR folder: validation loss + LR|sample|HR grid
     preset: str = "tiny"              # model preset of dit.py
+    patch_size: int = 2               # DiT patch side in latent pixels (2 in the paper)
     codec: str = "pixel"              # 'pixel' or a diffusers VAE folder
     light_decoder: str | None = None  # lightweight decoder .safetensors (sampling only)
     semantic: str = "random"          # 'none', 'random' (seeded ViT-S/14) or a DINOv2 weights file
@@ -83,8 +84,11 @@ class TrainConfig:
 
 # Presets set defaults; any flag given on the command line wins. Paper recipes: appendix, Table 8.
 PRESETS = {
-    "tiny": dict(preset="tiny", size=64, batch=4, lr=3e-4, ema=0.99, semantic_size=56),
-    "small": dict(preset="small", size=128, batch=16, lr=2e-4, ema=0.999, semantic_size=224),
+    # CPU recipes for the 192-channel pixel codec use patch 1: with patch 2 a token would carry
+    # 2·2·192 = 768 values, more than the model width, and the final Linear(dim → p·p·C) could not
+    # span the noise — whatever it cannot represent would stay in the sample as noise.
+    "tiny": dict(preset="tiny", patch_size=1, size=64, batch=4, lr=3e-4, ema=0.99, semantic_size=56),
+    "small": dict(preset="small", patch_size=1, size=64, batch=16, lr=2e-4, ema=0.999, semantic_size=112),
     "0.5B-stage1": dict(preset="0.5B", size=256, batch=1024, lr=1e-4, steps=400_000, bf16=True,
                         semantic="dinov2_vitb14.safetensors", semantic_size=448),
     "0.5B-stage2": dict(preset="0.5B", size=512, batch=256, lr=5e-5, steps=400_000, bf16=True,
@@ -336,14 +340,15 @@ def build_models(cfg: TrainConfig, device):
     """Frozen codec and semantic encoder, the trainable DiT and its EMA copy."""
     codec = vae.load_codec(cfg.codec, device=device)
     semantic = vae.load_semantic(cfg.semantic, image_size=cfg.semantic_size, device=device, seed=cfg.seed)
-    latent = cfg.size // codec.factor
-    model = dit.build(cfg.preset, latent_channels=codec.channels,
-                      enc_dim=semantic.dim if semantic is not None else 768,
-                      train_grid=latent // dit.PRESETS[cfg.preset].get("patch_size", 2),
-                      grad_ckpt=cfg.grad_ckpt).to(device)
-    ema = dit.build(cfg.preset, latent_channels=codec.channels,
-                    enc_dim=semantic.dim if semantic is not None else 768,
-                    train_grid=model.train_grid).to(device)
+    kw = dict(latent_channels=codec.channels, patch_size=cfg.patch_size,
+              enc_dim=semantic.dim if semantic is not None else 768,
+              train_grid=cfg.size // codec.factor // cfg.patch_size)
+    model = dit.build(cfg.preset, grad_ckpt=cfg.grad_ckpt, **kw).to(device)
+    if cfg.patch_size**2 * codec.channels > model.dim:
+        print(f"train_teacher.py: warning: a token carries {cfg.patch_size**2 * codec.channels} latent values, "
+              f"more than the model width {model.dim}; the output cannot span the noise (use --patch-size 1)",
+              file=sys.stderr)
+    ema = dit.build(cfg.preset, **kw).to(device)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False).eval()
     return codec, semantic, model, ema
@@ -476,6 +481,62 @@ def train(cfg: TrainConfig) -> dict:
             dist.destroy_process_group()
 
 
+# ----------------------------------------------------------------------------- benchmark (--bench)
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
+
+
+def dit_flops(model, tokens: int, sem_tokens: int) -> float:
+    """Forward FLOPs of one image (2 per multiply-add). Per block and token: qkv + proj 4d², cross q +
+    proj 2d², SwiGLU 3·h·d = 8d², attention scores and mixing 2·d·(N + M); per image: cross k, v
+    2·d²·M. Plus the semantic projection (4·768·d-like) and patch embed / final layer."""
+    d, L, N, M = model.dim, model.depth, tokens, sem_tokens
+    h = int(2 / 3 * 4 * d)
+    per_block = N * (6 * d * d + 3 * h * d + 2 * d * (N + M)) + 2 * d * d * M
+    io = N * (2 * model.latent_channels * model.patch_size**2 * d + d * model.patch_size**2 * model.latent_channels)
+    sem = M * (model.enc_dim * 3 * d + 3 * d * d)
+    return 2.0 * (L * per_block + io + sem)
+
+
+def bench(preset: str, size: int, batch: int, steps: int, device: str, bf16: bool, compile_: bool,
+          latent_channels: int = 4, factor: int = 8, sem_tokens: int = 1024, enc_dim: int = 768) -> dict:
+    """Time training steps of the DiT alone (random weights, real shapes) → images/s, TFLOP/s, MFU.
+    Training FLOPs = 3 × forward (the backward pass costs twice the forward)."""
+    dev = torch.device(device)
+    model = dit.build(preset, latent_channels=latent_channels, enc_dim=enc_dim,
+                      train_grid=size // factor // 2).to(dev)
+    net = torch.compile(model) if compile_ else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
+    h = size // factor
+    x0, c_str = torch.randn(batch, latent_channels, h, h, device=dev), torch.randn(batch, latent_channels, h, h, device=dev)
+    c_sem, eps = torch.randn(batch, sem_tokens, enc_dim, device=dev), torch.randn_like(x0)
+
+    def one_step():
+        t = torch.rand(batch, device=dev)
+        with torch.autocast(dev.type, torch.bfloat16, enabled=bf16):
+            loss = flow_matching_loss(net, x0, c_str, c_sem, t, eps)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):  # warm-up (and compilation)
+        one_step()
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        one_step()
+    sync()
+    sec = (time.perf_counter() - t0) / steps
+    flops = 3 * batch * dit_flops(model, (h // 2) ** 2, sem_tokens)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return {"device": name, "torch": torch.__version__, "preset": preset, "size": size, "batch": batch,
+            "bf16": bf16, "compile": compile_, "step_s": sec, "img_per_s": batch / sec,
+            "tflops": flops / sec / 1e12, "mfu": None if peak is None or not bf16 else flops / sec / 1e12 / peak}
+
+
 def config_parser(config_cls, doc: str) -> argparse.ArgumentParser:
     """Every field of the config dataclass becomes a flag whose default is None (= not given)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -501,7 +562,31 @@ def parse_args(argv=None) -> TrainConfig:
     return TrainConfig(**(PRESETS.get(preset, {"preset": preset}) | a))
 
 
+def bench_main(argv) -> None:
+    """python train_teacher.py --bench [--preset 0.5B] [--size 512] [--batch 8] [--bf16] [--compile]"""
+    p = argparse.ArgumentParser(description="training throughput of the DiT (random weights, real shapes)")
+    p.add_argument("--bench", action="store_true")
+    p.add_argument("--preset", default="small", choices=sorted(dit.PRESETS))
+    p.add_argument("--size", type=int, default=256, help="HR crop side (latent = size/8, SD-VAE shapes)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--bench-json", default=None, help="also write the result as JSON here")
+    a = p.parse_args(argv)
+    r = bench(a.preset, a.size, a.batch, a.steps, a.device, a.bf16, a.compile)
+    print("FLOPs/image (train) = 3 × 2 × [depth·(N·(6d² + 3hd + 2d(N+M)) + 2d²M) + embed/final + semantic MLP]")
+    for k, v in r.items():
+        print(f"{k:>10}: {v:.4g}" if isinstance(v, float) else f"{k:>10}: {v}")
+    if a.bench_json:
+        Path(a.bench_json).write_text(json.dumps(r, indent=2))
+
+
 if __name__ == "__main__":
+    if "--bench" in sys.argv[1:]:
+        bench_main(sys.argv[1:])
+        sys.exit(0)
     cfg = parse_args()
     if not cfg.data:
         raise SystemExit("train_teacher.py: --data DIR is required")

@@ -163,3 +163,19 @@ def test_ddp_two_processes_match_one(tmp_path):
     one = json.loads((tmp_path / "one" / "log.jsonl").read_text().splitlines()[0])["loss"]
     two = json.loads((tmp_path / "two" / "log.jsonl").read_text().splitlines()[0])["loss"]
     assert two == pytest.approx(one, rel=1e-5)
+
+
+def test_dit_flops_formula_matches_flop_counter(monkeypatch):
+    from torch.utils.flop_counter import FlopCounterMode
+    import dit
+
+    def naive_sdpa(q, k, v, **kw):  # the CPU SDPA kernel is invisible to the counter: use matmuls
+        return torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, -1) @ v
+
+    monkeypatch.setattr(dit.F, "scaled_dot_product_attention", naive_sdpa)
+    model = dit.build("tiny", latent_channels=4, enc_dim=32, train_grid=8)
+    x, c_sem = torch.randn(1, 8, 16, 16), torch.randn(1, 20, 32)
+    with FlopCounterMode(display=False) as fc:
+        model(x, torch.rand(1), c_sem)
+    counted = fc.get_total_flops()
+    assert tt.dit_flops(model, tokens=64, sem_tokens=20) == pytest.approx(counted, rel=0.03)
