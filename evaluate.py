@@ -39,7 +39,7 @@ from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from degrade import ImageError, find_images, read_image
+from degrade import ImageError, find_images, read_image, write_image
 
 
 @dataclass
@@ -594,11 +594,103 @@ def score(args):
     return 0
 
 
-# ----------------------------------------------------------------------------- CLI
-# Room for the lead's `sweep` (Fig. 4 guidance sweep) and `grid` (comparison grid) subcommands, which
-# import sample.py: add a parser in build_parser() and its name to SUBCOMMANDS.
+# ----------------------------------------------------------------------------- guidance sweep (Fig. 4)
 
-SUBCOMMANDS = ("score", "fetch-weights")
+def line_plot(xs, series: dict, path, title="", size=(640, 300)):
+    """A small PIL line chart, one panel per series (no plotting dependency)."""
+    from PIL import Image, ImageDraw
+    W, H = size
+    img = Image.new("RGB", (W * len(series), H), "white")
+    d = ImageDraw.Draw(img)
+    for i, (name, ys) in enumerate(series.items()):
+        x0, y0, x1, y1 = i * W + 60, 30, i * W + W - 20, H - 40
+        lo, hi = min(ys), max(ys)
+        lo, hi = (lo - 1, hi + 1) if hi == lo else (lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
+        px = lambda x: x0 + (x - min(xs)) / ((max(xs) - min(xs)) or 1) * (x1 - x0)
+        py = lambda y: y1 - (y - lo) / (hi - lo) * (y1 - y0)
+        d.rectangle([x0, y0, x1, y1], outline="black")
+        d.text((x0, 8), f"{name} vs guidance scale s {title}", fill="black")
+        for x in xs:
+            d.text((px(x) - 8, y1 + 6), f"{x:g}", fill="black")
+        for y in (lo, (lo + hi) / 2, hi):
+            d.text((i * W + 4, py(y) - 6), f"{y:.3f}", fill="black")
+        pts = [(px(x), py(y)) for x, y in zip(xs, ys)]
+        d.line(pts, fill=(200, 30, 30), width=2)
+        for p in pts:
+            d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=(200, 30, 30))
+    write_image(path, torch.from_numpy(np.asarray(img)).permute(2, 0, 1).float() / 255)
+
+
+def sweep(args):
+    """`sweep`: sample the LR folder at several guidance scales s (eq. 2) and score each (Fig. 4)."""
+    import sample
+    scales = [float(v) for v in args.guidance.split(",")]
+    names = parse_metrics(args.metrics)
+    scorers, skipped = build_scorers(names, args.crop, args.device, args.cache)
+    pairs, problems = pair_images(args.lr, args.hr)
+    for p in problems:
+        print(f"skipped: {p}", file=sys.stderr)
+    pipe, _ = sample.load_pipeline(sample.SampleConfig(ckpt=args.ckpt, device=args.device))
+    table = []
+    for s in scales:
+        rows = []
+        for key, lr_path, hr_path in tqdm(pairs, desc=f"s={s:g}", unit="img"):
+            lr, hr = read_image(lr_path)[None], read_image(hr_path)[None]
+            sr = pipe(lr, args.scale, args.steps, s, args.alpha, torch.Generator().manual_seed(args.seed),
+                      args.tile, args.tile_overlap).cpu()
+            if args.out:
+                write_image(Path(args.out) / f"s{s:g}" / f"{key}.png", sr[0])
+            rows.append({"image": key, **{n: f(sr, hr) for n, f in scorers.items()}})
+        table.append({"image": f"s={s:g}", **{k: v for k, v in mean_row(rows, list(scorers)).items() if k != "image"}})
+    print(format_table(table, list(scorers), skipped, max_rows=len(table)).rsplit("\nmean", 1)[0])
+    if args.csv:
+        write_csv(args.csv, table, list(scorers))
+    if args.plot:
+        line_plot(scales, {n: [r[n] for r in table] for n in scorers}, args.plot, f"({Path(args.ckpt).name})")
+        print(f"wrote {args.plot}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- comparison grid
+
+def grid(args):
+    """`grid`: rows of bicubic | each --sr folder | HR for a few images, each with a 4× zoomed crop."""
+    from PIL import Image, ImageDraw
+    columns = [("bicubic", None)] + [tuple(c.split("=", 1)) for c in args.sr] + [("HR", args.hr)]
+    pairs, _ = pair_images(args.lr, args.hr)
+    pairs = [p for p in pairs if not args.images or p[0] in args.images.split(",")][:args.n]
+    if not pairs:
+        print("error: no LR/HR pair to show", file=sys.stderr)
+        return 1
+    rows = []
+    for key, lr_path, hr_path in pairs:
+        hr = read_image(hr_path)
+        H, W = hr.shape[-2:]
+        cells = []
+        for name, folder in columns:
+            if folder is None:
+                img = F.interpolate(read_image(lr_path)[None], size=(H, W), mode="bicubic", align_corners=False)[0]
+            else:
+                img = read_image(next(p for p in find_images(folder) if p.stem == key))
+            z = min(H, W) // 4  # zoom: the centre z×z crop, scaled to the image width
+            crop = img[:, (H - z) // 2:(H + z) // 2, (W - z) // 2:(W + z) // 2]
+            crop = F.interpolate(crop[None], size=(W, W), mode="nearest")[0]
+            cells.append(torch.cat([img.clamp(0, 1), crop.clamp(0, 1)], 1))
+        rows.append(torch.cat(cells, -1))
+    sheet = torch.cat(rows, 1)
+    pil = Image.fromarray((sheet.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    d = ImageDraw.Draw(pil)
+    W = sheet.shape[-1] // len(columns)
+    for i, (name, _) in enumerate(columns):
+        d.text((i * W + 4, 4), name, fill=(255, 255, 0))
+    write_image(args.out, torch.from_numpy(np.asarray(pil)).permute(2, 0, 1).float() / 255)
+    print(f"wrote {args.out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- CLI
+
+SUBCOMMANDS = ("score", "fetch-weights", "sweep", "grid")
 
 
 def build_parser():
@@ -623,6 +715,33 @@ def build_parser():
                                               "them to safetensors (once)")
     fw.add_argument("--cache", help="destination folder (default $VOSR_METRICS_CACHE or ~/.cache/vosr_metrics)")
     fw.set_defaults(func=lambda a: 0 if fetch_weights(a.cache) else 1)
+    sw = sub.add_parser("sweep", help="guidance-scale sweep of a checkpoint (paper Fig. 4)")
+    sw.add_argument("--ckpt", required=True, help="run dir of train_teacher.py / distill.py")
+    sw.add_argument("--lr", required=True, help="folder of LR images")
+    sw.add_argument("--hr", required=True, help="folder of HR images (same names)")
+    sw.add_argument("--guidance", default="-0.5,0,0.5,1,2", help="comma list of guidance scales s")
+    sw.add_argument("--metrics", default="psnr,lpips")
+    sw.add_argument("--steps", type=int, default=25)
+    sw.add_argument("--alpha", type=float, default=0.15)
+    sw.add_argument("--scale", type=float, default=4.0)
+    sw.add_argument("--tile", type=int, default=512)
+    sw.add_argument("--tile-overlap", type=int, default=64)
+    sw.add_argument("--seed", type=int, default=0)
+    sw.add_argument("--crop", type=int, default=EvalConfig.crop)
+    sw.add_argument("--out", help="also save the SR images to OUT/s<scale>/")
+    sw.add_argument("--csv", help="write the table (one row per scale) here")
+    sw.add_argument("--plot", default="sweep.png", help="PNG plot of each metric against s")
+    sw.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    sw.add_argument("--cache", help="metric weights folder")
+    sw.set_defaults(func=sweep)
+    gr = sub.add_parser("grid", help="comparison grid: bicubic | SR folders | HR, with zoomed crops")
+    gr.add_argument("--lr", required=True, help="folder of LR images")
+    gr.add_argument("--hr", required=True, help="folder of HR images")
+    gr.add_argument("--sr", action="append", default=[], metavar="NAME=DIR", help="a column (repeatable)")
+    gr.add_argument("--images", help="comma list of image names (default: the first --n)")
+    gr.add_argument("--n", type=int, default=3)
+    gr.add_argument("--out", default="grid.png")
+    gr.set_defaults(func=grid)
     return ap
 
 
