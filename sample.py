@@ -222,7 +222,7 @@ def load_pipeline(cfg: SampleConfig) -> tuple[VOSRPipeline, dict]:
         with_r = any(k.startswith("r_embedder.") for k in f.keys())
     model = dit.build(run["preset"], latent_channels=codec.channels, with_r=with_r,
                       enc_dim=semantic.dim if semantic is not None else run.get("enc_dim", 768),
-                      train_grid=run["train_grid"])
+                      train_grid=run["train_grid"], patch_size=run.get("patch_size", 2))
     dit.load_release_checkpoint(model, weights)
     student = with_r if cfg.student is None else cfg.student
     pipe = VOSRPipeline(model.to(cfg.device), codec, semantic, student, cfg.device, cfg.bf16)
