@@ -9,9 +9,11 @@ Teacher: v = v_pcond + s·(v_cond − v_pcond)   (eq. 2), both branches in one b
 Student: one branch only (guidance was baked in by ω during distillation); each step predicts
          f(z, t_i, r = t_{i+1}) and jumps z ← z − (t_i − t_{i+1})·f.
 
-Images larger than --tile are processed as overlapping latent tiles whose velocities are blended
-with Gaussian weights at every step; the noise is drawn once for the whole latent, and the
-semantic tokens are computed once for the whole image, so tiles agree with each other.
+Images larger than --tile never pass through a network whole, so memory depends on the tile size:
+the codec encodes and decodes overlapping tiles, the DiT predicts the velocity of overlapping latent
+tiles, and overlaps are cross-faded at every step. The noise is drawn once for the whole latent, and
+the semantic tokens once for the whole image as one token map (DINOv2 on overlapping tile-sized
+windows, blended); each tile attends to the crop of that map under it, so neighbours agree.
 
     python sample.py --ckpt RUN_DIR -i LR_DIR -o OUT_DIR [--steps 25] [--guidance 0.5]
 """
@@ -43,8 +45,9 @@ class SampleConfig:
     alpha: float | None = None       # α of the partial branch; None: 0.15 (0 for a standard-CFG run)
     scale: float = 4.0
     seed: int = 0
-    tile: int = 512                  # tile side in output pixels; larger images are tiled
-    tile_overlap: int = 64           # overlap between tiles in output pixels
+    tile: int | None = None          # tile side in output pixels; None: the training crop (512 for the release)
+    tile_overlap: int | None = None  # overlap between tiles in output pixels; None: tile / 8
+    semantic_tiles: str = "global"   # global | per-tile | whole (see VOSRPipeline.__call__)
     color_fix: str = "none"          # none | adain | wavelet
     schedule: str = "uniform"        # uniform | cosine
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
@@ -80,18 +83,25 @@ def timesteps(n: int, schedule: str = "uniform") -> torch.Tensor:
 
 
 @torch.no_grad()
-def euler_sample(velocity, z1: torch.Tensor, ts: torch.Tensor, progress: bool = False):
-    """Integrate dz/dt = v from t = 1 to 0: z ← z − (t_i − t_{i+1})·v(z, t_i, t_{i+1})."""
-    z = z1
+def euler_sample(velocity, z1: torch.Tensor, ts: torch.Tensor, progress: bool = False, inplace: bool = False):
+    """Integrate dz/dt = v from t = 1 to 0: z ← z − (t_i − t_{i+1})·v(z, t_i, t_{i+1}).
+
+    inplace=True overwrites z1 (one latent-sized buffer fewer on large images)."""
+    z = z1 if inplace else z1.clone()
     for i in tqdm(range(len(ts) - 1), disable=not progress, leave=False, desc="steps"):
         t, r = ts[i].item(), ts[i + 1].item()
         tt = torch.full((z.shape[0],), t, device=z.device)
         rr = torch.full((z.shape[0],), r, device=z.device)
-        z = z - (t - r) * velocity(z, tt, rr).float()
+        z.sub_(velocity(z, tt, rr).float(), alpha=t - r)
     return z
 
 
-# ----------------------------------------------------------------------------- latent tiling
+# ----------------------------------------------------------------------------- tiling
+# Large images never go through a network in one piece. The codec encodes and decodes tiles, the DiT
+# predicts the velocity of latent tiles, and overlapping outputs are cross-faded with weights that sum to
+# one at every position. What still grows with the image: the upscaled input and the output (3 floats
+# per pixel each), the latents c_str, z and the blended velocity (C/f² floats per pixel each) and the
+# semantic token map; everything else is the size of one tile.
 
 def tile_windows(size: int, tile: int, overlap: int, align: int) -> list[int]:
     """Start offsets of windows of length `tile` covering [0, size), last one flush with the end."""
@@ -110,6 +120,27 @@ def gaussian_weight(h: int, w: int, device) -> torch.Tensor:
     return bump(h)[:, None] * bump(w)[None, :]  # (h, w)
 
 
+def blend_weights(starts: list[int], n: int, size: int, fade: int, device=None) -> list[torch.Tensor]:
+    """1-D weights of the windows [s, s+n) of an axis that sum to 1 at every position.
+
+    Linear ramps over `fade` cells at each edge shared with another window, flat elsewhere, so two
+    tiles cross-fade across their overlap and an image edge is never faded. The 2-D weight of tile
+    (i, j) is wy[i] ⊗ wx[j]; the grid of tiles is a product, so those also sum to 1 (no weight map)."""
+    i = torch.arange(n, dtype=torch.float32)
+    ws = []
+    for s in starts:
+        w = torch.ones(n)
+        if s > 0:
+            w = torch.minimum(w, (i + 1) / (fade + 1))
+        if s + n < size:
+            w = torch.minimum(w, (n - i) / (fade + 1))
+        ws.append(w)
+    total = torch.zeros(size)
+    for s, w in zip(starts, ws):
+        total[s:s + n] += w
+    return [(w / total[s:s + n]).to(device) for s, w in zip(starts, ws)]
+
+
 def tiled(fn, z: torch.Tensor, tile: int, overlap: int, align: int = 2):
     """Apply fn(z_window, (y, x, h, w)) -> tensor of the window's shape on overlapping tiles and blend."""
     H, W = z.shape[-2:]
@@ -117,14 +148,114 @@ def tiled(fn, z: torch.Tensor, tile: int, overlap: int, align: int = 2):
     if len(ys) == 1 and len(xs) == 1:
         return fn(z, (0, 0, H, W))
     th, tw = min(tile, H), min(tile, W)
+    wy, wx = blend_weights(ys, th, H, overlap, z.device), blend_weights(xs, tw, W, overlap, z.device)
     out = torch.zeros_like(z, dtype=torch.float32)
-    weight = gaussian_weight(th, tw, z.device)
-    wsum = torch.zeros(H, W, device=z.device)
-    for y in ys:
-        for x in xs:
-            out[..., y:y + th, x:x + tw] += fn(z[..., y:y + th, x:x + tw], (y, x, th, tw)).float() * weight
-            wsum[y:y + th, x:x + tw] += weight
-    return out / wsum
+    for y, a in zip(ys, wy):
+        for x, b in zip(xs, wx):
+            out[..., y:y + th, x:x + tw] += fn(z[..., y:y + th, x:x + tw], (y, x, th, tw)).float() * (a[:, None] * b)
+    return out
+
+
+def _crop(img: torch.Tensor, y: int, x: int, h: int, w: int) -> torch.Tensor:
+    """img[..., y:y+h, x:x+w] of the image reflect-padded at the bottom and right, built for this window only."""
+    H, W = img.shape[-2:]
+    if y + h <= H and x + w <= W:
+        return img[..., y:y + h, x:x + w]
+
+    def index(start, n, size):  # reflect: size, size+1, … ↦ size−2, size−3, … (clamped for tiny images)
+        i = torch.arange(start, start + n, device=img.device)
+        return torch.where(i < size, i, 2 * (size - 1) - i).clamp(0, size - 1)
+    ri, ci = index(y, h, H), index(x, w, W)
+    sub = img[..., ri.min():ri.max() + 1, ci.min():ci.max() + 1]   # the rows/columns the window needs
+    return sub.index_select(-2, ri - ri.min()).index_select(-1, ci - ci.min())
+
+
+@torch.no_grad()
+def tiled_encode(codec, img: torch.Tensor, size: tuple[int, int], tile: int = 512, overlap: int = 64):
+    """img (B,3,H,W) in [0,1] reflect-padded to size = (H', W') → latent (B,C,H'/f,W'/f), tile by tile.
+
+    Posterior means (mode=True), so overlapping tiles agree. The pixel codec maps every 8×8 block on
+    its own: its tiles need no overlap and are copied, which makes tiling exact."""
+    f, (Hp, Wp) = codec.factor, size
+    exact = isinstance(codec, vae.PixelCodec)
+    tile, overlap = max(f, tile // f * f), (0 if exact else overlap // f * f)
+    ys, xs = tile_windows(Hp, tile, overlap, f), tile_windows(Wp, tile, overlap, f)
+    th, tw = min(tile, Hp), min(tile, Wp)
+    if len(ys) == 1 and len(xs) == 1:
+        return codec.encode(_crop(img, 0, 0, Hp, Wp) * 2 - 1, mode=True)
+    wy = blend_weights([y // f for y in ys], th // f, Hp // f, overlap // f, img.device)
+    wx = blend_weights([x // f for x in xs], tw // f, Wp // f, overlap // f, img.device)
+    z = None
+    for y, a in zip(ys, wy):
+        for x, b in zip(xs, wx):
+            piece = codec.encode(_crop(img, y, x, th, tw) * 2 - 1, mode=True)  # (B, C, th/f, tw/f)
+            if z is None:
+                z = piece.new_zeros(*piece.shape[:2], Hp // f, Wp // f)
+            win = z[..., y // f:(y + th) // f, x // f:(x + tw) // f]
+            win.copy_(piece) if exact else win.add_(piece * (a[:, None] * b))
+    return z
+
+
+@torch.no_grad()
+def tiled_decode(codec, z: torch.Tensor, size: tuple[int, int], tile: int = 512, overlap: int = 64):
+    """Latent (B,C,h,w) → image (B,3,H,W) in [-1,1] (H ≤ f·h, W ≤ f·w), decoded tile by tile into the output."""
+    f, (H, W), (h, w) = codec.factor, size, z.shape[-2:]
+    exact = isinstance(codec, vae.PixelCodec)
+    tile, overlap = max(1, tile // f), (0 if exact else overlap // f)
+    ys, xs = tile_windows(h, tile, overlap, 1), tile_windows(w, tile, overlap, 1)
+    th, tw = min(tile, h), min(tile, w)
+    if len(ys) == 1 and len(xs) == 1:
+        return codec.decode(z).float()[..., :H, :W]
+    wy = blend_weights([y * f for y in ys], th * f, h * f, overlap * f, z.device)
+    wx = blend_weights([x * f for x in xs], tw * f, w * f, overlap * f, z.device)
+    out = z.new_zeros(z.shape[0], 3, H, W, dtype=torch.float32)
+    for y, a in zip(ys, wy):
+        for x, b in zip(xs, wx):
+            piece = codec.decode(z[..., y:y + th, x:x + tw]).float()  # (B, 3, f·th, f·tw)
+            y0, x0 = y * f, x * f
+            ph, pw = min(H - y0, f * th), min(W - x0, f * tw)      # the part inside the output
+            win, piece = out[..., y0:y0 + ph, x0:x0 + pw], piece[..., :ph, :pw]
+            win.copy_(piece) if exact else win.add_(piece * (a[:ph, None] * b[:pw]))
+    return out
+
+
+def _round(v: float) -> int:
+    return math.floor(v + 0.5)
+
+
+@torch.no_grad()
+def semantic_token_map(semantic, img: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
+    """c_sem of the whole image as one token map (B, Gh, Gw, dim), `semantic.grid` tokens per tile side.
+
+    DINOv2 sees overlapping tile-sized windows, each resized to its image_size as in training, and their
+    tokens are cross-faded into the map; an image that fits in one tile gets exactly semantic(img).
+    Every DiT tile then reads the block of the map under it (crop_tokens), so neighbours share tokens."""
+    B, _, H, W = img.shape
+    g = semantic.grid
+    th, tw = min(tile, H), min(tile, W)
+    if th == H and tw == W:
+        return semantic(img).unflatten(1, (g, g))
+    Gh, Gw = _round(H * g / th), _round(W * g / tw)
+    ys, xs = tile_windows(H, th, overlap, 1), tile_windows(W, tw, overlap, 1)
+    oys = [min(_round(y * Gh / H), Gh - g) for y in ys[:-1]] + [Gh - g]  # token offsets of the windows
+    oxs = [min(_round(x * Gw / W), Gw - g) for x in xs[:-1]] + [Gw - g]
+    wy = blend_weights(oys, g, Gh, _round(overlap * g / th), img.device)
+    wx = blend_weights(oxs, g, Gw, _round(overlap * g / tw), img.device)
+    tmap = None
+    for y, oy, a in zip(ys, oys, wy):
+        for x, ox, b in zip(xs, oxs, wx):
+            tokens = semantic(img[..., y:y + th, x:x + tw]).unflatten(1, (g, g)).float()  # (B, g, g, dim)
+            if tmap is None:
+                tmap = tokens.new_zeros(B, Gh, Gw, tokens.shape[-1])
+            tmap[:, oy:oy + g, ox:ox + g] += tokens * (a[:, None] * b)[None, :, :, None]
+    return tmap
+
+
+def crop_tokens(tmap: torch.Tensor, y: int, x: int, size: tuple[int, int], g: int) -> torch.Tensor:
+    """The g×g tokens (B, g·g, dim) of a map (B, Gh, Gw, dim) under the tile at pixel (y, x) of an image of `size`."""
+    Gh, Gw = tmap.shape[1:3]
+    oy, ox = min(_round(y * Gh / size[0]), Gh - g), min(_round(x * Gw / size[1]), Gw - g)
+    return tmap[:, oy:oy + g, ox:ox + g].flatten(1, 2)
 
 
 # ----------------------------------------------------------------------------- colour correction
@@ -167,34 +298,64 @@ class VOSRPipeline:
 
     @torch.no_grad()
     def __call__(self, lr, scale=4.0, steps=25, guidance=0.5, alpha=0.15, generator=None,
-                 tile=512, tile_overlap=64, color_fix="none", schedule="uniform", progress=False):
+                 tile=None, tile_overlap=None, color_fix="none", schedule="uniform", progress=False,
+                 semantic_tiles="global"):
+        """tile, tile_overlap in output pixels; None: the training crop train_grid·patch·factor (512 for
+        the release: RoPE then sees integer positions, DESIGN §5b) and 1/8 of the tile;
+        semantic_tiles: 'global' (one token map, each tile reads its crop), 'per-tile' (DINOv2 on each
+        tile), 'whole' (every tile attends to all tokens of the whole image resized to image_size²)."""
+        if scale <= 0:
+            raise ValueError(f"scale must be positive, got {scale}")
+        if semantic_tiles not in ("global", "per-tile", "whole"):
+            raise ValueError(f"semantic_tiles must be global, per-tile or whole, got {semantic_tiles!r}")
         lr = lr.to(self.device, torch.float32)
         H, W = round(lr.shape[-2] * scale), round(lr.shape[-1] * scale)
         # The model was trained on the resized-back LR (DESIGN §1): bicubic to the output size first.
-        lr_up = F.interpolate(lr, size=(H, W), mode="bicubic", align_corners=False).clamp(0, 1)
-        unit = self.codec.factor * self.model.patch_size  # latent must hold whole patches
-        ph, pw = -H % unit, -W % unit
-        x = F.pad(lr_up, (0, pw, 0, ph), mode="replicate" if min(H, W) < 2 else "reflect")
-        c_str = self.codec.encode(x * 2 - 1)                          # (B, C, H'/8, W'/8)
-        c_sem = None if self.semantic is None else self.semantic(lr_up)  # (B, N, enc_dim), whole image
-        z1 = torch.randn(c_str.shape, generator=generator, dtype=torch.float32).to(self.device)
+        lr_up = F.interpolate(lr, size=(H, W), mode="bicubic", align_corners=False).clamp_(0, 1)
+        f, p = self.codec.factor, self.model.patch_size
+        unit = f * p                                                   # latent must hold whole patches
+        size = (H + -H % unit, W + -W % unit)                          # reflect-padded to whole patches
+        tile = max(unit, (self.model.train_grid * unit if tile is None else tile) // unit * unit)
+        tile_overlap = min(tile // 8 if tile_overlap is None else tile_overlap, tile // 2)
+        c_str = tiled_encode(self.codec, lr_up, size, tile, tile_overlap)  # (B, C, H'/f, W'/f)
 
-        tile_lat = max(2, tile // self.codec.factor)
-        overlap_lat = tile_overlap // self.codec.factor
+        g = None if self.semantic is None else self.semantic.grid
+        if self.semantic is None:
+            c_sem = None
+        elif semantic_tiles == "global":
+            c_sem = semantic_token_map(self.semantic, lr_up, tile, tile // 2)  # (B, Gh, Gw, dim)
+        elif semantic_tiles == "whole":
+            c_sem = self.semantic(lr_up)                               # (B, grid², dim), shared by all tiles
+        else:
+            c_sem = {}                                                 # per-tile tokens, filled at step 1
+
+        def tile_semantics(y, x, h, w):
+            """c_sem of the latent window (y, x, h, w): (B, N, dim) or None."""
+            if g is None or semantic_tiles == "whole":
+                return c_sem
+            if semantic_tiles == "global":
+                return crop_tokens(c_sem, y * f, x * f, (H, W), g)
+            if (y, x) not in c_sem:
+                c_sem[(y, x)] = self.semantic(lr_up[..., y * f:(y + h) * f, x * f:(x + w) * f])
+            return c_sem[(y, x)]
 
         def velocity(z, t, r):
             def on_tile(zw, win):
-                y, x0, h, w = win
-                cw = c_str[..., y:y + h, x0:x0 + w]
+                y, x, h, w = win
+                cw, sw = c_str[..., y:y + h, x:x + w], tile_semantics(y, x, h, w)
                 with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
                     if self.student:  # one branch, full conditioning; r = next time (DESIGN §7)
-                        return self.model(torch.cat([cw, zw], 1), t, c_sem, r)
-                    return guided_velocity(self.model, zw, t, cw, c_sem, guidance, alpha)
-            return tiled(on_tile, z, tile_lat, overlap_lat, align=self.model.patch_size)
+                        return self.model(torch.cat([cw, zw], 1), t, sw, r)
+                    return guided_velocity(self.model, zw, t, cw, sw, guidance, alpha)
+            return tiled(on_tile, z, tile // f, tile_overlap // f, align=p)
 
-        z0 = euler_sample(velocity, z1, timesteps(steps, schedule), progress)
-        sr = (self.codec.decode(z0.to(c_str.dtype)).float()[..., :H, :W] + 1) / 2
-        return COLOR_FIX[color_fix](sr, lr_up).clamp(0, 1)
+        ref = lr_up if color_fix != "none" else None
+        lr_up = lr_up if semantic_tiles == "per-tile" else None        # not needed any more: free it
+        z1 = torch.randn(c_str.shape, generator=generator, dtype=torch.float32).to(self.device)  # one draw
+        z0 = euler_sample(velocity, z1, timesteps(steps, schedule), progress, inplace=True)
+        del z1, c_str, c_sem
+        sr = tiled_decode(self.codec, z0, (H, W), tile, tile_overlap).add_(1).div_(2)  # (B, 3, H, W)
+        return (sr if ref is None else COLOR_FIX[color_fix](sr, ref)).clamp_(0, 1)
 
 
 def load_pipeline(cfg: SampleConfig) -> tuple[VOSRPipeline, dict]:
@@ -243,10 +404,19 @@ def parse_args(argv=None) -> SampleConfig:
     p.add_argument("--alpha", type=float, default=d.alpha,
                    help="structural retention α of the partial branch (default 0.15, the middle of the "
                         "training range; 0 for a run trained with --mode cfg)")
-    p.add_argument("--scale", type=float, default=d.scale, help="output size = round(scale · input size)")
+    p.add_argument("--scale", type=float, default=d.scale, help="output size = round(scale · input size): 1 restores only, 2, 4 or any fraction; "
+                        "the LR image is resized bicubically to that size before encoding")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the initial noise (per image)")
-    p.add_argument("--tile", type=int, default=d.tile, help="tile side in output pixels")
-    p.add_argument("--tile-overlap", type=int, default=d.tile_overlap, help="tile overlap in output pixels")
+    p.add_argument("--tile", type=int, default=d.tile,
+                   help="tile side in output pixels (default: the model's training crop, 512 for the release); "
+                        "peak memory depends on it, not on the image size")
+    p.add_argument("--tile-overlap", type=int, default=d.tile_overlap,
+                   help="overlap of neighbouring tiles in output pixels (default: tile/8, at most tile/2); "
+                        "they are cross-faded across it")
+    p.add_argument("--semantic-tiles", default=d.semantic_tiles, choices=["global", "per-tile", "whole"],
+                   help="global: one DINOv2 token map for the whole image, each tile attends to its crop; "
+                        "per-tile: DINOv2 on each tile separately; whole: every tile attends to all tokens "
+                        "of the whole image resized to the encoder's size")
     p.add_argument("--color-fix", default=d.color_fix, choices=sorted(COLOR_FIX))
     p.add_argument("--schedule", default=d.schedule, choices=["uniform", "cosine"])
     p.add_argument("--device", default=d.device)
@@ -260,6 +430,8 @@ def parse_args(argv=None) -> SampleConfig:
     g.add_argument("--semantic", default=d.semantic, help="'none', 'random' or a DINOv2 weights file")
     g.add_argument("--semantic-size", type=int, default=d.semantic_size)
     a = p.parse_args(argv)
+    if a.scale <= 0 or (a.tile is not None and a.tile <= 0) or (a.tile_overlap or 0) < 0:
+        p.error("--scale and --tile must be positive and --tile-overlap non-negative")
     a.student = None if a.student is None else bool(a.student)
     return SampleConfig(**vars(a))
 
@@ -294,7 +466,7 @@ def main(argv=None) -> int:
             continue
         g = torch.Generator().manual_seed(cfg.seed)
         sr = pipe(lr, cfg.scale, cfg.steps, cfg.guidance, cfg.alpha, g, cfg.tile, cfg.tile_overlap,
-                  cfg.color_fix, cfg.schedule)
+                  cfg.color_fix, cfg.schedule, semantic_tiles=cfg.semantic_tiles)
         write_image(out_dir / path.relative_to(root).with_suffix(".png"), sr[0])
     print(f"sample.py: wrote {len(files) - failed} image(s), {failed} failed")
     return 1 if failed == len(files) else 0

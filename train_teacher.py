@@ -338,8 +338,11 @@ def setup_distributed(cfg: TrainConfig):
 
 def build_models(cfg: TrainConfig, device):
     """Frozen codec and semantic encoder, the trainable DiT and its EMA copy."""
-    codec = vae.load_codec(cfg.codec, device=device)
-    semantic = vae.load_semantic(cfg.semantic, image_size=cfg.semantic_size, device=device, seed=cfg.seed)
+    try:
+        codec = vae.load_codec(cfg.codec, device=device)
+        semantic = vae.load_semantic(cfg.semantic, image_size=cfg.semantic_size, device=device, seed=cfg.seed)
+    except (FileNotFoundError, ValueError) as e:  # a missing or invalid folder/file: say which, no traceback
+        raise SystemExit(f"train_teacher.py: {e}") from e
     kw = dict(latent_channels=codec.channels, patch_size=cfg.patch_size,
               enc_dim=semantic.dim if semantic is not None else 768,
               train_grid=cfg.size // codec.factor // cfg.patch_size)

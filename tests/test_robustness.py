@@ -1,0 +1,179 @@
+"""Robustness: every odd input is converted, every bad input gives one clear error naming the file
+while the batch goes on, and training never loses a checkpoint."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+import dit
+import train_teacher as tt
+from tests.test_teacher import make_photos
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A 1-step tiny teacher run (pixel codec, no semantics) to sample with."""
+    tmp = tmp_path_factory.mktemp("robust")
+    photos = make_photos(tmp / "photos", n=2)
+    run = tmp / "run"
+    tt.train(tt.TrainConfig(data=str(photos), out=str(run), preset="tiny", patch_size=1, codec="pixel",
+                            semantic="none", degradation="bicubic", size=32, batch=2, steps=1, workers=0,
+                            device="cpu"))
+    return run
+
+
+def odd_inputs(folder: Path) -> dict:
+    """Every input kind that must be converted, not rejected; returns {file name: (w, h)} of the LR."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    rgb = (rng.random((13, 11, 3)) * 255).astype(np.uint8)
+    sizes = {}
+
+    def save(name, img, **kw):
+        img.save(folder / name, **kw)
+        sizes[name] = img.size
+
+    save("gray.png", Image.fromarray(rgb[..., 0]))
+    save("la.png", Image.fromarray(rgb[..., 0]).convert("LA"))
+    save("rgba.png", Image.fromarray(np.dstack([rgb, rgb[..., :1]]), "RGBA"))
+    save("palette.png", Image.fromarray(rgb).convert("P"))
+    save("sixteen.png", Image.fromarray((rng.random((9, 17)) * 65535).astype(np.uint16)))
+    save("cmyk.jpg", Image.fromarray(rgb).convert("CMYK"))
+    save("photo.webp", Image.fromarray(rgb))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90°: width and height swap on read
+    Image.fromarray(rgb).save(folder / "rotated.jpg", exif=exif)
+    sizes["rotated.jpg"] = (13, 11)
+    for s in (1, 2, 7, 15):
+        save(f"tiny{s}.png", Image.fromarray(rgb[:s, :s].copy()))
+    save("odd.png", Image.fromarray((rng.random((21, 35, 3)) * 255).astype(np.uint8)))
+    return sizes
+
+
+def test_odd_inputs_are_converted_to_exactly_4x(tmp_path, run_dir):
+    sizes = odd_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    r = cli("sample.py", "--ckpt", run_dir, "-i", tmp_path / "in", "-o", out, "--steps", "1", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    for name, (w, h) in sizes.items():
+        got = Image.open(out / Path(name).with_suffix(".png").name)
+        assert got.size == (4 * w, 4 * h), name
+        assert got.mode == "RGB"
+
+
+def test_bad_inputs_name_the_file_and_the_batch_goes_on(tmp_path, run_dir):
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.new("RGB", (8, 6), (10, 20, 30)).save(d / "good.png")
+    (d / "zero.png").write_bytes(b"")
+    (d / "text.jpg").write_text("this is not an image")
+    full = (tmp_path / "full.png")
+    Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)).save(full)
+    (d / "truncated.png").write_bytes(full.read_bytes()[:200])
+    r = cli("sample.py", "--ckpt", run_dir, "-i", d, "-o", tmp_path / "out", "--steps", "1", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    for name in ("zero.png", "text.jpg", "truncated.png"):
+        assert name in r.stderr
+    assert (tmp_path / "out" / "good.png").exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.png"]
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can read files without permission")
+def test_unreadable_file_is_named(tmp_path, run_dir):
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.new("RGB", (8, 8)).save(d / "locked.png")
+    os.chmod(d / "locked.png", 0)
+    r = cli("sample.py", "--ckpt", run_dir, "-i", d, "-o", tmp_path / "out", "--device", "cpu")
+    assert "locked.png" in r.stderr and r.returncode != 0
+
+
+def test_folder_and_path_errors(tmp_path, run_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = cli("sample.py", "--ckpt", run_dir, "-i", empty, "-o", tmp_path / "o")
+    assert r.returncode != 0 and str(empty) in r.stderr
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    Image.new("RGB", (8, 8)).save(img_dir / "a.png")
+    as_file = tmp_path / "out.txt"
+    as_file.write_text("x")
+    r = cli("sample.py", "--ckpt", run_dir, "-i", img_dir, "-o", as_file)
+    assert r.returncode != 0 and "out.txt" in r.stderr
+    r = cli("sample.py", "--ckpt", tmp_path / "missing_run", "-i", img_dir, "-o", tmp_path / "o")
+    assert r.returncode != 0 and "missing_run" in r.stderr
+    r = cli("train_teacher.py", "--data", img_dir, "--codec", str(tmp_path / "no_vae"), "--steps", "1",
+            "--out", tmp_path / "r", "--device", "cpu")
+    assert r.returncode != 0 and "no_vae" in r.stderr
+
+
+def test_checkpoint_mismatch_names_key_and_shapes(tmp_path):
+    small = dit.build("tiny", latent_channels=4, enc_dim=8, train_grid=4)
+    path = tmp_path / "ckpt.safetensors"
+    dit.save_checkpoint(small, path)
+    other = dit.build("tiny", latent_channels=16, enc_dim=8, train_grid=4)  # a different channel count
+    with pytest.raises(Exception) as e:
+        dit.load_release_checkpoint(other, path)
+    msg = str(e.value)
+    assert "x_embedder.proj.weight" in msg and str(path) in msg
+    assert "(64, 8, 2, 2)" in msg and "(64, 32, 2, 2)" in msg  # the file's shape and the model's
+    from safetensors.torch import save_file
+    sd = {k: v.contiguous() for k, v in small.state_dict().items()} | {"extra.weight": torch.zeros(3)}
+    save_file(sd, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(Exception) as e:
+        dit.load_release_checkpoint(dit.build("tiny", latent_channels=4, enc_dim=8, train_grid=4),
+                                    tmp_path / "extra.safetensors")
+    assert "extra.weight" in str(e.value)
+
+
+def test_crash_between_write_and_rename_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    photos = make_photos(tmp_path / "photos", n=2)
+    cfg = dict(data=str(photos), out=str(tmp_path / "run"), preset="tiny", codec="pixel", semantic="none",
+               degradation="bicubic", size=32, batch=2, workers=0, ckpt_every=1, device="cpu")
+    tt.train(tt.TrainConfig(steps=1, **cfg))
+    real_replace = os.replace
+
+    def crash(src, dst):
+        if str(dst).endswith("ckpt.safetensors"):
+            raise OSError("simulated crash before rename")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(tt.os, "replace", crash)
+    with pytest.raises(OSError):
+        tt.train(tt.TrainConfig(steps=2, resume=True, **cfg))
+    monkeypatch.setattr(tt.os, "replace", real_replace)
+    with safe_open(str(tmp_path / "run" / "ckpt.safetensors"), "pt") as f:  # still the step-1 file, intact
+        assert f.metadata()["step"] == "1"
+        assert any(k.startswith("ema.") for k in f.keys())
+    hist = tt.train(tt.TrainConfig(steps=2, resume=True, **cfg))  # and training resumes from it
+    assert list(hist) == [1]
+
+
+def test_skip_nonfinite_tolerates_n_bad_steps(tmp_path, monkeypatch):
+    photos = make_photos(tmp_path / "photos", n=2)
+    real = tt.flow_matching_loss
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        loss = real(*a, **k)
+        return loss * float("inf") if calls["n"] in (2, 3) else loss
+
+    monkeypatch.setattr(tt, "flow_matching_loss", poisoned)
+    hist = tt.train(tt.TrainConfig(data=str(photos), out=str(tmp_path / "run"), preset="tiny", codec="pixel",
+                                   semantic="none", degradation="bicubic", size=32, batch=2, steps=5, workers=0,
+                                   skip_nonfinite=2, device="cpu"))
+    assert sorted(hist) == [0, 3, 4]  # steps 1 and 2 were skipped, training went on
