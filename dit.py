@@ -1,6 +1,6 @@
 """VOSR denoiser: LightningDiT with cross-attention to semantic tokens (paper §3.2, Fig. 2).
 
-The network predicts the flow-matching velocity v = eps - x0 (eq. 3-4) from
+The network predicts the flow-matching velocity v = eps - x0 (eq. 1) from
 
     x     = concat[c_str, z_t]   (B, 2C, h, w)  structural condition (encoded LR) + noisy latent
     t     (B,) in [0, 1]                         flow time, used as given (not x1000)
