@@ -51,7 +51,7 @@ class DiTConfig:
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(dim=64, depth=2, num_heads=2),        # unit tests, < 1 M params
-    "small": dict(dim=384, depth=8, num_heads=6),      # CPU demos, ~ 22 M params
+    "small": dict(dim=256, depth=6, num_heads=4),      # CPU demos, ~ 8 M params (fp16 demo model < 20 MB)
     "0.5B": dict(dim=1024, depth=28, num_heads=16),    # paper, 0.486 B params
     "1.4B": dict(dim=1536, depth=36, num_heads=24),    # paper, 1.39 B params
 }

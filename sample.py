@@ -113,7 +113,8 @@ def tile_windows(size: int, tile: int, overlap: int, align: int) -> list[int]:
 
 
 def gaussian_weight(h: int, w: int, device) -> torch.Tensor:
-    """Separable Gaussian bump (σ = side/4), so tile centres dominate and borders fade out."""
+    """Separable Gaussian bump (σ = side/4). Not used for blending any more: it is still 0.14 at a tile's
+    edge, so a tile's border pixels jump in; blend_weights fades them in from ~0."""
     def bump(n):
         x = torch.arange(n, device=device, dtype=torch.float32) - (n - 1) / 2
         return torch.exp(-0.5 * (x / (n / 4)) ** 2)
@@ -285,6 +286,7 @@ def wavelet_color_fix(sr: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 COLOR_FIX = {"none": lambda sr, ref: sr, "adain": adain_color_fix, "wavelet": wavelet_color_fix}
+SEMANTIC_TILES = ("global", "per-tile", "whole")
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -301,13 +303,12 @@ class VOSRPipeline:
                  tile=None, tile_overlap=None, color_fix="none", schedule="uniform", progress=False,
                  semantic_tiles="global"):
         """tile, tile_overlap in output pixels; None: the training crop train_grid·patch·factor (512 for
-        the release: RoPE then sees integer positions, DESIGN §5b) and 1/8 of the tile;
-        semantic_tiles: 'global' (one token map, each tile reads its crop), 'per-tile' (DINOv2 on each
-        tile), 'whole' (every tile attends to all tokens of the whole image resized to image_size²)."""
+        the release: RoPE then sees integer positions, DESIGN §5b) and 1/8 of the tile.
+        semantic_tiles: global | per-tile | whole, see tile_semantics."""
         if scale <= 0:
             raise ValueError(f"scale must be positive, got {scale}")
-        if semantic_tiles not in ("global", "per-tile", "whole"):
-            raise ValueError(f"semantic_tiles must be global, per-tile or whole, got {semantic_tiles!r}")
+        if semantic_tiles not in SEMANTIC_TILES:
+            raise ValueError(f"semantic_tiles must be one of {SEMANTIC_TILES}, got {semantic_tiles!r}")
         lr = lr.to(self.device, torch.float32)
         H, W = round(lr.shape[-2] * scale), round(lr.shape[-1] * scale)
         # The model was trained on the resized-back LR (DESIGN §1): bicubic to the output size first.
@@ -319,43 +320,47 @@ class VOSRPipeline:
         tile_overlap = min(tile // 8 if tile_overlap is None else tile_overlap, tile // 2)
         c_str = tiled_encode(self.codec, lr_up, size, tile, tile_overlap)  # (B, C, H'/f, W'/f)
 
-        g = None if self.semantic is None else self.semantic.grid
-        if self.semantic is None:
-            c_sem = None
-        elif semantic_tiles == "global":
-            c_sem = semantic_token_map(self.semantic, lr_up, tile, tile // 2)  # (B, Gh, Gw, dim)
-        elif semantic_tiles == "whole":
-            c_sem = self.semantic(lr_up)                               # (B, grid², dim), shared by all tiles
-        else:
-            c_sem = {}                                                 # per-tile tokens, filled at step 1
-
-        def tile_semantics(y, x, h, w):
-            """c_sem of the latent window (y, x, h, w): (B, N, dim) or None."""
-            if g is None or semantic_tiles == "whole":
-                return c_sem
-            if semantic_tiles == "global":
-                return crop_tokens(c_sem, y * f, x * f, (H, W), g)
-            if (y, x) not in c_sem:
-                c_sem[(y, x)] = self.semantic(lr_up[..., y * f:(y + h) * f, x * f:(x + w) * f])
-            return c_sem[(y, x)]
+        sem_of = self.tile_semantics(lr_up, tile, semantic_tiles)  # (y, x, h, w) in pixels -> c_sem
+        ref = lr_up if color_fix != "none" else None
+        del lr_up                                                      # freed unless still needed
 
         def velocity(z, t, r):
             def on_tile(zw, win):
                 y, x, h, w = win
-                cw, sw = c_str[..., y:y + h, x:x + w], tile_semantics(y, x, h, w)
+                cw, sw = c_str[..., y:y + h, x:x + w], sem_of(y * f, x * f, h * f, w * f)
                 with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
                     if self.student:  # one branch, full conditioning; r = next time (DESIGN §7)
                         return self.model(torch.cat([cw, zw], 1), t, sw, r)
                     return guided_velocity(self.model, zw, t, cw, sw, guidance, alpha)
             return tiled(on_tile, z, tile // f, tile_overlap // f, align=p)
 
-        ref = lr_up if color_fix != "none" else None
-        lr_up = lr_up if semantic_tiles == "per-tile" else None        # not needed any more: free it
         z1 = torch.randn(c_str.shape, generator=generator, dtype=torch.float32).to(self.device)  # one draw
         z0 = euler_sample(velocity, z1, timesteps(steps, schedule), progress, inplace=True)
-        del z1, c_str, c_sem
+        del z1, c_str, sem_of
         sr = tiled_decode(self.codec, z0, (H, W), tile, tile_overlap).add_(1).div_(2)  # (B, 3, H, W)
         return (sr if ref is None else COLOR_FIX[color_fix](sr, ref)).clamp_(0, 1)
+
+    def tile_semantics(self, lr_up: torch.Tensor, tile: int, mode: str = "global"):
+        """c_sem of each tile: a function (y, x, h, w) in output pixels -> (B, N, dim), or None.
+
+        global:   one token map of the whole image, each tile reads the crop under it (semantic_token_map);
+        per-tile: DINOv2 on each tile's own pixels, as a tile-by-tile run of the released code would;
+        whole:    every tile attends to all tokens of the whole image resized to image_size²."""
+        if self.semantic is None:
+            return lambda *win: None
+        if mode == "whole":
+            c_sem = self.semantic(lr_up)                               # (B, grid², dim)
+            return lambda *win: c_sem
+        if mode == "global":
+            tmap, size = semantic_token_map(self.semantic, lr_up, tile, tile // 2), tuple(lr_up.shape[-2:])
+            return lambda y, x, h, w: crop_tokens(tmap, y, x, size, self.semantic.grid)
+        cache = {}                                                     # computed at the first step
+
+        def per_tile(y, x, h, w):
+            if (y, x) not in cache:
+                cache[(y, x)] = self.semantic(lr_up[..., y:y + h, x:x + w])
+            return cache[(y, x)]
+        return per_tile
 
 
 def load_pipeline(cfg: SampleConfig) -> tuple[VOSRPipeline, dict]:
@@ -413,7 +418,7 @@ def parse_args(argv=None) -> SampleConfig:
     p.add_argument("--tile-overlap", type=int, default=d.tile_overlap,
                    help="overlap of neighbouring tiles in output pixels (default: tile/8, at most tile/2); "
                         "they are cross-faded across it")
-    p.add_argument("--semantic-tiles", default=d.semantic_tiles, choices=["global", "per-tile", "whole"],
+    p.add_argument("--semantic-tiles", default=d.semantic_tiles, choices=SEMANTIC_TILES,
                    help="global: one DINOv2 token map for the whole image, each tile attends to its crop; "
                         "per-tile: DINOv2 on each tile separately; whole: every tile attends to all tokens "
                         "of the whole image resized to the encoder's size")
