@@ -96,6 +96,16 @@ def find_images(root, recursive=True):
                   and not p.name.startswith("."))
 
 
+def find_jobs(inp, out) -> list[Path]:
+    """The images under `inp` for a CLI that writes into folder `out`; errors name the path."""
+    files = find_images(inp)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) found in {inp}")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise NotADirectoryError(f"output path {out} is a file, not a folder")
+    return files
+
+
 def _to_rgb_array(im):
     """PIL image of any mode → (H, W, 3) float32 in [0, 1]."""
     has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
@@ -506,15 +516,9 @@ def run_folder(args):
     from tqdm import tqdm
     root, out = Path(args.input), Path(args.output)
     try:
-        files = find_images(root)
-    except FileNotFoundError as e:
+        files = find_jobs(root, out)
+    except OSError as e:  # missing input, no images, output is a file
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    if not files:
-        print(f"error: no images ({', '.join(IMAGE_EXTS)}) found in {root}", file=sys.stderr)
-        return 2
-    if out.exists() and not out.is_dir():
-        print(f"error: output path {out} is a file, not a folder", file=sys.stderr)
         return 2
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(args.seed)

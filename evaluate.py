@@ -753,6 +753,9 @@ def main(argv=None):
         return 2
     if argv[0] not in SUBCOMMANDS + ("-h", "--help"):
         argv.insert(0, "score")  # `python evaluate.py --sr A --hr B` means `score`
+    # `--guidance -0.5,0,1` would read as an unknown option to argparse: glue the list to its flag
+    argv = [f"--guidance={argv[i + 1]}" if a == "--guidance" and i + 1 < len(argv) else a
+            for i, a in enumerate(argv) if i == 0 or argv[i - 1] != "--guidance"]
     args = ap.parse_args(argv)
     try:
         return args.func(args)

@@ -15,14 +15,18 @@ tiles, and overlaps are cross-faded at every step. The noise is drawn once for t
 the semantic tokens once for the whole image as one token map (DINOv2 on overlapping tile-sized
 windows, blended); each tile attends to the crop of that map under it, so neighbours agree.
 
-    python sample.py --ckpt RUN_DIR -i LR_DIR -o OUT_DIR [--steps 25] [--guidance 0.5]
+    python sample.py --ckpt RUN_DIR -i LR_DIR -o OUT_DIR [--steps 25] [--guidance 0.5] [--fast]
+    python sample.py --bench [--preset 0.5B] [--size 512] [--bench-json b.json]   # latency, random weights
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +36,7 @@ from tqdm import tqdm
 
 import dit
 import vae
-from degrade import ImageError, find_images, read_image, write_image
+from degrade import ImageError, find_jobs, read_image, write_image
 
 
 @dataclass
@@ -59,19 +63,39 @@ class SampleConfig:
     semantic: str = "none"
     semantic_size: int = 448
     student: bool | None = None      # None: decided by the checkpoint (has r_embedder ⇒ student)
+    # fast paths (FastPaths); the output does not change
+    fast: bool = False               # = --reuse-semantics --channels-last
+    reuse_semantics: bool = False
+    channels_last: bool = False
+    compile: str | None = None       # torch.compile mode, e.g. "default", "max-autotune"
+    cuda_graphs: bool = False
 
 
 # ----------------------------------------------------------------------------- guidance (eq. 2)
 
-def guided_velocity(model, z, t, c_str, c_sem, guidance_scale=0.5, alpha=0.15, r=None):
-    """v = v_pcond + s·(v_cond − v_pcond) (eq. 2); both branches run as one batch of 2B."""
+def guided_velocity(model, z, t, c_str, c_sem, guidance_scale=0.5, alpha=0.15, r=None, kv=None):
+    """v = v_pcond + s·(v_cond − v_pcond) (eq. 2); both branches run as one batch of 2B.
+
+    kv: the semantic keys/values already projected for this batch layout (branch_keys), used instead of
+    c_sem; the sampler's fast path computes them once per image instead of at every step."""
+    proj = {} if kv is None else {"c_sem_proj": kv}                 # plain path: the model projects c_sem
     if guidance_scale == 1.0:  # pure full branch: skip the partial one
-        return model(torch.cat([c_str, z], 1), t, c_sem, r)
+        return model(torch.cat([c_str, z], 1), t, c_sem, r, **proj)
     x = torch.cat([torch.cat([c_str, z], 1), torch.cat([alpha * c_str, z], 1)])  # (2B, 2C, h, w)
     sem = None if c_sem is None else torch.cat([c_sem, torch.zeros_like(c_sem)])  # ∅ = zero tokens
     rr = None if r is None else r.repeat(2)
-    v_cond, v_pcond = model(x, t.repeat(2), sem, rr).chunk(2)
+    v_cond, v_pcond = model(x, t.repeat(2), sem, rr, **proj).chunk(2)
     return v_pcond + guidance_scale * (v_cond - v_pcond)
+
+
+def branch_keys(model, c_sem, batch: int, guidance_scale: float = 0.5):
+    """c_sem projected by the DiT (LayerNorm → MLP, DESIGN §5) in guided_velocity's batch layout: (B, N, d)
+    for the full branch alone (s = 1, or a student), else (2B, N, d) = [c_sem; ∅]. Depends on c_sem only,
+    not on z or t, so it is the same at every step."""
+    if guidance_scale == 1.0:
+        return model.project_semantics(c_sem, batch)
+    sem = None if c_sem is None else torch.cat([c_sem, torch.zeros_like(c_sem)])
+    return model.project_semantics(sem, 2 * batch)
 
 
 def timesteps(n: int, schedule: str = "uniform") -> torch.Tensor:
@@ -88,8 +112,9 @@ def euler_sample(velocity, z1: torch.Tensor, ts: torch.Tensor, progress: bool = 
 
     inplace=True overwrites z1 (one latent-sized buffer fewer on large images)."""
     z = z1 if inplace else z1.clone()
+    ts = ts.tolist()  # python floats: the loop never reads a tensor back from the device
     for i in tqdm(range(len(ts) - 1), disable=not progress, leave=False, desc="steps"):
-        t, r = ts[i].item(), ts[i + 1].item()
+        t, r = ts[i], ts[i + 1]
         tt = torch.full((z.shape[0],), t, device=z.device)
         rr = torch.full((z.shape[0],), r, device=z.device)
         z.sub_(velocity(z, tt, rr).float(), alpha=t - r)
@@ -142,14 +167,23 @@ def blend_weights(starts: list[int], n: int, size: int, fade: int, device=None) 
     return [(w / total[s:s + n]).to(device) for s, w in zip(starts, ws)]
 
 
+@functools.lru_cache(maxsize=16)
+def _tile_plan(H: int, W: int, tile: int, overlap: int, align: int, device: torch.device):
+    """Windows and blend weights of `tiled`. Cached: the sampler asks for the same plan at every step, and
+    building it copies the weights to the device, which on CUDA waits for the GPU (a host-device sync)."""
+    ys, xs = tile_windows(H, tile, overlap, align), tile_windows(W, tile, overlap, align)
+    th, tw = min(tile, H), min(tile, W)
+    if len(ys) == 1 and len(xs) == 1:
+        return ys, xs, th, tw, None, None
+    return ys, xs, th, tw, blend_weights(ys, th, H, overlap, device), blend_weights(xs, tw, W, overlap, device)
+
+
 def tiled(fn, z: torch.Tensor, tile: int, overlap: int, align: int = 2):
     """Apply fn(z_window, (y, x, h, w)) -> tensor of the window's shape on overlapping tiles and blend."""
     H, W = z.shape[-2:]
-    ys, xs = tile_windows(H, tile, overlap, align), tile_windows(W, tile, overlap, align)
-    if len(ys) == 1 and len(xs) == 1:
+    ys, xs, th, tw, wy, wx = _tile_plan(H, W, tile, overlap, align, z.device)
+    if wy is None:
         return fn(z, (0, 0, H, W))
-    th, tw = min(tile, H), min(tile, W)
-    wy, wx = blend_weights(ys, th, H, overlap, z.device), blend_weights(xs, tw, W, overlap, z.device)
     out = torch.zeros_like(z, dtype=torch.float32)
     for y, a in zip(ys, wy):
         for x, b in zip(xs, wx):
@@ -172,24 +206,26 @@ def _crop(img: torch.Tensor, y: int, x: int, h: int, w: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def tiled_encode(codec, img: torch.Tensor, size: tuple[int, int], tile: int = 512, overlap: int = 64):
+def tiled_encode(codec, img: torch.Tensor, size: tuple[int, int], tile: int = 512, overlap: int = 64, encode=None):
     """img (B,3,H,W) in [0,1] reflect-padded to size = (H', W') → latent (B,C,H'/f,W'/f), tile by tile.
 
     Posterior means (mode=True), so overlapping tiles agree. The pixel codec maps every 8×8 block on
-    its own: its tiles need no overlap and are copied, which makes tiling exact."""
+    its own: its tiles need no overlap and are copied, which makes tiling exact.
+    encode: what encodes one tile; default codec.encode (the pipeline passes a compiled one on its fast path)."""
+    encode = encode or codec.encode
     f, (Hp, Wp) = codec.factor, size
     exact = isinstance(codec, vae.PixelCodec)
     tile, overlap = max(f, tile // f * f), (0 if exact else overlap // f * f)
     ys, xs = tile_windows(Hp, tile, overlap, f), tile_windows(Wp, tile, overlap, f)
     th, tw = min(tile, Hp), min(tile, Wp)
     if len(ys) == 1 and len(xs) == 1:
-        return codec.encode(_crop(img, 0, 0, Hp, Wp) * 2 - 1, mode=True)
+        return encode(_crop(img, 0, 0, Hp, Wp) * 2 - 1, mode=True)
     wy = blend_weights([y // f for y in ys], th // f, Hp // f, overlap // f, img.device)
     wx = blend_weights([x // f for x in xs], tw // f, Wp // f, overlap // f, img.device)
     z = None
     for y, a in zip(ys, wy):
         for x, b in zip(xs, wx):
-            piece = codec.encode(_crop(img, y, x, th, tw) * 2 - 1, mode=True)  # (B, C, th/f, tw/f)
+            piece = encode(_crop(img, y, x, th, tw) * 2 - 1, mode=True)  # (B, C, th/f, tw/f)
             if z is None:
                 z = piece.new_zeros(*piece.shape[:2], Hp // f, Wp // f)
             win = z[..., y // f:(y + th) // f, x // f:(x + tw) // f]
@@ -198,21 +234,24 @@ def tiled_encode(codec, img: torch.Tensor, size: tuple[int, int], tile: int = 51
 
 
 @torch.no_grad()
-def tiled_decode(codec, z: torch.Tensor, size: tuple[int, int], tile: int = 512, overlap: int = 64):
-    """Latent (B,C,h,w) → image (B,3,H,W) in [-1,1] (H ≤ f·h, W ≤ f·w), decoded tile by tile into the output."""
+def tiled_decode(codec, z: torch.Tensor, size: tuple[int, int], tile: int = 512, overlap: int = 64, decode=None):
+    """Latent (B,C,h,w) → image (B,3,H,W) in [-1,1] (H ≤ f·h, W ≤ f·w), decoded tile by tile into the output.
+
+    decode: what decodes one tile; default codec.decode (the pipeline passes a compiled one on its fast path)."""
+    decode = decode or codec.decode
     f, (H, W), (h, w) = codec.factor, size, z.shape[-2:]
     exact = isinstance(codec, vae.PixelCodec)
     tile, overlap = max(1, tile // f), (0 if exact else overlap // f)
     ys, xs = tile_windows(h, tile, overlap, 1), tile_windows(w, tile, overlap, 1)
     th, tw = min(tile, h), min(tile, w)
     if len(ys) == 1 and len(xs) == 1:
-        return codec.decode(z).float()[..., :H, :W]
+        return decode(z).float()[..., :H, :W]
     wy = blend_weights([y * f for y in ys], th * f, h * f, overlap * f, z.device)
     wx = blend_weights([x * f for x in xs], tw * f, w * f, overlap * f, z.device)
     out = z.new_zeros(z.shape[0], 3, H, W, dtype=torch.float32)
     for y, a in zip(ys, wy):
         for x, b in zip(xs, wx):
-            piece = codec.decode(z[..., y:y + th, x:x + tw]).float()  # (B, 3, f·th, f·tw)
+            piece = decode(z[..., y:y + th, x:x + tw]).float()  # (B, 3, f·th, f·tw)
             y0, x0 = y * f, x * f
             ph, pw = min(H - y0, f * th), min(W - x0, f * tw)      # the part inside the output
             win, piece = out[..., y0:y0 + ph, x0:x0 + pw], piece[..., :ph, :pw]
@@ -291,54 +330,135 @@ SEMANTIC_TILES = ("global", "per-tile", "whole")
 
 # ----------------------------------------------------------------------------- the pipeline
 
+@dataclass
+class FastPaths:
+    """Speed-ups of VOSRPipeline, all off by default. None changes what is computed, only how: each is
+    compared with the plain path in tests/test_bench.py. --fast turns on the first two."""
+    reuse_semantics: bool = False      # project c_sem (DiT LayerNorm → MLP) once per image and tile, not at
+                                       # every step for both branches: it does not depend on z or t
+    channels_last: bool = False        # conv codecs hold NHWC weights, the layout cuDNN's fastest kernels use
+    compile: str | None = None         # torch.compile mode for the DiT and the decoder ("default", "max-autotune")
+    cuda_graphs: bool = False          # replay the DiT as CUDA graphs (compile "reduce-overhead"); CUDA only:
+                                       # meant for fixed shapes, e.g. the one-step student at one tile size
+    compile_backend: str = "inductor"  # tests use "aot_eager": the same graphs, no generated code
+
+    @classmethod
+    def from_config(cls, cfg: SampleConfig) -> "FastPaths":
+        """The fast paths the sample.py flags ask for."""
+        return cls(reuse_semantics=cfg.fast or cfg.reuse_semantics, channels_last=cfg.fast or cfg.channels_last,
+                   compile=cfg.compile, cuda_graphs=cfg.cuda_graphs)
+
+
+def _untimed(stage: str):
+    """The stage clock of an untimed call: does nothing."""
+    return contextlib.nullcontext()
+
+
 class VOSRPipeline:
     """LR image (B,3,h,w) in [0,1] → SR image (B,3,round(S·h),round(S·w)) in [0,1]."""
 
-    def __init__(self, model, codec, semantic=None, student: bool = False, device="cpu", bf16=False):
+    def __init__(self, model, codec, semantic=None, student: bool = False, device="cpu", bf16=False,
+                 fast: FastPaths | None = None):
         self.model, self.codec, self.semantic = model.eval(), codec, semantic
         self.student, self.device, self.bf16 = student, torch.device(device), bf16
+        self.enable(fast or FastPaths())
+
+    def enable(self, fast: FastPaths):
+        """Use these fast paths from now on. channels_last converts the codec in place."""
+        if fast.cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device; this pipeline runs on {self.device}")
+        self.fast = fast
+        self.net, self.encode, self.decode = self.model, self.codec.encode, self.codec.decode  # what the sampler calls
+        if fast.channels_last:
+            self.codec.to(memory_format=torch.channels_last)          # 4-D (conv) weights only; no-op for pixel
+        if fast.compile or fast.cuda_graphs:
+            mode = None if fast.compile in (None, "default") else fast.compile
+            dit_mode = mode
+            if fast.cuda_graphs:                                      # the compile modes that capture CUDA graphs
+                dit_mode = "max-autotune" if (mode or "").startswith("max-autotune") else "reduce-overhead"
+
+            def compiled(fn, mode):
+                """fn under torch.compile; a mode means something to the inductor backend only."""
+                return torch.compile(fn, backend=fast.compile_backend,
+                                     **({"mode": mode} if fast.compile_backend == "inductor" else {}))
+            self.net = compiled(self.model, dit_mode)
+            if any(True for _ in self.codec.parameters()):            # the pixel codec has nothing to compile
+                self.encode, self.decode = compiled(self.codec.encode, mode), compiled(self.codec.decode, mode)
+        return self
+
+    def autocast(self):
+        """bf16 autocast of every network (codec, semantic encoder, DiT) when bf16 is on; a no-op otherwise."""
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16)
 
     @torch.no_grad()
     def __call__(self, lr, scale=4.0, steps=25, guidance=0.5, alpha=0.15, generator=None,
                  tile=None, tile_overlap=None, color_fix="none", schedule="uniform", progress=False,
-                 semantic_tiles="global"):
+                 semantic_tiles="global", timer=None):
         """tile, tile_overlap in output pixels; None: the training crop train_grid·patch·factor (512 for
         the release: RoPE then sees integer positions, DESIGN §5b) and 1/8 of the tile.
-        semantic_tiles: global | per-tile | whole, see tile_semantics."""
+        semantic_tiles: global | per-tile | whole, see tile_semantics.
+        timer: a StageTimer that gets the wall time of each stage (encode, semantic, dit, decode); --bench."""
         if scale <= 0:
             raise ValueError(f"scale must be positive, got {scale}")
         if semantic_tiles not in SEMANTIC_TILES:
             raise ValueError(f"semantic_tiles must be one of {SEMANTIC_TILES}, got {semantic_tiles!r}")
-        lr = lr.to(self.device, torch.float32)
-        H, W = round(lr.shape[-2] * scale), round(lr.shape[-1] * scale)
-        # The model was trained on the resized-back LR (DESIGN §1): bicubic to the output size first.
-        lr_up = F.interpolate(lr, size=(H, W), mode="bicubic", align_corners=False).clamp_(0, 1)
-        f, p = self.codec.factor, self.model.patch_size
-        unit = f * p                                                   # latent must hold whole patches
-        size = (H + -H % unit, W + -W % unit)                          # reflect-padded to whole patches
-        tile = max(unit, (self.model.train_grid * unit if tile is None else tile) // unit * unit)
-        tile_overlap = min(tile // 8 if tile_overlap is None else tile_overlap, tile // 2)
-        c_str = tiled_encode(self.codec, lr_up, size, tile, tile_overlap)  # (B, C, H'/f, W'/f)
+        stage = timer or _untimed
+        with stage("encode"):
+            lr = lr.to(self.device, torch.float32)
+            H, W = round(lr.shape[-2] * scale), round(lr.shape[-1] * scale)
+            # The model was trained on the resized-back LR (DESIGN §1): bicubic to the output size first.
+            lr_up = F.interpolate(lr, size=(H, W), mode="bicubic", align_corners=False).clamp_(0, 1)
+            f, p = self.codec.factor, self.model.patch_size
+            unit = f * p                                               # latent must hold whole patches
+            size = (H + -H % unit, W + -W % unit)                      # reflect-padded to whole patches
+            tile = max(unit, (self.model.train_grid * unit if tile is None else tile) // unit * unit)
+            tile_overlap = min(tile // 8 if tile_overlap is None else tile_overlap, tile // 2)
+            with self.autocast():
+                c_str = tiled_encode(self.codec, lr_up, size, tile, tile_overlap, self.encode).float()  # (B, C, H'/f, W'/f)
 
-        sem_of = self.tile_semantics(lr_up, tile, semantic_tiles)  # (y, x, h, w) in pixels -> c_sem
+        with stage("semantic"), self.autocast():
+            sem_of = self.tile_semantics(lr_up, tile, semantic_tiles)  # (y, x, h, w) in pixels -> c_sem
         ref = lr_up if color_fix != "none" else None
         del lr_up                                                      # freed unless still needed
+
+        with stage("dit"):
+            z1 = torch.randn(c_str.shape, generator=generator, dtype=torch.float32).to(self.device)  # one draw
+            velocity = self.velocity(c_str, sem_of, tile, tile_overlap, guidance, alpha)
+            z0 = euler_sample(velocity, z1, timesteps(steps, schedule), progress, inplace=True)
+            del z1, c_str, sem_of, velocity
+
+        with stage("decode"), self.autocast():
+            sr = tiled_decode(self.codec, z0, (H, W), tile, tile_overlap, self.decode).add_(1).div_(2)  # (B,3,H,W)
+            return (sr if ref is None else COLOR_FIX[color_fix](sr, ref)).clamp_(0, 1)
+
+    def velocity(self, c_str, sem_of, tile: int, overlap: int, guidance: float, alpha: float):
+        """v(z, t, r) of the whole latent: the DiT on overlapping latent tiles, cross-faded (tiled).
+
+        Teacher: guided velocity of both branches (eq. 2); student: one branch, full conditioning, r = next
+        time (DESIGN §7). On the reuse_semantics fast path each tile's c_sem is projected at the first step
+        and kept (one (2B, N, d) tensor per tile) instead of being projected again at every step."""
+        f, p = self.codec.factor, self.model.patch_size
+        s = 1.0 if self.student else guidance                          # s = 1: the full branch alone
+        keys = {}                                                      # window -> projected c_sem
 
         def velocity(z, t, r):
             def on_tile(zw, win):
                 y, x, h, w = win
-                cw, sw = c_str[..., y:y + h, x:x + w], sem_of(y * f, x * f, h * f, w * f)
-                with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
-                    if self.student:  # one branch, full conditioning; r = next time (DESIGN §7)
-                        return self.model(torch.cat([cw, zw], 1), t, sw, r)
-                    return guided_velocity(self.model, zw, t, cw, sw, guidance, alpha)
-            return tiled(on_tile, z, tile // f, tile_overlap // f, align=p)
-
-        z1 = torch.randn(c_str.shape, generator=generator, dtype=torch.float32).to(self.device)  # one draw
-        z0 = euler_sample(velocity, z1, timesteps(steps, schedule), progress, inplace=True)
-        del z1, c_str, sem_of
-        sr = tiled_decode(self.codec, z0, (H, W), tile, tile_overlap).add_(1).div_(2)  # (B, 3, H, W)
-        return (sr if ref is None else COLOR_FIX[color_fix](sr, ref)).clamp_(0, 1)
+                cw = c_str[..., y:y + h, x:x + w]
+                with self.autocast():
+                    if self.fast.reuse_semantics:
+                        if win not in keys:
+                            keys[win] = branch_keys(self.model, sem_of(y * f, x * f, h * f, w * f), zw.shape[0], s)
+                        sw, kv = None, keys[win]
+                    else:
+                        sw, kv = sem_of(y * f, x * f, h * f, w * f), None
+                    if self.fast.cuda_graphs:  # the previous replay's outputs are consumed: its buffers may be reused
+                        torch.compiler.cudagraph_mark_step_begin()
+                    if self.student:                                   # s = 1: one branch, with r
+                        return guided_velocity(self.net, zw, t, cw, sw, 1.0, r=r, kv=kv)
+                    return guided_velocity(self.net, zw, t, cw, sw, guidance, alpha, kv=kv)
+            return tiled(on_tile, z, tile // f, overlap // f, align=p)
+        return velocity
 
     def tile_semantics(self, lr_up: torch.Tensor, tile: int, mode: str = "global"):
         """c_sem of each tile: a function (y, x, h, w) in output pixels -> (B, N, dim), or None.
@@ -425,7 +545,7 @@ def parse_args(argv=None) -> SampleConfig:
     p.add_argument("--color-fix", default=d.color_fix, choices=sorted(COLOR_FIX))
     p.add_argument("--schedule", default=d.schedule, choices=["uniform", "cosine"])
     p.add_argument("--device", default=d.device)
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the DiT")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the codec, semantic encoder and DiT")
     p.add_argument("--student", type=int, choices=[0, 1], default=None,
                    help="force teacher (0) / student (1) sampling; default: from the checkpoint")
     g = p.add_argument_group("bare release checkpoints (a run dir records these itself)")
@@ -434,6 +554,16 @@ def parse_args(argv=None) -> SampleConfig:
     g.add_argument("--light-decoder", default=d.light_decoder, help="lightweight decoder .safetensors")
     g.add_argument("--semantic", default=d.semantic, help="'none', 'random' or a DINOv2 weights file")
     g.add_argument("--semantic-size", type=int, default=d.semantic_size)
+    g = p.add_argument_group("fast paths (same output; python sample.py --bench times them)")
+    g.add_argument("--fast", action="store_true", help="the safe ones: --reuse-semantics --channels-last")
+    g.add_argument("--reuse-semantics", action="store_true",
+                   help="project the semantic tokens once per image, not at every step for both branches")
+    g.add_argument("--channels-last", action="store_true", help="NHWC conv weights in the codec (faster on GPUs)")
+    g.add_argument("--compile", nargs="?", const="default", default=d.compile, metavar="MODE",
+                   help="torch.compile the DiT and the decoder (MODE: default, max-autotune, …); the first "
+                        "image pays the compilation")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the DiT as CUDA graphs (fixed shapes: one tile size, e.g. a one-step student); CUDA only")
     a = p.parse_args(argv)
     if a.scale <= 0 or (a.tile is not None and a.tile <= 0) or (a.tile_overlap or 0) < 0:
         p.error("--scale and --tile must be positive and --tile-overlap non-negative")
@@ -444,18 +574,17 @@ def parse_args(argv=None) -> SampleConfig:
 def main(argv=None) -> int:
     cfg = parse_args(argv)
     try:
-        files = find_images(cfg.input)
-    except FileNotFoundError as e:
+        files = find_jobs(cfg.input, cfg.output)
+    except OSError as e:
         print(f"sample.py: {e}", file=sys.stderr)
         return 2
-    if not files:
-        print(f"sample.py: no images found in {cfg.input}", file=sys.stderr)
-        return 2
     out_dir = Path(cfg.output)
-    if out_dir.exists() and not out_dir.is_dir():
-        print(f"sample.py: output path {out_dir} is a file, not a folder", file=sys.stderr)
-        return 2
     pipe, run = load_pipeline(cfg)
+    try:
+        pipe.enable(FastPaths.from_config(cfg))
+    except ValueError as e:
+        print(f"sample.py: {e}", file=sys.stderr)
+        return 2
     print(f"sample.py: {cfg.ckpt} ({run['preset']}, codec {run['codec']}, "
           f"{'student' if pipe.student else 'teacher'}), {len(files)} image(s) → {out_dir}")
     if cfg.alpha is None:
@@ -477,5 +606,159 @@ def main(argv=None) -> int:
     return 1 if failed == len(files) else 0
 
 
+# ----------------------------------------------------------------------------- benchmark (--bench)
+# End-to-end latency of the pipeline above, split by stage, with random weights of the real shapes (nothing
+# is downloaded). It times VOSRPipeline.__call__ itself: the stages are the `with stage(...)` blocks there.
+
+SD21_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2, act_fn="silu", latent_channels=4, norm_num_groups=32, sample_size=768,
+                scaling_factor=0.18215)  # the shape of SD2.1-base's vae/config.json (DESIGN §4)
+STAGES = ("encode", "semantic", "dit", "decode")  # bicubic + codec encode, DINOv2, all Euler steps, decode
+
+
+class StageTimer:
+    """Wall-clock seconds per stage, summed over calls: `with timer("dit"): ...`. On CUDA it synchronises at
+    both ends, so the kernels a stage queued are charged to that stage and not to the next one."""
+
+    def __init__(self, device):
+        self.sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        self.sync()
+        t0 = time.perf_counter()
+        yield
+        self.sync()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+
+
+def bench_models(preset: str, size: int, device, semantic_size: int | None = None):
+    """(DiT, codec, semantic encoder), randomly initialised with the shapes of a release.
+
+    0.5B: SD2.1-shaped VAE encoder, the release's light decoder, DINOv2-B at 448² (DESIGN §4). 1.4B: the same
+    VAE shape with 16 latent channels and DINOv2-L (the release's Qwen-Image VAE costs differently).
+    small/tiny: the weight-free pixel codec with patch 1 and a ViT-S at 112², so that a CPU runs them.
+    The DiT has the student's r_embedder; it also serves as the teacher (r = None)."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    if preset in ("tiny", "small"):
+        codec, patch = vae.PixelCodec(), 1
+        semantic = vae.load_semantic("random-s", semantic_size or 112, device)
+    else:
+        big = preset == "1.4B"
+        conf = dict(SD21_VAE, latent_channels=16) if big else SD21_VAE
+        codec = vae.DiffusersCodec(AutoencoderKL(**conf), "random", None if big else vae.LightDecoder())
+        semantic = vae.load_semantic("random-l" if big else "random-b", semantic_size or 448, device)
+        patch = 2
+    unit = codec.factor * patch
+    if size % unit:
+        raise ValueError(f"--size {size} must be a multiple of {unit} (codec factor × patch) for {preset}")
+    with torch.device(device):  # initialised where it runs (0.5 B parameters)
+        model = dit.build(preset, latent_channels=codec.channels, enc_dim=semantic.dim, with_r=True,
+                          train_grid=size // unit, patch_size=patch)  # one tile covers the image
+    return model, codec.to(device), semantic
+
+
+def bench_row(pipe: VOSRPipeline, lr: torch.Tensor, steps: int, repeats: int) -> dict:
+    """Milliseconds per stage and in total of pipe(lr), the mean of `repeats` timed calls after a warm-up."""
+    pipe.student = steps == 1  # one step: the distilled student (one branch); more: the teacher (2B, eq. 2)
+    pipe(lr, 4.0, steps=1)     # warm-up (and compilation); every step has the same shapes
+    timer = StageTimer(pipe.device)
+    for _ in range(repeats):
+        with timer("total"):
+            pipe(lr, 4.0, steps, generator=torch.Generator().manual_seed(0), timer=timer)
+    ms = {f"{k}_ms": timer.seconds[k] / repeats * 1e3 for k in (*STAGES, "total")}
+    return {**ms, "img_per_s": lr.shape[0] / ms["total_ms"] * 1e3}
+
+
+def bench(preset="0.5B", size=512, batches=(1,), steps=(1,), dtypes=("fp32",), paths=("plain",),
+          device="cpu", repeats=1, semantic_size=None, compile_mode="default", verbose=False) -> list[dict]:
+    """One row per (path, dtype, batch, steps): the stage times of bench_row and what was run."""
+    dev = torch.device(device)
+    model, codec, semantic = bench_models(preset, size, dev, semantic_size)
+    path_fast = {"plain": FastPaths(), "fast": FastPaths(reuse_semantics=True, channels_last=True),
+                 "compiled": FastPaths(True, True, compile=compile_mode),
+                 "graphs": FastPaths(True, True, compile=compile_mode, cuda_graphs=True)}
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    rows = []
+    for path in sorted(paths, key=list(path_fast).index):  # plain first: channels_last converts the codec
+        pipe = VOSRPipeline(model, codec, semantic, device=dev, fast=path_fast[path])
+        for dtype in dtypes:
+            pipe.bf16 = dtype == "bf16"  # every network under bf16 autocast, as sample.py --bf16
+            for batch in batches:
+                lr = torch.rand(batch, 3, size // 4, size // 4, generator=torch.Generator().manual_seed(0))
+                for n in steps:
+                    rows.append({"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                                 "preset": preset, "size": size, "path": path, "dtype": dtype, "batch": batch,
+                                 "steps": n, "sampler": "student" if n == 1 else "teacher",
+                                 **bench_row(pipe, lr, n, repeats)})
+                    if verbose:  # each row as soon as it is measured: compiled rows take minutes
+                        print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """The rows as an aligned text table, times in ms."""
+    cols = ["path", "dtype", "batch", "steps", "sampler", *(f"{s}_ms" for s in (*STAGES, "total")), "img_per_s"]
+    cells = [[c.replace("_ms", " ms").replace("_per_s", "/s") for c in cols]]
+    cells += [[f"{r[c]:.1f}" if c.endswith("_ms") else f"{r[c]:.2f}" if c == "img_per_s" else str(r[c])
+               for c in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells)
+
+
+def bench_main(argv) -> int:
+    """python sample.py --bench [--preset 0.5B] [--size 512] [--batch 1,8] [--steps 1,25] [--dtypes fp32,bf16]"""
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description="End-to-end SR latency per stage (bicubic+encode, semantic, DiT, "
+                                            "decode) with random weights of the real shapes; nothing is downloaded.")
+    p.add_argument("--bench", action="store_true")
+    p.add_argument("--preset", default="0.5B", choices=sorted(dit.PRESETS),
+                   help="DiT preset; small/tiny run the pixel codec (patch 1) and a ViT-S, for CPUs")
+    p.add_argument("--size", type=int, default=512, help="output side; the LR input is size/4")
+    p.add_argument("--batch", default=None, help="comma list of batch sizes (default 1,8 on CUDA, 1 on CPU)")
+    p.add_argument("--steps", default=None, help="comma list of Euler step counts; 1 = the one-step student, "
+                                                 "more = the guided teacher (default 1,25 on CUDA, 1,4 on CPU)")
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--dtypes", default=None, help="comma list of fp32, bf16 (bf16 = every network under autocast, "
+                                                  "as sample.py --bf16; default fp32,bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--bf16", action="store_true", help="the same as --dtypes bf16")
+    p.add_argument("--paths", default="plain,fast",
+                   help="comma list: plain (no fast path), fast (sample.py --fast), compiled, graphs")
+    p.add_argument("--compile", action="store_true", help="add rows 'compiled': --fast + torch.compile")
+    p.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. max-autotune on a GPU")
+    p.add_argument("--cuda-graphs", action="store_true", help="add rows 'graphs': compiled + CUDA graphs (CUDA only)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per row after one warm-up "
+                                                             "(default 3 on CUDA, 1 on CPU)")
+    p.add_argument("--semantic-size", type=int, default=None, help="semantic encoder input side "
+                                                                   "(default 448; 112 for small/tiny)")
+    p.add_argument("--bench-json", default=None, help="also write the rows as JSON here")
+    a = p.parse_args(argv)
+    on_cuda = torch.device(a.device).type == "cuda"
+    ints = lambda text: [int(v) for v in text.split(",")]
+    paths = a.paths.split(",") + ["compiled"] * a.compile + ["graphs"] * a.cuda_graphs
+    dtypes = ["bf16"] if a.bf16 else (a.dtypes or ("fp32,bf16" if on_cuda else "fp32")).split(",")
+    if a.size % 4 or not set(paths) <= {"plain", "fast", "compiled", "graphs"} or not set(dtypes) <= {"fp32", "bf16"}:
+        p.error("--size must be a multiple of 4; --paths from plain, fast, compiled, graphs; --dtypes from fp32, bf16")
+    if "graphs" in paths and not on_cuda:
+        p.error("--cuda-graphs needs a CUDA device")
+    t0 = time.perf_counter()
+    rows = bench(a.preset, a.size, ints(a.batch or ("1,8" if on_cuda else "1")),
+                 ints(a.steps or ("1,25" if on_cuda else "1,4")), dtypes, list(dict.fromkeys(paths)), a.device,
+                 a.repeats or (3 if on_cuda else 1), a.semantic_size, a.compile_mode, verbose=True)
+    r = rows[0]
+    print(f"sample.py --bench: {r['preset']} at {a.size}², {r['device']}, torch {r['torch']}, {r['threads']} "
+          f"CPU thread(s); mean of {a.repeats or (3 if on_cuda else 1)} timed call(s) after a warm-up")
+    print(format_table(rows))
+    print(f"wall time {time.perf_counter() - t0:.1f} s (models, warm-ups and timed calls)")
+    if a.bench_json:
+        Path(a.bench_json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
 if __name__ == "__main__":
+    if "--bench" in sys.argv[1:]:
+        sys.exit(bench_main(sys.argv[1:]))
     sys.exit(main())

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 import dit
 import train_teacher as tt
-from tests.test_teacher import make_photos
+from tests.test_teacher import make_photos, poison_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -164,15 +164,7 @@ def test_crash_between_write_and_rename_keeps_previous_checkpoint(tmp_path, monk
 
 def test_skip_nonfinite_tolerates_n_bad_steps(tmp_path, monkeypatch):
     photos = make_photos(tmp_path / "photos", n=2)
-    real = tt.flow_matching_loss
-    calls = {"n": 0}
-
-    def poisoned(*a, **k):
-        calls["n"] += 1
-        loss = real(*a, **k)
-        return loss * float("inf") if calls["n"] in (2, 3) else loss
-
-    monkeypatch.setattr(tt, "flow_matching_loss", poisoned)
+    poison_loss(monkeypatch, bad_calls=(2, 3), value=float("inf"))
     hist = tt.train(tt.TrainConfig(data=str(photos), out=str(tmp_path / "run"), preset="tiny", codec="pixel",
                                    semantic="none", degradation="bicubic", size=32, batch=2, steps=5, workers=0,
                                    skip_nonfinite=2, device="cpu"))

@@ -118,17 +118,21 @@ def test_training_writes_run_dir_and_val_grid(tmp_path):
     assert "val_loss" in log[-1] and math.isfinite(log[-1]["val_loss"])
 
 
-def test_nonfinite_loss_stops_with_step(tmp_path, monkeypatch):
-    photos = make_photos(tmp_path / "photos", n=2)
-    real = tt.flow_matching_loss
-    calls = {"n": 0}
+
+def poison_loss(monkeypatch, bad_calls, value):
+    """Make the flow-matching loss non-finite (loss · value) on the given 1-based calls."""
+    real, calls = tt.flow_matching_loss, {"n": 0}
 
     def poisoned(*a, **k):
         calls["n"] += 1
         loss = real(*a, **k)
-        return loss * float("nan") if calls["n"] == 3 else loss
+        return loss * value if calls["n"] in bad_calls else loss
 
     monkeypatch.setattr(tt, "flow_matching_loss", poisoned)
+
+def test_nonfinite_loss_stops_with_step(tmp_path, monkeypatch):
+    photos = make_photos(tmp_path / "photos", n=2)
+    poison_loss(monkeypatch, bad_calls=(3,), value=float("nan"))
     with pytest.raises(SystemExit) as e:
         tt.train(_cfg(tmp_path, photos, steps=4, ckpt_every=1))
     assert e.value.code == 3
