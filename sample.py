@@ -39,12 +39,15 @@ import vae
 from degrade import ImageError, find_jobs, read_image, write_image
 
 
+DEMO_CKPT = Path(__file__).resolve().parent / "checkpoints" / "vosr-small-demo"  # used when --ckpt is omitted
+
+
 @dataclass
 class SampleConfig:
     ckpt: str | None = None          # run dir (config.json + ema.safetensors) or a release .safetensors
     input: str = ""                  # LR image or folder
     output: str = "out"
-    steps: int = 25                  # 25 for the teacher, 1 (or 2, 4) for a student
+    steps: int | None = None         # None: 25 for a teacher, 1 for a student (2, 4 also work)
     guidance: float = 0.5            # s in eq. 2; 1 = full branch, 0 = partial branch
     alpha: float | None = None       # α of the partial branch; None: 0.15 (0 for a standard-CFG run)
     scale: float = 4.0
@@ -486,7 +489,12 @@ class VOSRPipeline:
 def load_pipeline(cfg: SampleConfig) -> tuple[VOSRPipeline, dict]:
     """Build the pipeline from a run dir (config.json + ema.safetensors) or a release checkpoint file."""
     if cfg.ckpt is None:
-        raise SystemExit("sample.py: --ckpt is required (a run dir or a .safetensors checkpoint)")
+        if not DEMO_CKPT.is_dir():
+            raise SystemExit(f"sample.py: no --ckpt given and the embedded demo model {DEMO_CKPT} is missing")
+        cfg.ckpt = str(DEMO_CKPT)
+        print(f"sample.py: no --ckpt given: using the embedded demo model {DEMO_CKPT} (a one-step student, "
+              "small preset, pixel codec, trained on 118 photos: a demo, not the paper's model; for real photos "
+              "use the released VOSR weights, see README)")
     ckpt = Path(cfg.ckpt)
     if ckpt.is_dir():
         conf_path, weights = ckpt / "config.json", ckpt / "ema.safetensors"
@@ -520,10 +528,12 @@ def load_pipeline(cfg: SampleConfig) -> tuple[VOSRPipeline, dict]:
 def parse_args(argv=None) -> SampleConfig:
     d = SampleConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default=d.ckpt, help="run dir from train_teacher.py/distill.py, or a release .safetensors")
+    p.add_argument("--ckpt", default=d.ckpt, help="run dir from train_teacher.py/distill.py, or a release .safetensors "
+                                                  f"(default: the embedded demo model {DEMO_CKPT.name}, see README)")
     p.add_argument("-i", "--input", required=True, help="LR image or folder of LR images")
     p.add_argument("-o", "--output", default=d.output, help="output folder (same file names as the input)")
-    p.add_argument("--steps", type=int, default=d.steps, help="Euler steps: 25 for a teacher, 1–4 for a student")
+    p.add_argument("--steps", type=int, default=d.steps,
+                   help="Euler steps (default 25 for a teacher, 1 for a distilled student; 2 or 4 also work)")
     p.add_argument("--guidance", type=float, default=d.guidance,
                    help="guidance scale s (eq. 2): 1 = full branch, 0 = partial; larger is more faithful")
     p.add_argument("--alpha", type=float, default=d.alpha,
@@ -585,10 +595,12 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"sample.py: {e}", file=sys.stderr)
         return 2
-    print(f"sample.py: {cfg.ckpt} ({run['preset']}, codec {run['codec']}, "
-          f"{'student' if pipe.student else 'teacher'}), {len(files)} image(s) → {out_dir}")
     if cfg.alpha is None:
         cfg.alpha = 0.0 if run.get("mode") == "cfg" else 0.15
+    if cfg.steps is None:
+        cfg.steps = 1 if pipe.student else 25
+    print(f"sample.py: {cfg.ckpt} ({run['preset']}, codec {run['codec']}, "
+          f"{'student' if pipe.student else 'teacher'}, {cfg.steps} step(s)), {len(files)} image(s) → {out_dir}")
     root = Path(cfg.input) if Path(cfg.input).is_dir() else Path(cfg.input).parent
     failed = 0
     for path in tqdm(files, desc="images"):

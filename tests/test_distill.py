@@ -7,11 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import distill
+import sample
 import train_teacher as tt
 from tests.test_teacher import make_photos
 
@@ -139,3 +141,31 @@ def test_distill_cli_chain(tmp_path, method):
     assert r.returncode == 0, r.stderr
     assert "student" in r.stdout
     assert Image.open(tmp_path / "out" / "x.png").size == (32, 32)
+
+
+def test_export_fp16_and_default_ckpt(tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+    photos = make_photos(tmp_path / "photos", n=3)
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    tt.train(tt.TrainConfig(data=str(photos), out=str(teacher), preset="tiny", codec="pixel", semantic="none",
+                            degradation="bicubic", size=32, batch=2, steps=1, workers=0, device="cpu"))
+    distill.main(["--teacher", str(teacher), "--data", str(photos), "--out", str(student), "--size", "32",
+                  "--batch", "2", "--steps", "1", "--workers", "0", "--device", "cpu"])
+    demo = distill.export_student(str(student), str(tmp_path / "demo"), note="test model")
+    full, half = load_file(str(student / "ema.safetensors")), load_file(str(demo / "ema.safetensors"))
+    assert full.keys() == half.keys()
+    assert all(torch.equal(half[k], full[k].half() if full[k].is_floating_point() else full[k]) for k in full)
+    assert json.loads((demo / "config.json").read_text())["note"] == "test model"
+    # without --ckpt, sample.py takes the demo model (a student: 1 step by default) and says so
+    lr_dir = tmp_path / "lr"
+    lr_dir.mkdir()
+    Image.new("RGB", (9, 7), (10, 200, 90)).save(lr_dir / "x.png")
+    monkeypatch.setattr(sample, "DEMO_CKPT", demo)
+    assert sample.main(["-i", str(lr_dir), "-o", str(tmp_path / "a"), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "embedded demo model" in printed and "student, 1 step(s)" in printed
+    # the fp16 export and the fp32 run give the same picture up to fp16 rounding of the weights
+    assert sample.main(["--ckpt", str(student), "-i", str(lr_dir), "-o", str(tmp_path / "b"), "--steps", "1",
+                        "--device", "cpu"]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / d / "x.png"), dtype=int) for d in "ab")
+    assert a.shape == (28, 36, 3) and np.abs(a - b).max() <= 2

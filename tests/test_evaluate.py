@@ -416,3 +416,18 @@ def test_pyiqa_metrics_without_pyiqa_are_skipped_not_faked(monkeypatch):
 def test_unknown_metric_is_an_error(tmp_path, capsys):
     assert E.main(["--sr", str(tmp_path), "--hr", str(tmp_path), "--metrics", "psnr,bogus"]) == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def test_seams_global_tokens_agree_per_tile_tokens_do_not(tmp_path, capsys):
+    """`evaluate.py seams`: with one global token map, neighbouring tiles give every shared pixel the same
+    semantic token; recomputing DINOv2 per tile does not (random ViT-S, sharp | blurred halves)."""
+    rng = np.random.default_rng(0)
+    img = Image.fromarray((rng.random((24, 48, 3)) * 255).astype(np.uint8))
+    img.save(tmp_path / "lr.png")
+    assert E.main(["seams", "--image", str(tmp_path / "lr.png"), "--blur-half", "--tile", "64",
+                   "--tile-overlap", "16"]) == 0
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[1:]}
+    pairs, velocity, tokens = (float(v) for v in rows["global"])
+    assert pairs == 10 and tokens == 0.0 and 0 < velocity < 1
+    pairs, velocity, tokens = (float(v) for v in rows["per-tile"])
+    assert pairs == 10 and tokens > 0.01

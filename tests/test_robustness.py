@@ -101,6 +101,28 @@ def test_unreadable_file_is_named(tmp_path, run_dir):
     assert "locked.png" in r.stderr and r.returncode != 0
 
 
+def test_permission_denied_is_named_and_the_batch_goes_on(tmp_path, run_dir, monkeypatch, capsys):
+    """The same case as above where chmod cannot deny (root, CI): open() itself raises EACCES."""
+    import builtins
+    import sample
+    d = tmp_path / "in"
+    d.mkdir()
+    for name in ("locked.png", "ok.png"):
+        Image.new("RGB", (8, 6), (90, 20, 30)).save(d / name)
+    real_open = builtins.open
+
+    def guarded_open(file, *args, **kwargs):
+        if Path(str(file)).name == "locked.png":
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    code = sample.main(["--ckpt", str(run_dir), "-i", str(d), "-o", str(tmp_path / "out"), "--steps", "1",
+                        "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert "locked.png" in err and "Permission denied" in err
+    assert code == 0 and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ok.png"]
+
+
 def test_folder_and_path_errors(tmp_path, run_dir):
     empty = tmp_path / "empty"
     empty.mkdir()
