@@ -8,17 +8,7 @@ from diffusers import AutoencoderKL
 import dit
 import sample
 import vae
-
-
-def _tiny_dit(latent_channels, enc_dim=384, with_r=False, patch_size=2):
-    torch.manual_seed(0)
-    m = dit.build("tiny", latent_channels=latent_channels, enc_dim=enc_dim, train_grid=4, with_r=with_r,
-                  patch_size=patch_size).eval()
-    with torch.no_grad():  # the zero-initialised output layers would make v = 0 and every path trivially equal
-        for p in m.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0, 0.05)
-    return m
+from tests.test_sample import tiny_dit
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +31,7 @@ def _count_projections(model, monkeypatch):
 @pytest.mark.parametrize("student,guidance,tile", [(False, 0.5, None), (False, 1.0, None), (True, 0.5, None),
                                                    (False, 0.5, 24)])
 def test_reuse_semantics_equals_plain(semantic, monkeypatch, student, guidance, tile):
-    model = _tiny_dit(192, with_r=student, patch_size=1)                # a 32² output is one tile
+    model = tiny_dit(192, enc_dim=384, with_r=student, patch_size=1)                # a 32² output is one tile
     lr = torch.rand(2, 3, 8, 8) if tile is None else torch.rand(2, 3, 10, 12)
     kw = dict(steps=3, guidance=guidance, tile=tile, tile_overlap=8)
     calls = _count_projections(model, monkeypatch)
@@ -57,7 +47,7 @@ def test_reuse_semantics_equals_plain(semantic, monkeypatch, student, guidance, 
 
 
 def test_reuse_semantics_bf16_and_no_semantics(semantic):
-    model, lr = _tiny_dit(192, patch_size=1), torch.rand(1, 3, 8, 8)
+    model, lr = tiny_dit(192, enc_dim=384, patch_size=1), torch.rand(1, 3, 8, 8)
     for sem, bf16 in [(semantic, True), (None, False)]:
         plain = _run(sample.VOSRPipeline(model, vae.PixelCodec(), sem, bf16=bf16), lr, steps=2)
         fast = _run(sample.VOSRPipeline(model, vae.PixelCodec(), sem, bf16=bf16,
@@ -75,7 +65,7 @@ def _conv_codec():
 
 
 def test_channels_last_equals_plain():
-    model, lr = _tiny_dit(4, enc_dim=8), torch.rand(1, 3, 8, 8)
+    model, lr = tiny_dit(4), torch.rand(1, 3, 8, 8)
     plain = _run(sample.VOSRPipeline(model, _conv_codec()), lr, steps=2)
     codec = _conv_codec()
     pipe = sample.VOSRPipeline(model, codec, fast=sample.FastPaths(channels_last=True))
@@ -87,7 +77,7 @@ def test_channels_last_equals_plain():
 def test_compile_equals_plain(semantic):
     # The "aot_eager" backend traces and functionalises the graphs as inductor does, without generating C++
     # (seconds instead of a minute on a CPU); the mode (max-autotune, …) only matters to inductor.
-    model, lr = _tiny_dit(4, enc_dim=384), torch.rand(1, 3, 8, 8)
+    model, lr = tiny_dit(4, enc_dim=384), torch.rand(1, 3, 8, 8)
     plain = _run(sample.VOSRPipeline(model, _conv_codec(), semantic), lr, steps=2)
     torch._dynamo.reset()
     pipe = sample.VOSRPipeline(model, _conv_codec(), semantic,
@@ -98,7 +88,7 @@ def test_compile_equals_plain(semantic):
 
 def test_cuda_graphs_need_cuda():
     with pytest.raises(ValueError, match="CUDA"):
-        sample.VOSRPipeline(_tiny_dit(192), vae.PixelCodec(), device="cpu", fast=sample.FastPaths(cuda_graphs=True))
+        sample.VOSRPipeline(tiny_dit(192, enc_dim=384), vae.PixelCodec(), device="cpu", fast=sample.FastPaths(cuda_graphs=True))
 
 
 def test_cli_flags_select_fast_paths():

@@ -36,10 +36,13 @@ def test_timesteps_endpoints():
         assert ts[0] == 1 and ts[-1] == 0 and (ts[1:] < ts[:-1]).all()
 
 
-def _tiny(latent_channels):
+def tiny_dit(latent_channels, enc_dim=8, with_r=False, patch_size=2):
+    """A seeded tiny DiT whose zero-initialised output layers got some weight, so that branches, tiles and
+    fast paths give different (non-zero) velocities and a wrong one shows."""
     torch.manual_seed(0)
-    m = dit.build("tiny", latent_channels=latent_channels, enc_dim=8, train_grid=4).eval()
-    with torch.no_grad():  # give the zero-initialised output layers some weight so branches differ
+    m = dit.build("tiny", latent_channels=latent_channels, enc_dim=enc_dim, train_grid=4, with_r=with_r,
+                  patch_size=patch_size).eval()
+    with torch.no_grad():
         for p in m.parameters():
             if p.abs().sum() == 0:
                 p.normal_(0, 0.05)
@@ -48,12 +51,12 @@ def _tiny(latent_channels):
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    return _tiny(4)
+    return tiny_dit(4)
 
 
 @pytest.fixture(scope="module")
 def pixel_model():
-    return _tiny(vae.PixelCodec().channels)
+    return tiny_dit(vae.PixelCodec().channels)
 
 
 def test_guidance_endpoints_equal_single_branches(tiny_model):

@@ -14,18 +14,9 @@ import torch.nn.functional as F
 import dit
 import sample
 import vae
+from tests.test_sample import tiny_dit
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _tiny_dit(latent_channels, enc_dim=8):
-    torch.manual_seed(0)
-    m = dit.build("tiny", latent_channels=latent_channels, enc_dim=enc_dim, train_grid=4).eval()
-    with torch.no_grad():  # give the zero-initialised output layers some weight so the output is not 0
-        for p in m.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0, 0.05)
-    return m
 
 
 def _texture(h, w, seed=0):
@@ -70,7 +61,7 @@ class PointwiseDiT(nn.Module):
 
 @pytest.fixture(scope="module")
 def pixel_model():
-    return _tiny_dit(vae.PixelCodec().channels)
+    return tiny_dit(vae.PixelCodec().channels)
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +197,7 @@ def test_tiles_receive_their_semantics(semantic):
 
 
 def test_semantic_modes_agree_when_one_tile_covers(semantic):
-    m = _tiny_dit(192, enc_dim=semantic.dim)
+    m = tiny_dit(192, enc_dim=semantic.dim)
     pipe = sample.VOSRPipeline(m, vae.PixelCodec(), semantic)
     lr = torch.rand(1, 3, 9, 12)
     out = {mode: pipe(lr, 4.0, steps=2, generator=torch.Generator().manual_seed(0), tile=64, semantic_tiles=mode)
