@@ -5,7 +5,6 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-import dit
 import sample
 import vae
 from tests.test_sample import tiny_dit

@@ -11,7 +11,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import dit
 import sample
 import vae
 from tests.test_sample import tiny_dit
