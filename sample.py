@@ -140,15 +140,6 @@ def tile_windows(size: int, tile: int, overlap: int, align: int) -> list[int]:
     return sorted(set(starts))
 
 
-def gaussian_weight(h: int, w: int, device) -> torch.Tensor:
-    """Separable Gaussian bump (σ = side/4). Not used for blending any more: it is still 0.14 at a tile's
-    edge, so a tile's border pixels jump in; blend_weights fades them in from ~0."""
-    def bump(n):
-        x = torch.arange(n, device=device, dtype=torch.float32) - (n - 1) / 2
-        return torch.exp(-0.5 * (x / (n / 4)) ** 2)
-    return bump(h)[:, None] * bump(w)[None, :]  # (h, w)
-
-
 def blend_weights(starts: list[int], n: int, size: int, fade: int, device=None) -> list[torch.Tensor]:
     """1-D weights of the windows [s, s+n) of an axis that sum to 1 at every position.
 
@@ -397,8 +388,7 @@ class VOSRPipeline:
     def __call__(self, lr, scale=4.0, steps=25, guidance=0.5, alpha=0.15, generator=None,
                  tile=None, tile_overlap=None, color_fix="none", schedule="uniform", progress=False,
                  semantic_tiles="global", timer=None):
-        """tile, tile_overlap in output pixels; None: the training crop train_grid·patch·factor (512 for
-        the release: RoPE then sees integer positions, DESIGN §5b) and 1/8 of the tile.
+        """tile, tile_overlap in output pixels (None: see tile_sizes).
         semantic_tiles: global | per-tile | whole, see tile_semantics.
         timer: a StageTimer that gets the wall time of each stage (encode, semantic, dit, decode); --bench."""
         if scale <= 0:
@@ -406,18 +396,10 @@ class VOSRPipeline:
         if semantic_tiles not in SEMANTIC_TILES:
             raise ValueError(f"semantic_tiles must be one of {SEMANTIC_TILES}, got {semantic_tiles!r}")
         stage = timer or _untimed
+        tile, tile_overlap = self.tile_sizes(tile, tile_overlap)
         with stage("encode"):
-            lr = lr.to(self.device, torch.float32)
-            H, W = round(lr.shape[-2] * scale), round(lr.shape[-1] * scale)
-            # The model was trained on the resized-back LR (DESIGN §1): bicubic to the output size first.
-            lr_up = F.interpolate(lr, size=(H, W), mode="bicubic", align_corners=False).clamp_(0, 1)
-            f, p = self.codec.factor, self.model.patch_size
-            unit = f * p                                               # latent must hold whole patches
-            size = (H + -H % unit, W + -W % unit)                      # reflect-padded to whole patches
-            tile = max(unit, (self.model.train_grid * unit if tile is None else tile) // unit * unit)
-            tile_overlap = min(tile // 8 if tile_overlap is None else tile_overlap, tile // 2)
-            with self.autocast():
-                c_str = tiled_encode(self.codec, lr_up, size, tile, tile_overlap, self.encode).float()  # (B, C, H'/f, W'/f)
+            lr_up, c_str = self.condition(lr, scale, tile, tile_overlap)
+            H, W = lr_up.shape[-2:]
 
         with stage("semantic"), self.autocast():
             sem_of = self.tile_semantics(lr_up, tile, semantic_tiles)  # (y, x, h, w) in pixels -> c_sem
@@ -434,34 +416,57 @@ class VOSRPipeline:
             sr = tiled_decode(self.codec, z0, (H, W), tile, tile_overlap, self.decode).add_(1).div_(2)  # (B,3,H,W)
             return (sr if ref is None else COLOR_FIX[color_fix](sr, ref)).clamp_(0, 1)
 
+    def tile_sizes(self, tile=None, overlap=None) -> tuple[int, int]:
+        """(tile, overlap) in output pixels; None: the training crop train_grid·patch·factor (512 for the
+        release: RoPE then sees integer positions, DESIGN §5b) and 1/8 of the tile. Whole latent patches."""
+        unit = self.codec.factor * self.model.patch_size
+        tile = max(unit, (self.model.train_grid * unit if tile is None else tile) // unit * unit)
+        return tile, min(tile // 8 if overlap is None else overlap, tile // 2)
+
+    def condition(self, lr, scale: float, tile: int, overlap: int):
+        """LR (B,3,h,w) → (lr_up (B,3,H,W), c_str (B,C,H'/f,W'/f)) with H = round(scale·h), H' = H padded
+        (reflect) to whole latent patches. The model was trained on the resized-back LR (DESIGN §1), so the
+        LR is resized to the output size (bicubic) before it is encoded, tile by tile."""
+        lr = lr.to(self.device, torch.float32)
+        H, W = round(lr.shape[-2] * scale), round(lr.shape[-1] * scale)
+        lr_up = F.interpolate(lr, size=(H, W), mode="bicubic", align_corners=False).clamp_(0, 1)
+        unit = self.codec.factor * self.model.patch_size
+        size = (H + -H % unit, W + -W % unit)
+        with self.autocast():
+            return lr_up, tiled_encode(self.codec, lr_up, size, tile, overlap, self.encode).float()
+
     def velocity(self, c_str, sem_of, tile: int, overlap: int, guidance: float, alpha: float):
-        """v(z, t, r) of the whole latent: the DiT on overlapping latent tiles, cross-faded (tiled).
+        """v(z, t, r) of the whole latent: the DiT on overlapping latent tiles (tile_velocity), cross-faded."""
+        on_tile = self.tile_velocity(c_str, sem_of, guidance, alpha)
+        f, p = self.codec.factor, self.model.patch_size
+        return lambda z, t, r: tiled(lambda zw, win: on_tile(zw, win, t, r), z, tile // f, overlap // f, align=p)
+
+    def tile_velocity(self, c_str, sem_of, guidance: float, alpha: float):
+        """v of one latent window: a function (z_window, (y, x, h, w) in latent pixels, t, r) -> velocity.
 
         Teacher: guided velocity of both branches (eq. 2); student: one branch, full conditioning, r = next
         time (DESIGN §7). On the reuse_semantics fast path each tile's c_sem is projected at the first step
         and kept (one (2B, N, d) tensor per tile) instead of being projected again at every step."""
-        f, p = self.codec.factor, self.model.patch_size
+        f = self.codec.factor
         s = 1.0 if self.student else guidance                          # s = 1: the full branch alone
         keys = {}                                                      # window -> projected c_sem
 
-        def velocity(z, t, r):
-            def on_tile(zw, win):
-                y, x, h, w = win
-                cw = c_str[..., y:y + h, x:x + w]
-                with self.autocast():
-                    if self.fast.reuse_semantics:
-                        if win not in keys:
-                            keys[win] = branch_keys(self.model, sem_of(y * f, x * f, h * f, w * f), zw.shape[0], s)
-                        sw, kv = None, keys[win]
-                    else:
-                        sw, kv = sem_of(y * f, x * f, h * f, w * f), None
-                    if self.fast.cuda_graphs:  # the previous replay's outputs are consumed: its buffers may be reused
-                        torch.compiler.cudagraph_mark_step_begin()
-                    if self.student:                                   # s = 1: one branch, with r
-                        return guided_velocity(self.net, zw, t, cw, sw, 1.0, r=r, kv=kv)
-                    return guided_velocity(self.net, zw, t, cw, sw, guidance, alpha, kv=kv)
-            return tiled(on_tile, z, tile // f, overlap // f, align=p)
-        return velocity
+        def on_tile(zw, win, t, r):
+            y, x, h, w = win
+            cw = c_str[..., y:y + h, x:x + w]
+            with self.autocast():
+                if self.fast.reuse_semantics:
+                    if win not in keys:
+                        keys[win] = branch_keys(self.model, sem_of(y * f, x * f, h * f, w * f), zw.shape[0], s)
+                    sw, kv = None, keys[win]
+                else:
+                    sw, kv = sem_of(y * f, x * f, h * f, w * f), None
+                if self.fast.cuda_graphs:  # the previous replay's outputs are consumed: its buffers may be reused
+                    torch.compiler.cudagraph_mark_step_begin()
+                if self.student:                                       # s = 1: one branch, with r
+                    return guided_velocity(self.net, zw, t, cw, sw, 1.0, r=r, kv=kv)
+                return guided_velocity(self.net, zw, t, cw, sw, guidance, alpha, kv=kv)
+        return on_tile
 
     def tile_semantics(self, lr_up: torch.Tensor, tile: int, mode: str = "global"):
         """c_sem of each tile: a function (y, x, h, w) in output pixels -> (B, N, dim), or None.
@@ -622,10 +627,6 @@ def main(argv=None) -> int:
 # End-to-end latency of the pipeline above, split by stage, with random weights of the real shapes (nothing
 # is downloaded). It times VOSRPipeline.__call__ itself: the stages are the `with stage(...)` blocks there.
 
-SD21_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
-                layers_per_block=2, act_fn="silu", latent_channels=4, norm_num_groups=32, sample_size=768,
-                scaling_factor=0.18215)  # the shape of SD2.1-base's vae/config.json (DESIGN §4)
 STAGES = ("encode", "semantic", "dit", "decode")  # bicubic + codec encode, DINOv2, all Euler steps, decode
 
 
@@ -653,15 +654,13 @@ def bench_models(preset: str, size: int, device, semantic_size: int | None = Non
     VAE shape with 16 latent channels and DINOv2-L (the release's Qwen-Image VAE costs differently).
     small/tiny: the weight-free pixel codec with patch 1 and a ViT-S at 112², so that a CPU runs them.
     The DiT has the student's r_embedder; it also serves as the teacher (r = None)."""
-    from diffusers import AutoencoderKL
     torch.manual_seed(0)
     if preset in ("tiny", "small"):
         codec, patch = vae.PixelCodec(), 1
         semantic = vae.load_semantic("random-s", semantic_size or 112, device)
     else:
         big = preset == "1.4B"
-        conf = dict(SD21_VAE, latent_channels=16) if big else SD21_VAE
-        codec = vae.DiffusersCodec(AutoencoderKL(**conf), "random", None if big else vae.LightDecoder())
+        codec = vae.random_sd_codec(latent_channels=16 if big else 4, light_decoder=not big)
         semantic = vae.load_semantic("random-l" if big else "random-b", semantic_size or 448, device)
         patch = 2
     unit = codec.factor * patch

@@ -222,6 +222,18 @@ def load_codec(spec: str, light_decoder: str | None = None, device="cpu", dtype=
                           light_decoder_path=str(light_decoder) if light_decoder else None).to(device)
 
 
+SD21_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2, act_fn="silu", latent_channels=4, norm_num_groups=32, sample_size=768,
+                scaling_factor=0.18215)  # the shape of SD2.1-base's vae/config.json (DESIGN §4)
+
+
+def random_sd_codec(latent_channels: int = 4, light_decoder: bool = True) -> DiffusersCodec:
+    """An SD2.1-shaped VAE (and the release's light decoder) with random weights: a release's costs, no download."""
+    vae = diffusers.AutoencoderKL(**{**SD21_VAE, "latent_channels": latent_channels})
+    return DiffusersCodec(vae, "random", LightDecoder() if light_decoder else None)
+
+
 def codec_spec_of(codec: Codec) -> dict:
     """What load_codec needs to rebuild this codec: {'codec': spec, 'light_decoder': path or None}."""
     return {"codec": codec.spec, "light_decoder": codec.light_decoder}

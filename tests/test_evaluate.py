@@ -431,3 +431,4 @@ def test_seams_global_tokens_agree_per_tile_tokens_do_not(tmp_path, capsys):
     assert pairs == 10 and tokens == 0.0 and 0 < velocity < 1
     pairs, velocity, tokens = (float(v) for v in rows["per-tile"])
     assert pairs == 10 and tokens > 0.01
+
