@@ -509,7 +509,8 @@ def bench(preset: str, size: int, batch: int, steps: int, device: str, bf16: boo
     dev = torch.device(device)
     model = dit.build(preset, latent_channels=latent_channels, enc_dim=enc_dim,
                       train_grid=size // factor // 2).to(dev)
-    net = dit.compile_blocks(model) if compile_ else model
+    if compile_:
+        dit.compile_blocks(model)  # in place, as --compile in training
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01,
                             fused=dev.type == "cuda")
     h = size // factor
@@ -519,7 +520,7 @@ def bench(preset: str, size: int, batch: int, steps: int, device: str, bf16: boo
     def one_step():
         t = torch.rand(batch, device=dev)
         with torch.autocast(dev.type, torch.bfloat16, enabled=bf16):
-            loss = flow_matching_loss(net, x0, c_str, c_sem, t, eps)
+            loss = flow_matching_loss(model, x0, c_str, c_sem, t, eps)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
