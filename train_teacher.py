@@ -10,6 +10,8 @@ Several GPUs: torchrun --nproc_per_node=8 train_teacher.py --data DIR --out RUN_
 CPU smoke:    python train_teacher.py --data DIR --out RUN_DIR --preset tiny --codec pixel --semantic random \
                   --size 128 --batch 8 --steps 200
 
+Stage 2 from stage 1: --preset 0.5B-stage2 --init STAGE1_RUN_DIR (its EMA weights; a fresh optimiser, step 0).
+
 RUN_DIR holds config.json (the resolved config), ckpt.safetensors (model, EMA, optimiser, step),
 ema.safetensors (EMA weights in the release layout: what sample.py loads), log.jsonl and val_*.png.
 All randomness of step k is drawn from generators seeded by (seed, k), so --resume continues exactly.
@@ -31,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import degrade
@@ -66,7 +68,10 @@ class TrainConfig:
     p_partial: float = 0.1            # probability of the auxiliary branch per sample
     alpha_min: float = 0.05           # α ~ U[alpha_min, alpha_max] in the partial branch
     alpha_max: float = 0.25
-    aug_mean: float = 5.0             # noise augmentation of c_str: a = sigmoid(N(aug_mean, aug_std))
+    # Noise augmentation of c_str: a = sigmoid(N(aug_mean, aug_std)), noise std sqrt(1 − a²) ≈ 0.1 at 5.
+    # The paper's 5 is for VAE latents; on raw pixels (pixel codec) that noise buries the LR's fine
+    # detail and the model learns to smooth it — 8 (std ≈ 0.03) learned faster there (README).
+    aug_mean: float = 5.0
     aug_std: float = 1.0
     bf16: bool = False
     compile: bool = False
@@ -78,6 +83,7 @@ class TrainConfig:
     val_steps: int = 10               # Euler steps of the validation grid samples
     ckpt_every: int = 100
     resume: bool = False
+    init: str | None = None           # start from a run's EMA weights (stage 2 from stage 1, a fine-tune)
     skip_nonfinite: int = 0           # tolerate this many non-finite losses before stopping
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -279,6 +285,27 @@ def load_checkpoint(path: Path, model, ema, opt) -> int:
     return int(meta["step"])
 
 
+def init_weights(path: str, model, ema, name: str = "train_teacher.py") -> None:
+    """--init: model and EMA both start from the EMA weights of a run dir (its ema.safetensors) or of a
+    weights file in the release layout. The RoPE tables stay this run's own: they follow the crop size
+    (stage 1 at 256², stage 2 at 512²)."""
+    p = Path(path)
+    f = p / "ema.safetensors" if p.is_dir() else p
+    if not f.is_file():
+        raise SystemExit(f"{name}: --init {path}: {f} not found")
+    sd = {k: v for k, v in load_file(str(f)).items() if not k.startswith("feat_rope.")}
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # a shape mismatch: another preset or codec
+        raise SystemExit(f"{name}: --init {f} does not fit this model: {e}") from e
+    missing = [k for k in missing if not k.startswith("feat_rope.")]
+    if missing or unexpected:
+        raise SystemExit(f"{name}: --init {f} does not fit this model: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    ema.load_state_dict(model.state_dict())
+    print(f"{name}: weights from {f}")
+
+
 # ----------------------------------------------------------------------------- validation
 
 @torch.no_grad()
@@ -478,6 +505,8 @@ def train(cfg: TrainConfig) -> dict:
     env = setup_distributed(cfg)
     torch.manual_seed(cfg.seed)  # the same init on every rank
     codec, semantic, model, ema = build_models(cfg, env[2])
+    if cfg.init and not (cfg.resume and (Path(cfg.out) / "ckpt.safetensors").exists()):
+        init_weights(cfg.init, model, ema)
     try:
         return fit(cfg, model, ema, codec, semantic, draw_teacher, partial(teacher_loss, cfg), env)
     finally:

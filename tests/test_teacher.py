@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import train_teacher as tt
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -183,3 +184,22 @@ def test_dit_flops_formula_matches_flop_counter(monkeypatch):
         model(x, torch.rand(1), c_sem)
     counted = fc.get_total_flops()
     assert tt.dit_flops(model, tokens=64, sem_tokens=20) == pytest.approx(counted, rel=0.03)
+
+
+def test_init_starts_from_another_runs_ema(tmp_path):
+    """--init: model and EMA start from the run's EMA weights (not its step, not its RoPE tables, which
+    follow the new crop size); a model of another preset is refused."""
+    photos = make_photos(tmp_path / "photos")
+    tt.train(_cfg(tmp_path, photos, out=str(tmp_path / "a"), steps=2))
+    # lr = 0 and no weight decay: after one step the weights are exactly the ones --init loaded
+    hist = tt.train(_cfg(tmp_path, photos, out=str(tmp_path / "b"), steps=1, lr=0.0, weight_decay=0.0,
+                         size=64, init=str(tmp_path / "a")))
+    assert sorted(hist) == [0]  # step 0: a fresh run, not a resume
+    a, b = load_file(str(tmp_path / "a" / "ckpt.safetensors")), load_file(str(tmp_path / "b" / "ckpt.safetensors"))
+    weights = [k[4:] for k in a if k.startswith("ema.") and "feat_rope" not in k]
+    assert any(not torch.equal(a["ema." + k], a["model." + k]) for k in weights)  # EMA ≠ raw weights in a
+    for k in weights:
+        assert torch.equal(b["model." + k], a["ema." + k]) and torch.equal(b["ema." + k], a["ema." + k]), k
+    assert a["model.feat_rope.freqs_cos"].shape != b["model.feat_rope.freqs_cos"].shape  # its own grid
+    with pytest.raises(SystemExit, match="does not fit"):
+        tt.train(_cfg(tmp_path, photos, out=str(tmp_path / "c"), steps=1, preset="small", init=str(tmp_path / "a")))
