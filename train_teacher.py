@@ -427,6 +427,8 @@ def fit(cfg, model, ema, codec, semantic, draw, loss_fn, env, student=False, nam
     start = 0
     if cfg.resume and (run / "ckpt.safetensors").exists():
         start = load_checkpoint(run / "ckpt.safetensors", model, ema, opt)
+        for group in opt.param_groups:  # the flags win over the saved hyper-parameters (a cool-down)
+            group.update(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
         if rank == 0:
             print(f"{name}: resumed {run} at step {start}")
     if rank == 0:

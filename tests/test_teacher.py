@@ -104,6 +104,19 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert full[0] != full[3]  # the model actually trains
 
 
+def test_resume_uses_the_learning_rate_given_now(tmp_path):
+    """--resume with a new --lr trains at that lr, not the one saved in the optimiser state."""
+    photos = make_photos(tmp_path / "photos")
+    run = tmp_path / "run"
+    tt.train(_cfg(tmp_path, photos, steps=2))
+    before = load_file(str(run / "ckpt.safetensors"))
+    tt.train(_cfg(tmp_path, photos, steps=3, resume=True, lr=0.0, weight_decay=0.0))
+    after = load_file(str(run / "ckpt.safetensors"))
+    weights = [k for k in before if k.startswith("model.")]
+    assert all(torch.equal(before[k], after[k]) for k in weights)  # lr 0: nothing moved
+    assert not torch.equal(before["optim.0.exp_avg"], after["optim.0.exp_avg"])  # but the step ran
+
+
 def test_training_writes_run_dir_and_val_grid(tmp_path):
     photos = make_photos(tmp_path / "photos", n=4, size=(64, 64))
     run = tmp_path / "run"
