@@ -68,7 +68,7 @@ class TrainConfig:
     p_partial: float = 0.1            # probability of the auxiliary branch per sample
     alpha_min: float = 0.05           # α ~ U[alpha_min, alpha_max] in the partial branch
     alpha_max: float = 0.25
-    # Noise augmentation of c_str: a = sigmoid(N(aug_mean, aug_std)), noise std sqrt(1 − a²) ≈ 0.1 at 5.
+    # Noise augmentation of c_str: a = sigmoid(N(aug_mean, aug_std)), noise std sqrt(1 − a²) ≈ 0.12 at 5.
     # The paper's 5 is for VAE latents; on raw pixels (pixel codec) that noise buries the LR's fine
     # detail and the model learns to smooth it — 8 (std ≈ 0.03) learned faster there (README).
     aug_mean: float = 5.0

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 import train_teacher as tt
-from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
