@@ -419,18 +419,21 @@ def save_checkpoint(model: VOSRDiT, path: str, metadata: dict | None = None):
             os.remove(tmp)
 
 
-def load_release_checkpoint(model: VOSRDiT, path: str) -> list[str]:
+def load_release_checkpoint(model: VOSRDiT, path: str, own_rope: bool = False) -> list[str]:
     """Load a released VOSR (or our own) .safetensors strictly; returns the missing keys.
 
     Only r_embedder.* may be missing (a teacher loaded into a student: it stays at its init, and
     contributes nothing at r = t). Any other missing key, any unexpected key, or a shape mismatch
     raises an error naming the key, both shapes and the file. The file's RoPE tables are checked
-    against ours, which verifies the position convention of §5b.
+    against ours, which verifies the position convention of §5b; own_rope=True keeps the model's
+    tables instead (training on from weights of another crop size: stage 2 from stage 1).
     """
     from safetensors.torch import load_file
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     state = load_file(path, device="cpu")
+    if own_rope:
+        state |= {k: v for k, v in model.state_dict().items() if k.startswith("feat_rope.")}
     own = model.state_dict()
     unexpected = [k for k in state if k not in own]
     if unexpected:

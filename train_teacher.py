@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 import degrade
@@ -287,21 +287,14 @@ def load_checkpoint(path: Path, model, ema, opt) -> int:
 
 def init_weights(path: str, model, ema, name: str = "train_teacher.py") -> None:
     """--init: model and EMA both start from the EMA weights of a run dir (its ema.safetensors) or of a
-    weights file in the release layout. The RoPE tables stay this run's own: they follow the crop size
-    (stage 1 at 256², stage 2 at 512²)."""
-    p = Path(path)
-    f = p / "ema.safetensors" if p.is_dir() else p
+    weights file in the release layout; the RoPE tables follow this run's crop (stage 2 from stage 1)."""
+    f = Path(path) / "ema.safetensors" if Path(path).is_dir() else Path(path)
     if not f.is_file():
         raise SystemExit(f"{name}: --init {path}: {f} not found")
-    sd = {k: v for k, v in load_file(str(f)).items() if not k.startswith("feat_rope.")}
     try:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:  # a shape mismatch: another preset or codec
-        raise SystemExit(f"{name}: --init {f} does not fit this model: {e}") from e
-    missing = [k for k in missing if not k.startswith("feat_rope.")]
-    if missing or unexpected:
-        raise SystemExit(f"{name}: --init {f} does not fit this model: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
+        dit.load_release_checkpoint(model, str(f), own_rope=True)
+    except ValueError as e:  # another preset or codec: the loader names the key
+        raise SystemExit(f"{name}: --init {path} does not fit this model: {e}") from e
     ema.load_state_dict(model.state_dict())
     print(f"{name}: weights from {f}")
 
