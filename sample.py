@@ -16,7 +16,6 @@ the semantic tokens once for the whole image as one token map (DINOv2 on overlap
 windows, blended); each tile attends to the crop of that map under it, so neighbours agree.
 
     python sample.py --ckpt RUN_DIR -i LR_DIR -o OUT_DIR [--steps 25] [--guidance 0.5] [--fast]
-    python sample.py --bench [--preset 0.5B] [--size 512] [--bench-json b.json]   # latency, random weights
 """
 from __future__ import annotations
 
@@ -26,7 +25,6 @@ import functools
 import json
 import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -390,7 +388,7 @@ class VOSRPipeline:
                  semantic_tiles="global", timer=None):
         """tile, tile_overlap in output pixels (None: see tile_sizes).
         semantic_tiles: global | per-tile | whole, see tile_semantics.
-        timer: a StageTimer that gets the wall time of each stage (encode, semantic, dit, decode); --bench."""
+        timer: a StageTimer (evaluate.py) that gets the wall time of each stage (encode, semantic, dit, decode)."""
         if scale <= 0:
             raise ValueError(f"scale must be positive, got {scale}")
         if semantic_tiles not in SEMANTIC_TILES:
@@ -569,7 +567,7 @@ def parse_args(argv=None) -> SampleConfig:
     g.add_argument("--light-decoder", default=d.light_decoder, help="lightweight decoder .safetensors")
     g.add_argument("--semantic", default=d.semantic, help="'none', 'random' or a DINOv2 weights file")
     g.add_argument("--semantic-size", type=int, default=d.semantic_size)
-    g = p.add_argument_group("fast paths (same output; python sample.py --bench times them)")
+    g = p.add_argument_group("fast paths (same output; python evaluate.py bench times them)")
     g.add_argument("--fast", action="store_true", help="the safe ones: --reuse-semantics --channels-last")
     g.add_argument("--reuse-semantics", action="store_true",
                    help="project the semantic tokens once per image, not at every step for both branches")
@@ -623,153 +621,5 @@ def main(argv=None) -> int:
     return 1 if failed == len(files) else 0
 
 
-# ----------------------------------------------------------------------------- benchmark (--bench)
-# End-to-end latency of the pipeline above, split by stage, with random weights of the real shapes (nothing
-# is downloaded). It times VOSRPipeline.__call__ itself: the stages are the `with stage(...)` blocks there.
-
-STAGES = ("encode", "semantic", "dit", "decode")  # bicubic + codec encode, DINOv2, all Euler steps, decode
-
-
-class StageTimer:
-    """Wall-clock seconds per stage, summed over calls: `with timer("dit"): ...`. On CUDA it synchronises at
-    both ends, so the kernels a stage queued are charged to that stage and not to the next one."""
-
-    def __init__(self, device):
-        self.sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, stage: str):
-        self.sync()
-        t0 = time.perf_counter()
-        yield
-        self.sync()
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
-
-
-def bench_models(preset: str, size: int, device, semantic_size: int | None = None):
-    """(DiT, codec, semantic encoder), randomly initialised with the shapes of a release.
-
-    0.5B: SD2.1-shaped VAE encoder, the release's light decoder, DINOv2-B at 448² (DESIGN §4). 1.4B: the same
-    VAE shape with 16 latent channels and DINOv2-L (the release's Qwen-Image VAE costs differently).
-    small/tiny: the weight-free pixel codec with patch 1 and a ViT-S at 112², so that a CPU runs them.
-    The DiT has the student's r_embedder; it also serves as the teacher (r = None)."""
-    torch.manual_seed(0)
-    if preset in ("tiny", "small"):
-        codec, patch = vae.PixelCodec(), 1
-        semantic = vae.load_semantic("random-s", semantic_size or 112, device)
-    else:
-        big = preset == "1.4B"
-        codec = vae.random_sd_codec(latent_channels=16 if big else 4, light_decoder=not big)
-        semantic = vae.load_semantic("random-l" if big else "random-b", semantic_size or 448, device)
-        patch = 2
-    unit = codec.factor * patch
-    if size % unit:
-        raise ValueError(f"--size {size} must be a multiple of {unit} (codec factor × patch) for {preset}")
-    with torch.device(device):  # initialised where it runs (0.5 B parameters)
-        model = dit.build(preset, latent_channels=codec.channels, enc_dim=semantic.dim, with_r=True,
-                          train_grid=size // unit, patch_size=patch)  # one tile covers the image
-    return model, codec.to(device), semantic
-
-
-def bench_row(pipe: VOSRPipeline, lr: torch.Tensor, steps: int, repeats: int) -> dict:
-    """Milliseconds per stage and in total of pipe(lr), the mean of `repeats` timed calls after a warm-up."""
-    pipe.student = steps == 1  # one step: the distilled student (one branch); more: the teacher (2B, eq. 2)
-    pipe(lr, 4.0, steps=1)     # warm-up (and compilation); every step has the same shapes
-    timer = StageTimer(pipe.device)
-    for _ in range(repeats):
-        with timer("total"):
-            pipe(lr, 4.0, steps, generator=torch.Generator().manual_seed(0), timer=timer)
-    ms = {f"{k}_ms": timer.seconds[k] / repeats * 1e3 for k in (*STAGES, "total")}
-    return {**ms, "img_per_s": lr.shape[0] / ms["total_ms"] * 1e3}
-
-
-def bench(preset="0.5B", size=512, batches=(1,), steps=(1,), dtypes=("fp32",), paths=("plain",),
-          device="cpu", repeats=1, semantic_size=None, compile_mode="default", verbose=False) -> list[dict]:
-    """One row per (path, dtype, batch, steps): the stage times of bench_row and what was run."""
-    dev = torch.device(device)
-    model, codec, semantic = bench_models(preset, size, dev, semantic_size)
-    path_fast = {"plain": FastPaths(), "fast": FastPaths(reuse_semantics=True, channels_last=True),
-                 "compiled": FastPaths(True, True, compile=compile_mode),
-                 "graphs": FastPaths(True, True, compile=compile_mode, cuda_graphs=True)}
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    rows = []
-    for path in sorted(paths, key=list(path_fast).index):  # plain first: channels_last converts the codec
-        pipe = VOSRPipeline(model, codec, semantic, device=dev, fast=path_fast[path])
-        for dtype in dtypes:
-            pipe.bf16 = dtype == "bf16"  # every network under bf16 autocast, as sample.py --bf16
-            for batch in batches:
-                lr = torch.rand(batch, 3, size // 4, size // 4, generator=torch.Generator().manual_seed(0))
-                for n in steps:
-                    rows.append({"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                                 "preset": preset, "size": size, "path": path, "dtype": dtype, "batch": batch,
-                                 "steps": n, "sampler": "student" if n == 1 else "teacher",
-                                 **bench_row(pipe, lr, n, repeats)})
-                    if verbose:  # each row as soon as it is measured: compiled rows take minutes
-                        print(format_table(rows[-1:]).splitlines()[-1], flush=True)
-    return rows
-
-
-def format_table(rows: list[dict]) -> str:
-    """The rows as an aligned text table, times in ms."""
-    cols = ["path", "dtype", "batch", "steps", "sampler", *(f"{s}_ms" for s in (*STAGES, "total")), "img_per_s"]
-    cells = [[c.replace("_ms", " ms").replace("_per_s", "/s") for c in cols]]
-    cells += [[f"{r[c]:.1f}" if c.endswith("_ms") else f"{r[c]:.2f}" if c == "img_per_s" else str(r[c])
-               for c in cols] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells)
-
-
-def bench_main(argv) -> int:
-    """python sample.py --bench [--preset 0.5B] [--size 512] [--batch 1,8] [--steps 1,25] [--dtypes fp32,bf16]"""
-    cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description="End-to-end SR latency per stage (bicubic+encode, semantic, DiT, "
-                                            "decode) with random weights of the real shapes; nothing is downloaded.")
-    p.add_argument("--bench", action="store_true")
-    p.add_argument("--preset", default="0.5B", choices=sorted(dit.PRESETS),
-                   help="DiT preset; small/tiny run the pixel codec (patch 1) and a ViT-S, for CPUs")
-    p.add_argument("--size", type=int, default=512, help="output side; the LR input is size/4")
-    p.add_argument("--batch", default=None, help="comma list of batch sizes (default 1,8 on CUDA, 1 on CPU)")
-    p.add_argument("--steps", default=None, help="comma list of Euler step counts; 1 = the one-step student, "
-                                                 "more = the guided teacher (default 1,25 on CUDA, 1,4 on CPU)")
-    p.add_argument("--device", default="cuda" if cuda else "cpu")
-    p.add_argument("--dtypes", default=None, help="comma list of fp32, bf16 (bf16 = every network under autocast, "
-                                                  "as sample.py --bf16; default fp32,bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--bf16", action="store_true", help="the same as --dtypes bf16")
-    p.add_argument("--paths", default="plain,fast",
-                   help="comma list: plain (no fast path), fast (sample.py --fast), compiled, graphs")
-    p.add_argument("--compile", action="store_true", help="add rows 'compiled': --fast + torch.compile")
-    p.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. max-autotune on a GPU")
-    p.add_argument("--cuda-graphs", action="store_true", help="add rows 'graphs': compiled + CUDA graphs (CUDA only)")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls per row after one warm-up "
-                                                             "(default 3 on CUDA, 1 on CPU)")
-    p.add_argument("--semantic-size", type=int, default=None, help="semantic encoder input side "
-                                                                   "(default 448; 112 for small/tiny)")
-    p.add_argument("--bench-json", default=None, help="also write the rows as JSON here")
-    a = p.parse_args(argv)
-    on_cuda = torch.device(a.device).type == "cuda"
-    ints = lambda text: [int(v) for v in text.split(",")]
-    paths = a.paths.split(",") + ["compiled"] * a.compile + ["graphs"] * a.cuda_graphs
-    dtypes = ["bf16"] if a.bf16 else (a.dtypes or ("fp32,bf16" if on_cuda else "fp32")).split(",")
-    if a.size % 4 or not set(paths) <= {"plain", "fast", "compiled", "graphs"} or not set(dtypes) <= {"fp32", "bf16"}:
-        p.error("--size must be a multiple of 4; --paths from plain, fast, compiled, graphs; --dtypes from fp32, bf16")
-    if "graphs" in paths and not on_cuda:
-        p.error("--cuda-graphs needs a CUDA device")
-    t0 = time.perf_counter()
-    rows = bench(a.preset, a.size, ints(a.batch or ("1,8" if on_cuda else "1")),
-                 ints(a.steps or ("1,25" if on_cuda else "1,4")), dtypes, list(dict.fromkeys(paths)), a.device,
-                 a.repeats or (3 if on_cuda else 1), a.semantic_size, a.compile_mode, verbose=True)
-    r = rows[0]
-    print(f"sample.py --bench: {r['preset']} at {a.size}², {r['device']}, torch {r['torch']}, {r['threads']} "
-          f"CPU thread(s); mean of {a.repeats or (3 if on_cuda else 1)} timed call(s) after a warm-up")
-    print(format_table(rows))
-    print(f"wall time {time.perf_counter() - t0:.1f} s (models, warm-ups and timed calls)")
-    if a.bench_json:
-        Path(a.bench_json).write_text(json.dumps(rows, indent=2))
-    return 0
-
-
 if __name__ == "__main__":
-    if "--bench" in sys.argv[1:]:
-        sys.exit(bench_main(sys.argv[1:]))
     sys.exit(main())

@@ -1,10 +1,11 @@
-"""Fast paths of the sampler (issue 8) give the plain path's output, and `sample.py --bench` reports stage times."""
+"""Fast paths of the sampler (issue 8) give the plain path's output, and `evaluate.py bench` reports stage times."""
 import json
 
 import pytest
 import torch
 from diffusers import AutoencoderKL
 
+import evaluate
 import sample
 import vae
 from tests.test_sample import tiny_dit
@@ -100,13 +101,13 @@ def test_cli_flags_select_fast_paths():
 
 def test_bench_writes_stage_times(tmp_path, capsys):
     out = tmp_path / "b.json"
-    assert sample.bench_main(["--bench", "--preset", "tiny", "--size", "32", "--semantic-size", "28",
-                              "--steps", "1,2", "--batch", "1,2", "--device", "cpu", "--bench-json", str(out)]) == 0
+    assert evaluate.main(["bench", "--preset", "tiny", "--size", "32", "--semantic-size", "28",
+                          "--steps", "1,2", "--batch", "1,2", "--device", "cpu", "--bench-json", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert [(r["path"], r["batch"], r["steps"], r["sampler"]) for r in rows] == [
         (p, b, s, "student" if s == 1 else "teacher") for p in ("plain", "fast") for b in (1, 2) for s in (1, 2)]
     for r in rows:
-        stages = [r[f"{s}_ms"] for s in sample.STAGES]
+        stages = [r[f"{s}_ms"] for s in evaluate.STAGES]
         assert min(stages) > 0
         assert sum(stages) <= r["total_ms"] <= 1.1 * sum(stages) + 2  # the stages are all of the call
         assert r["img_per_s"] == pytest.approx(r["batch"] / r["total_ms"] * 1e3)
@@ -115,7 +116,7 @@ def test_bench_writes_stage_times(tmp_path, capsys):
 
 
 def test_stage_timer_accumulates():
-    timer = sample.StageTimer("cpu")
+    timer = evaluate.StageTimer("cpu")
     for _ in range(2):
         with timer("a"):
             sum(range(10000))
