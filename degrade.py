@@ -18,6 +18,7 @@ CLI:  python degrade.py -i HR_DIR -o OUT_DIR --crop 256     (writes hr/, lr/, co
       python degrade.py --bench [--device cuda]           (images/s at 512²)
 """
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -158,12 +159,22 @@ def write_image(path, img):
         raise IsADirectoryError(f"cannot write {path}: it is a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = (img.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        Image.fromarray(arr).save(tmp, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
-        os.replace(tmp, path)                   # atomic: readers see the old file or the new one
+        with atomic_path(path) as tmp:
+            Image.fromarray(arr).save(tmp, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
     except OSError as e:
         raise ImageError(f"{path}: cannot write ({e})") from e
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """A hidden temp name beside `path` to write to, renamed onto `path` when the block succeeds and removed
+    otherwise: readers see the old file or the new one, never half of one (images, checkpoints, configs)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

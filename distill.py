@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import dit
 import vae
 from train_teacher import (TrainConfig, build_conditions, config_parser, draw_teacher, fit, interpolate,
-                           save_atomic, setup_distributed)
+                           save_atomic, setup_distributed, write_json)
 
 
 @dataclass
@@ -216,9 +216,7 @@ def export_student(run_dir: str, out_dir: str, note: str = "") -> Path:
     state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(src / "ema.safetensors")).items()}
     save_atomic(state, out / "ema.safetensors")
     keep = {k: conf[k] for k in EXPORT_KEYS if k in conf} | ({"note": note} if note else {})
-    tmp = out / "config.json.tmp"
-    tmp.write_text(json.dumps(keep, indent=2))
-    tmp.replace(out / "config.json")
+    write_json(keep, out / "config.json")
     return out
 
 

@@ -50,7 +50,7 @@ from tqdm import tqdm
 import dit
 import sample
 import vae
-from degrade import ImageError, find_images, read_image, write_image
+from degrade import ImageError, atomic_path, find_images, read_image, write_image
 
 
 @dataclass
@@ -438,12 +438,12 @@ def convert_archives(archives, cache):
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     for name, tensors in out.items():
-        path, tmp = cache / name, cache / f".{name}.tmp"
-        if name.startswith("niqe"):
-            save_numpy(tensors, str(tmp))
-        else:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, path)  # atomic: a crash never leaves a half-written weight file
+        path = cache / name
+        with atomic_path(path) as tmp:  # a crash never leaves a half-written weight file
+            if name.startswith("niqe"):
+                save_numpy(tensors, str(tmp))
+            else:
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         print(f"wrote {path}  ({len(tensors)} tensors, {path.stat().st_size / 2 ** 20:.1f} MiB)")
     return [cache / name for name in out]
 
@@ -571,13 +571,11 @@ def write_csv(path, rows, names, mean=True):
     """Per-image rows then (if mean) the mean row; atomic."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", *names])
         for r in rows + ([mean_row(rows, names)] if mean else []):
             w.writerow([r["image"], *(f"{r[n]:.6f}" for n in names)])
-    os.replace(tmp, path)
 
 
 def format_table(rows, names, skipped, max_rows=30):

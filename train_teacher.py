@@ -253,10 +253,15 @@ def ema_update(ema, model, decay: float):
 
 
 def save_atomic(tensors: dict, path: Path, metadata: dict | None = None):
-    """safetensors write to a temp file, then rename: a crash never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    """safetensors, written atomically: a crash never leaves a half-written file."""
+    with degrade.atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def write_json(obj: dict, path: Path):
+    """config.json and the like, written atomically."""
+    with degrade.atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2))
 
 
 def save_checkpoint(run: Path, model, ema, opt, step: int):
@@ -383,9 +388,7 @@ def write_run_config(cfg: TrainConfig, run: Path, model, semantic):
     if semantic is not None and cfg.semantic.startswith("random"):
         vae.save_semantic(semantic, run / "semantic.safetensors")  # random init travels with the run
         conf["semantic"] = "semantic.safetensors"
-    tmp = run / "config.json.tmp"
-    tmp.write_text(json.dumps(conf, indent=2))
-    os.replace(tmp, run / "config.json")
+    write_json(conf, run / "config.json")
 
 
 def draw_teacher(cfg: TrainConfig, latent_shape, g: torch.Generator) -> dict:
