@@ -563,7 +563,7 @@ def parse_args(argv=None) -> SampleConfig:
                    help="force teacher (0) / student (1) sampling; default: from the checkpoint")
     g = p.add_argument_group("bare release checkpoints (a run dir records these itself)")
     g.add_argument("--preset", default=d.preset, choices=sorted(dit.PRESETS))
-    g.add_argument("--codec", default=d.codec, help="'pixel' or a diffusers VAE folder")
+    g.add_argument("--codec", default=d.codec, help="'pixel' (8×8 blocks), 'pixel4' (4×4) or a diffusers VAE folder")
     g.add_argument("--light-decoder", default=d.light_decoder, help="lightweight decoder .safetensors")
     g.add_argument("--semantic", default=d.semantic, help="'none', 'random' or a DINOv2 weights file")
     g.add_argument("--semantic-size", type=int, default=d.semantic_size)

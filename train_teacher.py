@@ -49,7 +49,7 @@ class TrainConfig:
     val_data: str | None = None       # held-out HR folder: validation loss + LR|sample|HR grid
     preset: str = "tiny"              # model preset of dit.py
     patch_size: int = 2               # DiT patch side in latent pixels (2 in the paper)
-    codec: str = "pixel"              # 'pixel' or a diffusers VAE folder
+    codec: str = "pixel"              # 'pixel' (8×8 blocks), 'pixel4' (4×4) or a diffusers VAE folder
     light_decoder: str | None = None  # lightweight decoder .safetensors (sampling only)
     semantic: str = "random"          # 'none', 'random' (seeded ViT-S/14) or a DINOv2 weights file
     semantic_size: int = 224          # input side of the semantic encoder (448 in the paper)

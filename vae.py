@@ -90,19 +90,23 @@ class Codec(nn.Module):
 
 
 class PixelCodec(Codec):
-    """Exact, weight-free 8x8 space-to-depth: channel c*64 + 8*i + j holds pixel (8y+i, 8x+j) of colour c."""
+    """Exact, weight-free 8x8 space-to-depth: channel c*64 + 8*i + j holds pixel (8y+i, 8x+j) of colour c.
+
+    factor 8 matches the SD VAE's downsampling ('pixel'); 'pixel4' gives 4x4 blocks (48 channels): 4x the
+    tokens of a crop, each carrying fewer values, for small models that must model fine detail."""
 
     def __init__(self, factor: int = 8):
         super().__init__()
-        self.factor, self.channels, self.spec = factor, 3 * factor * factor, "pixel"
+        self.factor, self.channels = factor, 3 * factor * factor
+        self.spec = "pixel" if factor == 8 else f"pixel{factor}"
 
     def encode(self, img: torch.Tensor, generator=None, mode: bool = False) -> torch.Tensor:
-        """(B,3,H,W) -> (B,192,H/8,W/8); generator/mode are accepted for interface parity and ignored."""
+        """(B,3,H,W) -> (B,3f²,H/f,W/f) (192 channels at f = 8); generator/mode are ignored (interface parity)."""
         self._check(img)
         return F.pixel_unshuffle(img.float(), self.factor)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """(B,192,h,w) -> (B,3,8h,8w); the exact inverse of encode."""
+        """(B,3f²,h,w) -> (B,3,fh,fw); the exact inverse of encode."""
         return F.pixel_shuffle(latent.float(), self.factor)
 
 
@@ -197,14 +201,19 @@ class DiffusersCodec(Codec):
 
 
 def load_codec(spec: str, light_decoder: str | None = None, device="cpu", dtype=torch.float32) -> Codec:
-    """'pixel' or a diffusers VAE folder (config.json, or a pipeline folder with vae/config.json)."""
-    if spec == "pixel":
+    """'pixel' (8x8 blocks), 'pixelN' (NxN blocks) or a diffusers VAE folder (config.json, or a pipeline
+    folder with vae/config.json)."""
+    pixel = re.fullmatch(r"pixel(\d*)", spec)
+    if pixel:
         if light_decoder:
             raise ValueError(f"a light decoder ({light_decoder}) cannot be used with the pixel codec")
-        return PixelCodec().to(device)
+        factor = int(pixel.group(1) or 8)
+        if factor not in (2, 4, 8, 16):
+            raise ValueError(f"codec {spec!r}: the pixel codec's block side must be 2, 4, 8 or 16")
+        return PixelCodec(factor).to(device)
     folder = Path(spec)
     if not folder.is_dir():
-        raise FileNotFoundError(f"codec folder not found: {folder} (give 'pixel' or a diffusers VAE folder)")
+        raise FileNotFoundError(f"codec folder not found: {folder} (give 'pixel', 'pixel4' or a diffusers VAE folder)")
     if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
         folder = folder / "vae"
     if not (folder / "config.json").is_file():

@@ -139,6 +139,25 @@ def test_cli_end_to_end_with_bad_file(tmp_path):
     assert not (out / "broken.png").exists()
 
 
+def test_run_with_the_4x4_pixel_codec_samples(tmp_path):
+    """A teacher trained with --codec pixel4 (48 channels) is rebuilt with that codec by sample.py, its
+    default tile is its 32-pixel training crop (4 tokens × patch 2 × block 4), and it samples a folder."""
+    import train_teacher as tt
+    run = tmp_path / "run"
+    tt.train(tt.TrainConfig(data=str(make_photos(tmp_path / "photos", n=2)), out=str(run), preset="tiny",
+                            codec="pixel4", semantic="none", degradation="bicubic", size=32, batch=2, steps=1,
+                            workers=0, device="cpu"))
+    pipe, conf = sample.load_pipeline(sample.SampleConfig(ckpt=str(run), device="cpu"))
+    assert conf["codec"] == "pixel4" and (pipe.codec.factor, pipe.model.latent_channels) == (4, 48)
+    assert pipe.tile_sizes() == (32, 4)
+    lr_dir = tmp_path / "lr"
+    lr_dir.mkdir()
+    Image.new("RGB", (12, 9), (120, 30, 200)).save(lr_dir / "a.png")
+    assert sample.main(["--ckpt", str(run), "-i", str(lr_dir), "-o", str(tmp_path / "out"), "--steps", "2",
+                        "--device", "cpu"]) == 0
+    assert Image.open(tmp_path / "out" / "a.png").size == (48, 36)
+
+
 def test_shipped_demo_model_runs(tmp_path, capsys):
     """The committed demo checkpoint: small enough to ship, loads strictly, and upsamples a photo-like image
     4× better than a flat guess (it is a trained model: its output must follow the input's structure)."""

@@ -22,22 +22,29 @@ STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 # pixel codec
 # ----------------------------------------------------------------------------------------------------
 
-def test_pixel_codec_exact_and_layout():
+@pytest.mark.parametrize("spec,f", [("pixel", 8), ("pixel4", 4)])
+def test_pixel_codec_exact_and_layout(spec, f):
     g = torch.Generator().manual_seed(0)
     img = torch.rand(2, 3, 16, 24, generator=g) * 2 - 1
-    codec = vae.load_codec("pixel")
+    codec = vae.load_codec(spec)
     z = codec.encode(img)
-    assert (codec.channels, codec.factor) == (192, 8) and z.shape == (2, 192, 2, 3)
+    assert (codec.channels, codec.factor) == (3 * f * f, f) and z.shape == (2, 3 * f * f, 16 // f, 24 // f)
     naive = torch.empty_like(z)
     for c in range(3):
-        for i in range(8):
-            for j in range(8):
-                naive[:, c * 64 + i * 8 + j] = img[:, c, i::8, j::8]
+        for i in range(f):
+            for j in range(f):
+                naive[:, c * f * f + i * f + j] = img[:, c, i::f, j::f]
     assert torch.equal(z, naive)
     assert torch.equal(codec.decode(z), img)
-    assert codec_spec_round_trip(codec) == {"codec": "pixel", "light_decoder": None}
-    with pytest.raises(ValueError, match="multiples of 8"):
-        codec.encode(img[:, :, :12])
+    assert codec_spec_round_trip(codec) == {"codec": spec, "light_decoder": None}
+    with pytest.raises(ValueError, match=f"multiples of {f}"):
+        codec.encode(img[:, :, :f + 2])
+
+
+def test_pixel_codec_rejects_odd_block_sides():
+    for spec in ("pixel3", "pixel32", "pixels"):
+        with pytest.raises((ValueError, FileNotFoundError), match=spec):
+            vae.load_codec(spec)
 
 
 def codec_spec_round_trip(codec):
