@@ -201,7 +201,7 @@ def _crop(img: torch.Tensor, y: int, x: int, h: int, w: int) -> torch.Tensor:
 def tiled_encode(codec, img: torch.Tensor, size: tuple[int, int], tile: int = 512, overlap: int = 64, encode=None):
     """img (B,3,H,W) in [0,1] reflect-padded to size = (H', W') → latent (B,C,H'/f,W'/f), tile by tile.
 
-    Posterior means (mode=True), so overlapping tiles agree. The pixel codec maps every 8×8 block on
+    Posterior means (mode=True), so overlapping tiles agree. The pixel codec maps every f×f block on
     its own: its tiles need no overlap and are copied, which makes tiling exact.
     encode: what encodes one tile; default codec.encode (the pipeline passes a compiled one on its fast path)."""
     encode = encode or codec.encode

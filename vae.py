@@ -90,9 +90,9 @@ class Codec(nn.Module):
 
 
 class PixelCodec(Codec):
-    """Exact, weight-free 8x8 space-to-depth: channel c*64 + 8*i + j holds pixel (8y+i, 8x+j) of colour c.
+    """Exact, weight-free f×f space-to-depth: channel c·f² + f·i + j holds pixel (fy+i, fx+j) of colour c.
 
-    factor 8 matches the SD VAE's downsampling ('pixel'); 'pixel4' gives 4x4 blocks (48 channels): 4x the
+    f = 8 matches the SD VAE's downsampling ('pixel'); 'pixel4' gives 4x4 blocks (48 channels): 4x the
     tokens of a crop, each carrying fewer values, for small models that must model fine detail."""
 
     def __init__(self, factor: int = 8):
