@@ -879,47 +879,25 @@ def bench_table(rows: list[dict]) -> str:
     return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells)
 
 
-def bench_main(argv) -> int:
+def bench_cli(a) -> int:
     """python evaluate.py bench [--preset 0.5B] [--size 512] [--batch 1,8] [--steps 1,25] [--dtypes fp32,bf16]"""
-    cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(prog="evaluate.py bench", description="End-to-end SR latency per stage (bicubic+encode, semantic, DiT, "
-                                            "decode) with random weights of the real shapes; nothing is downloaded.")
-    p.add_argument("--preset", default="0.5B", choices=sorted(dit.PRESETS),
-                   help="DiT preset; small/tiny run the pixel codec (patch 1) and a ViT-S, for CPUs")
-    p.add_argument("--size", type=int, default=512, help="output side; the LR input is size/4")
-    p.add_argument("--batch", default=None, help="comma list of batch sizes (default 1,8 on CUDA, 1 on CPU)")
-    p.add_argument("--steps", default=None, help="comma list of Euler step counts; 1 = the one-step student, "
-                                                 "more = the guided teacher (default 1,25 on CUDA, 1,4 on CPU)")
-    p.add_argument("--device", default="cuda" if cuda else "cpu")
-    p.add_argument("--dtypes", default=None, help="comma list of fp32, bf16 (bf16 = every network under autocast, "
-                                                  "as sample.py --bf16; default fp32,bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--bf16", action="store_true", help="the same as --dtypes bf16")
-    p.add_argument("--paths", default="plain,fast",
-                   help="comma list: plain (no fast path), fast (sample.py --fast), compiled, graphs")
-    p.add_argument("--compile", action="store_true", help="add rows 'compiled': --fast + torch.compile")
-    p.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. max-autotune on a GPU")
-    p.add_argument("--cuda-graphs", action="store_true", help="add rows 'graphs': compiled + CUDA graphs (CUDA only)")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls per row after one warm-up "
-                                                             "(default 3 on CUDA, 1 on CPU)")
-    p.add_argument("--semantic-size", type=int, default=None, help="semantic encoder input side "
-                                                                   "(default 448; 112 for small/tiny)")
-    p.add_argument("--bench-json", default=None, help="also write the rows as JSON here")
-    a = p.parse_args(argv)
     on_cuda = torch.device(a.device).type == "cuda"
     ints = lambda text: [int(v) for v in text.split(",")]
     paths = a.paths.split(",") + ["compiled"] * a.compile + ["graphs"] * a.cuda_graphs
     dtypes = ["bf16"] if a.bf16 else (a.dtypes or ("fp32,bf16" if on_cuda else "fp32")).split(",")
     if a.size % 4 or not set(paths) <= {"plain", "fast", "compiled", "graphs"} or not set(dtypes) <= {"fp32", "bf16"}:
-        p.error("--size must be a multiple of 4; --paths from plain, fast, compiled, graphs; --dtypes from fp32, bf16")
+        raise SystemExit("evaluate.py bench: --size must be a multiple of 4; --paths from plain, fast, compiled, "
+                         "graphs; --dtypes from fp32, bf16")
     if "graphs" in paths and not on_cuda:
-        p.error("--cuda-graphs needs a CUDA device")
+        raise SystemExit("evaluate.py bench: --cuda-graphs needs a CUDA device")
+    repeats = a.repeats or (3 if on_cuda else 1)
     t0 = time.perf_counter()
     rows = bench(a.preset, a.size, ints(a.batch or ("1,8" if on_cuda else "1")),
                  ints(a.steps or ("1,25" if on_cuda else "1,4")), dtypes, list(dict.fromkeys(paths)), a.device,
-                 a.repeats or (3 if on_cuda else 1), a.semantic_size, a.compile_mode, verbose=True)
+                 repeats, a.semantic_size, a.compile_mode, verbose=True)
     r = rows[0]
     print(f"evaluate.py bench: {r['preset']} at {a.size}², {r['device']}, torch {r['torch']}, {r['threads']} "
-          f"CPU thread(s); mean of {a.repeats or (3 if on_cuda else 1)} timed call(s) after a warm-up")
+          f"CPU thread(s); mean of {repeats} timed call(s) after a warm-up")
     print(bench_table(rows))
     print(f"wall time {time.perf_counter() - t0:.1f} s (models, warm-ups and timed calls)")
     if a.bench_json:
@@ -992,8 +970,30 @@ def build_parser():
     se.add_argument("--guidance", type=float, default=0.5)
     se.add_argument("--seed", type=int, default=0)
     se.set_defaults(func=seams)
-    sub.add_parser("bench", add_help=False, help="SR latency per stage with random weights of the real shapes "
-                                                  "(evaluate.py bench --help)")
+    be = sub.add_parser("bench", help="SR latency per stage with random weights of the real shapes",
+                        description="End-to-end SR latency per stage (bicubic+encode, semantic, DiT, decode) with "
+                                    "random weights of the real shapes; nothing is downloaded.")
+    be.add_argument("--preset", default="0.5B", choices=sorted(dit.PRESETS),
+                   help="DiT preset; small/tiny run the pixel codec (patch 1) and a ViT-S, for CPUs")
+    be.add_argument("--size", type=int, default=512, help="output side; the LR input is size/4")
+    be.add_argument("--batch", default=None, help="comma list of batch sizes (default 1,8 on CUDA, 1 on CPU)")
+    be.add_argument("--steps", default=None, help="comma list of Euler step counts; 1 = the one-step student, "
+                                                 "more = the guided teacher (default 1,25 on CUDA, 1,4 on CPU)")
+    be.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    be.add_argument("--dtypes", default=None, help="comma list of fp32, bf16 (bf16 = every network under autocast, "
+                                                  "as sample.py --bf16; default fp32,bf16 on CUDA, fp32 on CPU)")
+    be.add_argument("--bf16", action="store_true", help="the same as --dtypes bf16")
+    be.add_argument("--paths", default="plain,fast",
+                   help="comma list: plain (no fast path), fast (sample.py --fast), compiled, graphs")
+    be.add_argument("--compile", action="store_true", help="add rows 'compiled': --fast + torch.compile")
+    be.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. max-autotune on a GPU")
+    be.add_argument("--cuda-graphs", action="store_true", help="add rows 'graphs': compiled + CUDA graphs (CUDA only)")
+    be.add_argument("--repeats", type=int, default=None, help="timed calls per row after one warm-up "
+                                                             "(default 3 on CUDA, 1 on CPU)")
+    be.add_argument("--semantic-size", type=int, default=None, help="semantic encoder input side "
+                                                                   "(default 448; 112 for small/tiny)")
+    be.add_argument("--bench-json", default=None, help="also write the rows as JSON here")
+    be.set_defaults(func=bench_cli)
     return ap
 
 
@@ -1003,8 +1003,6 @@ def main(argv=None):
     if not argv:
         ap.print_help()
         return 2
-    if argv[0] == "bench":
-        return bench_main(argv[1:])
     if argv[0] not in SUBCOMMANDS + ("-h", "--help"):
         argv.insert(0, "score")  # `python evaluate.py --sr A --hr B` means `score`
     # `--guidance -0.5,0,1` would read as an unknown option to argparse: glue the list to its flag
