@@ -431,10 +431,9 @@ def load_release_checkpoint(model: VOSRDiT, path: str, own_rope: bool = False) -
     from safetensors.torch import load_file
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = load_file(path, device="cpu")
+    state, own = load_file(path, device="cpu"), model.state_dict()
     if own_rope:
-        state |= {k: v for k, v in model.state_dict().items() if k.startswith("feat_rope.")}
-    own = model.state_dict()
+        state |= {k: v for k, v in own.items() if k.startswith("feat_rope.")}
     unexpected = [k for k in state if k not in own]
     if unexpected:
         hint = " (a student checkpoint: build the model with with_r=True)" if unexpected[0].startswith("r_embedder.") else ""
