@@ -974,24 +974,24 @@ def build_parser():
                         description="End-to-end SR latency per stage (bicubic+encode, semantic, DiT, decode) with "
                                     "random weights of the real shapes; nothing is downloaded.")
     be.add_argument("--preset", default="0.5B", choices=sorted(dit.PRESETS),
-                   help="DiT preset; small/tiny run the pixel codec (patch 1) and a ViT-S, for CPUs")
+                    help="DiT preset; small/tiny run the pixel codec (patch 1) and a ViT-S, for CPUs")
     be.add_argument("--size", type=int, default=512, help="output side; the LR input is size/4")
     be.add_argument("--batch", default=None, help="comma list of batch sizes (default 1,8 on CUDA, 1 on CPU)")
     be.add_argument("--steps", default=None, help="comma list of Euler step counts; 1 = the one-step student, "
-                                                 "more = the guided teacher (default 1,25 on CUDA, 1,4 on CPU)")
+                                                  "more = the guided teacher (default 1,25 on CUDA, 1,4 on CPU)")
     be.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     be.add_argument("--dtypes", default=None, help="comma list of fp32, bf16 (bf16 = every network under autocast, "
-                                                  "as sample.py --bf16; default fp32,bf16 on CUDA, fp32 on CPU)")
+                                                   "as sample.py --bf16; default fp32,bf16 on CUDA, fp32 on CPU)")
     be.add_argument("--bf16", action="store_true", help="the same as --dtypes bf16")
     be.add_argument("--paths", default="plain,fast",
-                   help="comma list: plain (no fast path), fast (sample.py --fast), compiled, graphs")
+                    help="comma list: plain (no fast path), fast (sample.py --fast), compiled, graphs")
     be.add_argument("--compile", action="store_true", help="add rows 'compiled': --fast + torch.compile")
     be.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. max-autotune on a GPU")
     be.add_argument("--cuda-graphs", action="store_true", help="add rows 'graphs': compiled + CUDA graphs (CUDA only)")
     be.add_argument("--repeats", type=int, default=None, help="timed calls per row after one warm-up "
-                                                             "(default 3 on CUDA, 1 on CPU)")
+                                                              "(default 3 on CUDA, 1 on CPU)")
     be.add_argument("--semantic-size", type=int, default=None, help="semantic encoder input side "
-                                                                   "(default 448; 112 for small/tiny)")
+                                                                    "(default 448; 112 for small/tiny)")
     be.add_argument("--bench-json", default=None, help="also write the rows as JSON here")
     be.set_defaults(func=bench_cli)
     return ap
