@@ -678,7 +678,14 @@ def grid(args):
     from PIL import Image, ImageDraw
     columns = [("bicubic", None)] + [tuple(c.rsplit("=", 1)) for c in args.sr] + [("HR", args.hr)]
     pairs, _ = pair_images(args.lr, args.hr)
-    pairs = [p for p in pairs if not args.images or p[0] in args.images.split(",")][:args.n]
+    pairs = [p for p in pairs if not args.images or p[0] in args.images.split(",")]
+    # the SR files of each column, matched to the HR names as the scores match them
+    found = {folder: {k: sr for k, sr, _ in pair_images(folder, args.hr)[0]} for _, folder in columns[1:-1]}
+    for key, _, _ in pairs:
+        for folder in found:
+            if key not in found[folder]:
+                print(f"warning: {key}: no image with this name in {folder}; row left out", file=sys.stderr)
+    pairs = [p for p in pairs if all(p[0] in f for f in found.values())][:args.n]
     if not pairs:
         print("error: no LR/HR pair to show", file=sys.stderr)
         return 1
@@ -691,7 +698,7 @@ def grid(args):
             if folder is None:
                 img = F.interpolate(read_image(lr_path)[None], size=(H, W), mode="bicubic", align_corners=False)[0]
             else:
-                img = read_image(next(p for p in find_images(folder) if p.stem == key))
+                img = hr if folder == args.hr else read_image(found[folder][key])
             z = min(H, W) // 4  # zoom: the centre z×z crop, scaled to the image width
             crop = img[:, (H - z) // 2:(H + z) // 2, (W - z) // 2:(W + z) // 2]
             crop = F.interpolate(crop[None], size=(W, W), mode="nearest")[0]
@@ -703,7 +710,7 @@ def grid(args):
     W = sheet.shape[-1] // len(columns)
     for i, (name, _) in enumerate(columns):
         d.text((i * W + 4, 4), name, fill=(255, 255, 0))
-    write_image(args.out, torch.from_numpy(np.asarray(pil)).permute(2, 0, 1).float() / 255)
+    write_image(args.out, torch.from_numpy(np.array(pil)).permute(2, 0, 1).float() / 255)
     print(f"wrote {args.out}")
     return 0
 

@@ -395,6 +395,28 @@ def test_cli_scores_folders_and_reports_problems(tmp_path):
     assert "mean" in r.stdout
 
 
+def test_grid_matches_sr_files_by_name_and_leaves_out_missing_rows(tmp_path, capsys):
+    """Each grid cell is its file (SR found by name as `score` pairs them); an image missing from a
+    column is reported by name and its row left out, the rest still drawn."""
+    dirs = {d: tmp_path / d for d in ("lr", "hr", "sr")}
+    for d in dirs.values():
+        d.mkdir()
+    for k, name in enumerate(("a", "b")):
+        save(dirs["lr"] / f"{name}.png", textured(40 + k, 8, 12))
+        save(dirs["hr"] / f"{name}.png", textured(50 + k, 32, 48))
+    sr = textured(60, 32, 48)
+    save(dirs["sr"] / "b.png", sr)  # no a.png
+    out = tmp_path / "grid.png"
+    assert E.main(["grid", "--lr", str(dirs["lr"]), "--hr", str(dirs["hr"]), "--sr", f"model={dirs['sr']}",
+                   "--out", str(out)]) == 0
+    assert "a: no image with this name" in capsys.readouterr().err
+    sheet = np.asarray(Image.open(out))
+    assert sheet.shape == (32 + 48, 3 * 48, 3)  # one row: image over its zoomed crop; 3 columns
+    # below the labels, the SR and HR cells are the files themselves
+    assert np.array_equal(sheet[16:32, 48:96], sr[16:32])
+    assert np.array_equal(sheet[16:32, 96:144], np.asarray(Image.open(dirs["hr"] / "b.png"))[16:32])
+
+
 def test_cli_exits_nonzero_when_nothing_compares(tmp_path):
     (tmp_path / "sr").mkdir()
     (tmp_path / "hr").mkdir()
