@@ -523,19 +523,22 @@ def build_scorers(names, crop=4, device="cpu", cache=None):
     return scorers, skipped
 
 
+def index_images(root):
+    """{key: path} of a folder's images, keyed by relative path without extension; and the duplicates."""
+    root, found, dupes = Path(root), {}, []
+    for p in find_images(root):
+        key = p.relative_to(root).with_suffix("").as_posix() if root.is_dir() else p.stem
+        if key in found:  # a.png next to a.jpg
+            dupes.append(p)
+        else:
+            found[key] = p
+    return found, dupes
+
+
 def pair_images(sr_dir, hr_dir):
     """Match SR and HR files by relative path without extension (= file stem in flat folders)."""
-    def index(root):
-        root, found, dupes = Path(root), {}, []
-        for p in find_images(root):
-            key = p.relative_to(root).with_suffix("").as_posix() if root.is_dir() else p.stem
-            if key in found:  # a.png next to a.jpg
-                dupes.append(p)
-            else:
-                found[key] = p
-        return found, dupes
-    sr, sr_dupes = index(sr_dir)
-    hr, hr_dupes = index(hr_dir)
+    sr, sr_dupes = index_images(sr_dir)
+    hr, hr_dupes = index_images(hr_dir)
     problems = [f"{p}: another file with the same name was used instead" for p in sr_dupes + hr_dupes]
     problems += [f"{hr[k]}: no SR image with this name in {sr_dir}" for k in sorted(hr.keys() - sr.keys())]
     problems += [f"{sr[k]}: no HR image with this name in {hr_dir}" for k in sorted(sr.keys() - hr.keys())]
@@ -679,26 +682,27 @@ def grid(args):
     columns = [("bicubic", None)] + [tuple(c.rsplit("=", 1)) for c in args.sr] + [("HR", args.hr)]
     pairs, _ = pair_images(args.lr, args.hr)
     pairs = [p for p in pairs if not args.images or p[0] in args.images.split(",")]
-    # the SR files of each column, matched to the HR names as the scores match them
-    found = {folder: {k: sr for k, sr, _ in pair_images(folder, args.hr)[0]} for _, folder in columns[1:-1]}
-    for key, _, _ in pairs:
-        for folder in found:
-            if key not in found[folder]:
-                print(f"warning: {key}: no image with this name in {folder}; row left out", file=sys.stderr)
-    pairs = [p for p in pairs if all(p[0] in f for f in found.values())][:args.n]
+    # each image column's files, keyed by name as `score` pairs them (the HR column is one of them)
+    found = {folder: index_images(folder)[0] for _, folder in columns[1:]}
+    keep = []
+    for p in pairs:
+        missing = [folder for folder in found if p[0] not in found[folder]]
+        for folder in missing:
+            print(f"warning: {p[0]}: no image with this name in {folder}; row left out", file=sys.stderr)
+        if not missing:
+            keep.append(p)
+    pairs = keep[:args.n]
     if not pairs:
         print("error: no LR/HR pair to show", file=sys.stderr)
         return 1
     rows = []
-    for key, lr_path, hr_path in pairs:
-        hr = read_image(hr_path)
-        H, W = hr.shape[-2:]
+    for key, lr_path, _ in pairs:
+        imgs = {folder: read_image(found[folder][key]) for folder in found}  # each (3,H,W) in [0,1]
+        H, W = imgs[args.hr].shape[-2:]
+        imgs[None] = F.interpolate(read_image(lr_path)[None], size=(H, W), mode="bicubic", align_corners=False)[0]  # bicubic column
         cells = []
-        for name, folder in columns:
-            if folder is None:
-                img = F.interpolate(read_image(lr_path)[None], size=(H, W), mode="bicubic", align_corners=False)[0]
-            else:
-                img = hr if folder == args.hr else read_image(found[folder][key])
+        for _, folder in columns:
+            img = imgs[folder]
             z = min(H, W) // 4  # zoom: the centre z×z crop, scaled to the image width
             crop = img[:, (H - z) // 2:(H + z) // 2, (W - z) // 2:(W + z) // 2]
             crop = F.interpolate(crop[None], size=(W, W), mode="nearest")[0]
