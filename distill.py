@@ -204,8 +204,9 @@ EXPORT_KEYS = ("preset", "patch_size", "codec", "light_decoder", "semantic", "se
                "enc_dim", "mode", "degradation", "size", "teacher", "method", "omega", "steps", "batch", "lr", "ema")
 
 
-def export_student(run_dir: str, out_dir: str, note: str = "") -> Path:
-    """A run's EMA weights as fp16 safetensors + the config keys sample.py needs: a small, shippable model."""
+def export_run(run_dir: str, out_dir: str, note: str = "") -> Path:
+    """A run's EMA weights (teacher or student) as fp16 safetensors + the config keys sample.py needs: a
+    small, shippable model, which train_teacher.py --init can also start from."""
     from safetensors.torch import load_file
     src, out = Path(run_dir), Path(out_dir)
     conf = json.loads((src / "config.json").read_text())
@@ -228,7 +229,7 @@ if __name__ == "__main__":
         ap.add_argument("--to", required=True, metavar="OUT_DIR")
         ap.add_argument("--note", default="", help="a line saved in config.json, e.g. what the model is")
         a = ap.parse_args()
-        out = export_student(a.export, a.to, a.note)
+        out = export_run(a.export, a.to, a.note)
         print(f"distill.py: wrote {out}/ema.safetensors ({(out / 'ema.safetensors').stat().st_size / 1e6:.1f} MB, fp16)")
         sys.exit(0)
     main()

@@ -151,7 +151,7 @@ def test_export_fp16_and_default_ckpt(tmp_path, monkeypatch, capsys):
                             degradation="bicubic", size=32, batch=2, steps=1, workers=0, device="cpu"))
     distill.main(["--teacher", str(teacher), "--data", str(photos), "--out", str(student), "--size", "32",
                   "--batch", "2", "--steps", "1", "--workers", "0", "--device", "cpu"])
-    demo = distill.export_student(str(student), str(tmp_path / "demo"), note="test model")
+    demo = distill.export_run(str(student), str(tmp_path / "demo"), note="test model")
     full, half = load_file(str(student / "ema.safetensors")), load_file(str(demo / "ema.safetensors"))
     assert full.keys() == half.keys()
     assert all(torch.equal(half[k], full[k].half() if full[k].is_floating_point() else full[k]) for k in full)

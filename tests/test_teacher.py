@@ -216,3 +216,18 @@ def test_init_starts_from_another_runs_ema(tmp_path):
     assert a["model.feat_rope.freqs_cos"].shape != b["model.feat_rope.freqs_cos"].shape  # its own grid
     with pytest.raises(SystemExit, match="does not fit"):
         tt.train(_cfg(tmp_path, photos, out=str(tmp_path / "c"), steps=1, preset="small", init=str(tmp_path / "a")))
+
+
+def test_init_from_an_fp16_export(tmp_path):
+    """--init also takes an exported model folder (distill.py --export: fp16 EMA + config), the way a
+    committed checkpoint carries a CPU run from one session to the next."""
+    import distill
+    photos = make_photos(tmp_path / "photos")
+    tt.train(_cfg(tmp_path, photos, out=str(tmp_path / "a"), steps=2))
+    exported = distill.export_run(str(tmp_path / "a"), str(tmp_path / "export"))
+    tt.train(_cfg(tmp_path, photos, out=str(tmp_path / "b"), steps=1, lr=0.0, weight_decay=0.0,
+                  init=str(exported)))
+    a, b = load_file(str(tmp_path / "a" / "ema.safetensors")), load_file(str(tmp_path / "b" / "ckpt.safetensors"))
+    assert b["model.blocks.0.attn.qkv.weight"].dtype == torch.float32  # trained in fp32, not in fp16
+    for k in (k for k in a if "feat_rope" not in k):  # RoPE tables are this run's own, not loaded
+        assert torch.equal(b["model." + k], a[k].half().float()), k
