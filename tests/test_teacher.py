@@ -32,6 +32,22 @@ def make_photos(folder: Path, n=6, size=(80, 96), seed=0):
     return folder
 
 
+def test_cached_crops_equal_uncached_and_decode_each_photo_once(tmp_path, monkeypatch):
+    photos = make_photos(tmp_path / "photos", n=3)
+    (photos / "broken.png").write_bytes(b"not a png")
+    plain = tt.HRCrops(str(photos), 32, seed=5)
+    expected = [plain[i] for i in range(40)]
+    assert len(plain.bad) == 1  # the broken file was drawn, so the cache meets it too
+    reads = []
+    read_image = tt.degrade.read_image
+    monkeypatch.setattr(tt.degrade, "read_image", lambda f: reads.append(f) or read_image(f))
+    cached = tt.HRCrops(str(photos), 32, seed=5, cache=True)
+    for i in range(40):
+        assert torch.equal(cached[i], expected[i])
+    assert sorted(reads) == sorted(cached.files)  # each photo (and the broken file) decoded once
+    assert cached.bad == plain.bad and len(cached.cache) == 3
+
+
 def test_build_conditions_by_hand():
     B = 4
     c_str = torch.ones(B, 2, 2, 2)
