@@ -79,7 +79,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 2
     cache_images: bool = False        # keep decoded photos in RAM (per worker): for small folders, where
-                                      # decoding 16 photos a step costs ~15% of a CPU training step
+                                      # decoding 16 photos a step cost a fifth of a CPU training step
     log_every: int = 10
     val_every: int = 100
     val_steps: int = 10               # Euler steps of the validation grid samples
@@ -145,6 +145,7 @@ class HRCrops(torch.utils.data.Dataset):
             return random_crop(img, self.size, g)
 
     def read(self, k: int) -> torch.Tensor:
+        """File k decoded; with the cache, decoded once (a failure is not cached: __getitem__ marks it bad)."""
         if self.cache is None:
             return degrade.read_image(self.files[k])
         if k not in self.cache:
