@@ -776,10 +776,8 @@ def seams(args):
         if pipe.semantic is None:
             print(f"note: {args.ckpt} has no semantic encoder, so every mode gives the same tiles", file=sys.stderr)
     else:  # random matrices everywhere (also the zero-initialised adaLN / output ones): c_sem reaches v
+        model, codec, semantic = bench_models("small", args.tile, "cpu")
         torch.manual_seed(args.seed)
-        semantic, codec = vae.load_semantic("random-s", 112), vae.PixelCodec()
-        model = dit.build("small", latent_channels=codec.channels, patch_size=1, enc_dim=semantic.dim,
-                          train_grid=args.tile // codec.factor)
         with torch.no_grad():
             for q in model.parameters():
                 if q.dim() > 1:
