@@ -776,7 +776,8 @@ def seams(args):
         if pipe.semantic is None:
             print(f"note: {args.ckpt} has no semantic encoder, so every mode gives the same tiles", file=sys.stderr)
     else:  # random matrices everywhere (also the zero-initialised adaLN / output ones): c_sem reaches v
-        model, codec, semantic = bench_models("small", args.tile, "cpu")
+        unit = vae.PixelCodec().factor  # the RoPE grid of one tile; the sampler itself rounds odd tiles
+        model, codec, semantic = bench_models("small", max(args.tile // unit, 1) * unit, "cpu")
         torch.manual_seed(args.seed)
         with torch.no_grad():
             for q in model.parameters():
