@@ -581,16 +581,23 @@ def write_csv(path, rows, names, mean=True):
             w.writerow([r["image"], *(f"{r[n]:.6f}" for n in names)])
 
 
-def format_table(rows, names, skipped, max_rows=30):
-    """Fixed-width table: per-image rows (up to max_rows), the mean, then skipped metrics."""
+def text_table(cells: list[list[str]]) -> list[str]:
+    """Rows of strings as lines of aligned columns: the first left-aligned (names), the rest right (numbers)."""
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    return ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
+            for row in cells]
+
+
+def format_table(rows, names, skipped, max_rows=30, mean=True):
+    """Per-image rows (up to max_rows), the mean, then skipped metrics."""
     shown = rows if len(rows) <= max_rows else []
-    width = max([len("image")] + [len(r["image"]) for r in shown] + [len("mean")])
-    line = lambda first, cells: f"{first:<{width}}  " + "  ".join(f"{c:>10}" for c in cells)
-    out = [line("image", names), "-" * (width + 12 * len(names))]
-    out += [line(r["image"], [f"{r[n]:.4f}" for n in names]) for r in shown]
+    cells = [["image", *names]] + [[r["image"], *(f"{r[n]:.4f}" for n in names)] for r in shown]
+    if mean:
+        cells.append(["mean", *(f"{v:.4f}" for v in list(mean_row(rows, names).values())[1:])])
+    out = text_table(cells)
+    out.insert(1, "-" * len(out[0]))
     if len(rows) > max_rows:
         out.append(f"({len(rows)} images; per-image values in the CSV)")
-    out.append(line("mean", [f"{v:.4f}" for v in list(mean_row(rows, names).values())[1:]]))
     out += [f"{n}: {reason}" for n, reason in skipped.items()]
     return "\n".join(out)
 
@@ -665,7 +672,7 @@ def sweep(args):
                 write_image(Path(args.out) / f"s{s:g}" / f"{key}.png", sr[0])
             rows.append({"image": key, **{n: f(sr, hr) for n, f in scorers.items()}})
         table.append({"image": f"s={s:g}", **{k: v for k, v in mean_row(rows, list(scorers)).items() if k != "image"}})
-    print(format_table(table, list(scorers), skipped, max_rows=len(table)).rsplit("\nmean", 1)[0])
+    print(format_table(table, list(scorers), skipped, max_rows=len(table), mean=False))
     if args.csv:
         write_csv(args.csv, table, list(scorers), mean=False)  # one row per s: a mean over s means nothing
     if args.plot:
@@ -887,8 +894,7 @@ def bench_table(rows: list[dict]) -> str:
     cells = [[c.replace("_ms", " ms").replace("_per_s", "/s") for c in cols]]
     cells += [[f"{r[c]:.1f}" if c.endswith("_ms") else f"{r[c]:.2f}" if c == "img_per_s" else str(r[c])
                for c in cols] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells)
+    return "\n".join(text_table(cells))
 
 
 def bench_cli(a) -> int:
