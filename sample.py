@@ -55,6 +55,7 @@ class SampleConfig:
     semantic_tiles: str = "global"   # global | per-tile | whole (see VOSRPipeline.__call__)
     color_fix: str = "none"          # none | adain | wavelet
     schedule: str = "uniform"        # uniform | cosine
+    shift: float = 1.0               # time shift of the schedule; > 1: larger last steps, closer to the mean
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     bf16: bool = False
     # needed only for a bare release checkpoint (a run dir records them in config.json)
@@ -99,10 +100,17 @@ def branch_keys(model, c_sem, batch: int, guidance_scale: float = 0.5):
     return model.project_semantics(sem, 2 * batch)
 
 
-def timesteps(n: int, schedule: str = "uniform") -> torch.Tensor:
-    """t_0 = 1 > t_1 > … > t_n = 0 (uniform, or t_i = cos(π/2 · i/n))."""
+def timesteps(n: int, schedule: str = "uniform", shift: float = 1.0) -> torch.Tensor:
+    """t_0 = 1 > t_1 > … > t_n = 0 (uniform, or t_i = cos(π/2 · i/n)), then shifted: t ← σt / (1 + (σ − 1)t).
+
+    The shift σ is SD3's (Esser et al. 2024) for rectified flows. σ > 1 spends more of the n steps at high
+    noise and makes the last steps larger; an Euler step to t = 0 lands on the model's mean estimate of x0
+    given z_t, so a larger last step invents less fine detail: higher PSNR, softer texture."""
+    if shift <= 0:
+        raise ValueError(f"shift must be positive, got {shift}")
     i = torch.arange(n + 1, dtype=torch.float64) / n
     t = 1 - i if schedule == "uniform" else torch.cos(math.pi / 2 * i)
+    t = shift * t / (1 + (shift - 1) * t)
     t[-1] = 0.0
     return t.float()
 
@@ -384,8 +392,8 @@ class VOSRPipeline:
 
     @torch.no_grad()
     def __call__(self, lr, scale=4.0, steps=25, guidance=0.5, alpha=0.15, generator=None,
-                 tile=None, tile_overlap=None, color_fix="none", schedule="uniform", progress=False,
-                 semantic_tiles="global", timer=None):
+                 tile=None, tile_overlap=None, color_fix="none", schedule="uniform", shift=1.0,
+                 progress=False, semantic_tiles="global", timer=None):
         """tile, tile_overlap in output pixels (None: see tile_sizes).
         semantic_tiles: global | per-tile | whole, see tile_semantics.
         timer: a StageTimer (evaluate.py) that gets the wall time of each stage (encode, semantic, dit, decode)."""
@@ -407,7 +415,7 @@ class VOSRPipeline:
         with stage("dit"):
             z1 = torch.randn(c_str.shape, generator=generator, dtype=torch.float32).to(self.device)  # one draw
             velocity = self.velocity(c_str, sem_of, tile, tile_overlap, guidance, alpha)
-            z0 = euler_sample(velocity, z1, timesteps(steps, schedule), progress, inplace=True)
+            z0 = euler_sample(velocity, z1, timesteps(steps, schedule, shift), progress, inplace=True)
             del z1, c_str, sem_of, velocity
 
         with stage("decode"), self.autocast():
@@ -556,7 +564,11 @@ def parse_args(argv=None) -> SampleConfig:
                         "per-tile: DINOv2 on each tile separately; whole: every tile attends to all tokens "
                         "of the whole image resized to the encoder's size")
     p.add_argument("--color-fix", default=d.color_fix, choices=sorted(COLOR_FIX))
-    p.add_argument("--schedule", default=d.schedule, choices=["uniform", "cosine"])
+    p.add_argument("--schedule", default=d.schedule, choices=["uniform", "cosine"],
+                   help="the n timesteps from 1 to 0: uniform, or cosine (larger steps near t = 0)")
+    p.add_argument("--shift", type=float, default=d.shift,
+                   help="time shift σ of the schedule, t ← σt / (1 + (σ − 1)t) (SD3); 1 = none; "
+                        "σ > 1 ends on larger steps, which follow the model's mean: higher PSNR, softer detail")
     p.add_argument("--device", default=d.device)
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the codec, semantic encoder and DiT")
     p.add_argument("--student", type=int, choices=[0, 1], default=None,
@@ -578,8 +590,8 @@ def parse_args(argv=None) -> SampleConfig:
     g.add_argument("--cuda-graphs", action="store_true",
                    help="replay the DiT as CUDA graphs (fixed shapes: one tile size, e.g. a one-step student); CUDA only")
     a = p.parse_args(argv)
-    if a.scale <= 0 or (a.tile is not None and a.tile <= 0) or (a.tile_overlap or 0) < 0:
-        p.error("--scale and --tile must be positive and --tile-overlap non-negative")
+    if a.scale <= 0 or a.shift <= 0 or (a.tile is not None and a.tile <= 0) or (a.tile_overlap or 0) < 0:
+        p.error("--scale, --shift and --tile must be positive and --tile-overlap non-negative")
     a.student = None if a.student is None else bool(a.student)
     return SampleConfig(**vars(a))
 
@@ -615,7 +627,7 @@ def main(argv=None) -> int:
             continue
         g = torch.Generator().manual_seed(cfg.seed)
         sr = pipe(lr, cfg.scale, cfg.steps, cfg.guidance, cfg.alpha, g, cfg.tile, cfg.tile_overlap,
-                  cfg.color_fix, cfg.schedule, semantic_tiles=cfg.semantic_tiles)
+                  cfg.color_fix, cfg.schedule, cfg.shift, semantic_tiles=cfg.semantic_tiles)
         write_image(out_dir / path.relative_to(root).with_suffix(".png"), sr[0])
     print(f"sample.py: wrote {len(files) - failed} image(s), {failed} failed")
     return 1 if failed == len(files) else 0

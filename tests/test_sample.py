@@ -20,8 +20,9 @@ def test_euler_lands_on_analytic_endpoint():
     # On the straight path z_t = (1−t)·x0 + t·ε the velocity is (z − x0)/t: Euler is exact for it.
     torch.manual_seed(0)
     x0, z1 = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
-    for steps, schedule in [(1, "uniform"), (7, "uniform"), (5, "cosine")]:
-        z = sample.euler_sample(lambda z, t, r: (z - x0) / t.view(-1, 1, 1, 1), z1, sample.timesteps(steps, schedule))
+    for steps, schedule, shift in [(1, "uniform", 1), (7, "uniform", 1), (5, "cosine", 1), (6, "cosine", 3)]:
+        ts = sample.timesteps(steps, schedule, shift)
+        z = sample.euler_sample(lambda z, t, r: (z - x0) / t.view(-1, 1, 1, 1), z1, ts)
         assert torch.allclose(z, x0, atol=1e-5)
     # A time-dependent field dz/dt = 2t·a integrates to z0 = z1 − a; Euler with uniform steps h
     # accumulates Σ 2 t_i h = 1 + h, so the error is exactly h·a.
@@ -34,6 +35,18 @@ def test_timesteps_endpoints():
     for sch in ("uniform", "cosine"):
         ts = sample.timesteps(4, sch)
         assert ts[0] == 1 and ts[-1] == 0 and (ts[1:] < ts[:-1]).all()
+
+
+def test_timestep_shift():
+    # uniform 1, 3/4, 1/2, 1/4, 0 shifted by σ = 3, by hand: 3t / (1 + 2t) = 1, 9/10, 3/4, 1/2, 0
+    assert torch.allclose(sample.timesteps(4, "uniform", 3.0), torch.tensor([1, 0.9, 0.75, 0.5, 0]))
+    # shifts compose by multiplying σ, so σ then 1/σ is no shift (up to float32 rounding)
+    for sch in ("uniform", "cosine"):
+        ts = sample.timesteps(9, sch, 2.5).double()
+        back = ts / 2.5 / (1 + (1 / 2.5 - 1) * ts)
+        assert torch.allclose(back.float(), sample.timesteps(9, sch), atol=1e-6)
+    with pytest.raises(ValueError, match="shift"):
+        sample.timesteps(4, "uniform", 0.0)
 
 
 def tiny_dit(latent_channels, enc_dim=8, with_r=False, patch_size=2):
@@ -139,7 +152,7 @@ def test_cli_end_to_end_with_bad_file(tmp_path):
     assert not (out / "broken.png").exists()
 
 
-def test_run_with_the_4x4_pixel_codec_samples(tmp_path):
+def test_run_with_the_4x4_pixel_codec_samples(tmp_path, monkeypatch):
     """A teacher trained with --codec pixel4 (48 channels) is rebuilt with that codec by sample.py, its
     default tile is its 32-pixel training crop (4 tokens × patch 2 × block 4), and it samples a folder."""
     import train_teacher as tt
@@ -156,6 +169,13 @@ def test_run_with_the_4x4_pixel_codec_samples(tmp_path):
     assert sample.main(["--ckpt", str(run), "-i", str(lr_dir), "-o", str(tmp_path / "out"), "--steps", "2",
                         "--device", "cpu"]) == 0
     assert Image.open(tmp_path / "out" / "a.png").size == (48, 36)
+    # --schedule and --shift reach the sampler (this barely trained model's velocity hardly depends on t,
+    # so its output cannot show it)
+    seen, real = [], sample.timesteps
+    monkeypatch.setattr(sample, "timesteps", lambda *a: seen.append(a) or real(*a))
+    assert sample.main(["--ckpt", str(run), "-i", str(lr_dir), "-o", str(tmp_path / "shifted"), "--steps", "3",
+                        "--schedule", "cosine", "--shift", "2.5", "--device", "cpu"]) == 0
+    assert seen == [(3, "cosine", 2.5)]
 
 
 def test_shipped_demo_model_runs(tmp_path, capsys):
