@@ -9,7 +9,7 @@ Every loader takes a local path; no weights are ever downloaded.
 Codecs: encode(img in [-1,1], (B,3,H,W)) -> latent (B,channels,H/factor,W/factor), decode(latent) -> img.
   "pixel"        exact weight-free 8x8 space-to-depth (192 ch), the lower bound a latent space must beat
   FOLDER         a diffusers AutoencoderKL / AutoencoderKLQwenImage saved with save_pretrained
-  FOLDER + file  same encoder, decoded by the lightweight SD2 decoder (LightDecoder) from a state dict
+  FOLDER + file  same encoder, decoded by the lightweight SD2 decoder (build_light_decoder) from a state dict
 Semantic encoder: load_semantic("none" | "random" | "random-b" | "random-l" | WEIGHTS_FILE).
 """
 import json
@@ -18,13 +18,13 @@ import os
 import re
 from pathlib import Path
 
-import diffusers
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers.models.autoencoders.vae import Decoder
 from safetensors.torch import load_file, save_file
+
+# diffusers and timm are imported where a VAE folder, the light decoder or DINOv2 is built: together they
+# take ~4 s to import, which every CLI (and --help) would otherwise pay even with the pixel codec.
 
 
 def _read_state_dict(path) -> dict:
@@ -110,25 +110,25 @@ class PixelCodec(Codec):
         return F.pixel_shuffle(latent.float(), self.factor)
 
 
-class LightDecoder(Decoder):
-    """The lightweight SD2 decoder of VOSR-0.5B (~12.4 M params); input is latent / scaling_factor."""
+def build_light_decoder() -> nn.Module:
+    """The lightweight SD2 decoder of VOSR-0.5B (~12.4 M params), randomly initialised; its input is
+    latent / scaling_factor."""
+    from diffusers.models.autoencoders.vae import Decoder
+    return Decoder(in_channels=4, out_channels=3, up_block_types=("UpDecoderBlock2D",) * 4,
+                   block_out_channels=(64, 128, 256, 256), layers_per_block=2, norm_num_groups=32, act_fn="silu")
 
-    def __init__(self):
-        super().__init__(in_channels=4, out_channels=3, up_block_types=("UpDecoderBlock2D",) * 4,
-                         block_out_channels=(64, 128, 256, 256), layers_per_block=2, norm_num_groups=32,
-                         act_fn="silu")
 
-    @classmethod
-    def from_file(cls, path) -> "LightDecoder":
-        """Load a released state dict strictly (a 'module.'/'decoder.' prefix on every key is stripped)."""
-        sd = _read_state_dict(path)
-        for prefix in ("module.", "decoder."):
-            if sd and all(k.startswith(prefix) for k in sd):
-                sd = {k[len(prefix):]: v for k, v in sd.items()}
-        with torch.device("meta"):  # skip the random init, every weight comes from the file
-            dec = cls()
-        _load_strict(dec, sd, path)
-        return _freeze(dec)
+def load_light_decoder(path) -> nn.Module:
+    """The light decoder from a released state dict, loaded strictly (a 'module.'/'decoder.' prefix on every
+    key is stripped)."""
+    sd = _read_state_dict(path)
+    for prefix in ("module.", "decoder."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    with torch.device("meta"):  # skip the random init, every weight comes from the file
+        dec = build_light_decoder()
+    _load_strict(dec, sd, path)
+    return _freeze(dec)
 
 
 class DiffusersCodec(Codec):
@@ -138,7 +138,7 @@ class DiffusersCodec(Codec):
     Otherwise (SD2.1, FLUX):                                   z = (latent - shift_factor) * scaling_factor.
     """
 
-    def __init__(self, vae: nn.Module, spec: str = "", light_decoder: LightDecoder | None = None,
+    def __init__(self, vae: nn.Module, spec: str = "", light_decoder: nn.Module | None = None,
                  light_decoder_path: str | None = None):
         super().__init__()
         cfg = vae.config
@@ -223,10 +223,11 @@ def load_codec(spec: str, light_decoder: str | None = None, device="cpu", dtype=
     if class_name not in ("AutoencoderKL", "AutoencoderKLQwenImage"):
         raise ValueError(f"{folder}/config.json: unsupported VAE class {class_name!r} "
                          "(expected AutoencoderKL or AutoencoderKLQwenImage)")
+    import diffusers
     if not hasattr(diffusers, class_name):
         raise ValueError(f"{folder}: {class_name} needs a newer diffusers (installed {diffusers.__version__})")
     vae = getattr(diffusers, class_name).from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype)
-    light = LightDecoder.from_file(light_decoder).to(dtype) if light_decoder else None
+    light = load_light_decoder(light_decoder).to(dtype) if light_decoder else None
     return DiffusersCodec(vae, spec=str(spec), light_decoder=light,
                           light_decoder_path=str(light_decoder) if light_decoder else None).to(device)
 
@@ -239,8 +240,9 @@ SD21_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlo
 
 def random_sd_codec(latent_channels: int = 4, light_decoder: bool = True) -> DiffusersCodec:
     """An SD2.1-shaped VAE (and the release's light decoder) with random weights: a release's costs, no download."""
-    vae = diffusers.AutoencoderKL(**{**SD21_VAE, "latent_channels": latent_channels})
-    return DiffusersCodec(vae, "random", LightDecoder() if light_decoder else None)
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL(**{**SD21_VAE, "latent_channels": latent_channels})
+    return DiffusersCodec(vae, "random", build_light_decoder() if light_decoder else None)
 
 
 def codec_spec_of(codec: Codec) -> dict:
@@ -332,6 +334,7 @@ def build_dinov2(dim: int = 384, depth: int | None = None, reg_tokens: int = 0, 
         kw["depth"] = depth
     if reg_tokens:  # the DINOv2-with-registers layout in timm: cls pos folded into cls_token
         kw.update(reg_tokens=reg_tokens, no_embed_class=True)
+    import timm
     return timm.create_model(DINOV2_TIMM_NAMES[dim], **kw)
 
 

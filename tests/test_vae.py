@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -16,6 +17,18 @@ import vae  # noqa: E402
 torch.set_num_threads(2)
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def test_scripts_import_without_diffusers_or_timm():
+    """diffusers and timm (~4 s of imports) load only when a VAE folder, the light decoder or DINOv2 is
+    built, so the pixel-codec CLIs and every --help start without them."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys; import degrade, vae, dit, sample, train_teacher, distill, evaluate; "
+            "print(sorted(m for m in ('diffusers', 'timm') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]"
+    vae.build_dinov2(384, depth=1, img_size=28)   # and the lazy imports do load them where needed
+    vae.build_light_decoder()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -132,27 +145,27 @@ def test_qwen_image_codec_one_frame(tmp_path):
 
 def test_light_decoder_strict_loading(tmp_path):
     torch.manual_seed(0)
-    dec = vae.LightDecoder()
+    dec = vae.build_light_decoder()
     assert 12.0e6 < sum(p.numel() for p in dec.parameters()) < 12.8e6  # the release's 12.4 M
     sd = {k: v.clone() for k, v in dec.state_dict().items()}
     path = tmp_path / "light.safetensors"
     save_file(sd, str(path))
-    loaded = vae.LightDecoder.from_file(path)
+    loaded = vae.load_light_decoder(path)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in sd.items())
 
     bad = dict(sd, extra_weight=torch.zeros(1))
     save_file(bad, str(tmp_path / "extra.safetensors"))
     with pytest.raises(ValueError, match=r"extra\.safetensors.*extra_weight"):
-        vae.LightDecoder.from_file(tmp_path / "extra.safetensors")
+        vae.load_light_decoder(tmp_path / "extra.safetensors")
     bad = dict(sd)
     bad["conv_in.weight"] = torch.zeros(256, 4, 1, 1)
     save_file(bad, str(tmp_path / "shape.safetensors"))
     with pytest.raises(ValueError, match=r"shape\.safetensors.*conv_in\.weight"):
-        vae.LightDecoder.from_file(tmp_path / "shape.safetensors")
+        vae.load_light_decoder(tmp_path / "shape.safetensors")
     bad = {k: v for k, v in sd.items() if k != "conv_out.bias"}
     save_file(bad, str(tmp_path / "missing.safetensors"))
     with pytest.raises(ValueError, match=r"missing\.safetensors.*conv_out\.bias"):
-        vae.LightDecoder.from_file(tmp_path / "missing.safetensors")
+        vae.load_light_decoder(tmp_path / "missing.safetensors")
 
     # a codec folder decoded by the light decoder: decode = light(z / scaling_factor), no post_quant_conv
     _, folder = tiny_kl(tmp_path, scaling_factor=0.25)
@@ -178,7 +191,7 @@ def test_codec_errors_name_the_path(tmp_path):
     with pytest.raises(ValueError, match=r"odd.*UNet2DModel"):
         vae.load_codec(str(tmp_path / "odd"))
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
-        vae.LightDecoder.from_file(tmp_path / "nope.safetensors")
+        vae.load_light_decoder(tmp_path / "nope.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------------
