@@ -795,9 +795,10 @@ def seams(args):
         pipe = sample.VOSRPipeline(model, codec, semantic)
     rows = [tile_disagreement(pipe, lr, args.tile, args.tile_overlap, mode, args.scale, args.guidance,
                               seed=args.seed) for mode in ("global", "per-tile")]
-    print(f"{'semantic tiles':<16}{'pairs':>7}{'velocity':>11}{'tokens':>9}   (relative disagreement on overlaps)")
-    for r in rows:
-        print(f"{r['mode']:<16}{r['pairs']:>7}{r['velocity']:>11.6f}{r['tokens']:>9.4f}")
+    lines = text_table([["semantic tiles", "pairs", "velocity", "tokens"],
+                        *([r["mode"], str(r["pairs"]), f"{r['velocity']:.6f}", f"{r['tokens']:.4f}"] for r in rows)])
+    lines[0] += "   (relative disagreement on overlaps)"
+    print("\n".join(lines))
     return 0
 
 
