@@ -34,7 +34,7 @@ import tarfile
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
 from unittest import mock
@@ -660,14 +660,16 @@ def sweep(args):
     pairs, problems = pair_images(args.lr, args.hr)
     for p in problems:
         print(f"skipped: {p}", file=sys.stderr)
-    pipe, _ = sample.load_pipeline(sample.SampleConfig(ckpt=args.ckpt, device=args.device))
+    settings = {f.name for f in fields(sample.SampleConfig)} - {"guidance"}  # s comes from the list
+    cfg = sample.SampleConfig(**{k: v for k, v in vars(args).items() if k in settings})
+    pipe, run = sample.load_pipeline(cfg)
+    cfg = sample.checkpoint_defaults(cfg, pipe, run)
     table = []
     for s in scales:
         rows = []
         for key, lr_path, hr_path in tqdm(pairs, desc=f"s={s:g}", unit="img"):
             lr, hr = read_image(lr_path)[None], read_image(hr_path)[None]
-            sr = pipe(lr, args.scale, args.steps, s, args.alpha, torch.Generator().manual_seed(args.seed),
-                      args.tile, args.tile_overlap).cpu()
+            sr = sample.super_resolve(pipe, lr, replace(cfg, guidance=s)).cpu()
             if args.out:
                 write_image(Path(args.out) / f"s{s:g}" / f"{key}.png", sr[0])
             rows.append({"image": key, **{n: f(sr, hr) for n, f in scorers.items()}})
@@ -957,13 +959,7 @@ def build_parser():
     sw.add_argument("--hr", required=True, help="folder of HR images (same names)")
     sw.add_argument("--guidance", default="-0.5,0,0.5,1,2", help="comma list of guidance scales s")
     sw.add_argument("--metrics", default="psnr,lpips")
-    sw.add_argument("--steps", type=int, default=25)
-    sw.add_argument("--alpha", type=float, default=0.15)
-    sw.add_argument("--scale", type=float, default=4.0)
-    sw.add_argument("--tile", type=int, default=None,
-                    help="tile side in output pixels (default, as sample.py: the model's training crop)")
-    sw.add_argument("--tile-overlap", type=int, default=None, help="default 1/8 of the tile")
-    sw.add_argument("--seed", type=int, default=0)
+    sample.add_sampler_args(sw, sample.SampleConfig())  # --steps, --alpha, --schedule, --shift, … as sample.py
     sw.add_argument("--crop", type=int, default=EvalConfig.crop)
     sw.add_argument("--out", help="also save the SR images to OUT/s<scale>/")
     sw.add_argument("--csv", help="write the table (one row per scale) here")

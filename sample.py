@@ -25,7 +25,7 @@ import functools
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -536,27 +536,31 @@ def load_pipeline(cfg: SampleConfig) -> tuple[VOSRPipeline, dict]:
 
 # ----------------------------------------------------------------------------- CLI
 
-def parse_args(argv=None) -> SampleConfig:
-    d = SampleConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default=d.ckpt, help="run dir from train_teacher.py/distill.py, or a release .safetensors "
-                                                  f"(default: the embedded demo model {DEMO_CKPT.name}, see README)")
-    p.add_argument("-i", "--input", required=True, help="LR image or folder of LR images")
-    p.add_argument("-o", "--output", default=d.output, help="output folder (same file names as the input)")
+def _above(low, kind=float, strict=True):
+    """argparse type: a `kind` number above `low` (at least `low` when not strict)."""
+    def parse(text):
+        value = kind(text)
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'above' if strict else 'at least'} {low}, got {text}")
+        return value
+    return parse
+
+
+def add_sampler_args(p: argparse.ArgumentParser, d: SampleConfig):
+    """The sampler's settings except the guidance scale: shared with evaluate.py sweep (which takes a list of s)."""
     p.add_argument("--steps", type=int, default=d.steps,
                    help="Euler steps (default 25 for a teacher, 1 for a distilled student; 2 or 4 also work)")
-    p.add_argument("--guidance", type=float, default=d.guidance,
-                   help="guidance scale s (eq. 2): 1 = full branch, 0 = partial; larger is more faithful")
     p.add_argument("--alpha", type=float, default=d.alpha,
                    help="structural retention α of the partial branch (default 0.15, the middle of the "
                         "training range; 0 for a run trained with --mode cfg)")
-    p.add_argument("--scale", type=float, default=d.scale, help="output size = round(scale · input size): 1 restores only, 2, 4 or any fraction; "
+    p.add_argument("--scale", type=_above(0), default=d.scale,
+                   help="output size = round(scale · input size): 1 restores only, 2, 4 or any fraction; "
                         "the LR image is resized bicubically to that size before encoding")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the initial noise (per image)")
-    p.add_argument("--tile", type=int, default=d.tile,
+    p.add_argument("--tile", type=_above(0, int), default=d.tile,
                    help="tile side in output pixels (default: the model's training crop, 512 for the release); "
                         "peak memory depends on it, not on the image size")
-    p.add_argument("--tile-overlap", type=int, default=d.tile_overlap,
+    p.add_argument("--tile-overlap", type=_above(0, int, strict=False), default=d.tile_overlap,
                    help="overlap of neighbouring tiles in output pixels (default: tile/8, at most tile/2); "
                         "they are cross-faded across it")
     p.add_argument("--semantic-tiles", default=d.semantic_tiles, choices=SEMANTIC_TILES,
@@ -566,9 +570,21 @@ def parse_args(argv=None) -> SampleConfig:
     p.add_argument("--color-fix", default=d.color_fix, choices=sorted(COLOR_FIX))
     p.add_argument("--schedule", default=d.schedule, choices=["uniform", "cosine"],
                    help="the n timesteps from 1 to 0: uniform, or cosine (larger steps near t = 0)")
-    p.add_argument("--shift", type=float, default=d.shift,
+    p.add_argument("--shift", type=_above(0), default=d.shift,
                    help="time shift σ of the schedule, t ← σt / (1 + (σ − 1)t) (SD3); 1 = none; "
                         "σ > 1 ends on larger steps, which follow the model's mean: higher PSNR, softer detail")
+
+
+def parse_args(argv=None) -> SampleConfig:
+    d = SampleConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=d.ckpt, help="run dir from train_teacher.py/distill.py, or a release .safetensors "
+                                                  f"(default: the embedded demo model {DEMO_CKPT.name}, see README)")
+    p.add_argument("-i", "--input", required=True, help="LR image or folder of LR images")
+    p.add_argument("-o", "--output", default=d.output, help="output folder (same file names as the input)")
+    p.add_argument("--guidance", type=float, default=d.guidance,
+                   help="guidance scale s (eq. 2): 1 = full branch, 0 = partial; larger is more faithful")
+    add_sampler_args(p, d)
     p.add_argument("--device", default=d.device)
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the codec, semantic encoder and DiT")
     p.add_argument("--student", type=int, choices=[0, 1], default=None,
@@ -590,10 +606,21 @@ def parse_args(argv=None) -> SampleConfig:
     g.add_argument("--cuda-graphs", action="store_true",
                    help="replay the DiT as CUDA graphs (fixed shapes: one tile size, e.g. a one-step student); CUDA only")
     a = p.parse_args(argv)
-    if a.scale <= 0 or a.shift <= 0 or (a.tile is not None and a.tile <= 0) or (a.tile_overlap or 0) < 0:
-        p.error("--scale, --shift and --tile must be positive and --tile-overlap non-negative")
     a.student = None if a.student is None else bool(a.student)
     return SampleConfig(**vars(a))
+
+
+def checkpoint_defaults(cfg: SampleConfig, pipe: VOSRPipeline, run: dict) -> SampleConfig:
+    """cfg with the settings left to the checkpoint filled in: 25 steps for a teacher, 1 for a student; α = 0.15,
+    or 0 for a run trained with --mode cfg (its auxiliary branch never saw c_str)."""
+    return replace(cfg, steps=cfg.steps if cfg.steps is not None else 1 if pipe.student else 25,
+                   alpha=cfg.alpha if cfg.alpha is not None else 0.0 if run.get("mode") == "cfg" else 0.15)
+
+
+def super_resolve(pipe: VOSRPipeline, lr: torch.Tensor, cfg: SampleConfig) -> torch.Tensor:
+    """pipe(lr) with every sampler setting of cfg; the noise is seeded with cfg.seed for each image."""
+    return pipe(lr, cfg.scale, cfg.steps, cfg.guidance, cfg.alpha, torch.Generator().manual_seed(cfg.seed),
+                cfg.tile, cfg.tile_overlap, cfg.color_fix, cfg.schedule, cfg.shift, semantic_tiles=cfg.semantic_tiles)
 
 
 def main(argv=None) -> int:
@@ -610,10 +637,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"sample.py: {e}", file=sys.stderr)
         return 2
-    if cfg.alpha is None:
-        cfg.alpha = 0.0 if run.get("mode") == "cfg" else 0.15
-    if cfg.steps is None:
-        cfg.steps = 1 if pipe.student else 25
+    cfg = checkpoint_defaults(cfg, pipe, run)
     print(f"sample.py: {cfg.ckpt} ({run['preset']}, codec {run['codec']}, "
           f"{'student' if pipe.student else 'teacher'}, {cfg.steps} step(s)), {len(files)} image(s) → {out_dir}")
     root = Path(cfg.input) if Path(cfg.input).is_dir() else Path(cfg.input).parent
@@ -625,10 +649,7 @@ def main(argv=None) -> int:
             print(f"sample.py: skipped {e}", file=sys.stderr)
             failed += 1
             continue
-        g = torch.Generator().manual_seed(cfg.seed)
-        sr = pipe(lr, cfg.scale, cfg.steps, cfg.guidance, cfg.alpha, g, cfg.tile, cfg.tile_overlap,
-                  cfg.color_fix, cfg.schedule, cfg.shift, semantic_tiles=cfg.semantic_tiles)
-        write_image(out_dir / path.relative_to(root).with_suffix(".png"), sr[0])
+        write_image(out_dir / path.relative_to(root).with_suffix(".png"), super_resolve(pipe, lr, cfg)[0])
     print(f"sample.py: wrote {len(files) - failed} image(s), {failed} failed")
     return 1 if failed == len(files) else 0
 

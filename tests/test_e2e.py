@@ -44,9 +44,15 @@ def test_toy_chain_through_the_clis(tmp_path):
 
     run("evaluate.py", "sweep", "--ckpt", tmp_path / "teacher", "--lr", pairs / "lr", "--hr", pairs / "hr",
         "--guidance", "-0.5,1", "--steps", "2", "--metrics", "psnr", "--plot", tmp_path / "sweep.png",
-        "--csv", tmp_path / "sweep.csv", "--device", "cpu")
+        "--csv", tmp_path / "sweep.csv", "--device", "cpu", "--schedule", "cosine", "--shift", "3", "--seed", "1",
+        "--out", tmp_path / "sweep_sr")
     assert [r["image"] for r in csv.DictReader(open(tmp_path / "sweep.csv"))] == ["s=-0.5", "s=1"]
     assert Image.open(tmp_path / "sweep.png").size[0] > 0
+    # the sweep samples with sample.py's settings: its s = 1 images are sample.py's, file for file
+    run("sample.py", "--ckpt", tmp_path / "teacher", "-i", pairs / "lr", "-o", tmp_path / "s1", "--guidance", "1",
+        "--steps", "2", "--schedule", "cosine", "--shift", "3", "--seed", "1", "--device", "cpu")
+    for f in (pairs / "lr").iterdir():
+        assert (tmp_path / "s1" / f.name).read_bytes() == (tmp_path / "sweep_sr" / "s1" / f.name).read_bytes()
 
     run("evaluate.py", "grid", "--lr", pairs / "lr", "--hr", pairs / "hr", "--sr", f"student={out}",
         "--n", "2", "--out", tmp_path / "grid.png")

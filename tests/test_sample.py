@@ -49,6 +49,14 @@ def test_timestep_shift():
         sample.timesteps(4, "uniform", 0.0)
 
 
+@pytest.mark.parametrize("flag,value", [("--scale", "0"), ("--shift", "-1"), ("--tile", "0"), ("--tile-overlap", "-1")])
+def test_cli_refuses_out_of_range_settings(flag, value, capsys):
+    with pytest.raises(SystemExit):
+        sample.parse_args(["-i", "x", flag, value])
+    assert flag in capsys.readouterr().err
+    assert sample.parse_args(["-i", "x", "--tile-overlap", "0", "--shift", "0.5"]).tile_overlap == 0  # edges allowed
+
+
 def tiny_dit(latent_channels, enc_dim=8, with_r=False, patch_size=2):
     """A seeded tiny DiT whose zero-initialised output layers got some weight, so that branches, tiles and
     fast paths give different (non-zero) velocities and a wrong one shows."""
