@@ -97,14 +97,45 @@ def find_images(root, recursive=True):
                   and not p.name.startswith("."))
 
 
-def find_jobs(inp, out) -> list[Path]:
-    """The images under `inp` for a CLI that writes into folder `out`; errors name the path."""
+def _out_names(files, root):
+    """Output name per file: relative path with .png; name clashes (a.jpg, a.png) keep the extension."""
+    base = root if root.is_dir() else root.parent
+    rel = [f.relative_to(base) for f in files]
+    stems = [r.with_suffix("") for r in rel]
+    clash = {s for s, n in Counter(stems).items() if n > 1}
+    return [r.with_name(f"{r.stem}_{r.suffix[1:]}.png") if s in clash else r.with_suffix(".png")
+            for r, s in zip(rel, stems)]
+
+
+def find_jobs(inp, out, single_file_ok: bool = True) -> list[tuple[Path, Path]]:
+    """(input image, output .png) pairs for a CLI that reads `inp` and writes under `out`.
+
+    `out` is a folder (created later), or, for one input file and single_file_ok, the output file itself.
+    Refused with an OSError naming the path: a missing input, no images, an output folder that is the input
+    folder or inside it (outputs would be read back as inputs), an output that would replace an input."""
     files = find_images(inp)
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) found in {inp}")
-    if Path(out).exists() and not Path(out).is_dir():
-        raise NotADirectoryError(f"output path {out} is a file, not a folder")
-    return files
+    inp, out = Path(inp), Path(out)
+    root = inp if inp.is_dir() else inp.parent
+    out_is_file = out.suffix.lower() in IMAGE_EXTS and not out.is_dir()
+    if out_is_file:
+        if not (inp.is_file() and single_file_ok):
+            raise NotADirectoryError(f"-o {out} names an image file, but the input {inp} "
+                                     f"{'is a folder' if inp.is_dir() else 'gives several images'}: give a folder")
+        jobs = [(inp, out)]
+    else:
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(f"output path {out} is a file, not a folder")
+        if inp.is_dir() and (out.resolve() == inp.resolve() or inp.resolve() in out.resolve().parents):
+            raise IsADirectoryError(f"output folder {out} is {'the input folder' if out.resolve() == inp.resolve() else 'inside the input folder'} "
+                                    f"{inp}: choose another -o, so that no input is overwritten or read back")
+        jobs = [(f, out / name) for f, name in zip(files, _out_names(files, root))]
+    inputs = {f.resolve() for f in files}
+    for _, dst in jobs:
+        if dst.resolve() in inputs:
+            raise FileExistsError(f"output {dst} is one of the input images: choose another -o")
+    return jobs
 
 
 def _to_rgb_array(im):
@@ -166,6 +197,10 @@ def write_image(path, img):
         raise ImageError(f"{path}: cannot write ({e})") from e
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)                         # read the process umask (set and restored at import)
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """A hidden temp name beside `path` to write to, renamed onto `path` when the block succeeds and removed
@@ -174,6 +209,7 @@ def atomic_path(path):
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)   # the usual 0644: some writers (safetensors) create files 0600
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -512,23 +548,13 @@ def _contact_sheet(pairs, gap=4):
     return canvas
 
 
-def _out_names(files, root):
-    """Output name per file: relative path with .png; name clashes (a.jpg, a.png) keep the extension."""
-    base = root if root.is_dir() else root.parent
-    rel = [f.relative_to(base) for f in files]
-    stems = [r.with_suffix("") for r in rel]
-    clash = {s for s, n in Counter(stems).items() if n > 1}
-    return [r.with_name(f"{r.stem}_{r.suffix[1:]}.png") if s in clash else r.with_suffix(".png")
-            for r, s in zip(rel, stems)]
-
-
 def run_folder(args):
     """Degrade every image under args.input into args.output/{hr,lr}; returns the exit code."""
     from tqdm import tqdm
     root, out = Path(args.input), Path(args.output)
     try:
-        files = find_jobs(root, out)
-    except OSError as e:  # missing input, no images, output is a file
+        jobs = find_jobs(root, out, single_file_ok=False)
+    except OSError as e:  # missing input, no images, output is a file or inside the input
         print(f"error: {e}", file=sys.stderr)
         return 2
     device = torch.device(args.device)
@@ -548,7 +574,7 @@ def run_folder(args):
                 sheet.append((hr, lr))
         n_done += len(names)
 
-    bar = tqdm(list(zip(files, _out_names(files, root))), desc="degrade", unit="img")
+    bar = tqdm([(src, dst.relative_to(out)) for src, dst in jobs], desc="degrade", unit="img")
     for path, name in bar:
         try:
             img = read_image(path)
@@ -571,7 +597,7 @@ def run_folder(args):
     for side in list(pending):
         flush(side)
     if n_done == 0:
-        print(f"error: none of the {len(files)} files could be processed", file=sys.stderr)
+        print(f"error: none of the {len(jobs)} files could be processed", file=sys.stderr)
         return 1
     write_image(out / "contact_sheet.png", _contact_sheet(sheet))
     sizes = ", ".join(f"{h}×{w}" for h, w in sorted(lr_sizes))

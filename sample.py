@@ -626,11 +626,10 @@ def super_resolve(pipe: VOSRPipeline, lr: torch.Tensor, cfg: SampleConfig) -> to
 def main(argv=None) -> int:
     cfg = parse_args(argv)
     try:
-        files = find_jobs(cfg.input, cfg.output)
+        jobs = find_jobs(cfg.input, cfg.output)   # refuses an output that would overwrite or re-read an input
     except OSError as e:
         print(f"sample.py: {e}", file=sys.stderr)
         return 2
-    out_dir = Path(cfg.output)
     pipe, run = load_pipeline(cfg)
     try:
         pipe.enable(FastPaths.from_config(cfg))
@@ -639,19 +638,18 @@ def main(argv=None) -> int:
         return 2
     cfg = checkpoint_defaults(cfg, pipe, run)
     print(f"sample.py: {cfg.ckpt} ({run['preset']}, codec {run['codec']}, "
-          f"{'student' if pipe.student else 'teacher'}, {cfg.steps} step(s)), {len(files)} image(s) → {out_dir}")
-    root = Path(cfg.input) if Path(cfg.input).is_dir() else Path(cfg.input).parent
+          f"{'student' if pipe.student else 'teacher'}, {cfg.steps} step(s)), {len(jobs)} image(s) → {cfg.output}")
     failed = 0
-    for path in tqdm(files, desc="images"):
+    for src, dst in tqdm(jobs, desc="images"):
         try:
-            lr = read_image(path)[None]
+            lr = read_image(src)[None]
         except ImageError as e:
             print(f"sample.py: skipped {e}", file=sys.stderr)
             failed += 1
             continue
-        write_image(out_dir / path.relative_to(root).with_suffix(".png"), super_resolve(pipe, lr, cfg)[0])
-    print(f"sample.py: wrote {len(files) - failed} image(s), {failed} failed")
-    return 1 if failed == len(files) else 0
+        write_image(dst, super_resolve(pipe, lr, cfg)[0])
+    print(f"sample.py: wrote {len(jobs) - failed} image(s), {failed} failed")
+    return 1 if failed == len(jobs) else 0
 
 
 if __name__ == "__main__":
