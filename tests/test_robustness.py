@@ -191,3 +191,61 @@ def test_skip_nonfinite_tolerates_n_bad_steps(tmp_path, monkeypatch):
                                    semantic="none", degradation="bicubic", size=32, batch=2, steps=5, workers=0,
                                    skip_nonfinite=2, device="cpu"))
     assert sorted(hist) == [0, 3, 4]  # steps 1 and 2 were skipped, training went on
+
+
+def snapshot(folder: Path) -> dict:
+    """{relative path: bytes} of every file under folder, to check that nothing was touched."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_line_error(r, *names):
+    """The CLI refused with a non-zero exit and one line on stderr naming each of `names`, no traceback."""
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr
+    for name in names:
+        assert str(name) in lines[0], (name, lines[0])
+
+
+def test_outputs_never_overwrite_or_reread_inputs(tmp_path, run_dir):
+    d = tmp_path / "in"
+    d.mkdir()
+    for name in ("a.png", "b.jpg"):
+        Image.fromarray((np.random.default_rng(1).random((6, 8, 3)) * 255).astype(np.uint8)).save(d / name)
+    before = snapshot(tmp_path)
+    for out in (d, d / "sub", d / "a.png"):                                 # the folder, inside it, an input
+        one_line_error(cli("sample.py", "--ckpt", run_dir, "-i", d, "-o", out, "--steps", "1"), out)
+    one_line_error(cli("sample.py", "--ckpt", run_dir, "-i", d / "a.png", "-o", d / "a.png", "--steps", "1"),
+                   d / "a.png")
+    one_line_error(cli("degrade.py", "-i", d, "-o", d / "pairs", "--crop", "4"), d / "pairs")
+    assert snapshot(tmp_path) == before                                     # byte-identical, nothing added
+
+
+def test_output_file_path_writes_one_file_or_is_refused(tmp_path, run_dir):
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.new("RGB", (8, 6), (10, 200, 30)).save(d / "a.png")
+    Image.new("RGB", (8, 6), (10, 20, 30)).save(d / "b.png")
+    one_line_error(cli("sample.py", "--ckpt", run_dir, "-i", d, "-o", tmp_path / "result.png"), "result.png")
+    assert not (tmp_path / "result.png").exists()
+    r = cli("sample.py", "--ckpt", run_dir, "-i", d / "a.png", "-o", tmp_path / "result.png", "--steps", "1")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "result.png").is_file() and Image.open(tmp_path / "result.png").size == (32, 24)
+
+
+def test_name_clashes_get_distinct_outputs(tmp_path, run_dir):
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.new("RGB", (8, 6), (250, 0, 0)).save(d / "a.png")
+    Image.new("RGB", (8, 6), (0, 0, 250)).save(d / "a.jpg")
+    r = cli("sample.py", "--ckpt", run_dir, "-i", d, "-o", tmp_path / "out", "--steps", "1")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_jpg.png", "a_png.png"]
+
+
+def test_written_files_have_the_usual_permissions(tmp_path):
+    import degrade
+    degrade.write_image(tmp_path / "x.png", torch.zeros(3, 4, 4))
+    tt.save_atomic({"w": torch.zeros(2)}, tmp_path / "w.safetensors")       # safetensors alone makes 0600
+    for name in ("x.png", "w.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~degrade._UMASK, name
