@@ -19,6 +19,7 @@ CLI:  python degrade.py -i HR_DIR -o OUT_DIR --crop 256     (writes hr/, lr/, co
 """
 import argparse
 import contextlib
+import io
 import math
 import os
 import sys
@@ -154,11 +155,13 @@ def _to_rgb_array(im):
     return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0   # L, P, CMYK, YCbCr, 1 ...
 
 
-def read_image(path):
-    """Image file → (3, H, W) float32 in [0, 1]; converts any mode, honours EXIF orientation."""
+def read_image(path, data: bytes | None = None):
+    """Image file → (3, H, W) float32 in [0, 1]; converts any mode, honours EXIF orientation.
+
+    data: the file's bytes when they come from elsewhere (a member of a .tar shard); `path` then only names it."""
     path = Path(path)
     try:
-        with Image.open(path) as im:
+        with Image.open(path if data is None else io.BytesIO(data)) as im:
             im.load()                           # decode now so truncation is caught here
             try:
                 im = ImageOps.exif_transpose(im)
