@@ -1,4 +1,4 @@
-"""Degradation: HR photos in, degraded LR images out (DESIGN.md §3).
+"""Degradation: HR photos in, degraded LR images out.
 
 VOSR trains only on synthetic pairs made with the Real-ESRGAN second-order degradation
 (vosr_paper.txt §4.1, "We then synthesize LR-HR training pairs using the Real-ESRGAN
@@ -12,18 +12,17 @@ Unlike the released code (one kernel and one set of scalars per batch) every ran
 is drawn **per sample**, from an explicit CPU `torch.Generator`, so a seed reproduces a batch
 bit for bit and the GPU path uses exactly the same draws. It also owns the image-file I/O
 that every other script imports (`find_images`, `read_image`, `write_image`, `ImageError`)
-and a classic bicubic ×4 degradation for the first, easy experiment (DESIGN.md §10).
+and a classic bicubic ×4 degradation for the first, easy experiment (ours: it learns in few CPU steps).
 
 CLI:  python degrade.py -i HR_DIR -o OUT_DIR --crop 256     (writes hr/, lr/, contact_sheet.png)
-      python degrade.py --bench [--device cuda]           (images/s at 512²)
 """
 import argparse
 import contextlib
+import dataclasses
 import io
 import math
 import os
 import sys
-import time
 import uuid
 import warnings
 from collections import Counter
@@ -38,7 +37,8 @@ from PIL import Image, ImageOps
 
 @dataclass
 class DegradeConfig:
-    """Real-ESRGAN parameter table, DESIGN.md §3 (names follow BasicSR's option file)."""
+    """Real-ESRGAN parameter table, the values of the official release's degradation config (names follow
+    BasicSR's option file, Real-ESRGAN's reference implementation)."""
     # --- first order ---
     kernel_range: tuple = (7, 9, 11, 13, 15, 17, 19, 21)  # odd sizes, zero-padded to kernel_pad_to
     kernel_pad_to: int = 21
@@ -416,8 +416,41 @@ def add_noise(img, gaussian, sigma, poisson_scale, gray, seed):
 
 # ----------------------------------------------------------------------------- the pipeline
 
-def sample_params(n, cfg=None, generator=None):
-    """Draw every random choice of the pipeline for n samples (CPU tensors, indexable per sample)."""
+@dataclass
+class OrderDraws:
+    """The per-sample draws of one order of the pipeline (each a tensor of n values)."""
+    scale: torch.Tensor      # resize factor (first order: of the input; second: of H/scale)
+    mode: torch.Tensor       # index into the resize modes
+    gaussian: torch.Tensor   # Gaussian noise, else Poisson
+    sigma: torch.Tensor      # Gaussian σ in 8-bit levels
+    poisson: torch.Tensor    # Poisson noise scale
+    gray: torch.Tensor       # one noise plane for all channels
+    seed: torch.Tensor       # the sample's own noise stream
+    quality: torch.Tensor    # JPEG quality
+
+
+@dataclass
+class DegradationDraws:
+    """Every random choice of the second-order pipeline for n samples (CPU tensors)."""
+    kernel1: torch.Tensor    # (n, 21, 21) first-order blur (or sinc) kernels
+    kernel2: torch.Tensor    # second-order kernels
+    sinc: torch.Tensor       # final sinc filter, or a delta
+    first: OrderDraws
+    second: OrderDraws
+    blur2: torch.Tensor      # apply the second-order blur
+    mode_final: torch.Tensor  # resize mode of the final resize to H/scale
+    jpeg_first: torch.Tensor  # JPEG, then resize + sinc (else resize + sinc, then JPEG)
+
+    def __getitem__(self, i):
+        """The draws of samples i (an index or a slice), as a DegradationDraws."""
+        def pick(obj):
+            return type(obj)(**{f.name: (pick(v) if isinstance(v, OrderDraws) else v[i])
+                                for f in dataclasses.fields(obj) for v in [getattr(obj, f.name)]})
+        return pick(self)
+
+
+def sample_params(n, cfg=None, generator=None) -> DegradationDraws:
+    """Draw every random choice of the pipeline for n samples."""
     cfg = cfg or DegradeConfig()
     g = generator if generator is not None else torch.default_generator
     if g.device.type != "cpu":
@@ -431,28 +464,27 @@ def sample_params(n, cfg=None, generator=None):
         up, down = u(1.0, rng[1]), u(rng[0], 1.0)
         return torch.where(updown == 0, up, torch.where(updown == 1, down, torch.ones(n, dtype=torch.float64)))
 
-    p = {}
-    p["kernel1"] = random_kernels(n, cfg.kernel_range, cfg.kernel_list, cfg.kernel_prob, cfg.sinc_prob,
-                                  cfg.blur_sigma, cfg.betag_range, cfg.betap_range, g, cfg.kernel_pad_to)
-    p["kernel2"] = random_kernels(n, cfg.kernel_range, cfg.kernel_list2, cfg.kernel_prob2, cfg.sinc_prob2,
-                                  cfg.blur_sigma2, cfg.betag_range2, cfg.betap_range2, g, cfg.kernel_pad_to)
+    def order(resize_prob, resize_range, gaussian_prob, noise_range, poisson_range, gray_prob, jpeg_range):
+        scale, mode = resize_scale(resize_prob, resize_range), modes()
+        gaussian, sigma, poisson = coin(gaussian_prob), u(*noise_range), u(*poisson_range)
+        gray = coin(gray_prob)
+        seed = torch.randint(2**62, (n,), generator=g)
+        quality = torch.randint(jpeg_range[0], jpeg_range[1] + 1, (n,), generator=g).double()
+        return OrderDraws(scale, mode, gaussian, sigma, poisson, gray, seed, quality)
+
+    kernel1 = random_kernels(n, cfg.kernel_range, cfg.kernel_list, cfg.kernel_prob, cfg.sinc_prob,
+                             cfg.blur_sigma, cfg.betag_range, cfg.betap_range, g, cfg.kernel_pad_to)
+    kernel2 = random_kernels(n, cfg.kernel_range, cfg.kernel_list2, cfg.kernel_prob2, cfg.sinc_prob2,
+                             cfg.blur_sigma2, cfg.betag_range2, cfg.betap_range2, g, cfg.kernel_pad_to)
     sizes = torch.tensor(cfg.kernel_range)[torch.randint(len(cfg.kernel_range), (n,), generator=g)]
     sinc = sinc_kernel(u(math.pi / 3, math.pi), sizes, cfg.kernel_pad_to)     # final sinc: ωc ~ U[π/3, π]
-    p["sinc"] = torch.where(coin(cfg.final_sinc_prob).reshape(-1, 1, 1), sinc, delta_kernel(n, cfg.kernel_pad_to))
-    for i, (rp, rr, gp, nr, pr, grp, jr) in enumerate([
-            (cfg.resize_prob, cfg.resize_range, cfg.gaussian_noise_prob, cfg.noise_range,
-             cfg.poisson_scale_range, cfg.gray_noise_prob, cfg.jpeg_range),
-            (cfg.resize_prob2, cfg.resize_range2, cfg.gaussian_noise_prob2, cfg.noise_range2,
-             cfg.poisson_scale_range2, cfg.gray_noise_prob2, cfg.jpeg_range2)], start=1):
-        p[f"scale{i}"], p[f"mode{i}"] = resize_scale(rp, rr), modes()
-        p[f"gaussian{i}"], p[f"sigma{i}"], p[f"poisson{i}"] = coin(gp), u(*nr), u(*pr)
-        p[f"gray{i}"] = coin(grp)
-        p[f"seed{i}"] = torch.randint(2**62, (n,), generator=g)    # each sample's own noise stream
-        p[f"quality{i}"] = torch.randint(jr[0], jr[1] + 1, (n,), generator=g).double()
-    p["blur2"] = coin(cfg.second_blur_prob)
-    p["mode_final"] = modes()
-    p["jpeg_first"] = coin(cfg.final_jpeg_first_prob)
-    return p
+    sinc = torch.where(coin(cfg.final_sinc_prob).reshape(-1, 1, 1), sinc, delta_kernel(n, cfg.kernel_pad_to))
+    first = order(cfg.resize_prob, cfg.resize_range, cfg.gaussian_noise_prob, cfg.noise_range,
+                  cfg.poisson_scale_range, cfg.gray_noise_prob, cfg.jpeg_range)
+    second = order(cfg.resize_prob2, cfg.resize_range2, cfg.gaussian_noise_prob2, cfg.noise_range2,
+                   cfg.poisson_scale_range2, cfg.gray_noise_prob2, cfg.jpeg_range2)
+    return DegradationDraws(kernel1, kernel2, sinc, first, second, blur2=coin(cfg.second_blur_prob),
+                            mode_final=modes(), jpeg_first=coin(cfg.final_jpeg_first_prob))
 
 
 def _resize(x, size, mode):
@@ -461,36 +493,36 @@ def _resize(x, size, mode):
         F.interpolate(x, size=size, mode=mode, align_corners=False)
 
 
-def apply_degradation(hr, params, scale=4, modes=("area", "bilinear", "bicubic")):
-    """Run the second-order pipeline on hr (B,3,H,W) with per-sample params from sample_params."""
+def apply_degradation(hr, params: DegradationDraws, scale=4, modes=("area", "bilinear", "bicubic")):
+    """Run the second-order pipeline on hr (B,3,H,W) with per-sample draws from sample_params."""
     b, _, h, w = hr.shape
     ho, wo = h // scale, w // scale                      # output floor(H/scale) × floor(W/scale)
-    p = params
-    out = filter2d(hr, p["kernel1"])                     # first-order blur, batched
+    p, o1, o2 = params, params.first, params.second
+    out = filter2d(hr, p.kernel1)                        # first-order blur, batched
     # From the first random resize on, each sample has its own size: loop over samples.
     finals = []
     for i in range(b):
         x = out[i:i + 1]                                 # (1, 3, H, W)
-        s = p["scale1"][i].item()                        # first resize is relative to the input
-        x = _resize(x, (x.shape[2] * s, x.shape[3] * s), modes[p["mode1"][i]])   # (1, 3, h1, w1)
-        x = add_noise(x, p["gaussian1"][i].item(), p["sigma1"][i].item(), p["poisson1"][i].item(),
-                      p["gray1"][i].item(), p["seed1"][i].item())
-        x = jpeg(x, p["quality1"][i:i + 1])
+        s = float(o1.scale[i])                           # first resize is relative to the input
+        x = _resize(x, (x.shape[2] * s, x.shape[3] * s), modes[o1.mode[i]])   # (1, 3, h1, w1)
+        x = add_noise(x, bool(o1.gaussian[i]), float(o1.sigma[i]), float(o1.poisson[i]), bool(o1.gray[i]),
+                      int(o1.seed[i]))
+        x = jpeg(x, o1.quality[i:i + 1])
         # --- second order ---
-        if p["blur2"][i]:
-            x = filter2d(x, p["kernel2"][i:i + 1])
-        s = p["scale2"][i].item()                        # second resize is relative to H/scale
-        x = _resize(x, (h / scale * s, w / scale * s), modes[p["mode2"][i]])   # (1, 3, h2, w2)
-        x = add_noise(x, p["gaussian2"][i].item(), p["sigma2"][i].item(), p["poisson2"][i].item(),
-                      p["gray2"][i].item(), p["seed2"][i].item())
-        if p["jpeg_first"][i]:                           # order B: JPEG, then resize + sinc
-            x = jpeg(x, p["quality2"][i:i + 1])
-        finals.append(_resize(x, (ho, wo), modes[p["mode_final"][i]]))
-    out = filter2d(torch.cat(finals), p["sinc"])         # all samples are (ho, wo) again: batched
-    last = ~p["jpeg_first"]                              # order A: resize + sinc, then JPEG
+        if p.blur2[i]:
+            x = filter2d(x, p.kernel2[i:i + 1])
+        s = float(o2.scale[i])                           # second resize is relative to H/scale
+        x = _resize(x, (h / scale * s, w / scale * s), modes[o2.mode[i]])   # (1, 3, h2, w2)
+        x = add_noise(x, bool(o2.gaussian[i]), float(o2.sigma[i]), float(o2.poisson[i]), bool(o2.gray[i]),
+                      int(o2.seed[i]))
+        if p.jpeg_first[i]:                              # order B: JPEG, then resize + sinc
+            x = jpeg(x, o2.quality[i:i + 1])
+        finals.append(_resize(x, (ho, wo), modes[p.mode_final[i]]))
+    out = filter2d(torch.cat(finals), p.sinc)            # all samples are (ho, wo) again: batched
+    last = ~p.jpeg_first                                 # order A: resize + sinc, then JPEG
     if last.any():
         idx = last.nonzero().flatten().to(out.device)
-        out = out.index_copy(0, idx, jpeg(out[idx], p["quality2"][last]))
+        out = out.index_copy(0, idx, jpeg(out[idx], o2.quality[last]))
     return (out.clamp(0, 1) * 255).round() / 255
 
 
@@ -520,7 +552,7 @@ def degrade(hr, scale=4, generator=None, resize_back=False, cfg=None):
 
 
 def degrade_bicubic(hr, scale=4, resize_back=False):
-    """Classic SR degradation: antialiased bicubic ×1/scale, rounded to 8 bits (DESIGN.md §10)."""
+    """Classic SR degradation: antialiased bicubic ×1/scale, rounded to 8 bits (ours, not the paper's)."""
     _check_hr(hr, scale)
     h, w = hr.shape[2] // scale, hr.shape[3] // scale
     lr = F.interpolate(hr.float(), size=(h, w), mode="bicubic", align_corners=False, antialias=True)
@@ -609,32 +641,9 @@ def run_folder(args):
     return 0
 
 
-def bench(args):
-    """Print degradation throughput at 512² on args.device."""
-    device = torch.device(args.device)
-    gen = torch.Generator().manual_seed(0)
-    # smooth random images (noise upsampled) so JPEG/Poisson see photo-like statistics
-    hr = F.interpolate(torch.rand(args.batch, 3, 32, 32, generator=gen), size=512, mode="bicubic")
-    hr = hr.clamp(0, 1).to(device)
-    fn = degrade if args.mode == "realesrgan" else (lambda x, scale, generator: degrade_bicubic(x, scale))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(2):                                   # warm-up
-        fn(hr, scale=args.scale, generator=gen)
-    sync()
-    n, t0 = 0, time.perf_counter()
-    while n < 3 or time.perf_counter() - t0 < 5.0:
-        fn(hr, scale=args.scale, generator=gen)
-        n += 1
-    sync()
-    dt = time.perf_counter() - t0
-    print(f"{args.mode} degradation on {device} ({torch.get_num_threads()} threads), batch {args.batch} "
-          f"at 512²: {n * args.batch / dt:.1f} images/s ({dt / n * 1000:.0f} ms/batch, {n} batches)")
-    return 0
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Make HR/LR training pairs with the Real-ESRGAN degradation "
-                                             "(or bicubic), or benchmark it.")
+                                             "(or bicubic). Throughput: python tools/bench_degrade.py")
     ap.add_argument("-i", "--input", help="folder of HR images (searched recursively) or one image file")
     ap.add_argument("-o", "--output", help="output folder: writes hr/, lr/ and contact_sheet.png")
     ap.add_argument("--scale", type=int, default=4, help="downscaling factor (default 4)")
@@ -642,9 +651,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="seed of the degradation draws (default 0)")
     ap.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     ap.add_argument("--mode", choices=("realesrgan", "bicubic"), default="realesrgan",
-                    help="realesrgan: second-order pipeline (DESIGN §3); bicubic: classic ×1/scale")
+                    help="realesrgan: the second-order pipeline (default); bicubic: classic antialiased ×1/scale")
     ap.add_argument("--batch", type=int, default=8, help="images per batch (default 8)")
-    ap.add_argument("--bench", action="store_true", help="print images/s at 512² instead of processing files")
     args = ap.parse_args(argv)
     if args.scale < 1 or args.batch < 1:
         ap.error("--scale and --batch must be positive")
@@ -653,10 +661,8 @@ def main(argv=None):
     except (RuntimeError, AssertionError) as e:
         print(f"error: device {args.device!r} is not usable: {e}", file=sys.stderr)
         return 2
-    if args.bench:
-        return bench(args)
     if not args.input or not args.output:
-        ap.error("-i/--input and -o/--output are required (or use --bench)")
+        ap.error("-i/--input and -o/--output are required")
     if args.crop < args.scale or args.crop % args.scale:
         ap.error(f"--crop {args.crop} must be a positive multiple of --scale {args.scale}")
     return run_folder(args)

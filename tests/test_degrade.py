@@ -217,7 +217,7 @@ def test_batch_equals_per_sample_loop():
     hr = _hr(4, 64, 80, seed=5)
     p = D.sample_params(4, generator=torch.Generator().manual_seed(11))
     batched = D.apply_degradation(hr, p)
-    single = torch.cat([D.apply_degradation(hr[i:i + 1], {k: v[i:i + 1] for k, v in p.items()})
+    single = torch.cat([D.apply_degradation(hr[i:i + 1], p[i:i + 1])
                         for i in range(4)])
     assert torch.equal(batched, single)
 
@@ -227,16 +227,17 @@ def test_param_frequencies_follow_config():
     n = 2000
     p = D.sample_params(n, cfg, torch.Generator().manual_seed(0))
     tol = lambda prob: 4 * math.sqrt(prob * (1 - prob) / n)          # noqa: E731
-    for key, prob in [("blur2", cfg.second_blur_prob), ("jpeg_first", 0.5), ("gaussian1", 0.5), ("gray2", 0.4)]:
-        assert abs(p[key].double().mean().item() - prob) < tol(prob), key
-    not_delta = (p["sinc"][:, 10, 10] < 1).double().mean().item()
+    for name, draws, prob in [("blur2", p.blur2, cfg.second_blur_prob), ("jpeg_first", p.jpeg_first, 0.5),
+                              ("gaussian1", p.first.gaussian, 0.5), ("gray2", p.second.gray, 0.4)]:
+        assert abs(draws.double().mean().item() - prob) < tol(prob), name
+    not_delta = (p.sinc[:, 10, 10] < 1).double().mean().item()
     assert abs(not_delta - cfg.final_sinc_prob) < tol(cfg.final_sinc_prob)
-    keep = (p["scale1"] == 1).double().mean().item()
+    keep = (p.first.scale == 1).double().mean().item()
     assert abs(keep - cfg.resize_prob[2]) < tol(cfg.resize_prob[2])
-    assert p["scale1"].min() >= 0.15 and p["scale1"].max() <= 1.5
-    q = p["quality1"]
+    assert p.first.scale.min() >= 0.15 and p.first.scale.max() <= 1.5
+    q = p.first.quality
     assert q.min() >= 30 and q.max() <= 95 and torch.equal(q, q.round())
-    assert len(set(p["seed1"].tolist())) == n
+    assert len(set(p.first.seed.tolist())) == n
 
 
 # ----------------------------------------------------------------------------- image files
