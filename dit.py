@@ -8,7 +8,7 @@ The network predicts the flow-matching velocity v = eps - x0 (eq. 1) from
                                                  "no semantics" input of the partial branch (eq. 2)
     r     (B,) or None                           the one-step student's second time (eq. 12-17)
 
-Per block, in order (DESIGN.md §5): adaLN-modulated, gated self-attention with 2-D RoPE ->
+Per block, in order (paper Fig. 2; the official release): adaLN-modulated, gated self-attention with 2-D RoPE ->
 cross-attention to the projected semantic tokens (no norm, no gate) -> adaLN-modulated, gated
 SwiGLU MLP. Time conditioning is "adaLN-single" (PixArt-alpha): one shared Linear(d -> 6d) plus a
 learnable (6, d) table per block.
@@ -43,6 +43,7 @@ class DiTConfig:
     patch_size: int = 2
     train_grid: int = 32         # token-grid side at training size (512^2 / 8 / 2 = 32): RoPE reference
     mlp_ratio: float = 4.0       # SwiGLU hidden = int(2/3 * mlp_ratio * d)
+    sem_hidden: int = 0          # hidden width of the semantic projection; 0: 3d (the 0.5B release)
     with_r: bool = False         # add the student's r_embedder (distillation)
     grad_ckpt: bool = False      # gradient checkpointing per block (training only)
     rope_theta: float = 10000.0
@@ -105,7 +106,7 @@ def rope_tables(grid_h: int, grid_w: int, head_dim: int, train_grid: int, theta:
     head_dim/4 frequencies f_k = theta^(-2k/(head_dim/2)), each repeated for an adjacent channel
     pair. Positions are rescaled to the training grid: pos = index * G_train / G, separately per
     axis for non-square grids, so at the training size pos is the integer index and a larger
-    grid interpolates the same position range (DESIGN.md §5b).
+    grid interpolates the same position range (the official release's convention).
     """
     half = head_dim // 2
     freqs = 1.0 / theta ** (torch.arange(0, half, 2, device=device, dtype=torch.float32) / half)  # (hd/4,)
@@ -213,13 +214,14 @@ class SwiGLU(nn.Module):
 
 
 class SemanticMlp(nn.Module):
-    """Linear(enc_dim -> 3d) -> GELU(tanh) -> Linear(3d -> d): projects c_sem to the keys/values width."""
+    """Linear(enc_dim -> h) -> GELU(tanh) -> Linear(h -> d), h = 3d by default: c_sem to the keys/values width."""
 
-    def __init__(self, enc_dim: int, dim: int):
+    def __init__(self, enc_dim: int, dim: int, hidden: int = 0):
         super().__init__()
-        self.fc1 = nn.Linear(enc_dim, 3 * dim)
+        hidden = hidden or 3 * dim
+        self.fc1 = nn.Linear(enc_dim, hidden)
         self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(3 * dim, dim)
+        self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
@@ -296,7 +298,7 @@ class VOSRDiT(nn.Module):
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))   # adaLN-single, shared by blocks
         self.feat_rope = VisionRotaryEmbedding(d // cfg.num_heads, cfg.train_grid, cfg.rope_theta)
         self.layer_norm = nn.LayerNorm(cfg.enc_dim, eps=1e-5)          # semantic projection, part 1
-        self.mlp_ca = SemanticMlp(cfg.enc_dim, d)                      # semantic projection, part 2
+        self.mlp_ca = SemanticMlp(cfg.enc_dim, d, cfg.sem_hidden)                      # semantic projection, part 2
         self.blocks = nn.ModuleList([DiTBlock(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(d, p, C)
         self.initialize_weights()
@@ -383,6 +385,32 @@ def build(preset: str, **overrides) -> VOSRDiT:
     if unknown:
         raise ValueError(f"unknown override(s) {sorted(unknown)}; valid: {list(DiTConfig.__dataclass_fields__)}")
     return VOSRDiT(DiTConfig(**{**PRESETS[preset], "preset": preset, **overrides}))
+
+
+# The official release's args.json flags for architecture variants; this module implements one of each.
+RELEASE_ARCH_FLAGS = {"use_qknorm": True, "use_swiglu": True, "use_rope": True, "use_rmsnorm": True,
+                      "wo_shift": False}
+
+
+def release_config(args: dict, latent_channels: int, enc_dim: int, with_r: bool, sem_hidden: int = 0) -> DiTConfig:
+    """The DiTConfig of a released model from its args.json (the official release's training arguments).
+
+    dim/depth/num_heads/patch_size/mlp_ratio give the shape; the RoPE reference grid is the training crop
+    `resolution` / 8 (VAE factor) / patch_size (32 for the released 512² models). Raises ValueError naming
+    the key when args.json asks for an architecture variant this module does not implement."""
+    for key in ("dim", "depth", "num_heads"):
+        if not isinstance(args.get(key), int):
+            raise ValueError(f"args.json: '{key}' missing or not an integer (got {args.get(key)!r})")
+    for key, ours in RELEASE_ARCH_FLAGS.items():
+        if key in args and bool(args[key]) != ours:
+            raise ValueError(f"args.json: {key}={args[key]!r} is not supported (this DiT implements {key}={ours})")
+    patch = int(args.get("patch_size", 2))
+    shape = dict(dim=args["dim"], depth=args["depth"], num_heads=args["num_heads"])
+    preset = next((name for name, p in PRESETS.items() if p == shape), "custom")
+    return DiTConfig(**shape, latent_channels=latent_channels, enc_dim=enc_dim, patch_size=patch,
+                     train_grid=int(args.get("resolution", 512)) // 8 // patch,
+                     mlp_ratio=float(args.get("mlp_ratio", 4.0)), with_r=with_r, sem_hidden=sem_hidden,
+                     preset=preset)
 
 
 def compile_blocks(model: VOSRDiT, **compile_kwargs) -> VOSRDiT:

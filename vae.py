@@ -1,17 +1,21 @@
 """Frozen image encoders: latent codecs and the DINOv2 semantic encoder.
 
 Paper §3.1 (framework: the DiT works in the latent space of a frozen VAE, c_str = vae.encode(LR↑)),
-§3.2 (vision semantic condition: c_sem = DINOv2 block-8 patch tokens of the LR image) and §4.1
+§3.2 (vision semantic condition: c_sem = DINOv2 patch tokens of the LR image from one intermediate block:
+8 of ViT-B's 12, 17 of ViT-L's 24 in the official release) and §4.1
 (VOSR-0.5B: SD2.1 VAE + lightweight decoder, DINOv2-B; VOSR-1.4B: Qwen-Image 16-ch VAE, DINOv2-L).
-The numerics follow DESIGN.md §4. Nothing here is trained: every module is frozen and in eval mode.
+The numerics follow the official release (its inference scripts). Nothing here is trained: every module is frozen and in eval mode.
 Every loader takes a local path; no weights are ever downloaded.
 
 Codecs: encode(img in [-1,1], (B,3,H,W)) -> latent (B,channels,H/factor,W/factor), decode(latent) -> img.
   "pixel"        exact weight-free 8x8 space-to-depth (192 ch), the lower bound a latent space must beat
-  FOLDER         a diffusers AutoencoderKL / AutoencoderKLQwenImage saved with save_pretrained
+  FOLDER         a diffusers AutoencoderKL / AutoencoderKLQwenImage saved with save_pretrained, or the
+                 official release's one-frame Qwen-Image-vae-2d/ folder (load_qwen_2d)
   FOLDER + file  same encoder, decoded by the lightweight SD2 decoder (build_light_decoder) from a state dict
+  FOLDER + .pth  the release's sd21_lwdecoder.pth ({"config", "model_state_dict"}), see load_light_decoder
 Semantic encoder: load_semantic("none" | "random" | "random-b" | "random-l" | WEIGHTS_FILE).
 """
+import inspect
 import json
 import math
 import os
@@ -32,9 +36,13 @@ def _read_state_dict(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not this format, a pickle with forbidden globals, ...
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise ValueError(f"{path}: not a readable {path.suffix or 'weights'} file ({reason})") from None
     for nest in ("model", "state_dict"):  # training checkpoints often nest the weights one level down
         if isinstance(sd, dict) and isinstance(sd.get(nest), dict):
             sd = sd[nest]
@@ -110,25 +118,118 @@ class PixelCodec(Codec):
         return F.pixel_shuffle(latent.float(), self.factor)
 
 
-def build_light_decoder() -> nn.Module:
-    """The lightweight SD2 decoder of VOSR-0.5B (~12.4 M params), randomly initialised; its input is
-    latent / scaling_factor."""
+LIGHT_DECODER = dict(in_channels=4, out_channels=3, block_out_channels=(64, 128, 256, 256), layers_per_block=2)
+
+
+def build_light_decoder(config: dict | None = None) -> nn.Module:
+    """The lightweight SD2 decoder of VOSR-0.5B (~12.4 M params with the default shape), randomly
+    initialised; its input is latent / scaling_factor. config: the shape keys of the release's
+    sd21_lwdecoder.pth (in_channels, out_channels, block_out_channels, layers_per_block)."""
     from diffusers.models.autoencoders.vae import Decoder
-    return Decoder(in_channels=4, out_channels=3, up_block_types=("UpDecoderBlock2D",) * 4,
-                   block_out_channels=(64, 128, 256, 256), layers_per_block=2, norm_num_groups=32, act_fn="silu")
+    c = {**LIGHT_DECODER, **(config or {})}
+    blocks = tuple(c["block_out_channels"])
+    return Decoder(in_channels=c["in_channels"], out_channels=c["out_channels"],
+                   up_block_types=("UpDecoderBlock2D",) * len(blocks), block_out_channels=blocks,
+                   layers_per_block=c["layers_per_block"], norm_num_groups=c.get("norm_num_groups", 32),
+                   act_fn="silu")
 
 
 def load_light_decoder(path) -> nn.Module:
-    """The light decoder from a released state dict, loaded strictly (a 'module.'/'decoder.' prefix on every
-    key is stripped)."""
-    sd = _read_state_dict(path)
+    """The light decoder from a released file, loaded strictly.
+
+    The release's sd21_lwdecoder.pth is a dict {"config": shape keys, "model_state_dict": weights} (the
+    official release's inference scripts build the decoder from that config); a flat state dict
+    (.safetensors or .pth) gets the default shape. A 'module.'/'decoder.' prefix on every key is stripped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"light decoder not found: {path}")
+    config = None
+    if path.suffix == ".safetensors":
+        sd = load_file(str(path))
+    else:
+        try:
+            raw = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:                      # truncated zip, not a pickle, a forbidden global, ...
+            raise ValueError(f"{path}: not a readable torch file ({str(e).splitlines()[0][:120]})") from None
+        if isinstance(raw, dict) and isinstance(raw.get("model_state_dict"), dict):
+            sd, config = raw["model_state_dict"], raw.get("config")
+            if config is not None and not isinstance(config, dict):
+                raise ValueError(f"{path}: 'config' is a {type(config).__name__}, expected a dict")
+            unknown = set(config or {}) - set(LIGHT_DECODER) - {"norm_num_groups"}
+            if unknown:
+                raise ValueError(f"{path}: unknown light-decoder config key(s) {sorted(unknown)}")
+        else:
+            sd = raw
+            for nest in ("model", "state_dict"):
+                if isinstance(sd, dict) and isinstance(sd.get(nest), dict):
+                    sd = sd[nest]
+        if not isinstance(sd, dict):
+            raise ValueError(f"{path}: not a state dict")
     for prefix in ("module.", "decoder."):
         if sd and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
     with torch.device("meta"):  # skip the random init, every weight comes from the file
-        dec = build_light_decoder()
+        dec = build_light_decoder(config)
     _load_strict(dec, sd, path)
     return _freeze(dec)
+
+
+# The official release's 2-D Qwen-Image VAE folder (config _class_name "AutoencoderKLQwenImage2D") holds
+# diffusers' AutoencoderKLQwenImage weights reduced to one frame: a causal 3-D conv kernel (O,I,3,k,k)
+# becomes its last temporal tap (O,I,k,k), an RMS-norm gamma (C,1,1,1) loses its time axis (C,1,1), and
+# the temporal up/down-sampling convs (time_conv) are dropped. For one frame that is exact: a causal conv
+# pads the time axis with zeros in front, so only the last tap ever meets the frame, and time_conv only
+# runs from the second frame on. We load such a folder into diffusers' class (the 2-D kernel in the last
+# tap, zeros in the others) and run it on (B, C, 1, H, W).
+
+def qwen_2d_to_3d(sd2d: dict, own: dict, path) -> dict:
+    """The 2-D folder's state dict in the shapes of diffusers' AutoencoderKLQwenImage state dict `own`.
+
+    Only the time_conv tensors may be absent (they get zeros: never used for one frame); any other missing
+    or unexpected key, or a shape that is not a reduction of diffusers' one, raises an error naming it."""
+    out = {}
+    for k, v in sd2d.items():
+        if k not in own:
+            raise ValueError(f"{path}: unexpected key '{k}' for AutoencoderKLQwenImage")
+        want = tuple(own[k].shape)
+        if tuple(v.shape) == want:
+            out[k] = v
+        elif k.endswith(".gamma") and want == (*v.shape, 1):                 # (C,1,1) -> (C,1,1,1)
+            out[k] = v.unsqueeze(-1)
+        elif v.ndim == 4 and len(want) == 5 and want[:2] + want[3:] == tuple(v.shape):
+            w = v.new_zeros(want)                                           # (O,I,T,k,k), zero taps
+            w[:, :, -1] = v                                                 # the tap that meets the frame
+            out[k] = w
+        else:
+            raise ValueError(f"{path}: key '{k}' has shape {tuple(v.shape)}, expected {want} "
+                             "(or its one-frame reduction)")
+    for k in own:
+        if k not in out:
+            if ".time_conv." not in k:
+                raise ValueError(f"{path}: missing key '{k}' ({len(set(own) - set(out))} missing in all)")
+            out[k] = torch.zeros(own[k].shape, dtype=own[k].dtype)
+    return out
+
+
+def load_qwen_2d(folder, dtype=torch.float32) -> nn.Module:
+    """diffusers' AutoencoderKLQwenImage with the weights of a 2-D folder (config.json + *.safetensors)."""
+    from diffusers import AutoencoderKLQwenImage
+    folder = Path(folder)
+    with open(folder / "config.json") as f:
+        conf = json.load(f)
+    params = inspect.signature(AutoencoderKLQwenImage.__init__).parameters
+    kwargs = {k: v for k, v in conf.items() if k in params and k != "self"}
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pth"))
+    if not files:
+        raise FileNotFoundError(f"no weights (*.safetensors, *.bin, *.pth) in {folder}")
+    sd = {}
+    for file in files:                              # one file, or the shards of one state dict
+        sd.update(_read_state_dict(file))
+    with torch.device("meta"):
+        model = AutoencoderKLQwenImage(**kwargs)
+    path = files[0] if len(files) == 1 else folder
+    _load_strict(model, qwen_2d_to_3d(sd, model.state_dict(), path), path)
+    return model.to(dtype)
 
 
 class DiffusersCodec(Codec):
@@ -218,15 +319,21 @@ def load_codec(spec: str, light_decoder: str | None = None, device="cpu", dtype=
         folder = folder / "vae"
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in codec folder {folder}")
-    with open(folder / "config.json") as f:
-        class_name = json.load(f).get("_class_name")
-    if class_name not in ("AutoencoderKL", "AutoencoderKLQwenImage"):
-        raise ValueError(f"{folder}/config.json: unsupported VAE class {class_name!r} "
-                         "(expected AutoencoderKL or AutoencoderKLQwenImage)")
-    import diffusers
-    if not hasattr(diffusers, class_name):
-        raise ValueError(f"{folder}: {class_name} needs a newer diffusers (installed {diffusers.__version__})")
-    vae = getattr(diffusers, class_name).from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype)
+    try:
+        with open(folder / "config.json") as f:
+            class_name = json.load(f).get("_class_name")
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{folder}/config.json: not a JSON object ({e})") from None
+    if class_name == "AutoencoderKLQwenImage2D":            # the official release's one-frame Qwen-Image VAE
+        vae = load_qwen_2d(folder, dtype)
+    else:
+        if class_name not in ("AutoencoderKL", "AutoencoderKLQwenImage"):
+            raise ValueError(f"{folder}/config.json: unsupported VAE class {class_name!r} "
+                             "(expected AutoencoderKL, AutoencoderKLQwenImage or AutoencoderKLQwenImage2D)")
+        import diffusers
+        if not hasattr(diffusers, class_name):
+            raise ValueError(f"{folder}: {class_name} needs a newer diffusers (installed {diffusers.__version__})")
+        vae = getattr(diffusers, class_name).from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype)
     light = load_light_decoder(light_decoder).to(dtype) if light_decoder else None
     return DiffusersCodec(vae, spec=str(spec), light_decoder=light,
                           light_decoder_path=str(light_decoder) if light_decoder else None).to(device)
@@ -235,7 +342,7 @@ def load_codec(spec: str, light_decoder: str | None = None, device="cpu", dtype=
 SD21_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
                 up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
                 layers_per_block=2, act_fn="silu", latent_channels=4, norm_num_groups=32, sample_size=768,
-                scaling_factor=0.18215)  # the shape of SD2.1-base's vae/config.json (DESIGN §4)
+                scaling_factor=0.18215)  # the shape of SD2.1-base's vae/config.json
 
 
 def random_sd_codec(latent_channels: int = 4, light_decoder: bool = True) -> DiffusersCodec:
@@ -279,12 +386,21 @@ def resize_pos_embed(patch_pos: torch.Tensor, grid: int) -> torch.Tensor:
     return table.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(patch_pos.dtype)
 
 
-class SemanticEncoder(nn.Module):
-    """c_sem: DINOv2 block-`layer` patch tokens of the LR image, (B, (image_size/14)^2, dim). DESIGN §4."""
+def default_semantic_layer(depth: int) -> int:
+    """The DINOv2 block whose patch tokens are c_sem, three quarters deep: 8 of ViT-S/B's 12 blocks (paper
+    §3.2), 17 of ViT-L's 24 (the official release's layer_dinov2b_list for its 1.4B models)."""
+    return max(0, 3 * depth // 4 - 1)
 
-    def __init__(self, vit: nn.Module, image_size: int = 448, layer: int = 8, spec: str = ""):
+
+class SemanticEncoder(nn.Module):
+    """c_sem: DINOv2 block-`layer` patch tokens of the LR image, (B, (image_size/14)^2, dim).
+
+    layer: 0-based block index; None: default_semantic_layer of the ViT's depth."""
+
+    def __init__(self, vit: nn.Module, image_size: int = 448, layer: int | None = None, spec: str = ""):
         super().__init__()
         patch = vit.patch_embed.patch_size[0]
+        layer = default_semantic_layer(len(vit.blocks)) if layer is None else layer
         if image_size % patch:
             raise ValueError(f"image_size {image_size} must be a multiple of the patch size {patch}")
         if not 0 <= layer < len(vit.blocks):
@@ -326,16 +442,19 @@ class SemanticEncoder(nn.Module):
 
 
 def build_dinov2(dim: int = 384, depth: int | None = None, reg_tokens: int = 0, img_size: int = 518) -> nn.Module:
-    """A randomly initialised timm DINOv2 ViT (S/B/L by embed dim) with a (img_size/14)^2 position table."""
-    if dim not in DINOV2_TIMM_NAMES:
-        raise ValueError(f"unsupported DINOv2 width {dim}; expected one of {sorted(DINOV2_TIMM_NAMES)}")
+    """A randomly initialised timm DINOv2 ViT (S/B/L by embed dim; other widths: ViT-S's layout with one head per
+    64 channels) with a (img_size/14)^2 position table."""
     kw = dict(pretrained=False, img_size=img_size, num_classes=0)
+    if dim not in DINOV2_TIMM_NAMES:  # another width (small test models): ViT-S's layout, 64-wide heads as S/B/L
+        if dim % 64 and dim > 64 or dim < 16:
+            raise ValueError(f"unsupported DINOv2 width {dim}; expected one of {sorted(DINOV2_TIMM_NAMES)}")
+        kw.update(embed_dim=dim, num_heads=max(1, dim // 64))
     if depth is not None:
         kw["depth"] = depth
     if reg_tokens:  # the DINOv2-with-registers layout in timm: cls pos folded into cls_token
         kw.update(reg_tokens=reg_tokens, no_embed_class=True)
     import timm
-    return timm.create_model(DINOV2_TIMM_NAMES[dim], **kw)
+    return timm.create_model(DINOV2_TIMM_NAMES.get(dim, DINOV2_TIMM_NAMES[384]), **kw)
 
 
 def dinov2_official_to_timm(sd: dict) -> dict:
@@ -364,10 +483,11 @@ def dinov2_official_to_timm(sd: dict) -> dict:
     return out
 
 
-def load_semantic(spec: str, image_size: int = 448, device="cpu", seed: int = 0, layer: int = 8,
+def load_semantic(spec: str, image_size: int = 448, device="cpu", seed: int = 0, layer: int | None = None,
                   dtype=torch.float32):
     """'none' -> None (callers pass zeros); 'random'/'random-b'/'random-l' -> seeded random ViT-S/B/L;
-    otherwise a DINOv2 weights file (.safetensors, or .pth/.pt), architecture inferred from its shapes."""
+    otherwise a DINOv2 weights file (.safetensors, or .pth/.pt), architecture inferred from its shapes.
+    layer: the block of c_sem; None: by depth (default_semantic_layer: 8 of 12, 17 of 24)."""
     if spec == "none":
         return None
     if spec in ("random", "random-s", "random-b", "random-l"):

@@ -49,7 +49,7 @@ def test_timestep_shift():
         sample.timesteps(4, "uniform", 0.0)
 
 
-@pytest.mark.parametrize("flag,value", [("--scale", "0"), ("--shift", "-1"), ("--tile", "0"), ("--tile-overlap", "-1")])
+@pytest.mark.parametrize("flag,value", [("--scale", "0"), ("--shift", "-1"), ("--tile", "-1"), ("--tile-overlap", "-1")])
 def test_cli_refuses_out_of_range_settings(flag, value, capsys):
     with pytest.raises(SystemExit):
         sample.parse_args(["-i", "x", flag, value])

@@ -332,7 +332,7 @@ def test_dinov2_with_registers_official_keys(tmp_path):
     official.update(register_tokens=sd["reg_token"], cls_token=sd["cls_token"] - cls_pos,
                     pos_embed=torch.cat([cls_pos, sd["pos_embed"]], dim=1), mask_token=torch.zeros(1, 384))
     save_file(official, str(tmp_path / "reg.safetensors"))
-    back = vae.load_semantic(str(tmp_path / "reg.safetensors"), image_size=42)
+    back = vae.load_semantic(str(tmp_path / "reg.safetensors"), image_size=42, layer=8)  # 9 blocks: no default 8
     img = torch.rand(1, 3, 42, 42, generator=torch.Generator().manual_seed(4))
     x = (img - MEAN) / STD
     with torch.no_grad():

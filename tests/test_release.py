@@ -1,0 +1,470 @@
+"""The official release's files in, its conventions out: sample.py --ckpt preset/ckpts/VOSR_*.
+
+Every file is built here with random weights in the release's on-disk format (small widths, the real key
+structure): args.json, checkpoints/ema_model.safetensors, stable-diffusion-2-1-base/vae/, sd21_lwdecoder.pth
+({"config", "model_state_dict"}), Qwen-Image-vae-2d/ (one-frame reduction of diffusers' Qwen-Image VAE),
+torch_cache/checkpoints/dinov2_vit{b,l}14_pretrain.pth (facebookresearch keys). The expected images are
+computed step by step with diffusers' and timm's own classes and PIL, not with sample.py's helpers.
+"""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+
+import dit
+import sample
+import vae
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS_2D = Path("/work/shared/release_qwen_vae2d_keys.txt")   # the real folder's key list, where present
+MEAN = torch.tensor(vae.IMAGENET_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(vae.IMAGENET_STD).view(1, 3, 1, 1)
+SEM_SIZE = 28          # DINOv2 input side of the test models (2×2 tokens); the release uses 448
+QWEN = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+            temperal_downsample=[False, True, True])     # the release's structure, base_dim 96 → 8
+
+
+def randomize(module, std=0.05):
+    """Give every zero or constant parameter random values, so a wrong weight or branch shows."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.numel() > 1 and p.std() == 0 or p.abs().sum() == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * std + (1 if p.abs().sum() > 0 else 0))
+    return module
+
+
+def release_args(**kw):
+    """args.json of a released model with the real keys, small dims."""
+    return dict(dim=64, depth=2, num_heads=2, patch_size=2, mlp_ratio=4.0, encdim_ratio=3, use_qknorm=True,
+                use_swiglu=True, use_rope=True, use_rmsnorm=True, wo_shift=False, resolution=128,
+                cfg_scale=0.5, weak_cond_strength_aelq_list=[0.05, 0.25], time_dist="uniform", t_start=1.0,
+                t_end=0.0, seed=0, dinov2_size=SEM_SIZE, **kw)
+
+
+def official_dinov2(path, dim, depth):
+    """A random DINOv2 .pth in the facebookresearch key layout (timm's names + mask_token), 2×2 patch table.
+    Returns the timm model it was made from (the reference)."""
+    torch.manual_seed(depth)
+    vit = vae.build_dinov2(dim, depth=depth, img_size=SEM_SIZE).eval()
+    with torch.no_grad():
+        for name, p in vit.named_parameters():
+            if name.endswith(("ls1.gamma", "ls2.gamma")):
+                p.fill_(0.5)                      # layer scale 1e-5 would make every block near identity
+    sd = {**vit.state_dict(), "mask_token": torch.zeros(1, dim)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, path)
+    return vit
+
+
+def tiny_sd_vae():
+    from diffusers import AutoencoderKL
+    torch.manual_seed(2)
+    return AutoencoderKL(block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         norm_num_groups=8, scaling_factor=0.18215).eval()
+
+
+def light_decoder_pth(path, config):
+    from diffusers.models.autoencoders.vae import Decoder
+    torch.manual_seed(3)
+    dec = Decoder(in_channels=config["in_channels"], out_channels=config["out_channels"],
+                  up_block_types=("UpDecoderBlock2D",) * len(config["block_out_channels"]),
+                  block_out_channels=tuple(config["block_out_channels"]),
+                  layers_per_block=config["layers_per_block"], norm_num_groups=32, act_fn="silu").eval()
+    torch.save({"config": config, "model_state_dict": dec.state_dict()}, path)
+    return dec
+
+
+def qwen_3d():
+    """diffusers' Qwen-Image VAE, random weights in every temporal tap of every causal conv."""
+    from diffusers import AutoencoderKLQwenImage
+    torch.manual_seed(4)
+    g = torch.Generator().manual_seed(5)
+    mean, std = torch.randn(16, generator=g).tolist(), (torch.rand(16, generator=g) + 0.5).tolist()
+    m = AutoencoderKLQwenImage(**QWEN, latents_mean=mean, latents_std=std).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith(".gamma"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+    return m
+
+
+def reduce_to_2d(sd3d: dict) -> dict:
+    """The release's 2-D folder state dict: last temporal tap, gammas without the time axis, no time_conv."""
+    out = {}
+    for k, v in sd3d.items():
+        if ".time_conv." in k:
+            continue
+        if v.ndim == 5:
+            v = v[:, :, -1]
+        elif k.endswith(".gamma") and v.ndim == 4:
+            v = v[..., 0]
+        out[k] = v.contiguous()
+    return out
+
+
+def qwen_2d_folder(folder, model):
+    folder.mkdir(parents=True, exist_ok=True)
+    conf = {"_class_name": "AutoencoderKLQwenImage2D", **QWEN, "latents_mean": model.config.latents_mean,
+            "latents_std": model.config.latents_std}
+    (folder / "config.json").write_text(json.dumps(conf))
+    save_file(reduce_to_2d(model.state_dict()), str(folder / "diffusion_pytorch_model.safetensors"))
+
+
+def release_dit(folder, args, channels, enc_dim, student):
+    torch.manual_seed(6)
+    model = randomize(dit.build("tiny", dim=args["dim"], depth=args["depth"], num_heads=args["num_heads"],
+                                latent_channels=channels, enc_dim=enc_dim, with_r=student,
+                                train_grid=args["resolution"] // 16)).eval()
+    (folder / "checkpoints").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(folder / "checkpoints" / "ema_model.safetensors"))
+    (folder / "args.json").write_text(json.dumps(args))
+    return model
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """preset/ckpts/ as the release's README lays it out: VOSR_0.5B_os (student, SD2.1 + light decoder,
+    DINOv2-B block 8) and VOSR_1.4B_ms (teacher, Qwen 2-D VAE, DINOv2-L block 17), with their references."""
+    ckpts = tmp_path_factory.mktemp("preset") / "ckpts"
+    ref = {}
+    sd_vae = tiny_sd_vae()
+    sd_vae.save_pretrained(str(ckpts / "stable-diffusion-2-1-base" / "vae"))
+    (ckpts / "stable-diffusion-2-1-base" / "model_index.json").write_text("{}")
+    ref["sd_vae"] = sd_vae
+    ref["light"] = light_decoder_pth(ckpts / "sd21_lwdecoder.pth", dict(in_channels=4, out_channels=3,
+                                                                       block_out_channels=[32, 32, 32, 32],
+                                                                       layers_per_block=1))
+    ref["qwen"] = qwen_3d()
+    qwen_2d_folder(ckpts / "Qwen-Image-vae-2d", ref["qwen"])
+    cache = ckpts / "torch_cache" / "checkpoints"
+    ref["dino_b"] = official_dinov2(cache / "dinov2_vitb14_pretrain.pth", 64, depth=9)    # block 8 must exist
+    ref["dino_l"] = official_dinov2(cache / "dinov2_vitl14_pretrain.pth", 64, depth=18)   # block 17 must exist
+    ref["dit_os"] = release_dit(ckpts / "VOSR_0.5B_os", release_args(
+        ae_type="sd2", ae_path="preset/ckpts/stable-diffusion-2-1-base", enc_type="dinov2b", enc_dim=64,
+        layer_dinov2b_list=[8], infer_steps=1), 4, 64, student=True)
+    ref["dit_ms"] = release_dit(ckpts / "VOSR_1.4B_ms", release_args(
+        ae_type="qwen", ae_path="preset/ckpts/Qwen-Image-vae-2d", enc_type="dinov2l", enc_dim=64,
+        layer_dinov2b_list=[17], infer_steps=2), 16, 64, student=False)
+    lr_dir = ckpts.parent / "lr"
+    lr_dir.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (8, 12, 3), dtype=np.uint8)).save(lr_dir / "a.png")  # 12×8 → 48×32
+    return ckpts, lr_dir, ref
+
+
+def dino_tokens(vit, up, layer):
+    x = F.interpolate(up, size=(SEM_SIZE, SEM_SIZE), mode="bicubic", align_corners=False).clamp(0, 1)
+    return vit.forward_intermediates((x - MEAN) / STD, indices=[layer], norm=False, output_fmt="NLC",
+                                     intermediates_only=True)[0]
+
+
+def adain_8bit(sr, ref):
+    """The release's adain on the clamped 8-bit output, written out: per channel, σ = sqrt(var + 1e-5)."""
+    sr = (sr.clamp(0, 1) * 255).round() / 255
+    out = torch.empty_like(sr)
+    for c in range(3):
+        a, b = sr[0, c], ref[0, c]
+        sa, sb = math.sqrt(a.var().item() + 1e-5), math.sqrt(b.var().item() + 1e-5)
+        out[0, c] = (a - a.mean()) / sa * sb + b.mean()
+    return out.clamp(0, 1)
+
+
+def pil_up(path, scale=4):
+    im = Image.open(path).convert("RGB")
+    up = im.resize((im.width * scale, im.height * scale), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(up).copy()).permute(2, 0, 1)[None].float() / 255
+
+
+def assert_same_image(got, expect):
+    """Equal up to float rounding: an output level that lands on a rounding edge before the adain can move a
+    few levels after it (adain multiplies by σ_ref/σ_sr), so a handful of pixels may differ by more than one."""
+    d = (got - expect).abs()
+    assert d.mean() < 0.01 and (d > 1).sum() <= 4, (d.max(), d.mean(), (d > 1).sum())
+
+
+def read_png(path):
+    return torch.from_numpy(np.asarray(Image.open(path)).copy()).permute(2, 0, 1)[None].float()
+
+
+# ----------------------------------------------------------------------------- the released layouts through the CLI
+
+@torch.no_grad()
+def test_release_0_5B_student_through_the_cli(release, tmp_path, capsys):
+    """VOSR_0.5B_os: args.json → DiT shape, 4 channels, DINOv2-B block 8; SD2.1 VAE (posterior mean ×
+    0.18215) and the .pth light decoder found beside the folder; PIL-bicubic LR; one student step;
+    adain on the 8-bit output. The PNG equals the same computation done by hand with diffusers/timm/PIL."""
+    ckpts, lr_dir, ref = release
+    out = tmp_path / "out"
+    assert sample.main(["--ckpt", str(ckpts / "VOSR_0.5B_os"), "-i", str(lr_dir), "-o", str(out),
+                        "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    for line in (f"loaded DiT {ckpts}/VOSR_0.5B_os/checkpoints/ema_model.safetensors",
+                 f"loaded codec {ckpts}/stable-diffusion-2-1-base (4 channels",
+                 f"loaded light decoder {ckpts}/sd21_lwdecoder.pth",
+                 f"loaded DINOv2 {ckpts}/torch_cache/checkpoints/dinov2_vitb14_pretrain.pth (64-wide ViT, block 8 of 9",
+                 "student, 1 step(s)", "colour fix adain, upscale pil"):
+        assert line in printed, printed
+
+    up = pil_up(lr_dir / "a.png")                                       # (1, 3, 32, 48), 8-bit levels
+    c_str = ref["sd_vae"].encode(up * 2 - 1).latent_dist.mode() * 0.18215
+    c_sem = dino_tokens(ref["dino_b"], up, 8)
+    z1 = torch.randn(c_str.shape, generator=torch.Generator().manual_seed(0))
+    f = ref["dit_os"](torch.cat([c_str, z1], 1), torch.ones(1), c_sem, torch.zeros(1))
+    img = (ref["light"](((z1 - f) / 0.18215)).clamp(-1, 1) + 1) / 2
+    expect = (adain_8bit(img, up) * 255).round()
+    got = read_png(out / "a.png")
+    assert got.shape == expect.shape == (1, 3, 32, 48)
+    assert_same_image(got, expect)
+
+
+@torch.no_grad()
+def test_release_1_4B_teacher_through_the_cli(release, tmp_path, capsys):
+    """VOSR_1.4B_ms: 16 channels from the Qwen 2-D VAE ((z − mean)/std of its config), DINOv2-L block 17,
+    α = mean of weak_cond_strength_aelq_list, infer_steps Euler steps of the guided velocity (eq. 2)."""
+    ckpts, lr_dir, ref = release
+    out = tmp_path / "out"
+    assert sample.main(["--ckpt", str(ckpts / "VOSR_1.4B_ms"), "-i", str(lr_dir), "-o", str(out),
+                        "--device", "cpu", "--guidance", "0.7"]) == 0
+    printed = capsys.readouterr().out
+    for line in (f"loaded DiT {ckpts}/VOSR_1.4B_ms/checkpoints/ema_model.safetensors (dim 64, depth 2, teacher)",
+                 f"loaded codec {ckpts}/Qwen-Image-vae-2d (16 channels",
+                 "dinov2_vitl14_pretrain.pth (64-wide ViT, block 17 of 18", "teacher, 2 step(s), guidance 0.7"):
+        assert line in printed, printed
+    assert "light decoder" not in printed
+
+    q = ref["qwen"]
+    mean, std = torch.tensor(q.config.latents_mean).view(1, -1, 1, 1), torch.tensor(q.config.latents_std).view(1, -1, 1, 1)
+    up = pil_up(lr_dir / "a.png")
+    c_str = (q.encode((up * 2 - 1)[:, :, None]).latent_dist.mode()[:, :, 0] - mean) / std
+    c_sem = dino_tokens(ref["dino_l"], up, 17)
+    z = torch.randn(c_str.shape, generator=torch.Generator().manual_seed(0))
+    m, s, alpha = ref["dit_ms"], 0.7, 0.15
+    for t, r in ((1.0, 0.5), (0.5, 0.0)):
+        tt = torch.full((1,), t)
+        v_c = m(torch.cat([c_str, z], 1), tt, c_sem)
+        v_p = m(torch.cat([alpha * c_str, z], 1), tt, torch.zeros_like(c_sem))
+        z = z - (t - r) * (v_p + s * (v_c - v_p))
+    img = (q.decode((z * std + mean)[:, :, None]).sample[:, :, 0].clamp(-1, 1) + 1) / 2
+    expect = (adain_8bit(img, up) * 255).round()
+    got = read_png(out / "a.png")
+    assert got.shape == (1, 3, 32, 48)
+    assert_same_image(got, expect)
+
+
+def test_every_released_model_name_loads(release, tmp_path):
+    """_os and _ms of both sizes: the folder name does not matter, args.json and the weights decide."""
+    ckpts, lr_dir, _ = release
+    import shutil
+    for src, name in (("VOSR_0.5B_os", "VOSR_0.5B_ms"), ("VOSR_1.4B_ms", "VOSR_1.4B_os")):
+        shutil.copytree(ckpts / src, ckpts / name, dirs_exist_ok=True)
+        pipe, run = sample.load_pipeline(sample.SampleConfig(ckpt=str(ckpts / name), device="cpu"), report=lambda s: None)
+        assert run["release"] and pipe.model.depth == 2
+        shutil.rmtree(ckpts / name)
+
+
+# ----------------------------------------------------------------------------- loaders
+
+@torch.no_grad()
+def test_qwen_2d_folder_equals_diffusers_on_one_frame(release):
+    """The 2-D folder (last temporal tap) loads into a codec that equals diffusers' AutoencoderKLQwenImage
+    whose causal kernels have random values in ALL taps: only the last one meets a single frame."""
+    ckpts, _, ref = release
+    codec = vae.load_codec(str(ckpts / "Qwen-Image-vae-2d"))
+    q = ref["qwen"]
+    assert codec.channels == 16 and codec.factor == 8 and codec.per_channel
+    assert any(p.ndim == 5 and p[:, :, 0].abs().sum() > 0 for p in q.parameters())   # the taps really differ
+    img = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    mean, std = torch.tensor(q.config.latents_mean).view(1, -1, 1, 1), torch.tensor(q.config.latents_std).view(1, -1, 1, 1)
+    want = (q.encode(img[:, :, None]).latent_dist.mode()[:, :, 0] - mean) / std
+    torch.testing.assert_close(codec.encode(img, mode=True), want, rtol=1e-4, atol=1e-5)
+    z = torch.randn(1, 16, 4, 6, generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(codec.decode(z), q.decode((z * std + mean)[:, :, None]).sample[:, :, 0],
+                               rtol=1e-4, atol=1e-5)
+    # the posterior can still be sampled (the release samples it): repeatable, and not the mean
+    a = codec.encode(img, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, codec.encode(img, generator=torch.Generator().manual_seed(0))) and not torch.allclose(a, want)
+
+
+def test_qwen_2d_keys_strict(release, tmp_path):
+    """Only time_conv may be absent from a 2-D folder; another missing key is named. The fixture has the real
+    folder's key structure (release_qwen_vae2d_keys.txt, where present)."""
+    ckpts, _, ref = release
+    sd = reduce_to_2d(ref["qwen"].state_dict())
+    if KEYS_2D.is_file():
+        real = {line.split(" | ")[0]: line.split(" | ")[1] for line in KEYS_2D.read_text().splitlines()
+                if " | " in line and not line.startswith("#")}
+        assert set(sd) == {k for k, shape in real.items() if shape != "-"}
+        assert all(sd[k].ndim == real[k].count(",") + (0 if real[k].endswith(",)") else 1) for k in sd)
+    for drop in ("decoder.up_blocks.0.resnets.1.conv2.weight", "encoder.mid_block.resnets.0.norm1.gamma"):
+        bad = tmp_path / drop
+        qwen_2d_folder(bad, ref["qwen"])
+        save_file({k: v for k, v in sd.items() if k != drop}, str(bad / "diffusion_pytorch_model.safetensors"))
+        with pytest.raises(ValueError, match=f"missing key '{drop}'"):
+            vae.load_codec(str(bad))
+
+
+@torch.no_grad()
+def test_light_decoder_pth_takes_its_shape_from_config(tmp_path):
+    """sd21_lwdecoder.pth: {"config", "model_state_dict"}; the config decides the decoder's widths and depth."""
+    config = dict(in_channels=4, out_channels=3, block_out_channels=[32, 64], layers_per_block=1)
+    ref = light_decoder_pth(tmp_path / "lw.pth", config)
+    dec = vae.load_light_decoder(tmp_path / "lw.pth")
+    z = torch.randn(1, 4, 5, 6)
+    torch.testing.assert_close(dec(z), ref(z))
+    assert dec(z).shape == (1, 3, 10, 12)                        # two blocks: ×2
+    (tmp_path / "bad.pth").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match="bad.pth"):
+        vae.load_light_decoder(tmp_path / "bad.pth")
+
+
+def test_semantic_block_follows_depth(tmp_path):
+    """c_sem is block 8 of 12 (ViT-S/B) and block 17 of 24 (ViT-L) unless a checkpoint says otherwise."""
+    assert [vae.default_semantic_layer(d) for d in (12, 24)] == [8, 17]
+    with torch.device("meta"):
+        assert vae.SemanticEncoder(vae.build_dinov2(1024), image_size=28).layer == 17
+        assert vae.SemanticEncoder(vae.build_dinov2(768), image_size=28).layer == 8
+        assert vae.SemanticEncoder(vae.build_dinov2(768), image_size=28, layer=3).layer == 3
+
+
+@torch.no_grad()
+def test_official_vit_l_file_loads(tmp_path):
+    """A ViT-L/14 (1024 wide, 16 heads) in the facebookresearch layout, 37×37 position table as published
+    (two of its 24 blocks): our tokens equal timm's own at a 518-pixel input."""
+    torch.manual_seed(0)
+    vit = vae.build_dinov2(1024, depth=2).eval()
+    for name, p in vit.named_parameters():
+        if name.endswith(("ls1.gamma", "ls2.gamma")):
+            p.fill_(0.5)
+    torch.save({**vit.state_dict(), "mask_token": torch.zeros(1, 1024)}, tmp_path / "dinov2_vitl14_pretrain.pth")
+    enc = vae.load_semantic(str(tmp_path / "dinov2_vitl14_pretrain.pth"), image_size=518, layer=1)
+    assert enc.vit.blocks[0].attn.num_heads == 16
+    img = torch.rand(1, 3, 518, 518, generator=torch.Generator().manual_seed(1))
+    want = vit.forward_intermediates((img - MEAN) / STD, indices=[1], norm=False, output_fmt="NLC",
+                                     intermediates_only=True)[0]
+    torch.testing.assert_close(enc(img), want, rtol=1e-4, atol=1e-4)
+
+
+def test_weights_found_as_the_release_finds_them(tmp_path):
+    for files, want in ((["model.safetensors", "checkpoints/ema_model.safetensors", "clean_weights/model.safetensors"],
+                         "clean_weights/model.safetensors"),
+                        (["model.safetensors", "checkpoints/model.safetensors"], "checkpoints/model.safetensors"),
+                        (["ema_model.safetensors", "model.safetensors"], "ema_model.safetensors"),
+                        (["b/x.safetensors", "a/y.safetensors"], "a/y.safetensors")):
+        d = tmp_path / str(len(list(tmp_path.iterdir())))
+        for f in files:
+            (d / f).parent.mkdir(parents=True, exist_ok=True)
+            (d / f).write_bytes(b"")
+        assert sample.release_weights(d) == d / want
+
+
+# ----------------------------------------------------------------------------- conventions
+
+def test_color_fixes_by_hand():
+    """adain and wavelet as the release computes them: on the clamped 8-bit output, against the LR↑."""
+    g = torch.Generator().manual_seed(0)
+    sr = torch.rand(1, 3, 9, 11, generator=g) * 1.4 - 0.2               # out of range and off the 8-bit grid
+    ref = torch.randint(0, 256, (1, 3, 9, 11), generator=g).float() / 255
+    torch.testing.assert_close(sample.color_fix_of(sr, ref, "adain"), adain_8bit(sr, ref), rtol=0, atol=1e-6)
+    q = (sr.clamp(0, 1) * 255).round() / 255
+
+    def low(x):                                                     # five à-trous levels, edges replicated
+        k = torch.tensor([[1., 2., 1.], [2., 4., 2.], [1., 2., 1.]]) / 16
+        for i in range(5):
+            d = 2 ** i
+            p = F.pad(x, (d, d, d, d), mode="replicate")
+            x = sum(k[a, b] * p[..., a * d:a * d + x.shape[-2], b * d:b * d + x.shape[-1]]
+                    for a in range(3) for b in range(3))
+        return x
+    torch.testing.assert_close(sample.color_fix_of(sr, ref, "wavelet"), (q - low(q) + low(ref)).clamp(0, 1),
+                               rtol=0, atol=1e-6)
+    assert torch.equal(sample.color_fix_of(sr, ref, "none"), sr.clamp(0, 1))
+
+
+def test_pil_upscale_is_pil_bicubic_on_8_bit():
+    lr = torch.randint(0, 256, (1, 3, 5, 7)).float() / 255
+    im = Image.fromarray((lr[0].permute(1, 2, 0) * 255).round().byte().numpy())
+    want = torch.from_numpy(np.asarray(im.resize((21, 15), Image.BICUBIC)).copy()).permute(2, 0, 1)[None] / 255
+    assert torch.equal(sample.upscale_lr(lr, (15, 21), "pil"), want.float())
+    assert not torch.allclose(sample.upscale_lr(lr, (15, 21), "torch"), want.float(), atol=1e-3)
+
+
+def test_gaussian_window_formula():
+    for n in (8, 13):
+        w = sample.gaussian_window(n)
+        want = torch.tensor([math.exp(-(i - (n - 1) / 2) ** 2 / (2 * (0.1 * n) ** 2)) for i in range(n)])
+        torch.testing.assert_close(w, want.float())
+        assert torch.allclose(w, w.flip(0))                                     # centred on the tile
+
+
+def test_tile_starts_formula():
+    """Sliding windows: stride = tile − overlap, starts range(0, size − tile + 1, stride), plus one flush
+    with the end when the stride does not land there."""
+    for size, tile, overlap in [(100, 32, 4), (96, 32, 0), (64, 32, 8), (37, 16, 3), (20, 32, 4), (33, 32, 4)]:
+        stride = tile - overlap
+        want = list(range(0, size - tile + 1, stride)) if size > tile else [0]
+        if want[-1] + tile < size:
+            want.append(size - tile)
+        assert sample.tile_windows(size, tile, overlap, 1) == want, (size, tile, overlap)
+
+
+def test_gaussian_blend_of_tiles_by_hand():
+    """Each latent pixel gets Σ_k g_k(pos)·v_k / Σ_k g_k(pos) over the tiles k covering it, with g the
+    separable Gaussian window of each tile; the release's overlap is at least tile/8."""
+    z = torch.zeros(1, 1, 20, 27)
+    out = sample.tiled(lambda zw, win: torch.full_like(zw, 1 + win[0] * 100 + win[1]), z, 12, 3, align=1,
+                       blend="gaussian")
+    ys, xs = sample.tile_windows(20, 12, 3, 1), sample.tile_windows(27, 12, 3, 1)
+    g = sample.gaussian_window(12)
+    num, den = torch.zeros(20, 27), torch.zeros(20, 27)
+    for y in ys:
+        for x in xs:
+            w = g[:, None] * g[None, :]
+            num[y:y + 12, x:x + 12] += w * (1 + y * 100 + x)
+            den[y:y + 12, x:x + 12] += w
+    torch.testing.assert_close(out[0, 0], num / den)
+    pipe = sample.VOSRPipeline(dit.build("tiny", latent_channels=4, train_grid=4), vae.PixelCodec(2))
+    assert pipe.latent_tiles(64, 0, "gaussian") == (32, 4, 1) and pipe.latent_tiles(64, 0, "linear") == (32, 0, 2)
+
+
+@torch.no_grad()
+def test_tiled_vae_equals_untiled_when_one_tile_covers(release):
+    ckpts, _, ref = release
+    codec = vae.load_codec(str(ckpts / "stable-diffusion-2-1-base"))
+    img = torch.rand(1, 3, 40, 56, generator=torch.Generator().manual_seed(2))
+    z = sample.tiled_encode(codec, img, (48, 64), tile=64, overlap=8)
+    want = ref["sd_vae"].encode(sample._crop(img, 0, 0, 48, 64) * 2 - 1).latent_dist.mode() * 0.18215
+    torch.testing.assert_close(z, want)
+    torch.testing.assert_close(sample.tiled_decode(codec, z, (40, 56), tile=64, overlap=8),
+                               ref["sd_vae"].decode(z / 0.18215).sample[..., :40, :56])
+
+
+# ----------------------------------------------------------------------------- user errors: one line, no traceback
+
+def one_line_error(capsys, argv):
+    code = sample.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("name,looked_for", [("sd21_lwdecoder.pth", "sd21_lwdecoder.pth"),
+                                             ("stable-diffusion-2-1-base", "stable-diffusion-2-1-base"),
+                                             ("torch_cache", "torch_cache/checkpoints/dinov2_vitb14_pretrain.pth")])
+def test_missing_release_file_names_the_path(release, tmp_path, capsys, name, looked_for):
+    import shutil
+    ckpts, lr_dir, _ = release
+    copy = tmp_path / "ckpts"
+    shutil.copytree(ckpts, copy, ignore=shutil.ignore_patterns(name, "VOSR_1.4B_ms", "Qwen-Image-vae-2d"))
+    err = one_line_error(capsys, ["--ckpt", str(copy / "VOSR_0.5B_os"), "-i", str(lr_dir), "-o", str(tmp_path / "o")])
+    assert f"{copy}/{looked_for}: not found" in err, err
