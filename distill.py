@@ -18,9 +18,11 @@ dir has the same layout as a teacher's, so `sample.py --ckpt STUDENT_DIR --steps
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -29,8 +31,9 @@ import torch.nn.functional as F
 
 import dit
 import vae
-from train_teacher import (TrainConfig, build_conditions, config_parser, draw_teacher, fit, interpolate,
-                           save_atomic, setup_distributed, write_json)
+import train_teacher as tt
+from train_teacher import (TrainConfig, build_conditions, draw_teacher, fit, interpolate, save_atomic,
+                           setup_distributed, write_json)
 
 
 @dataclass
@@ -139,13 +142,31 @@ def distill_loss(cfg: DistillConfig, teacher, net, x0, c_str, c_sem, d: dict):
 
 # ----------------------------------------------------------------------------- setup
 
+NAME = "distill.py"
+
+
 def load_teacher_run(path: str) -> tuple[dict, Path]:
-    """The teacher's config.json and EMA weights; a clear error if the dir is not a run."""
+    """The teacher's config.json and EMA weights; one line naming the file if it is not a teacher run
+    (missing, broken, truncated, or a distilled student)."""
     run = Path(path)
     conf, weights = run / "config.json", run / "ema.safetensors"
+    if not run.exists():
+        raise SystemExit(f"{NAME}: --teacher {run}: not found")
     if not conf.is_file() or not weights.is_file():
-        raise SystemExit(f"distill.py: {run} is not a teacher run dir (needs config.json and ema.safetensors)")
-    tconf = json.loads(conf.read_text())
+        raise SystemExit(f"{NAME}: --teacher {run}: not a teacher run dir (needs config.json and ema.safetensors)")
+    try:
+        tconf = json.loads(conf.read_text())
+        keys, _ = tt.read_safetensors_header(weights)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"{NAME}: --teacher {run}: {conf}: not valid JSON ({e})") from None
+    except ValueError as e:  # empty, truncated or not safetensors: the message names the file
+        raise SystemExit(f"{NAME}: --teacher {run}: {e}") from None
+    if "method" in tconf or any(k.startswith("r_embedder.") for k in keys):
+        raise SystemExit(f"{NAME}: --teacher {run}: {weights} is a distilled student, not a teacher "
+                         "(give the teacher's run dir)")
+    for k in ("preset", "codec", "semantic", "enc_dim", "train_grid"):
+        if k not in tconf:
+            raise SystemExit(f"{NAME}: --teacher {run}: {conf} has no {k!r}: not a run config")
     sem = tconf["semantic"]
     if sem not in ("none",) and not sem.startswith("random") and (run / sem).is_file():
         tconf["semantic"] = str((run / sem).resolve())  # a random encoder saved inside the teacher run
@@ -154,12 +175,18 @@ def load_teacher_run(path: str) -> tuple[dict, Path]:
 
 def build_student(cfg: DistillConfig, tconf: dict, weights: Path, device):
     """Codec, semantic encoder, frozen teacher, the student (teacher weights + r embedder) and its EMA."""
-    codec = vae.load_codec(cfg.codec, device=device)
-    semantic = vae.load_semantic(cfg.semantic, image_size=cfg.semantic_size, device=device)
+    try:
+        codec = vae.load_codec(cfg.codec, device=device)
+        semantic = vae.load_semantic(cfg.semantic, image_size=cfg.semantic_size, device=device)
+    except (FileNotFoundError, ValueError) as e:  # a missing or invalid folder/file: say which
+        raise SystemExit(f"{NAME}: {e}") from None
     kw = dict(latent_channels=codec.channels, enc_dim=tconf["enc_dim"], train_grid=tconf["train_grid"],
               patch_size=tconf.get("patch_size", 2))
     teacher = dit.build(cfg.preset, **kw)
-    dit.load_release_checkpoint(teacher, weights)
+    try:
+        dit.load_release_checkpoint(teacher, weights)
+    except ValueError as e:  # missing keys, another preset: the loader names the key and the file
+        raise SystemExit(f"{NAME}: --teacher {cfg.teacher}: {e}") from None
     teacher = teacher.to(device).requires_grad_(False).eval()
     student = dit.build(cfg.preset, with_r=True, grad_ckpt=cfg.grad_ckpt, **kw)
     dit.load_release_checkpoint(student, weights)  # r_embedder stays at its init: f(·, t, t) = teacher
@@ -168,31 +195,81 @@ def build_student(cfg: DistillConfig, tconf: dict, weights: Path, device):
     return codec, semantic, teacher, student.to(device), ema.to(device).requires_grad_(False).eval()
 
 
+# What a student takes from its teacher's config.json unless a flag says otherwise.
+INHERITED = ("preset", "patch_size", "codec", "light_decoder", "semantic", "semantic_size", "degradation",
+             "mode", "p_partial", "alpha_min", "alpha_max", "aug_mean", "aug_std")
+HELP = tt.HELP | {
+    "out": "student run dir to write (the layout of a teacher's: sample.py --ckpt STUDENT_DIR --steps 1)",
+    "teacher": "teacher run dir (config.json + ema.safetensors) from train_teacher.py",
+    "method": "consistency loss for r < t: rc (recursive consistency, eq. 12–17) or shortcut (eq. 7–11)",
+    "omega": "distillation guidance weight ω of the teacher target (eq. 5)",
+    "delta": "RC: the teacher's warm-start step Δ (eq. 13), in (0, 1]",
+    "n_rc": "RC: student rollout steps from t_m to r",
+    "steps": "train until this step (with --resume: the total)",
+    "val_steps": "sampling steps of the validation samples (the student's)",
+    "preset": "model preset (a dit.py name); from the teacher",
+    "init": "not used by distill.py: the student starts from the teacher's weights",
+}
+TRUE_DEFAULTS = (dataclasses.asdict(DistillConfig()) | DEFAULTS | {"out": "runs/student"}
+                 | {k: "the teacher's" for k in INHERITED} | {"device": "cuda if available, else cpu"})
+RANGES = tt.RANGES | {"omega": (math.isfinite, "must be a finite number"),
+                      "delta": (lambda v: 0 < v <= 1, "must be in (0, 1]"), "n_rc": tt._at_least(1)}
+EPILOG = """export (no training): python distill.py --export RUN_DIR --to OUT_DIR [--note TEXT] [--overwrite]
+  writes RUN_DIR's EMA weights as fp16 ema.safetensors + the config keys sample.py needs into OUT_DIR
+  (a teacher or a student; train_teacher.py --init can start from it too)."""
+
+
+def build_parser() -> tt.OneLineParser:
+    p = tt.config_parser(DistillConfig, __doc__, TRUE_DEFAULTS, HELP, EPILOG, prog=NAME,
+                         choices=tt.CHOICES | {"method": ("rc", "shortcut")})
+    g = p.add_argument_group("export")
+    g.add_argument("--export", metavar="RUN_DIR", help="export RUN_DIR's EMA weights as fp16 instead of training")
+    g.add_argument("--to", metavar="OUT_DIR", help="with --export: the folder to write")
+    g.add_argument("--note", help="with --export: a line saved in config.json, e.g. what the model is")
+    return p
+
+
+def parse_cli(argv=None, check_files: bool = True) -> tuple[DistillConfig, list]:
+    """Teacher's config → distillation defaults → typed flags; with --resume the student run's
+    config.json instead of the first two. Returns (config, what --resume changed)."""
+    p = build_parser()
+    given = vars(p.parse_args(argv))
+    for k in ("export", "to", "note"):
+        if k in given:
+            p.error(f"--{k} belongs to --export RUN_DIR --to OUT_DIR (it cannot go with training)")
+    if "init" in given:
+        p.error("--init: not used by distill.py (the student starts from the --teacher's weights)")
+    if given.get("resume") and given.get("overwrite"):
+        p.error("--resume and --overwrite: give one (continue the run, or start it over)")
+    saved = tt.saved_config(given.get("out", "runs/student"), NAME) if given.get("resume") else None
+    if saved is not None:
+        cfg, changes = tt.resolve_resume(DistillConfig, saved, given, NAME)
+    else:
+        if not given.get("teacher") or not given.get("data"):
+            p.error("--teacher RUN_DIR and --data DIR are required")
+        tconf, _ = load_teacher_run(given["teacher"])
+        inherit = {k: tconf[k] for k in INHERITED if k in tconf}
+        cfg, changes = DistillConfig(**(inherit | DEFAULTS | {"out": "runs/student"} | given)), []
+    tt.check_ranges(cfg, NAME, RANGES)
+    if check_files:
+        tt.check_paths(cfg, NAME)
+    return cfg, changes
+
+
 def parse_args(argv=None) -> DistillConfig:
-    """Teacher's config → distillation defaults → explicit flags."""
-    p = config_parser(DistillConfig, __doc__)
-    a = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    if not a.get("teacher") or not a.get("data"):
-        p.error("--teacher RUN_DIR and --data DIR are required")
-    if a.get("method", "rc") not in ("rc", "shortcut"):
-        p.error("--method must be rc or shortcut")
-    tconf, _ = load_teacher_run(a["teacher"])
-    inherit = {f.name: tconf[f.name] for f in fields(TrainConfig)
-               if f.name in tconf and f.name in ("preset", "patch_size", "codec", "light_decoder", "semantic", "semantic_size",
-                                                 "degradation", "mode", "p_partial", "alpha_min", "alpha_max",
-                                                 "aug_mean", "aug_std")}
-    return DistillConfig(**(inherit | DEFAULTS | {"out": "runs/student"} | a))
+    return parse_cli(argv, check_files=False)[0]
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
+    cfg, changes = parse_cli(argv)
+    crops = tt.preflight(cfg, NAME)  # before the teacher is loaded
     tconf, weights = load_teacher_run(cfg.teacher)
     env = setup_distributed(cfg)
     torch.manual_seed(cfg.seed)
     codec, semantic, teacher, student, ema = build_student(cfg, tconf, weights, env[2])
     try:
         return fit(cfg, student, ema, codec, semantic, draw_distill, partial(distill_loss, cfg, teacher), env,
-                   student=True, name="distill.py")
+                   crops, student=True, name=NAME, changes=changes)
     finally:
         if env[1] > 1:
             torch.distributed.destroy_process_group()
@@ -204,14 +281,26 @@ EXPORT_KEYS = ("preset", "patch_size", "codec", "light_decoder", "semantic", "se
                "enc_dim", "mode", "degradation", "size", "teacher", "method", "omega", "steps", "batch", "lr", "ema")
 
 
-def export_run(run_dir: str, out_dir: str, note: str = "") -> Path:
+def export_run(run_dir: str, out_dir: str, note: str = "", overwrite: bool = False) -> Path:
     """A run's EMA weights (teacher or student) as fp16 safetensors + the config keys sample.py needs: a
     small, shippable model, which train_teacher.py --init can also start from."""
     from safetensors.torch import load_file
     src, out = Path(run_dir), Path(out_dir)
-    conf = json.loads((src / "config.json").read_text())
+    if not (src / "config.json").is_file() or not (src / "ema.safetensors").is_file():
+        raise SystemExit(f"{NAME}: --export {src}: not a run dir (needs config.json and ema.safetensors)")
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"{NAME}: --to {out} is a file, not a folder")
+    if (out / "ema.safetensors").exists() and not overwrite:
+        raise SystemExit(f"{NAME}: --to {out} already holds a model (ema.safetensors); add --overwrite to replace it")
+    try:
+        conf = json.loads((src / "config.json").read_text())
+        tt.read_safetensors_header(src / "ema.safetensors")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"{NAME}: --export {src}: config.json is not valid JSON ({e})") from None
+    except ValueError as e:
+        raise SystemExit(f"{NAME}: --export {src}: {e}") from None
     if conf.get("semantic") not in ("none", "random", "random-s", "random-b", "random-l"):
-        raise SystemExit(f"distill.py: {src} uses the semantic encoder file {conf['semantic']}; "
+        raise SystemExit(f"{NAME}: {src} uses the semantic encoder file {conf.get('semantic')}; "
                          "export it beside the weights yourself")
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(src / "ema.safetensors")).items()}
@@ -221,16 +310,21 @@ def export_run(run_dir: str, out_dir: str, note: str = "") -> Path:
     return out
 
 
+def export_main(argv=None) -> None:
+    """python distill.py --export RUN_DIR --to OUT_DIR [--note TEXT] [--overwrite]"""
+    p = tt.OneLineParser(prog=NAME, description="export a run's EMA weights as fp16 for sample.py --ckpt OUT_DIR")
+    p.add_argument("--export", required=True, metavar="RUN_DIR")
+    p.add_argument("--to", required=True, metavar="OUT_DIR")
+    p.add_argument("--note", default="", help="a line saved in config.json, e.g. what the model is")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in OUT_DIR")
+    a = p.parse_args(argv)
+    out = export_run(a.export, a.to, a.note, a.overwrite)
+    print(f"{NAME}: wrote {out}/ema.safetensors ({(out / 'ema.safetensors').stat().st_size / 1e6:.1f} MB, fp16)")
+
+
 if __name__ == "__main__":
-    if "--export" in sys.argv[1:]:  # python distill.py --export RUN_DIR --to OUT_DIR [--note TEXT]
-        import argparse
-        ap = argparse.ArgumentParser(description="export a run's EMA weights as fp16 for sample.py --ckpt OUT_DIR")
-        ap.add_argument("--export", required=True, metavar="RUN_DIR")
-        ap.add_argument("--to", required=True, metavar="OUT_DIR")
-        ap.add_argument("--note", default="", help="a line saved in config.json, e.g. what the model is")
-        a = ap.parse_args()
-        out = export_run(a.export, a.to, a.note)
-        print(f"distill.py: wrote {out}/ema.safetensors ({(out / 'ema.safetensors').stat().st_size / 1e6:.1f} MB, fp16)")
-        sys.exit(0)
-    main()
+    if "--export" in sys.argv[1:]:
+        export_main(sys.argv[1:])
+    else:
+        main()
     sys.exit(0)

@@ -7,7 +7,7 @@ Per training step, on the training device:
 
 One GPU:      python train_teacher.py --data DIR --out RUN_DIR --preset small
 Several GPUs: torchrun --nproc_per_node=8 train_teacher.py --data DIR --out RUN_DIR --preset 0.5B-stage1
-CPU smoke:    python train_teacher.py --data DIR --out RUN_DIR --preset tiny --codec pixel --semantic random \
+CPU smoke:    python train_teacher.py --data DIR --out RUN_DIR --preset tiny --codec pixel --semantic random
                   --size 128 --batch 8 --steps 200
 
 Stage 2 from stage 1: --preset 0.5B-stage2 --init STAGE1_RUN_DIR (its EMA weights; a fresh optimiser, step 0).
@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -85,6 +86,7 @@ class TrainConfig:
     val_steps: int = 10               # Euler steps of the validation grid samples
     ckpt_every: int = 100
     resume: bool = False
+    overwrite: bool = False           # start over in a run dir that already holds a run
     init: str | None = None           # start from a run's EMA weights (stage 2 from stage 1, a fine-tune)
     skip_nonfinite: int = 0           # tolerate this many non-finite losses before stopping
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
@@ -118,12 +120,34 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
 class HRCrops(torch.utils.data.Dataset):
     """Sample i → a random crop (and flip) of a random image; the randomness is a function of i."""
 
-    def __init__(self, root: str, size: int, seed: int, cache: bool = False):
-        self.files, self.size, self.seed = degrade.find_images(root), size, seed
+    def __init__(self, root: str, size: int, seed: int, cache: bool = False, name: str = "train_teacher.py"):
+        try:
+            self.files, self.size, self.seed = degrade.find_images(root), size, seed
+        except FileNotFoundError:
+            raise SystemExit(f"{name}: --data {root}: folder not found") from None
         if not self.files:
-            raise SystemExit(f"train_teacher.py: no images found in {root}")
+            raise SystemExit(f"{name}: --data {root}: no images ({', '.join(degrade.IMAGE_EXTS)}) found")
         self.bad: set[int] = set()
         self.cache: dict[int, torch.Tensor] | None = {} if cache else None
+        self.name = name
+        self.check_readable(root, name)
+
+    def check_readable(self, root: str, name: str) -> None:
+        """Decode files in order until one reads, here in the main process: a folder of only broken images
+        stops with one line, not inside a DataLoader worker (whose error would come wrapped in tracebacks)."""
+        errors = []
+        for k in range(len(self.files)):
+            try:
+                self.read(k)
+            except degrade.ImageError as e:
+                errors.append(e)
+                self.bad.add(k)  # the workers get a copy: they never draw this file
+                continue
+            for e in errors:
+                print(f"{name}: skipping {e}", file=sys.stderr)
+            return
+        raise SystemExit(f"{name}: --data {root}: none of its {len(self.files)} image files can be read "
+                         f"(first: {errors[0]})")
 
     def __len__(self):
         return 2**62
@@ -137,10 +161,10 @@ class HRCrops(torch.utils.data.Dataset):
             try:
                 img = self.read(k)
             except degrade.ImageError as e:
-                print(f"train_teacher.py: skipping {e}", file=sys.stderr)
+                print(f"{self.name}: skipping {e}", file=sys.stderr)
                 self.bad.add(k)
-                if len(self.bad) == len(self.files):
-                    raise SystemExit("train_teacher.py: no readable images") from e
+                if len(self.bad) == len(self.files):  # files broke after check_readable
+                    raise RuntimeError("no readable images left") from e
                 continue
             return random_crop(img, self.size, g)
 
@@ -286,12 +310,63 @@ def save_checkpoint(run: Path, model, ema, opt, step: int):
     save_atomic(ema.state_dict(), run / "ema.safetensors")
 
 
+def read_safetensors_header(path: Path) -> tuple[set[str], dict]:
+    """Tensor names and metadata of a .safetensors file from its header alone. ValueError naming the file
+    and what is wrong with it: empty, truncated (shorter than its header says) or not a safetensors file."""
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{path}: empty file (0 bytes)")
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        first = f.read(1)
+        if size < 8 or (first == b"{" and 8 + n > size):
+            raise ValueError(f"{path}: truncated ({size} bytes, shorter than its own header)")
+        f.seek(8)
+        raw = f.read(n) if first == b"{" else b""
+    try:
+        header = json.loads(raw)
+        meta = header.pop("__metadata__", None) or {}
+        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, IndexError, ValueError):
+        raise ValueError(f"{path}: not a safetensors file") from None
+    if 8 + n + end > size:
+        raise ValueError(f"{path}: truncated ({size} bytes; its header lists {8 + n + end})")
+    return set(header), meta
+
+
+def check_training_checkpoint(path: Path, name: str) -> None:
+    """--resume: ckpt.safetensors must be whole and hold model, EMA and step; one line if not."""
+    try:
+        keys, meta = read_safetensors_header(path)
+    except ValueError as e:
+        raise SystemExit(f"{name}: cannot resume: {e}") from None
+    for what, ok in (("step in its metadata", "step" in meta),
+                     ("model.* weights", any(k.startswith("model.") for k in keys)),
+                     ("ema.* weights", any(k.startswith("ema.") for k in keys))):
+        if not ok:
+            raise SystemExit(f"{name}: cannot resume: {path}: not a training checkpoint (no {what})")
+
+
+def _load_strict(module, sd: dict, path: Path, prefix: str) -> None:
+    """load_state_dict, with a one-line error naming the first missing, unexpected or mis-shaped key."""
+    own = module.state_dict()
+    for k, v in own.items():
+        if k not in sd:
+            raise ValueError(f"{path}: missing key '{prefix}{k}'")
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise ValueError(f"{path}: '{prefix}{k}' has shape {tuple(sd[k].shape)}, this model {tuple(v.shape)}")
+    extra = sorted(set(sd) - set(own))
+    if extra:
+        raise ValueError(f"{path}: unexpected key '{prefix}{extra[0]}'")
+    module.load_state_dict(sd)
+
+
 def load_checkpoint(path: Path, model, ema, opt) -> int:
     """Restore model, EMA and optimiser from ckpt.safetensors; returns the step to continue from."""
     with safe_open(str(path), "pt") as f:
         meta, sd = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    model.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("model.")})
-    ema.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("ema.")})
+    _load_strict(model, {k[6:]: v for k, v in sd.items() if k.startswith("model.")}, path, "model.")
+    _load_strict(ema, {k[4:]: v for k, v in sd.items() if k.startswith("ema.")}, path, "ema.")
     state: dict = {}
     for k, v in sd.items():
         if k.startswith("optim."):
@@ -308,9 +383,15 @@ def init_weights(path: str, model, ema, name: str = "train_teacher.py") -> None:
     if not f.is_file():
         raise SystemExit(f"{name}: --init {path}: {f} not found")
     try:
+        keys, _ = read_safetensors_header(f)
+    except ValueError as e:  # empty, truncated, not safetensors: the message names the file
+        raise SystemExit(f"{name}: --init {path}: {e}") from None
+    if any(k.startswith("r_embedder.") for k in keys):
+        raise SystemExit(f"{name}: --init {path}: {f} is a distilled student, not a teacher (it has an r embedder)")
+    try:
         dit.load_release_checkpoint(model, str(f), own_rope=True)
     except ValueError as e:  # another preset or codec: the loader names the key
-        raise SystemExit(f"{name}: --init {path} does not fit this model: {e}") from e
+        raise SystemExit(f"{name}: --init {path} does not fit this model: {e}") from None
     ema.load_state_dict(model.state_dict())
     print(f"{name}: weights from {f}")
 
@@ -376,7 +457,7 @@ def build_models(cfg: TrainConfig, device):
     """Frozen codec and semantic encoder, the trainable DiT and its EMA copy."""
     try:
         codec = vae.load_codec(cfg.codec, device=device)
-        semantic = vae.load_semantic(cfg.semantic, image_size=cfg.semantic_size, device=device, seed=cfg.seed)
+        semantic = vae.load_semantic(semantic_source(cfg), image_size=cfg.semantic_size, device=device, seed=cfg.seed)
     except (FileNotFoundError, ValueError) as e:  # a missing or invalid folder/file: say which, no traceback
         raise SystemExit(f"train_teacher.py: {e}") from e
     kw = dict(latent_channels=codec.channels, patch_size=cfg.patch_size,
@@ -393,12 +474,23 @@ def build_models(cfg: TrainConfig, device):
     return codec, semantic, model, ema
 
 
-def write_run_config(cfg: TrainConfig, run: Path, model, semantic):
-    """config.json: the resolved training config plus what sample.py needs to rebuild the model."""
+def semantic_source(cfg) -> str:
+    """The semantic encoder to load: a random encoder saved in the run (a resume) is loaded from there."""
+    own = Path(cfg.out) / cfg.semantic
+    return str(own) if cfg.semantic == "semantic.safetensors" and own.is_file() else cfg.semantic
+
+
+def write_run_config(cfg: TrainConfig, run: Path, model, semantic, changes=()):
+    """config.json: the resolved training config plus what sample.py needs to rebuild the model, and
+    the list of values each --resume changed (appended to the run's earlier ones)."""
     conf = dataclasses.asdict(cfg) | {"train_grid": model.train_grid, "enc_dim": model.enc_dim}
     if semantic is not None and cfg.semantic.startswith("random"):
         vae.save_semantic(semantic, run / "semantic.safetensors")  # random init travels with the run
         conf["semantic"] = "semantic.safetensors"
+    old = run / "config.json"
+    earlier = json.loads(old.read_text()).get("changes", []) if cfg.resume and old.is_file() else []
+    if earlier or changes:
+        conf["changes"] = earlier + list(changes)
     write_json(conf, run / "config.json")
 
 
@@ -416,30 +508,105 @@ def teacher_loss(cfg: TrainConfig, net, x0, c_str, c_sem, d: dict):
     return flow_matching_loss(net, x0, c_str_k, c_sem_k, d["t"], d["eps"])
 
 
-def fit(cfg, model, ema, codec, semantic, draw, loss_fn, env, student=False, name="train_teacher.py") -> dict:
-    """The training loop shared by the teacher and distillation: data, accumulation, DDP, EMA,
-    checkpoints, logging, validation. `draw(cfg, latent_shape, g)` returns the step's random draws
-    for the global batch; `loss_fn(net, x0, c_str, c_sem, draws)` the loss of one micro-batch.
-    Returns {step: loss} for the steps this call ran."""
-    rank, world, device = env
-    if cfg.batch % (world * cfg.grad_accum):
-        raise SystemExit(f"--batch {cfg.batch} must divide by world size × grad_accum = {world * cfg.grad_accum}")
+RUN_FILES = ("ckpt.safetensors", "ema.safetensors", "config.json", "log.jsonl")
+
+
+def preflight(cfg, name: str = "train_teacher.py") -> HRCrops:
+    """What a user can get wrong, checked before any model is built or file written: the run dir (never
+    overwrite a run silently: one that holds a run needs --resume or --overwrite), the checkpoint to
+    resume, the data folders. Returns the training data set."""
     run = Path(cfg.out)
     if run.exists() and not run.is_dir():
         raise SystemExit(f"{name}: --out {run} is a file, not a folder")
+    if cfg.resume and cfg.overwrite:
+        raise SystemExit(f"{name}: --resume and --overwrite: give one (continue the run, or start it over)")
+    if cfg.resume and (run / "ckpt.safetensors").exists():
+        check_training_checkpoint(run / "ckpt.safetensors", name)
+    found = [f for f in RUN_FILES if (run / f).is_file()]
+    if found and not (cfg.resume or cfg.overwrite):
+        refuse_existing_run(run, found, name)
+    if cfg.val_data and not Path(cfg.val_data).exists():
+        raise SystemExit(f"{name}: --val-data {cfg.val_data}: not found")
+    return HRCrops(cfg.data, cfg.size, cfg.seed, cfg.cache_images, name)
+
+
+def refuse_existing_run(run: Path, found: list, name: str):
+    """The one line for a run dir that holds a run: what is there and how to go on."""
+    held = ", ".join(found)
+    if "ckpt.safetensors" in found:
+        try:
+            held = f"a checkpoint at step {read_safetensors_header(run / 'ckpt.safetensors')[1]['step']}"
+        except (ValueError, KeyError):
+            held = "a ckpt.safetensors that cannot be read"
+    raise SystemExit(f"{name}: --out {run} already holds a run ({held}); add --resume to continue it "
+                     "or --overwrite to start over")
+
+
+def clear_run(run: Path) -> None:
+    """--overwrite: the old run's files go before the new run writes any, so no file mixes two runs."""
+    for f in [*(run / f for f in RUN_FILES), run / "semantic.safetensors", *run.glob("val_*.png")]:
+        f.unlink(missing_ok=True)
+
+
+def trim_log(path: Path, step: int) -> None:
+    """On resume: keep the log records up to the checkpoint's step (a killed run logged past it) and drop
+    a line the kill cut short, so the continued log has each step once; rewritten atomically."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    with degrade.atomic_path(path) as tmp:
+        tmp.write_text("".join(keep))
+
+
+def progress_line(name: str, done: int, steps: int, loss: float, steps_per_s: float) -> str:
+    """The line printed every --log-every steps when stderr is not a terminal (no progress bar there)."""
+    eta = time.strftime("%H:%M:%S", time.gmtime((steps - done) / max(steps_per_s, 1e-9)))
+    return f"{name}: step {done}/{steps} loss {loss:.4f} {steps_per_s:.2f} steps/s ETA {eta}"
+
+
+def fit(cfg, model, ema, codec, semantic, draw, loss_fn, env, crops: HRCrops, student=False,
+        name="train_teacher.py", changes=()) -> dict:
+    """The training loop shared by the teacher and distillation: data, accumulation, DDP, EMA,
+    checkpoints, logging, validation. `crops` is preflight's data set; `draw(cfg, latent_shape, g)`
+    returns the step's random draws for the global batch; `loss_fn(net, x0, c_str, c_sem, draws)` the
+    loss of one micro-batch; `changes` the values a --resume changed (recorded in config.json).
+    Returns {step: loss} for the steps this call ran."""
+    rank, world, device = env
+    if cfg.batch % (world * cfg.grad_accum):
+        raise SystemExit(f"{name}: --batch {cfg.batch}: must divide by world size × grad_accum = "
+                         f"{world * cfg.grad_accum}")
+    run, ckpt = Path(cfg.out), Path(cfg.out) / "ckpt.safetensors"
+    resuming = cfg.resume and ckpt.exists()
+    val_hr = load_val(cfg, device) if rank == 0 else None
     run.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite and rank == 0:
+        clear_run(run)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                             fused=device.type == "cuda")  # one kernel for all parameters
     start = 0
-    if cfg.resume and (run / "ckpt.safetensors").exists():
-        start = load_checkpoint(run / "ckpt.safetensors", model, ema, opt)
+    if resuming:
+        try:
+            start = load_checkpoint(ckpt, model, ema, opt)
+        except ValueError as e:  # a checkpoint of another model: the message names the key
+            raise SystemExit(f"{name}: cannot resume: {e}") from None
         for group in opt.param_groups:  # the flags win over the saved hyper-parameters (a cool-down)
             group.update(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
         if rank == 0:
+            trim_log(run / "log.jsonl", start)
             print(f"{name}: resumed {run} at step {start}")
+            if start >= cfg.steps:
+                print(f"{name}: step {start} is already --steps {cfg.steps}: nothing to train (give a larger --steps)")
+    elif cfg.resume and rank == 0:
+        print(f"{name}: {run} has no ckpt.safetensors yet: starting at step 0")
     if rank == 0:
-        write_run_config(cfg, run, model, semantic)
+        write_run_config(cfg, run, model, semantic, [c | {"step": start} for c in changes])
     if cfg.compile:
         dit.compile_blocks(model)  # block by block: seconds to compile, not minutes
     net = model
@@ -448,12 +615,12 @@ def fit(cfg, model, ema, codec, semantic, draw, loss_fn, env, student=False, nam
 
     micro = cfg.batch // world // cfg.grad_accum
     loader = iter(torch.utils.data.DataLoader(
-        HRCrops(cfg.data, cfg.size, cfg.seed, cfg.cache_images), batch_size=micro,
-        sampler=StepSampler(start, cfg.steps, cfg.batch, rank, world),
+        crops, batch_size=micro, sampler=StepSampler(start, cfg.steps, cfg.batch, rank, world),
         num_workers=cfg.workers, pin_memory=device.type == "cuda"))
-    val_hr = load_val(cfg, device) if rank == 0 else None
     log = open(run / "log.jsonl", "a") if rank == 0 else None
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank != 0,
+    # A bar on a terminal; elsewhere (nohup, a log file) a plain line every --log-every steps instead.
+    tty = sys.stderr.isatty()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank != 0 or not tty,
                desc=name.removesuffix(".py"))
     history, bad, t0 = {}, 0, time.time()
     for step in bar:
@@ -493,7 +660,8 @@ def fit(cfg, model, ema, codec, semantic, draw, loss_fn, env, student=False, nam
         history[step] = loss_val
         done = step + 1
         if rank == 0:
-            ips = (done - start) * cfg.batch / (time.time() - t0)
+            elapsed = time.time() - t0
+            ips = (done - start) * cfg.batch / elapsed
             bar.set_postfix(loss=f"{loss_val:.4f}", img_s=f"{ips:.1f}")
             rec = {"step": done, "loss": loss_val, "img_per_s": round(ips, 2)}
             if val_hr is not None and (done % cfg.val_every == 0 or done == cfg.steps):
@@ -502,6 +670,8 @@ def fit(cfg, model, ema, codec, semantic, draw, loss_fn, env, student=False, nam
             if done % cfg.log_every == 0 or "val_psnr" in rec:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
+            if not tty and (done % cfg.log_every == 0 or done == cfg.steps):
+                print(progress_line(name, done, cfg.steps, loss_val, (done - start) / elapsed), flush=True)
             if done % cfg.ckpt_every == 0 or done == cfg.steps:
                 save_checkpoint(run, model, ema, opt, done)
     if log:
@@ -509,15 +679,17 @@ def fit(cfg, model, ema, codec, semantic, draw, loss_fn, env, student=False, nam
     return history
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train the teacher; returns {step: loss}."""
+def train(cfg: TrainConfig, changes=()) -> dict:
+    """Train the teacher; returns {step: loss}. `changes`: what a --resume changed (parse_cli)."""
+    crops = preflight(cfg)  # before the models are built: a refusal should not wait for DINOv2 to load
     env = setup_distributed(cfg)
     torch.manual_seed(cfg.seed)  # the same init on every rank
     codec, semantic, model, ema = build_models(cfg, env[2])
     if cfg.init and not (cfg.resume and (Path(cfg.out) / "ckpt.safetensors").exists()):
         init_weights(cfg.init, model, ema)
     try:
-        return fit(cfg, model, ema, codec, semantic, draw_teacher, partial(teacher_loss, cfg), env)
+        return fit(cfg, model, ema, codec, semantic, draw_teacher, partial(teacher_loss, cfg), env, crops,
+                   changes=changes)
     finally:
         if env[1] > 1:
             dist.destroy_process_group()
@@ -581,29 +753,218 @@ def bench(preset: str, size: int, batch: int, steps: int, device: str, bf16: boo
             "tflops": flops / sec / 1e12, "mfu": None if peak is None or not bf16 else flops / sec / 1e12 / peak}
 
 
-def config_parser(config_cls, doc: str) -> argparse.ArgumentParser:
-    """Every field of the config dataclass becomes a flag whose default is None (= not given)."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+# ----------------------------------------------------------------------------- command line
+
+HELP = {  # one line per flag; the default is appended by config_parser
+    "data": "folder of HR training images (searched recursively)",
+    "out": "run dir to write (config.json, ckpt.safetensors, ema.safetensors, log.jsonl, val_*.png)",
+    "val_data": "held-out HR folder: validation loss, PSNR and an LR | sample | HR grid every --val-every steps",
+    "preset": "recipe of defaults (listed below; the defaults shown here are tiny's) or a bare dit.py model",
+    "patch_size": "DiT patch side in latent pixels (2 in the paper; 1 for the 192-channel pixel codec)",
+    "codec": "'pixel' (8×8 blocks), 'pixel4' (4×4) or a diffusers VAE folder",
+    "light_decoder": "lightweight decoder .safetensors, used only to sample validation grids",
+    "semantic": "c_sem encoder: 'none', 'random' (a seeded ViT-S/14) or a DINOv2 weights file",
+    "semantic_size": "input side of the semantic encoder (448 in the paper), a multiple of its patch 14",
+    "degradation": "how LR training inputs are made: realesrgan (second order, §4.1) or bicubic ×4",
+    "size": "HR crop side; a multiple of the codec's factor × --patch-size",
+    "batch": "global batch (all ranks × --grad-accum)",
+    "grad_accum": "micro-batches accumulated per optimiser step",
+    "steps": "train until this step (with --resume: the total, not the number of new steps)",
+    "lr": "AdamW learning rate",
+    "weight_decay": "AdamW weight decay",
+    "beta1": "AdamW β1",
+    "beta2": "AdamW β2",
+    "grad_clip": "clip the gradient norm to this",
+    "ema": "EMA decay of the weights that are saved and sampled, in [0, 1)",
+    "mode": "conditioning of the auxiliary branch: partial (α·c_str, §3.3), cfg (nothing) or full (no branch)",
+    "p_partial": "probability per sample of the auxiliary branch",
+    "alpha_min": "α ~ U[alpha_min, alpha_max] in the partial branch",
+    "alpha_max": "α ~ U[alpha_min, alpha_max] in the partial branch",
+    "aug_mean": "noise augmentation of c_str: a = sigmoid(N(aug_mean, aug_std)), noise std sqrt(1 − a²)",
+    "aug_std": "see --aug-mean",
+    "bf16": "bfloat16 autocast",
+    "compile": "torch.compile the DiT blocks",
+    "grad_ckpt": "gradient checkpointing of the DiT blocks (less memory, slower)",
+    "seed": "seed of every random draw (the draws of step k depend only on seed and k)",
+    "workers": "DataLoader worker processes (0: load in the main process)",
+    "cache_images": "keep decoded photos in RAM (per worker), for small folders",
+    "log_every": "log.jsonl record and progress line every this many steps",
+    "val_every": "validate every this many steps (with --val-data)",
+    "val_steps": "Euler steps of the validation samples",
+    "ckpt_every": "write ckpt.safetensors and ema.safetensors every this many steps",
+    "resume": "continue the run in --out from its ckpt.safetensors; its config.json gives the defaults",
+    "overwrite": "start over in an --out that already holds a run (its checkpoint, log and grids are deleted)",
+    "init": "start from the EMA weights of a run dir or weights file (stage 2 from stage 1; step 0, new optimiser)",
+    "skip_nonfinite": "tolerate this many non-finite losses (skipped steps) before stopping",
+    "device": "cuda or cpu",
+}
+CHOICES = {"mode": ("partial", "cfg", "full"), "degradation": ("realesrgan", "bicubic")}
+
+
+def _at_least(lo):
+    return lambda v: v >= lo, f"must be at least {lo}"
+
+
+def _in_01(closed_right=True):
+    return (lambda v: 0 <= v <= 1, "must be in [0, 1]") if closed_right else (lambda v: 0 <= v < 1, "must be in [0, 1)")
+
+
+POSITIVE = (lambda v: v > 0, "must be > 0")
+RANGES = {  # field → (test, what it must be); checked on the resolved config (presets, --resume)
+    "patch_size": _at_least(1), "semantic_size": _at_least(14), "batch": _at_least(1),
+    "grad_accum": _at_least(1), "steps": _at_least(1), "lr": POSITIVE,
+    "weight_decay": (lambda v: v >= 0, "must be ≥ 0"), "beta1": _in_01(False), "beta2": _in_01(False),
+    "grad_clip": POSITIVE, "ema": _in_01(False), "p_partial": _in_01(), "alpha_min": _in_01(),
+    "alpha_max": _in_01(), "aug_mean": (math.isfinite, "must be a finite number"),
+    "aug_std": (lambda v: v >= 0, "must be ≥ 0"), "seed": _at_least(0), "workers": _at_least(0),
+    "log_every": _at_least(1), "val_every": _at_least(1), "val_steps": _at_least(1),
+    "ckpt_every": _at_least(1), "skip_nonfinite": _at_least(0),
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose mistakes are one line, `prog: message`, without the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+def _show(v) -> str:
+    return "none" if v is None or v == "" else ("on" if v is True else "off" if v is False else str(v))
+
+
+def flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def config_parser(config_cls, doc: str, defaults: dict, helps: dict, epilog: str = "",
+                  prog: str = "train_teacher.py", choices: dict = CHOICES) -> OneLineParser:
+    """Every field of the config dataclass becomes a flag; its help shows the true default from `defaults`
+    (a string there is shown as is). Unset flags are absent from the result (SUPPRESS): what is in it,
+    the user typed — which --resume needs to know."""
+    p = OneLineParser(prog=prog, description=doc, epilog=epilog, argument_default=argparse.SUPPRESS,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(config_cls):
-        flag = "--" + f.name.replace("_", "-")
+        text = f"{helps[f.name]} (default: {_show(defaults[f.name])})"
         if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"default {f.default}")
+            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, help=text)
         else:
-            typ = {"int": int, "float": float}.get(str(f.type), str)
-            p.add_argument(flag, type=typ, default=None, help=f"default {f.default!r}")
+            typ = {"int": int, "float": float}.get(str(f.type).replace(" | None", ""), str)
+            p.add_argument(flag(f.name), type=typ, choices=choices.get(f.name), help=text,
+                           metavar={int: "N", float: "X"}.get(typ) if f.name not in choices else None)
     return p
 
 
-def parse_args(argv=None) -> TrainConfig:
-    """--preset fills defaults (PRESETS, or a bare dit.py model preset); explicit flags win."""
-    p = config_parser(TrainConfig, __doc__)
-    a = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    preset = a.pop("preset", "tiny")
+def codec_factor(spec: str) -> int | None:
+    """Pixels per latent pixel of a codec spec (as vae.load_codec reads it); 8 for a diffusers VAE."""
+    m = re.fullmatch(r"pixel(\d*)", spec)
+    return int(m.group(1) or 8) if m else 8
+
+
+def check_ranges(cfg, name: str, ranges: dict) -> None:
+    """Every numeric setting in its range, or one line naming the flag, its value and the range."""
+    for field, (ok, must) in ranges.items():
+        v = getattr(cfg, field)
+        if v is not None and not ok(v):
+            raise SystemExit(f"{name}: {flag(field)} {v:g}: {must}")
+    if cfg.alpha_min > cfg.alpha_max:
+        raise SystemExit(f"{name}: --alpha-min {cfg.alpha_min:g} > --alpha-max {cfg.alpha_max:g}")
+    if cfg.batch % cfg.grad_accum:
+        raise SystemExit(f"{name}: --batch {cfg.batch}: must be a multiple of --grad-accum {cfg.grad_accum}")
+    unit = codec_factor(cfg.codec) * cfg.patch_size
+    if cfg.size < unit or cfg.size % unit:
+        raise SystemExit(f"{name}: --size {cfg.size}: must be a multiple of {unit} (codec {cfg.codec}: "
+                         f"{codec_factor(cfg.codec)} px per latent pixel × --patch-size {cfg.patch_size})")
+
+
+def check_paths(cfg, name: str) -> None:
+    """Inputs that do not exist stop here, before anything is built or written."""
+    if not cfg.data:
+        raise SystemExit(f"{name}: --data DIR is required (a folder of HR images)")
+    for field in ("data", "val_data", "init"):
+        v = getattr(cfg, field)
+        if v and not Path(v).exists():
+            raise SystemExit(f"{name}: {flag(field)} {v}: not found")
+
+
+# How to run now, not what the run is: never taken from a saved config.
+NOT_INHERITED = ("out", "resume", "overwrite", "device")
+# What the checkpoint's shapes (or its RoPE tables) depend on: a resume cannot change them.
+FIXED_ON_RESUME = ("preset", "patch_size", "codec", "semantic", "semantic_size", "size")
+
+
+def saved_config(out: str, name: str) -> dict | None:
+    """--resume: the run's config.json (None if it has none yet); one line if it is broken."""
+    path = Path(out) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        conf = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"{name}: cannot resume: {path}: not valid JSON ({e})") from None
+    if not isinstance(conf, dict):
+        raise SystemExit(f"{name}: cannot resume: {path}: not a run config")
+    return conf
+
+
+def resolve_resume(config_cls, saved: dict, given: dict, name: str):
+    """--resume: the saved config gives the defaults, the flags typed again win. Each value they change
+    is printed and returned as {"flag", "from", "to"} (write_run_config records it)."""
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    conf = dataclasses.asdict(config_cls()) | {k: v for k, v in saved.items() if k in fields}
+    conf = {k: v for k, v in conf.items() if k not in NOT_INHERITED}
+    if conf.get("semantic") == "semantic.safetensors" and str(given.get("semantic", "")).startswith("random"):
+        given = {k: v for k, v in given.items() if k != "semantic"}  # that random encoder, saved in the run
+    changed = {k: v for k, v in given.items() if k not in NOT_INHERITED and conf.get(k) != v}
+    for k, v in changed.items():
+        if k in FIXED_ON_RESUME:
+            raise SystemExit(f"{name}: {flag(k)} {v}: the run in {given.get('out')} has {flag(k)} {conf[k]}, "
+                             "which its checkpoint depends on; start a new run with --init to change it")
+    for k, v in changed.items():
+        print(f"{name}: {flag(k)}: {_show(conf[k])} -> {_show(v)} (given again)")
+    return config_cls(**(conf | given)), [{"flag": flag(k), "from": conf[k], "to": v} for k, v in changed.items()]
+
+
+TRUE_DEFAULTS = dataclasses.asdict(TrainConfig()) | PRESETS["tiny"] | {
+    "preset": "tiny", "device": "cuda if available, else cpu"}
+
+
+def preset_epilog() -> str:
+    lines = ["presets (each sets these defaults; any flag given wins):"]
+    lines += [f"  {k:<12} " + ", ".join(flag(f) if v is True else f"{flag(f)} {_show(v)}"
+                                       for f, v in d.items() if f != "preset")
+              + f" (model {d['preset']})" for k, d in PRESETS.items()]
+    lines.append(f"  any of {', '.join(sorted(dit.PRESETS))}: that dit.py model with the flags' defaults")
+    return "\n".join(lines)
+
+
+def parse_cli(argv=None, check_files: bool = True) -> tuple[TrainConfig, list]:
+    """The command line → (config, changes). A fresh run: the preset fills the defaults (PRESETS, or a
+    bare dit.py model preset), typed flags win. --resume: the run's config.json fills them instead."""
+    name = "train_teacher.py"
+    p = config_parser(TrainConfig, __doc__, TRUE_DEFAULTS, HELP, preset_epilog())
+    given = vars(p.parse_args(argv))
+    typed_preset, preset = "preset" in given, given.pop("preset", "tiny")
     if preset not in PRESETS and preset not in dit.PRESETS:
-        p.error(f"--preset {preset}: choose from {sorted(set(PRESETS) | set(dit.PRESETS))}")
-    if a.get("mode", "partial") not in ("partial", "cfg", "full"):
-        p.error("--mode must be partial, cfg or full")
-    return TrainConfig(**(PRESETS.get(preset, {"preset": preset}) | a))
+        p.error(f"--preset {preset}: choose from {', '.join(sorted(set(PRESETS) | set(dit.PRESETS)))}")
+    recipe = PRESETS.get(preset, {"preset": preset})
+    if given.get("resume") and given.get("overwrite"):
+        p.error("--resume and --overwrite: give one (continue the run, or start it over)")
+    saved = saved_config(given.get("out", TrainConfig.out), name) if given.get("resume") else None
+    if saved is None:
+        cfg, changes = TrainConfig(**(recipe | given)), []
+    else:  # a preset typed again names the model; its other defaults give way to the saved ones
+        typed = given | ({"preset": recipe["preset"]} if typed_preset else {})
+        cfg, changes = resolve_resume(TrainConfig, saved, typed, name)
+    check_ranges(cfg, name, RANGES)
+    if check_files:
+        check_paths(cfg, name)
+    return cfg, changes
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """The config of a command line, without looking at the file system."""
+    return parse_cli(argv, check_files=False)[0]
 
 
 def bench_main(argv) -> None:
@@ -631,7 +992,5 @@ if __name__ == "__main__":
     if "--bench" in sys.argv[1:]:
         bench_main(sys.argv[1:])
         sys.exit(0)
-    cfg = parse_args()
-    if not cfg.data:
-        raise SystemExit("train_teacher.py: --data DIR is required")
-    train(cfg)
+    cfg, changes = parse_cli()
+    train(cfg, changes)

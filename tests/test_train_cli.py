@@ -1,0 +1,271 @@
+"""The training CLIs (train_teacher.py, distill.py) on user mistakes: one line on stderr naming the flag
+or file, a non-zero exit, no traceback, no run dir left behind, and no run overwritten."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+import distill
+import train_teacher as tt
+from tests.test_teacher import make_photos
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--preset", "tiny", "--codec", "pixel", "--semantic", "none", "--degradation", "bicubic", "--size", "32",
+        "--batch", "2", "--workers", "0", "--device", "cpu"]
+
+
+def with_workers(n: int) -> list:
+    return [str(n) if TINY[i - 1] == "--workers" else a for i, a in enumerate(TINY)]
+
+
+def cli(script, *args):
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+
+
+def refused(r, *names) -> str:
+    """The run stopped with exactly one line on stderr that names each of `names`; returns that line."""
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    assert len(lines) == 1, r.stderr
+    for n in names:
+        assert str(n) in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def digest(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Photos, a 2-step teacher run (lr 1e-3, log every step) and a 1-step student of it."""
+    tmp = tmp_path_factory.mktemp("cli")
+    photos = make_photos(tmp / "photos", n=3, size=(40, 40))
+    teacher = tmp / "teacher"
+    tt.train(tt.TrainConfig(data=str(photos), out=str(teacher), preset="tiny", patch_size=1, codec="pixel",
+                            semantic="none", degradation="bicubic", size=32, batch=2, steps=2, lr=1e-3,
+                            workers=0, log_every=1, ckpt_every=2, device="cpu"))
+    student = tmp / "student"
+    distill.main(["--teacher", str(teacher), "--data", str(photos), "--out", str(student), "--size", "32",
+                  "--batch", "2", "--steps", "1", "--workers", "0", "--device", "cpu"])
+    return {"photos": photos, "teacher": teacher, "student": student}
+
+
+def copy_run(runs, tmp_path, which="teacher") -> Path:
+    return Path(shutil.copytree(runs[which], tmp_path / which))
+
+
+# ----------------------------------------------------------------------------- existing runs and --resume
+
+def test_a_run_is_not_overwritten_without_resume_or_overwrite(runs, tmp_path):
+    run = copy_run(runs, tmp_path)
+    before = digest(run)
+    r = cli("train_teacher.py", "--data", runs["photos"], "--out", run, *TINY, "--steps", "1")
+    line = refused(r, run, "step 2", "--resume", "--overwrite")
+    assert line.startswith("train_teacher.py: ")
+    assert digest(run) == before  # byte-identical
+    r = cli("distill.py", "--teacher", runs["teacher"], "--data", runs["photos"], "--out", run, *TINY[-8:])
+    refused(r, run, "--resume", "--overwrite")
+    assert digest(run) == before
+    # --overwrite starts over: a fresh step-1 run, the old log gone
+    r = cli("train_teacher.py", "--data", runs["photos"], "--out", run, *TINY, "--steps", "1", "--log-every", "1",
+            "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [1]
+
+
+def test_resume_takes_the_saved_config_and_reports_what_changed(runs, tmp_path):
+    run = copy_run(runs, tmp_path)
+    # only --out, --resume and the two values to change: size, batch, lr ... come from config.json
+    r = cli("train_teacher.py", "--out", run, "--resume", "--steps", "3", "--lr", "0.0002", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "train_teacher.py: --lr: 0.001 -> 0.0002 (given again)" in r.stdout
+    assert "train_teacher.py: --steps: 2 -> 3 (given again)" in r.stdout
+    conf = json.loads((run / "config.json").read_text())
+    assert (conf["lr"], conf["steps"], conf["size"], conf["batch"], conf["degradation"]) == (0.0002, 3, 32, 2, "bicubic")
+    assert {"flag": "--lr", "from": 0.001, "to": 0.0002, "step": 2} in conf["changes"]
+    assert load_file(str(run / "ckpt.safetensors"))["model.x_embedder.proj.weight"].shape == \
+        load_file(str(runs["teacher"] / "ckpt.safetensors"))["model.x_embedder.proj.weight"].shape
+    # what the checkpoint's shapes depend on cannot change on resume
+    before = digest(run)
+    refused(cli("train_teacher.py", "--out", run, "--resume", "--size", "64"), "--size 64", "--size 32", "--init")
+    refused(cli("train_teacher.py", "--out", run, "--resume", "--preset", "small"), "--preset", "tiny")
+    refused(cli("train_teacher.py", "--out", run, "--resume", "--overwrite"), "--resume", "--overwrite")
+    assert digest(run) == before
+
+
+def test_distill_resume_takes_the_saved_config(runs, tmp_path):
+    run = copy_run(runs, tmp_path, "student")
+    r = cli("distill.py", "--out", run, "--resume", "--steps", "2", "--omega", "1.0", "--device", "cpu",
+            "--workers", "0")
+    assert r.returncode == 0, r.stderr
+    assert "distill.py: --omega: 0.5 -> 1.0 (given again)" in r.stdout
+    conf = json.loads((run / "config.json").read_text())
+    assert (conf["omega"], conf["size"], conf["batch"], conf["teacher"]) == (1.0, 32, 2, str(runs["teacher"]))
+    assert {"flag": "--omega", "from": 0.5, "to": 1.0, "step": 1} in conf["changes"]
+
+
+def test_resume_drops_logged_steps_past_the_checkpoint(runs, tmp_path):
+    run = copy_run(runs, tmp_path)
+    log = run / "log.jsonl"
+    # what a run killed after logging steps 3 and 4 (checkpoint still at 2) leaves, last line cut short
+    with open(log, "a") as f:
+        f.write(json.dumps({"step": 3, "loss": 9.0}) + "\n" + json.dumps({"step": 4, "loss": 9.0}) + "\n{\"st")
+    r = cli("train_teacher.py", "--out", run, "--resume", "--steps", "4", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [rec["step"] for rec in recs] == [1, 2, 3, 4]
+    assert all(rec["loss"] != 9.0 for rec in recs)  # steps 3 and 4 are the resumed run's
+
+
+# ----------------------------------------------------------------------------- flag values and paths
+
+@pytest.mark.parametrize("flag,value,must", [
+    ("--batch", "0", "at least 1"), ("--lr", "0", "> 0"), ("--size", "36", "multiple of 8"),
+    ("--ema", "1", "[0, 1)"), ("--batch", "x", "invalid int"), ("--mode", "foo", "invalid choice"),
+])
+def test_out_of_range_flag_is_one_line_and_makes_no_run_dir(runs, tmp_path, flag, value, must):
+    out = tmp_path / "run"
+    r = cli("train_teacher.py", "--data", runs["photos"], "--out", out, *TINY, "--steps", "1", flag, value)
+    refused(r, flag, value, must)
+    assert not out.exists()
+
+
+def test_every_range_is_checked_in_both_clis(runs, capsys):
+    """In-process, each range of RANGES (a plain SystemExit or argparse's exit is all the CLI prints)."""
+    bad = {"patch_size": 0, "semantic_size": 13, "batch": 0, "grad_accum": 0, "steps": 0, "lr": 0, "weight_decay": -1,
+           "beta1": 1, "beta2": -0.5, "grad_clip": 0, "ema": 1.0, "p_partial": 2, "alpha_min": 1.5, "alpha_max": -1,
+           "aug_mean": float("inf"), "aug_std": -1, "seed": -1, "workers": -2, "log_every": 0, "val_every": 0,
+           "val_steps": 0, "ckpt_every": 0, "skip_nonfinite": -1}
+    assert set(bad) == set(tt.RANGES)
+    for field, v in bad.items():
+        with pytest.raises(SystemExit) as e:
+            tt.parse_args([tt.flag(field), str(v)])
+        assert str(e.value).startswith(f"train_teacher.py: {tt.flag(field)} ") and "must" in str(e.value), e.value
+    for field, v in {"delta": 0, "n_rc": 0, "omega": "nan", "lr": -1}.items():
+        with pytest.raises(SystemExit) as e:
+            distill.parse_args(["--teacher", str(runs["teacher"]), "--data", "x", tt.flag(field), str(v)])
+        assert str(e.value).startswith(f"distill.py: {tt.flag(field)} ") and "must" in str(e.value), e.value
+    with pytest.raises(SystemExit, match="--alpha-min 0.3 > --alpha-max 0.2"):
+        tt.parse_args(["--alpha-min", "0.3", "--alpha-max", "0.2"])
+    with pytest.raises(SystemExit, match="multiple of --grad-accum 3"):
+        tt.parse_args(["--batch", "4", "--grad-accum", "3"])
+    assert tt.parse_args(["--codec", "pixel4", "--size", "36"]).size == 36  # 4 px × patch 1
+
+
+@pytest.mark.parametrize("flag", ["--data", "--val-data", "--init"])
+def test_missing_input_path_is_one_line_and_makes_no_run_dir(runs, tmp_path, flag):
+    out, missing = tmp_path / "run", tmp_path / "no_such_folder"
+    args = ["--data", runs["photos"], flag, missing]  # the last --data wins
+    refused(cli("train_teacher.py", *args, "--out", out, *TINY, "--steps", "1"), flag, missing, "not found")
+    assert not out.exists()
+
+
+def test_distill_teacher_not_found(runs, tmp_path):
+    out = tmp_path / "st"
+    refused(cli("distill.py", "--teacher", tmp_path / "nope", "--data", runs["photos"], "--out", out),
+            "--teacher", "nope", "not found")
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- broken files
+
+@pytest.mark.parametrize("damage,what", [("empty", "empty"), ("cut", "truncated"), ("text", "not a safetensors"),
+                                         ("weights", "not a training checkpoint")])
+def test_resume_from_a_broken_checkpoint(runs, tmp_path, damage, what):
+    run = copy_run(runs, tmp_path)
+    ckpt = run / "ckpt.safetensors"
+    data = ckpt.read_bytes()
+    ckpt.write_bytes({"empty": b"", "cut": data[:len(data) // 2], "text": b"step=2\n" * 20,
+                      "weights": (run / "ema.safetensors").read_bytes()}[damage])
+    refused(cli("train_teacher.py", "--out", run, "--resume", "--steps", "3"), ckpt, what)
+
+
+@pytest.mark.parametrize("damage,what", [("cut", "truncated"), ("student", "is a distilled student, not a teacher"),
+                                         ("missing", "missing key")])
+def test_distill_from_a_broken_teacher(runs, tmp_path, damage, what):
+    if damage == "student":
+        teacher = runs["student"]
+    else:
+        teacher = copy_run(runs, tmp_path)
+        ema = teacher / "ema.safetensors"
+        if damage == "cut":
+            ema.write_bytes(ema.read_bytes()[:3000])
+        else:
+            sd = load_file(str(ema))
+            sd.pop("final_layer.linear.weight")
+            save_file(sd, str(ema))
+    out = tmp_path / "st"
+    refused(cli("distill.py", "--teacher", teacher, "--data", runs["photos"], "--out", out, *TINY[-8:],
+                "--steps", "1"), teacher, what)
+    assert not out.exists()
+
+
+def test_data_folder_of_only_broken_images_is_one_line(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.png").write_bytes(b"not a png")
+    (data / "b.jpg").write_bytes(b"")
+    out = tmp_path / "run"
+    # --workers 2: the check must not happen inside a worker
+    refused(cli("train_teacher.py", "--data", data, "--out", out, *with_workers(2), "--steps", "1"),
+            data, "none of its 2 image files can be read", "a.png")
+    assert not out.exists()
+
+
+def test_data_folder_with_some_broken_images_trains_past_them(runs, tmp_path):
+    data = Path(shutil.copytree(runs["photos"], tmp_path / "data"))
+    (data / "a_broken.png").write_bytes(b"not a png")
+    (data / "z_broken.png").write_bytes(b"\x89PNG")
+    r = cli("train_teacher.py", "--data", data, "--out", tmp_path / "run", *with_workers(2), "--steps", "6")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "skipping" in r.stderr and "a_broken.png" in r.stderr
+    assert (tmp_path / "run" / "ckpt.safetensors").is_file()
+
+
+def test_export_does_not_overwrite_a_model(runs, tmp_path):
+    out = tmp_path / "export"
+    assert cli("distill.py", "--export", runs["student"], "--to", out).returncode == 0
+    before = digest(out)
+    refused(cli("distill.py", "--export", runs["teacher"], "--to", out), out, "--overwrite")
+    assert digest(out) == before
+    refused(cli("distill.py", "--export", tmp_path / "nope", "--to", tmp_path / "e2"), "nope", "not a run dir")
+
+
+# ----------------------------------------------------------------------------- help and progress
+
+def test_help_has_a_description_and_the_true_default_of_every_flag():
+    for parser, defaults in ((tt.config_parser(tt.TrainConfig, "", tt.TRUE_DEFAULTS, tt.HELP), tt.TRUE_DEFAULTS),
+                             (distill.build_parser(), distill.TRUE_DEFAULTS)):
+        for action in parser._actions:
+            if action.dest in ("help", "export", "to", "note"):
+                continue
+            text = action.help or ""
+            assert "(default: " in text and len(text.split("(default: ")[0].strip()) > 5, action.dest
+            assert text.endswith(f"(default: {tt._show(defaults[action.dest])})"), (action.dest, text)
+    t = cli("train_teacher.py", "--help").stdout
+    for name, recipe in tt.PRESETS.items():  # the presets and what each sets, in the epilog
+        line = next(line for line in t.splitlines() if line.strip().startswith(name + " "))
+        assert f"--batch {recipe['batch']}" in line and f"--size {recipe['size']}" in line, line
+    d = " ".join(cli("distill.py", "--help").stdout.split())  # unwrapped
+    for text in ("runs/student)", "(default: 256)", "(default: 50000)", "(default: 2e-05)", "--export RUN_DIR",
+                 "(default: the teacher's)"):
+        assert text in d, text
+    assert "(default: runs/teacher)" not in d and "(default: 200)" not in d
+
+
+def test_progress_line_with_loss_rate_and_eta(runs, tmp_path):
+    r = cli("train_teacher.py", "--data", runs["photos"], "--out", tmp_path / "run", *TINY, "--steps", "2",
+            "--log-every", "1")
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if "steps/s" in line]
+    assert [line.split()[2] for line in lines] == ["1/2", "2/2"]
+    assert all(" loss " in line and " ETA " in line for line in lines)
