@@ -42,6 +42,7 @@ from degrade import ImageError, find_jobs, read_image, write_image
 
 
 DEMO_CKPT = Path(__file__).resolve().parent / "checkpoints" / "vosr-small-demo"  # used when --ckpt is omitted
+PROGRESS_AFTER = 3.0   # seconds an image may take before its bar (steps × tiles) and its time are shown
 
 
 @dataclass
@@ -469,7 +470,7 @@ class VOSRPipeline:
         tile_blend: linear | gaussian, see velocity. vae_tile: tile side of the codec (None: tile; 0: whole).
         latent: mean | sample of the codec's posterior for c_str (sample: drawn from `generator`).
         color_fix: none | adain | wavelet, see color_fix.
-        progress: a bar over steps × tiles (shown once the image has taken 3 s).
+        progress: a bar over steps × tiles, shown once the image has taken PROGRESS_AFTER seconds.
         timer: a StageTimer (evaluate.py) that gets the wall time of each stage (encode, semantic, dit, decode)."""
         if scale <= 0:
             raise ValueError(f"scale must be positive, got {scale}")
@@ -498,7 +499,7 @@ class VOSRPipeline:
             z1 = torch.randn(c_str.shape, generator=generator, dtype=torch.float32).to(self.device)  # one draw
             f, p = self.codec.factor, self.model.patch_size
             n_tiles = tile_count(*c_str.shape[-2:], *self.latent_tiles(tile, tile_overlap, tile_blend))
-            with tqdm(total=steps * n_tiles, desc="steps × tiles", unit="tile", leave=False, delay=3,
+            with tqdm(total=steps * n_tiles, desc="steps × tiles", unit="tile", leave=False, delay=PROGRESS_AFTER,
                       disable=not progress) as bar:
                 velocity = self.velocity(c_str, sem_of, tile, tile_overlap, guidance, alpha, tile_blend,
                                          tick=bar.update if progress else None)
@@ -811,9 +812,12 @@ class OneLineParser(argparse.ArgumentParser):
 
 def number(kind=float, low=None, high=None, low_open=False):
     """argparse type: a finite `kind` number in [low, high] ((low, high] with low_open); None: unbounded."""
-    lo = "" if low is None else f"{'above' if low_open else 'at least'} {low}"
-    hi = "" if high is None else f"at most {high}"
-    need = " and ".join(x for x in (lo, hi) if x) or "finite"
+    if low is not None and high is not None:
+        need = f" in {'(' if low_open else '['}{low}, {high}]"
+    elif low is not None:
+        need = f" {'above' if low_open else 'at least'} {low}"
+    else:
+        need = f" at most {high}" if high is not None else ""
 
     def parse(text):
         try:
@@ -822,7 +826,7 @@ def number(kind=float, low=None, high=None, low_open=False):
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
         if not math.isfinite(value) or (low is not None and (value < low or (low_open and value == low))) \
                 or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a finite number'} "
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a finite number'}"
                                              f"{need}, got {text}")
         return value
     return parse
@@ -890,7 +894,7 @@ def add_sampler_args(p: argparse.ArgumentParser, d: SampleConfig):
                         f"(default: {d.shift:g})")
 
 
-def parse_args(argv=None) -> SampleConfig:
+def build_parser() -> argparse.ArgumentParser:
     d = SampleConfig()
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=d.ckpt,
@@ -936,6 +940,11 @@ def parse_args(argv=None) -> SampleConfig:
                         "image pays the compilation (default: off)")
     g.add_argument("--cuda-graphs", action="store_true",
                    help="replay the DiT as CUDA graphs (fixed shapes: one tile size, e.g. a one-step student); CUDA only")
+    return p
+
+
+def parse_args(argv=None) -> SampleConfig:
+    p = build_parser()
     a = p.parse_args(argv)
     if a.tile and a.tile_overlap is not None and 2 * a.tile_overlap >= a.tile:
         p.error(f"argument --tile-overlap: must be below tile/2 = {a.tile / 2:g}, got {a.tile_overlap}")
@@ -1018,7 +1027,7 @@ def main(argv=None) -> int:
         write_image(dst, sr)
         took = time.perf_counter() - start
         seconds += took
-        if took > 3:                              # worth a line: the bar over steps × tiles was shown
+        if took > PROGRESS_AFTER:                 # worth a line: the bar over steps × tiles was shown
             tqdm.write(f"sample.py: {dst} ({sr.shape[-1]}×{sr.shape[-2]}) in {took:.1f} s")
     done = len(jobs) - failed
     per = f", {seconds / done:.2f} s per image" if done else ""

@@ -468,3 +468,132 @@ def test_missing_release_file_names_the_path(release, tmp_path, capsys, name, lo
     shutil.copytree(ckpts, copy, ignore=shutil.ignore_patterns(name, "VOSR_1.4B_ms", "Qwen-Image-vae-2d"))
     err = one_line_error(capsys, ["--ckpt", str(copy / "VOSR_0.5B_os"), "-i", str(lr_dir), "-o", str(tmp_path / "o")])
     assert f"{copy}/{looked_for}: not found" in err, err
+
+
+def test_broken_release_files_name_the_file(release, tmp_path, capsys):
+    """A truncated light decoder, DiT weights that are not safetensors, an args.json that is not JSON."""
+    import shutil
+    ckpts, lr_dir, _ = release
+    copy = tmp_path / "ckpts"
+    shutil.copytree(ckpts, copy, ignore=shutil.ignore_patterns("VOSR_1.4B_ms", "Qwen-Image-vae-2d"))
+    model = copy / "VOSR_0.5B_os"
+    argv = ["--ckpt", str(model), "-i", str(lr_dir), "-o", str(tmp_path / "o")]
+    lw = (copy / "sd21_lwdecoder.pth").read_bytes()
+    (copy / "sd21_lwdecoder.pth").write_bytes(lw[:len(lw) // 2])
+    assert f"{copy}/sd21_lwdecoder.pth: not a readable" in one_line_error(capsys, argv)
+    (copy / "sd21_lwdecoder.pth").write_bytes(lw)
+    weights = model / "checkpoints" / "ema_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:len(data) - 100])
+    assert f"{weights}: not a readable .safetensors file" in one_line_error(capsys, argv)
+    weights.write_bytes(b"not safetensors at all")
+    assert f"{weights}: not a readable .safetensors file" in one_line_error(capsys, argv)
+    weights.write_bytes(data)
+    (model / "args.json").write_text("{dim: 64")
+    assert f"{model}/args.json: not a readable args.json" in one_line_error(capsys, argv)
+    (model / "args.json").write_text(json.dumps(release_args(ae_type="sd3", enc_type="dinov2b", enc_dim=64)))
+    assert "ae_type 'sd3'" in one_line_error(capsys, argv)
+
+
+def test_run_dir_semantic_layer_from_config(tmp_path):
+    """A run dir's config.json key semantic_layer picks the DINOv2 block; without it, the block by depth."""
+    run = tmp_path / "run"
+    run.mkdir()
+    model = dit.build("tiny", latent_channels=192, enc_dim=384, train_grid=4)
+    dit.save_checkpoint(model, str(run / "ema.safetensors"))
+    conf = dict(preset="tiny", patch_size=2, codec="pixel", light_decoder=None, semantic="random",
+                semantic_size=28, train_grid=4, enc_dim=384)
+    for extra, layer in (({"semantic_layer": 3}, 3), ({}, 8)):
+        (run / "config.json").write_text(json.dumps({**conf, **extra}))
+        pipe, _ = sample.load_pipeline(sample.SampleConfig(ckpt=str(run), device="cpu"), report=lambda s: None)
+        assert pipe.semantic.layer == layer
+    pipe, _ = sample.load_pipeline(sample.SampleConfig(ckpt=str(run), device="cpu", semantic_layer=5),
+                                   report=lambda s: None)
+    assert pipe.semantic.layer == 5                                      # the flag wins
+
+
+# ----------------------------------------------------------------------------- sample.py flags: one line each
+
+@pytest.fixture(scope="module")
+def lr_folder(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lr_in")
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(d / "a.png")
+    return d
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--steps", "0"], "--steps"), (["--steps", "-3"], "--steps"), (["--steps", "2.5"], "--steps"),
+    (["--guidance", "nan"], "--guidance"), (["--guidance", "inf"], "--guidance"),
+    (["--scale", "0"], "--scale"), (["--scale", "nan"], "--scale"), (["--shift", "-1"], "--shift"),
+    (["--shift", "nan"], "--shift"), (["--alpha", "1.5"], "--alpha"), (["--alpha", "nan"], "--alpha"),
+    (["--alpha", "-0.1"], "--alpha"), (["--tile", "-1"], "--tile"), (["--tile-overlap", "-1"], "--tile-overlap"),
+    (["--tile", "64", "--tile-overlap", "32"], "--tile-overlap"), (["--semantic-size", "30"], "--semantic-size"),
+    (["--vae-tile", "-8"], "--vae-tile"), (["--color-fix", "auto"], "--color-fix"), (["--upscale", "lanczos"], "--upscale"),
+])
+def test_out_of_range_flag_is_one_line(flags, named, lr_folder, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        sample.main(["-i", str(lr_folder), "-o", str(tmp_path / "o"), *flags])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and named in err and flags[-1] in err, err
+
+
+def test_tile_the_model_cannot_use(lr_folder, tmp_path, capsys):
+    """The demo model (64-pixel training crop, 8-pixel patches): --tile 7 is refused, --tile 60 is rounded
+    to 64 with a note, an overlap of half the default tile is refused."""
+    out = tmp_path / "o"
+    err = one_line_error(capsys, ["-i", str(lr_folder), "-o", str(out), "--tile", "7", "--device", "cpu"])
+    assert "--tile 7: too small" in err and "at least 32" in err
+    err = one_line_error(capsys, ["-i", str(lr_folder), "-o", str(out), "--tile-overlap", "40", "--device", "cpu"])
+    assert "--tile-overlap 40" in err and "64-pixel tile" in err
+    assert sample.main(["-i", str(lr_folder), "-o", str(out), "--tile", "60", "--device", "cpu"]) == 0
+    assert "--tile 60 rounded to 64" in capsys.readouterr().out
+    assert Image.open(out / "a.png").size == (96, 80)
+
+
+def test_broken_ckpt_is_one_line(tmp_path, lr_folder, capsys):
+    import shutil
+    argv = lambda ckpt: ["--ckpt", str(ckpt), "-i", str(lr_folder), "-o", str(tmp_path / "o")]  # noqa: E731
+    run = tmp_path / "run"
+    shutil.copytree(sample.DEMO_CKPT, run)
+    data = (run / "ema.safetensors").read_bytes()
+    (run / "ema.safetensors").write_bytes(data[:len(data) // 2])
+    assert f"{run}/ema.safetensors: not a readable .safetensors file" in one_line_error(capsys, argv(run))
+    (tmp_path / "x.safetensors").write_text("hello")
+    assert f"{tmp_path}/x.safetensors: not a readable" in one_line_error(capsys, argv(tmp_path / "x.safetensors"))
+    (tmp_path / "empty").mkdir()
+    assert f"{tmp_path}/empty: neither a run dir" in one_line_error(capsys, argv(tmp_path / "empty"))
+    assert f"{tmp_path}/nothing: checkpoint not found" in one_line_error(capsys, argv(tmp_path / "nothing"))
+
+
+def test_user_errors_through_the_real_cli(tmp_path, lr_folder):
+    """The same one line from `python sample.py` itself: exit 2, no traceback."""
+    (tmp_path / "x.safetensors").write_text("hello")
+    for flags, named in ((["--steps", "0"], "--steps"), (["--ckpt", str(tmp_path / "x.safetensors")], "x.safetensors")):
+        r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "-i", str(lr_folder), "-o", str(tmp_path / "o"),
+                            "--device", "cpu", *flags], cwd=ROOT, capture_output=True, text=True)
+        err = r.stderr.strip()
+        assert r.returncode == 2 and "Traceback" not in err and len(err.splitlines()) == 1 and named in err, err
+
+
+def test_progress_bar_over_steps_and_tiles(lr_folder, tmp_path, capsys, monkeypatch):
+    """An image that takes long shows a bar over steps × tiles, and its time; the run ends with s per image."""
+    monkeypatch.setattr(sample, "PROGRESS_AFTER", 0.0)
+    assert sample.main(["-i", str(lr_folder), "-o", str(tmp_path / "o"), "--tile", "48", "--tile-overlap", "16",
+                        "--steps", "2", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    tiles = len(sample.tile_windows(10, 6, 2, 1)) * len(sample.tile_windows(12, 6, 2, 1))   # 80×96 px, 8-px latents
+    assert tiles > 1 and f"0/{2 * tiles}" in captured.err and "steps × tiles" in captured.err
+    assert "s per image" in captured.out and f"{tmp_path / 'o' / 'a.png'} (96×80) in " in captured.out
+
+
+def test_help_describes_every_flag_with_its_default():
+    for action in sample.build_parser()._actions:
+        if action.dest == "help":
+            continue
+        flag = action.option_strings[-1]
+        assert action.help and len(action.help) > 20, flag
+        if action.required or isinstance(action, type(sample.build_parser()._actions[0])) or action.const is True:
+            continue                                                     # -i (required), store_true flags
+        d = action.default
+        shown = f"{d:g}" if isinstance(d, float) else str(d)
+        assert "default" in action.help and (d is None or f"default: {shown}" in action.help), (flag, action.help)
