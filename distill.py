@@ -78,7 +78,7 @@ def rc_correction(student, z_t, t, r, u, v_tea, delta: float, n: int):
     Teacher warm start to t_m = max(t − Δ, r): z_m = z_t − (t − t_m)·v_tea           (eq. 13)
     then n equal student steps t_m → r, each f(z, t_i, r = t_{i+1}); F = Σ f·(t_i − t_{i+1}).
     Consistency of the jump t → r:  u·d = (t − t_m)·v_tea + F,  d = t − r, so
-        d > Δ:  corr = (u·d − F)/Δ − v_tea        (c_l = d/Δ, c_r = 1/Δ in eq. 14)
+        d > Δ:  corr = (u·d − F)/Δ − v_tea        (eq. 14 with u^tar = F/(t_m − r): c_l = d/Δ, c_r = (t_m − r)/Δ)
         d ≤ Δ:  corr = u − F/d − v_tea            (t_m = r: the teacher step covers the whole jump)
     clipped to [−1, 1].
     """

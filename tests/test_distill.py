@@ -1,6 +1,5 @@
-"""Distillation: (t, r) sampling, the RC and shortcut targets against hand-written loops and an
-exact flow map, and the CLI chain teacher → student → one-step sampling."""
-import itertools
+"""Distillation: (t, r) sampling, the RC correction as the paper writes it, by hand and against an
+exact flow map, the loss of eq. 17, the shortcut target, and the CLI chain teacher → student → sampling."""
 import json
 import math
 import subprocess
@@ -35,38 +34,66 @@ def toy_student(z, t, r):
     return torch.sin(3 * z) * t.view(-1, 1, 1, 1) + z**2 * r.view(-1, 1, 1, 1) - 0.5
 
 
-def naive_rc(z_t, t, r, u, v, delta, n):
-    """RC correction written per sample and per element with Python floats (DESIGN §8)."""
-    out = torch.empty_like(z_t)
+def rc_corr_as_in_the_paper(f, z_t, t, r, u, v_tea, dt, n_steps):
+    """Appendix A.1.2 written out sample by sample (float64; f(z, t, r, b) is the student on sample b):
+        t_m = max(t − Δt, r),  z_{t_m} = z_t − (t − t_m)·v_tea                       (eq. 13)
+        a detached rollout of N student steps t_m → r gives u^tar_{t_m→r}, the average velocity
+        (z_{t_m} − z_r)/(t_m − r) of that trajectory,
+        corr = clip(c_l·u_{t→r} − c_r·u^tar − v_tea, [−1, 1])                         (eq. 14)
+    The paper takes c_l, c_r from the RC formulation: the jump t → r should equal the teacher step
+    t → t_m followed by the trajectory t_m → r, (t − r)·u = (t − t_m)·v_tea + (t_m − r)·u^tar; solved for
+    the teacher's velocity, c_l = (t − r)/(t − t_m) and c_r = (t_m − r)/(t − t_m)."""
+    out = torch.empty_like(z_t, dtype=torch.float64)
     for b in range(z_t.shape[0]):
         tb, rb = float(t[b]), float(r[b])
-        t_m = max(tb - delta, rb)
-        for idx in itertools.product(*(range(s) for s in z_t.shape[1:])):
-            z = float(z_t[b][idx]) - (tb - t_m) * float(v[b][idx])
-            F = 0.0
-            for i in range(n):
-                ti, tn = t_m - (t_m - rb) * i / n, t_m - (t_m - rb) * (i + 1) / n
-                f = math.sin(3 * z) * ti + z * z * tn - 0.5
-                F += f * (ti - tn)
-                z -= f * (ti - tn)
-            d, ub, vb = tb - rb, float(u[b][idx]), float(v[b][idx])
-            c = (ub * d - F) / delta - vb if d > delta else ub - (F / d if d > 0 else 0.0) - vb
-            out[b][idx] = min(1.0, max(-1.0, c))
+        tm = max(tb - dt, rb)
+        z_m = z_t[b].double() - (tb - tm) * v_tea[b].double()
+        grid = [tm + (rb - tm) * k / n_steps for k in range(n_steps + 1)]
+        z = z_m.clone()
+        for s_from, s_to in zip(grid, grid[1:]):
+            step = f(z[None], torch.tensor([s_from], dtype=torch.float64), torch.tensor([s_to], dtype=torch.float64), b)
+            z = z - (s_from - s_to) * step[0]
+        u_tar = (z_m - z) / (tm - rb) if tm > rb else torch.zeros_like(z)
+        c_l, c_r = (tb - rb) / (tb - tm), (tm - rb) / (tb - tm)
+        out[b] = (c_l * u[b].double() - c_r * u_tar - v_tea[b].double()).clamp(-1, 1)
     return out
 
 
-def test_rc_correction_matches_naive_loop_both_branches_and_clip():
-    g = torch.Generator().manual_seed(0)
+def test_rc_correction_as_the_paper_writes_it():
+    g = torch.Generator().manual_seed(3)
     B = 6
-    z_t, v = torch.randn(B, 2, 3, 3, generator=g), torch.randn(B, 2, 3, 3, generator=g)
-    u = v + 0.05 * torch.randn(B, 2, 3, 3, generator=g)
-    t = torch.tensor([0.9, 0.5, 0.3, 0.05, 0.7, 0.2])
-    r = torch.tensor([0.0, 0.45, 0.295, 0.045, 0.1, 0.2])  # d > Δ, d > Δ, d ≤ Δ, d ≤ Δ, d > Δ, d = 0
-    for delta, n in [(0.01, 2), (0.1, 3)]:
-        got = distill.rc_correction(toy_student, z_t, t, r, u, v, delta, n)
-        want = naive_rc(z_t, t, r, u, v, delta, n)
-        assert torch.allclose(got, want, atol=1e-5)
-        assert (got.abs() == 1).any() and (got.abs() < 1).any()  # the clip is exercised
+    z_t = torch.randn(B, 2, 3, 3, generator=g, dtype=torch.float64)
+    v = torch.randn(B, 2, 3, 3, generator=g, dtype=torch.float64)
+    u = v + 0.05 * torch.randn(B, 2, 3, 3, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.9, 0.5, 0.3, 0.05, 0.7, 0.6], dtype=torch.float64)
+    r = torch.tensor([0.0, 0.45, 0.295, 0.045, 0.1, 0.55], dtype=torch.float64)  # d > Δ and d ≤ Δ for Δ = 0.01
+    for dt, n in [(0.01, 2), (0.1, 3), (0.2, 1)]:
+        got = distill.rc_correction(toy_student, z_t, t, r, u, v, dt, n)
+        want = rc_corr_as_in_the_paper(lambda z, t_, r_, b: toy_student(z, t_, r_), z_t, t, r, u, v, dt, n)
+        assert torch.allclose(got.double(), want, atol=1e-6), (dt, n)
+        assert (want.abs() < 1).any() and (want.abs() == 1).any()  # the clip is exercised
+
+
+def test_rc_correction_by_hand():
+    """Students simple enough to roll out by hand (t = 0.9, r = 0.1, Δ = 0.1: t_m = 0.8, c_l = 8, c_r = 7)."""
+    one = torch.ones(1, 1, 1, 1, dtype=torch.float64)
+    t, r = torch.tensor([0.9], dtype=torch.float64), torch.tensor([0.1], dtype=torch.float64)
+
+    def const(z, t_, r_):  # f ≡ 0.5: the rollout's average velocity is 0.5
+        return torch.full_like(z, 0.5)
+
+    def corr(f, u, v, t=t, r=r, n=2):
+        return distill.rc_correction(f, one, t, r, u * one, v * one, 0.1, n).item()
+
+    assert corr(const, 0.5, 0.45) == pytest.approx(8 * 0.5 - 7 * 0.5 - 0.45)     # 0.05
+    assert corr(const, 0.6, 0.45) == pytest.approx(8 * 0.6 - 7 * 0.5 - 0.45)     # 0.85
+    assert corr(const, 1.0, 0.45) == pytest.approx(1.0)                          # 4.05, clipped
+    assert corr(const, 0.3, 0.45) == pytest.approx(-1.0)                         # −1.55, clipped
+    # f(z) = z from z_m = z_t − 0.1·0 = 1, two steps of 0.35: 1 → 0.65 → 0.4225; u^tar = 0.5775 / 0.7 = 0.825
+    assert corr(lambda z, t_, r_: z, 0.72, 0.0) == pytest.approx(8 * 0.72 - 7 * 0.825, abs=1e-6)  # −0.015
+    # d = 0.05 ≤ Δ: t_m = r, the teacher step is the whole jump: corr = u − v_tea
+    assert corr(const, 0.5, 0.45, t=torch.tensor([0.5], dtype=torch.float64),
+                r=torch.tensor([0.45], dtype=torch.float64)) == pytest.approx(0.05)
 
 
 def test_rc_correction_vanishes_for_exact_flow_map():
@@ -91,6 +118,52 @@ def test_rc_correction_vanishes_for_exact_flow_map():
         closed = z_t * torch.exp(-a * (d - delta)) * (1 - math.exp(-a * delta) - a * delta) / delta
         assert torch.allclose(corr[big.expand_as(z_t)], closed[big.expand_as(z_t)], atol=1e-5)
         assert (corr.abs() <= z_t.abs() * a * a * delta / 2 + 1e-6).all()
+
+
+def test_distill_loss_is_base_plus_rc_consistency():
+    """L_rc = ‖f(z_t, t, t, κ) − v_tea‖² + ‖u − ũ‖², ũ = sg(u) − corr (eq. 4/6, 14–17), with v_tea the guided
+    teacher on the full and partial conditions (eq. 5) and the student on κ. The value of the second
+    term is mean(corr²); its gradient 2·corr·∂u/N, which tells the sign of eq. 15 apart."""
+    g = torch.Generator().manual_seed(4)
+    B, C = 4, 2
+    x0, eps, c_str = (torch.randn(B, C, 3, 3, generator=g) for _ in range(3))
+    n = torch.randn(B, C, 3, 3, generator=g)
+    d = dict(t=torch.tensor([0.9, 0.6, 0.3, 0.05]), r=torch.tensor([0.2, 0.55, 0.0, 0.049]), eps=eps,
+             aux=torch.tensor([False, True, False, True]), alpha=torch.tensor([0.1, 0.2, 0.15, 0.05]),
+             a_logit=torch.tensor([2.0, 1.0, 3.0, 0.5]), n=n)
+    w = torch.tensor(0.7, requires_grad=True)
+
+    def net(x, t, c_sem, r=None):  # a student: any smooth function of (c_str, z, t, r) with a parameter
+        c, z = x[:, :C], x[:, C:]
+        return w * torch.sin(z) + 0.3 * c * t.view(-1, 1, 1, 1) - 0.2 * r.view(-1, 1, 1, 1) * z
+
+    def teacher(x, t, c_sem):
+        return torch.tanh(x[:, :C]) + x[:, C:] * t.view(-1, 1, 1, 1)
+
+    cfg = distill.DistillConfig(mode="partial", omega=0.5, delta=0.1, n_rc=2, method="rc")
+    loss = distill.distill_loss(cfg, teacher, net, x0, c_str, None, d)
+    loss.backward()
+    got_grad, w.grad = w.grad.clone(), None
+
+    t, r, bt = d["t"], d["r"], lambda v: v.view(-1, 1, 1, 1)
+    z_t = bt(1 - t) * x0 + bt(t) * eps
+    a = torch.sigmoid(d["a_logit"])
+    full = bt(a) * c_str + bt((1 - a**2).sqrt()) * n                       # noise-augmented c_str
+    weak = bt(d["alpha"]) * c_str                                          # α·c_str
+    kappa = torch.where(bt(d["aux"]), weak, full)                         # the student's condition
+    v_c, v_p = teacher(torch.cat([full, z_t], 1), t, None), teacher(torch.cat([weak, z_t], 1), t, None)
+    v_tea = v_p + 0.5 * (v_c - v_p)
+
+    u_base, u = (net(torch.cat([kappa, z_t], 1), t, None, r_) for r_ in (t, r))
+    def student_b(z, t_, r_, b):  # sample b alone, on its own condition
+        return net(torch.cat([kappa[b:b + 1], z.float()], 1), t_.float(), None, r_.float()).detach().double()
+
+    corr = rc_corr_as_in_the_paper(student_b, z_t.detach(), t, r, u.detach(), v_tea, 0.1, 2).float()
+    base = ((u_base - v_tea) ** 2).mean()
+    assert loss.item() == pytest.approx((base + (corr**2).mean()).item(), rel=1e-5)
+    (base + 2 * (u * corr).sum() / u.numel()).backward()
+    assert got_grad.item() == pytest.approx(w.grad.item(), rel=1e-4)
+    assert abs((2 * (u * corr).sum() / u.numel()).item()) > 1e-3  # the consistency term matters here
 
 
 def test_shortcut_target_matches_hand_computation():
