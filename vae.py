@@ -229,7 +229,7 @@ def load_qwen_2d(folder, dtype=torch.float32) -> nn.Module:
         model = AutoencoderKLQwenImage(**kwargs)
     path = files[0] if len(files) == 1 else folder
     _load_strict(model, qwen_2d_to_3d(sd, model.state_dict(), path), path)
-    return model.to(dtype)
+    return model if dtype == torch.float32 else model.to(dtype)  # (diffusers warns on any .to(dtype))
 
 
 class DiffusersCodec(Codec):
@@ -333,7 +333,8 @@ def load_codec(spec: str, light_decoder: str | None = None, device="cpu", dtype=
         import diffusers
         if not hasattr(diffusers, class_name):
             raise ValueError(f"{folder}: {class_name} needs a newer diffusers (installed {diffusers.__version__})")
-        vae = getattr(diffusers, class_name).from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype)
+        vae = getattr(diffusers, class_name).from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype,
+                                                       low_cpu_mem_usage=False)  # no accelerate needed
     light = load_light_decoder(light_decoder).to(dtype) if light_decoder else None
     return DiffusersCodec(vae, spec=str(spec), light_decoder=light,
                           light_decoder_path=str(light_decoder) if light_decoder else None).to(device)

@@ -275,6 +275,25 @@ def test_0_5B_has_release_names_and_shapes():
     assert abs(dit.param_count("1.4B") / 1.394e9 - 1) < 0.01
 
 
+def test_release_config_from_args_json():
+    """The official release's args.json (training arguments) gives the same model as the 0.5B preset, with
+    the RoPE grid from resolution / 8 / patch_size; an architecture variant we do not implement is named."""
+    args = dict(dim=1024, depth=28, num_heads=16, patch_size=2, mlp_ratio=4.0, resolution=512, use_qknorm=True,
+                use_swiglu=True, use_rope=True, use_rmsnorm=True, wo_shift=False)
+    expected = dict(RELEASE_0_5B)
+    for i in range(28):
+        expected.update({f"blocks.{i}.{k}": s for k, s in RELEASE_BLOCK.items()})
+    conf = dit.release_config(args, latent_channels=4, enc_dim=768, with_r=True, sem_hidden=3072)
+    assert (conf.preset, conf.train_grid) == ("0.5B", 32)
+    with torch.device("meta"):
+        got = {k: tuple(v.shape) for k, v in dit.VOSRDiT(conf).state_dict().items()}
+    assert got == expected
+    big = dit.release_config({**args, "dim": 1536, "depth": 36, "num_heads": 24, "resolution": 1024}, 16, 1024, False)
+    assert (big.preset, big.train_grid, big.latent_channels, big.enc_dim) == ("1.4B", 64, 16, 1024)
+    with pytest.raises(ValueError, match="use_swiglu"):
+        dit.release_config({**args, "use_swiglu": False}, 4, 768, False)
+
+
 def test_checkpoint_roundtrip_and_strict_errors(tmp_path):
     from safetensors.torch import load_file, save_file
     torch.manual_seed(0)
