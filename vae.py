@@ -213,7 +213,12 @@ def qwen_2d_to_3d(sd2d: dict, own: dict, path) -> dict:
 
 def load_qwen_2d(folder, dtype=torch.float32) -> nn.Module:
     """diffusers' AutoencoderKLQwenImage with the weights of a 2-D folder (config.json + *.safetensors)."""
-    from diffusers import AutoencoderKLQwenImage
+    try:
+        from diffusers import AutoencoderKLQwenImage
+    except ImportError:
+        import diffusers
+        raise ValueError(f"{folder}: the Qwen-Image VAE needs diffusers >= 0.35 (installed "
+                         f"{diffusers.__version__})") from None
     folder = Path(folder)
     with open(folder / "config.json") as f:
         conf = json.load(f)

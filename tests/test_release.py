@@ -262,6 +262,22 @@ def test_release_1_4B_teacher_through_the_cli(release, tmp_path, capsys):
     assert_same_image(got, expect)
 
 
+@torch.no_grad()
+def test_latent_sample_is_the_releases_posterior_sample(release):
+    """--latent sample draws c_str from the VAE posterior (as the official scripts do): the image changes,
+    and the same seed gives the same image; the default is the posterior mean."""
+    ckpts, lr_dir, _ = release
+    pipe, run = sample.load_pipeline(sample.SampleConfig(ckpt=str(ckpts / "VOSR_0.5B_os"), device="cpu"),
+                                     report=lambda s: None)
+    lr = torch.rand(1, 3, 8, 12, generator=torch.Generator().manual_seed(3))
+    base = sample.SampleConfig(steps=1, color_fix="none")
+    mean = sample.super_resolve(pipe, lr, base)
+    drawn = sample.super_resolve(pipe, lr, sample.SampleConfig(steps=1, color_fix="none", latent="sample"))
+    again = sample.super_resolve(pipe, lr, sample.SampleConfig(steps=1, color_fix="none", latent="sample"))
+    assert torch.equal(drawn, again) and not torch.allclose(drawn, mean, atol=1e-4)
+    assert torch.equal(mean, sample.super_resolve(pipe, lr, base))
+
+
 def test_every_released_model_name_loads(release, tmp_path):
     """_os and _ms of both sizes: the folder name does not matter, args.json and the weights decide."""
     ckpts, lr_dir, _ = release
