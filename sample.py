@@ -469,7 +469,7 @@ class VOSRPipeline:
         semantic_tiles: global | per-tile | whole, see tile_semantics. upscale: torch | pil, see upscale_lr.
         tile_blend: linear | gaussian, see velocity. vae_tile: tile side of the codec (None: tile; 0: whole).
         latent: mean | sample of the codec's posterior for c_str (sample: drawn from `generator`).
-        color_fix: none | adain | wavelet, see color_fix.
+        color_fix: none | adain | wavelet, see color_fix_of.
         progress: a bar over steps × tiles, shown once the image has taken PROGRESS_AFTER seconds.
         timer: a StageTimer (evaluate.py) that gets the wall time of each stage (encode, semantic, dit, decode)."""
         if scale <= 0:
@@ -497,7 +497,6 @@ class VOSRPipeline:
 
         with stage("dit"):
             z1 = torch.randn(c_str.shape, generator=generator, dtype=torch.float32).to(self.device)  # one draw
-            f, p = self.codec.factor, self.model.patch_size
             n_tiles = tile_count(*c_str.shape[-2:], *self.latent_tiles(tile, tile_overlap, tile_blend))
             with tqdm(total=steps * n_tiles, desc="steps × tiles", unit="tile", leave=False, delay=PROGRESS_AFTER,
                       disable=not progress) as bar:
