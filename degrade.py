@@ -533,22 +533,36 @@ def _check_hr(hr, scale):
         raise ValueError(f"degrade: image {hr.shape[2]}×{hr.shape[3]} is smaller than the scale {scale}")
 
 
-def _resize_back(lr, size):
-    up = F.interpolate(lr, size=size, mode="bicubic", align_corners=False)
+def _resize_back(lr, size, mode="bicubic", generator=None, modes=("area", "bilinear", "bicubic")):
+    """LR → `size`, clamped and rounded to 8 bits. mode "bicubic": bicubic for every sample; "release": the
+    official release's resize-back, a mode drawn from `modes` (area/bilinear/bicubic), here per sample
+    from `generator` (CPU; None: torch's global RNG) where the release draws one per batch."""
+    if mode not in ("bicubic", "release"):
+        raise ValueError(f"degrade: resize_back must be 'bicubic' or 'release', got {mode!r}")
+    if mode == "bicubic":
+        up = F.interpolate(lr, size=size, mode="bicubic", align_corners=False)
+    else:
+        g = generator if generator is not None else torch.default_generator
+        pick = torch.randint(len(modes), (lr.shape[0],), generator=g)
+        up = torch.cat([_resize(lr[i:i + 1], size, modes[int(k)]) for i, k in enumerate(pick)])
     return (up.clamp(0, 1) * 255).round() / 255
 
 
 def degrade(hr, scale=4, generator=None, resize_back=False, cfg=None):
     """Real-ESRGAN second-order degradation of hr (B,3,H,W) in [0,1] → LR on the 8-bit grid.
 
-    Output is (B,3,floor(H/scale),floor(W/scale)), or (B,3,H,W) with resize_back (bicubic).
+    Output is (B,3,floor(H/scale),floor(W/scale)), or (B,3,H,W) with resize_back: True or "bicubic"
+    (bicubic), "release" (a random mode per sample, see _resize_back; drawn after the degradation's draws).
     Every random choice is per sample and drawn from `generator` (CPU); None uses torch's global RNG.
     """
     _check_hr(hr, scale)
     cfg = cfg or DegradeConfig()
     params = sample_params(hr.shape[0], cfg, generator)
     lr = apply_degradation(hr.float(), params, scale, cfg.resize_modes)
-    return (_resize_back(lr, hr.shape[2:]) if resize_back else lr).to(hr.dtype)
+    if not resize_back:
+        return lr.to(hr.dtype)
+    mode = "bicubic" if resize_back is True else resize_back
+    return _resize_back(lr, hr.shape[2:], mode, generator, cfg.resize_modes).to(hr.dtype)
 
 
 def degrade_bicubic(hr, scale=4, resize_back=False):

@@ -43,6 +43,7 @@ class DistillConfig(TrainConfig):
     omega: float = 0.5       # distillation guidance weight ω of the teacher target (eq. 5)
     delta: float = 0.01      # RC: teacher warm-start step Δ (eq. 13)
     n_rc: int = 2            # RC: student rollout steps from t_m to r
+    alpha: float | None = None  # a fixed α (the released one-step models: 0.1); None: α ~ U per sample
 
 
 # The paper's recipe (appendix A.2): 50K steps, batch 32, lr 2e-5 — overridable by flags.
@@ -109,9 +110,13 @@ def shortcut_target(student, z_t, t, r):
 # ----------------------------------------------------------------------------- the loss (eq. 17 / 11)
 
 def draw_distill(cfg: DistillConfig, latent_shape, g: torch.Generator) -> dict:
-    """The teacher's draws (ε, κ) with the time pair (t, r) of distillation instead of t."""
+    """The teacher's draws (ε, κ) with the time pair (t, r) of distillation instead of t. A fixed --alpha
+    replaces the per-sample α of the partial branch in the student's κ and the teacher's target (the
+    official release's one-step models: α = 0.1); the draws are made anyway, so the others stay the same."""
     d = draw_teacher(cfg, latent_shape, g)
     d["t"], d["r"] = sample_times(cfg.batch, g)
+    if cfg.alpha is not None:
+        d["alpha"] = torch.full_like(d["alpha"], cfg.alpha)
     return d
 
 
@@ -197,7 +202,7 @@ def build_student(cfg: DistillConfig, tconf: dict, weights: Path, device):
 
 # What a student takes from its teacher's config.json unless a flag says otherwise.
 INHERITED = ("preset", "patch_size", "codec", "light_decoder", "semantic", "semantic_size", "degradation",
-             "mode", "p_partial", "alpha_min", "alpha_max", "aug_mean", "aug_std")
+             "resize_back", "mode", "p_partial", "alpha_min", "alpha_max", "aug_mean", "aug_std")
 HELP = tt.HELP | {
     "out": "student run dir to write (the layout of a teacher's: sample.py --ckpt STUDENT_DIR --steps 1)",
     "teacher": "teacher run dir (config.json + ema.safetensors) from train_teacher.py",
@@ -205,6 +210,8 @@ HELP = tt.HELP | {
     "omega": "distillation guidance weight ω of the teacher target (eq. 5)",
     "delta": "RC: the teacher's warm-start step Δ (eq. 13), in (0, 1]",
     "n_rc": "RC: student rollout steps from t_m to r",
+    "alpha": "a fixed α of the partial branch, in the student's input and the teacher's target (the official "
+             "release's one-step models used 0.1); none: α ~ U[alpha_min, alpha_max] per sample",
     "steps": "train until this step (with --resume: the total)",
     "val_steps": "sampling steps of the validation samples (the student's)",
     "preset": "model preset (a dit.py name); from the teacher",
@@ -213,7 +220,8 @@ HELP = tt.HELP | {
 TRUE_DEFAULTS = (dataclasses.asdict(DistillConfig()) | DEFAULTS | {"out": "runs/student"}
                  | {k: "the teacher's" for k in INHERITED} | {"device": "cuda if available, else cpu"})
 RANGES = tt.RANGES | {"omega": (math.isfinite, "must be a finite number"),
-                      "delta": (lambda v: 0 < v <= 1, "must be in (0, 1]"), "n_rc": tt._at_least(1)}
+                      "delta": (lambda v: 0 < v <= 1, "must be in (0, 1]"), "n_rc": tt._at_least(1),
+                      "alpha": tt._in_01()}
 EPILOG = """export (no training): python distill.py --export RUN_DIR --to OUT_DIR [--note TEXT] [--overwrite]
   writes RUN_DIR's EMA weights as fp16 ema.safetensors + the config keys sample.py needs into OUT_DIR
   (a teacher or a student; train_teacher.py --init can start from it too)."""

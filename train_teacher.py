@@ -55,6 +55,7 @@ class TrainConfig:
     semantic: str = "random"          # 'none', 'random' (seeded ViT-S/14) or a DINOv2 weights file
     semantic_size: int = 224          # input side of the semantic encoder (448 in the paper)
     degradation: str = "realesrgan"   # realesrgan | bicubic
+    resize_back: str = "bicubic"      # LR → HR size before encoding: bicubic (as sample.py) | release
     size: int = 128                   # HR crop side
     batch: int = 8                    # global batch (all ranks × accumulation)
     grad_accum: int = 1
@@ -214,8 +215,10 @@ def make_condition(hr, cfg: TrainConfig, codec, semantic, g: torch.Generator):
         lr = degrade.degrade_bicubic(hr)
     else:
         lr = degrade.degrade(hr, generator=g)
-    # resize back exactly as sample.py does at inference (bicubic, clamped)
-    lr_up = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+    if cfg.resize_back == "release":  # the official release's: a random interpolation, on 8-bit levels
+        lr_up = degrade._resize_back(lr, hr.shape[-2:], "release", g)
+    else:  # exactly as sample.py does at inference (bicubic, clamped), so c_str means the same in both
+        lr_up = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
     x0 = codec.encode(hr * 2 - 1)
     c_str = codec.encode(lr_up * 2 - 1)
     c_sem = None if semantic is None else semantic(lr_up)
@@ -409,6 +412,7 @@ def validate(cfg, ema, codec, semantic, val_hr, step, run: Path, device, student
     pipe = VOSRPipeline(ema, codec, semantic, student=student, device=device, bf16=cfg.bf16)
     guidance = 1.0 if cfg.mode == "full" else 0.5  # a full-only model has no partial branch
     alpha = 0.0 if cfg.mode == "cfg" else 0.15     # standard CFG's auxiliary branch had no c_str
+    alpha = alpha if getattr(cfg, "alpha", None) is None else cfg.alpha  # a student distilled at a fixed α
     sr = pipe(lr, 4.0, cfg.val_steps, guidance, alpha, generator=torch.Generator().manual_seed(0))
     psnr = -10 * torch.log10(((sr - val_hr) ** 2).mean((1, 2, 3))).mean().item()
     n = min(4, len(val_hr))
@@ -766,6 +770,8 @@ HELP = {  # one line per flag; the default is appended by config_parser
     "semantic": "c_sem encoder: 'none', 'random' (a seeded ViT-S/14) or a DINOv2 weights file",
     "semantic_size": "input side of the semantic encoder (448 in the paper), a multiple of its patch 14",
     "degradation": "how LR training inputs are made: realesrgan (second order, §4.1) or bicubic ×4",
+    "resize_back": "LR → HR size before encoding: bicubic, clamped (what sample.py does at inference) or "
+                   "release (the official release's: area/bilinear/bicubic at random per sample, 8-bit)",
     "size": "HR crop side; a multiple of the codec's factor × --patch-size",
     "batch": "global batch (all ranks × --grad-accum)",
     "grad_accum": "micro-batches accumulated per optimiser step",
@@ -798,7 +804,8 @@ HELP = {  # one line per flag; the default is appended by config_parser
     "skip_nonfinite": "tolerate this many non-finite losses (skipped steps) before stopping",
     "device": "cuda or cpu",
 }
-CHOICES = {"mode": ("partial", "cfg", "full"), "degradation": ("realesrgan", "bicubic")}
+CHOICES = {"mode": ("partial", "cfg", "full"), "degradation": ("realesrgan", "bicubic"),
+           "resize_back": ("bicubic", "release")}
 
 
 def _at_least(lo):
@@ -883,6 +890,8 @@ def check_paths(cfg, name: str) -> None:
         raise SystemExit(f"{name}: --data DIR is required (a folder of HR images)")
     for field in ("data", "val_data", "init"):
         v = getattr(cfg, field)
+        if field == "init" and cfg.resume and (Path(cfg.out) / "ckpt.safetensors").exists():
+            continue  # the checkpoint, not --init, gives the weights of a resume
         if v and not Path(v).exists():
             raise SystemExit(f"{name}: {flag(field)} {v}: not found")
 
@@ -921,7 +930,8 @@ def resolve_resume(config_cls, saved: dict, given: dict, name: str):
             raise SystemExit(f"{name}: {flag(k)} {v}: the run in {given.get('out')} has {flag(k)} {conf[k]}, "
                              "which its checkpoint depends on; start a new run with --init to change it")
     for k, v in changed.items():
-        print(f"{name}: {flag(k)}: {_show(conf[k])} -> {_show(v)} (given again)")
+        if os.environ.get("RANK", "0") == "0":  # torchrun: once, not once per rank
+            print(f"{name}: {flag(k)}: {_show(conf[k])} -> {_show(v)} (given again)")
     return config_cls(**(conf | given)), [{"flag": flag(k), "from": conf[k], "to": v} for k, v in changed.items()]
 
 

@@ -242,3 +242,35 @@ def test_export_fp16_and_default_ckpt(tmp_path, monkeypatch, capsys):
                         "--device", "cpu"]) == 0
     a, b = (np.asarray(Image.open(tmp_path / d / "x.png"), dtype=int) for d in "ab")
     assert a.shape == (28, 36, 3) and np.abs(a - b).max() <= 2
+
+
+def test_fixed_alpha_replaces_the_per_sample_draw_everywhere():
+    """--alpha 0.1: every sample's α is 0.1 — in the student's κ (partial samples get 0.1·c_str) and in
+    the teacher's partial target — while t, r, ε and the branch choice stay the draws of the seed."""
+    shape = (2, 3, 3)
+    drawn = distill.draw_distill(distill.DistillConfig(batch=64), shape, torch.Generator().manual_seed(0))
+    fixed = distill.draw_distill(distill.DistillConfig(batch=64, alpha=0.1), shape, torch.Generator().manual_seed(0))
+    assert torch.equal(fixed["alpha"], torch.full((64,), 0.1)) and drawn["alpha"].std() > 0.01
+    for k in drawn.keys() - {"alpha"}:
+        assert torch.equal(drawn[k], fixed[k]), k
+    assert fixed["aux"].any() and (~fixed["aux"]).any()
+
+    B = 4
+    d = {k: v[:B] for k, v in fixed.items()}
+    d["aux"] = torch.tensor([True, False, True, False])
+    c_str, x0 = torch.randn(B, *shape), torch.randn(B, *shape)
+    seen = {}
+
+    def teacher(x, t, c_sem):
+        seen.setdefault("teacher", x[:, :2].clone())
+        return x[:, 2:]
+
+    def net(x, t, c_sem, r=None):
+        seen.setdefault("student", x[:, :2].clone())
+        return x[:, 2:] * 0.5
+
+    distill.distill_loss(distill.DistillConfig(batch=B, alpha=0.1, method="shortcut"), teacher, net, x0, c_str, None, d)
+    partial = seen["teacher"][B:]  # the second half of the teacher's batch: the partial branch
+    assert torch.allclose(partial, 0.1 * c_str, atol=1e-6)
+    assert torch.allclose(seen["student"][:B][d["aux"]], 0.1 * c_str[d["aux"]], atol=1e-6)
+    assert not torch.allclose(seen["student"][:B][~d["aux"]], 0.1 * c_str[~d["aux"]], atol=1e-3)

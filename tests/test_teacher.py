@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -300,3 +301,58 @@ def test_validation_psnr_against_an_independent_computation(tmp_path, monkeypatc
     assert got["val_psnr"] == pytest.approx(want, abs=1e-4)
     assert 10 < got["val_psnr"] < 45  # three noise levels: about 40, 26 and 14 dB
     assert (tmp_path / "val_0000007.png").is_file()
+
+
+def resized_back(lr, size):
+    """Each of the release's resize-back modes on lr, clamped and rounded to 8 bits, written out here."""
+    out = {}
+    for m in ("area", "bilinear", "bicubic"):
+        up = F.interpolate(lr, size=size, mode=m) if m == "area" else \
+            F.interpolate(lr, size=size, mode=m, align_corners=False)
+        out[m] = (up.clamp(0, 1) * 255).round() / 255
+    return out
+
+
+def modes_used(out, candidates):
+    return [next(m for m, c in candidates.items() if torch.allclose(out[i], c[i], atol=1e-6)) for i in range(len(out))]
+
+
+def test_release_resize_back_draws_a_mode_per_sample_on_8bit_levels():
+    lr = (torch.rand(12, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 255).round() / 255
+    out = tt.degrade._resize_back(lr, (32, 32), "release", torch.Generator().manual_seed(5))
+    assert out.shape == (12, 3, 32, 32)
+    assert torch.allclose(out * 255, (out * 255).round(), atol=1e-4)  # on 8-bit levels
+    used = modes_used(out, resized_back(lr, (32, 32)))
+    drawn = torch.randint(3, (12,), generator=torch.Generator().manual_seed(5))  # one draw per sample
+    assert used == [("area", "bilinear", "bicubic")[k] for k in drawn]
+    assert len(set(used)) == 3  # per sample, not one mode for the batch
+    again = tt.degrade._resize_back(lr, (32, 32), "release", torch.Generator().manual_seed(5))
+    assert torch.equal(out, again)
+    with pytest.raises(ValueError, match="release"):
+        tt.degrade._resize_back(lr, (32, 32), "nearest")
+    # degrade(): the Real-ESRGAN LR, then the release's resize-back from the same generator
+    hr = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    small = tt.degrade.degrade(hr, generator=torch.Generator().manual_seed(2))
+    back = tt.degrade.degrade(hr, generator=torch.Generator().manual_seed(2), resize_back="release")
+    assert all(m in ("area", "bilinear", "bicubic") for m in modes_used(back, resized_back(small, (32, 32))))
+
+
+def test_make_condition_resize_back_option():
+    """c_str is encoded from the bicubic, clamped LR↑ by default (as sample.py); with resize_back
+    'release' from the release's random resize-back, on 8-bit levels."""
+    class Identity:
+        def encode(self, x):
+            return x
+
+    hr = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    lr = tt.degrade.degrade_bicubic(hr)
+    cfg = tt.TrainConfig(degradation="bicubic")
+    _, c_str, _, _ = tt.make_condition(hr, cfg, Identity(), None, torch.Generator().manual_seed(0))
+    bicubic = F.interpolate(lr, size=(32, 32), mode="bicubic", align_corners=False).clamp(0, 1)
+    assert torch.allclose((c_str + 1) / 2, bicubic, atol=1e-6)
+    cfg = tt.TrainConfig(degradation="bicubic", resize_back="release")
+    _, c_str, _, _ = tt.make_condition(hr, cfg, Identity(), None, torch.Generator().manual_seed(0))
+    used = modes_used((c_str + 1) / 2, resized_back(lr, (32, 32)))
+    assert len(set(used)) > 1
+    assert tt.parse_args(["--resize-back", "release"]).resize_back == "release"
+    assert tt.TrainConfig().resize_back == "bicubic"

@@ -150,7 +150,7 @@ def test_every_range_is_checked_in_both_clis(runs, capsys):
         with pytest.raises(SystemExit) as e:
             tt.parse_args([tt.flag(field), str(v)])
         assert str(e.value).startswith(f"train_teacher.py: {tt.flag(field)} ") and "must" in str(e.value), e.value
-    for field, v in {"delta": 0, "n_rc": 0, "omega": "nan", "lr": -1}.items():
+    for field, v in {"delta": 0, "n_rc": 0, "omega": "nan", "alpha": 1.5, "lr": -1}.items():
         with pytest.raises(SystemExit) as e:
             distill.parse_args(["--teacher", str(runs["teacher"]), "--data", "x", tt.flag(field), str(v)])
         assert str(e.value).startswith(f"distill.py: {tt.flag(field)} ") and "must" in str(e.value), e.value
