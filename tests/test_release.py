@@ -505,10 +505,23 @@ def test_broken_release_files_name_the_file(release, tmp_path, capsys):
     weights.write_bytes(b"not safetensors at all")
     assert f"{weights}: not a readable .safetensors file" in one_line_error(capsys, argv)
     weights.write_bytes(data)
+    weights.rename(model / "stored.bin")                               # no *.safetensors anywhere below
+    assert f"{model}: no weights (looked for {model}/checkpoints/ema_model.safetensors" in one_line_error(capsys, argv)
+    (model / "stored.bin").rename(weights)
     (model / "args.json").write_text("{dim: 64")
     assert f"{model}/args.json: not a readable args.json" in one_line_error(capsys, argv)
     (model / "args.json").write_text(json.dumps(release_args(ae_type="sd3", enc_type="dinov2b", enc_dim=64)))
     assert "ae_type 'sd3'" in one_line_error(capsys, argv)
+
+
+@torch.no_grad()
+def test_light_decoder_none_decodes_with_the_sd_vae(release):
+    """--light-decoder none: the SD2.1 VAE's own decoder (post_quant_conv + decoder) instead of the light one."""
+    ckpts, _, ref = release
+    cfg = sample.SampleConfig(ckpt=str(ckpts / "VOSR_0.5B_os"), device="cpu", light_decoder="none")
+    pipe, _ = sample.load_pipeline(cfg, report=lambda s: None)
+    z = torch.randn(1, 4, 2, 3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(pipe.codec.decode(z), ref["sd_vae"].decode(z / 0.18215).sample)
 
 
 def test_run_dir_semantic_layer_from_config(tmp_path):
