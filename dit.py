@@ -377,14 +377,38 @@ class VOSRDiT(nn.Module):
 
 # ----------------------------------------------------------------------------- building, counting, files
 
-def build(preset: str, **overrides) -> VOSRDiT:
-    """Model of a preset ('tiny', 'small', '0.5B', '1.4B'), with DiTConfig fields overridden."""
+def preset_config(preset: str, **overrides) -> DiTConfig:
+    """DiTConfig of a preset ('tiny', 'small', '0.5B', '1.4B'), with fields overridden."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {list(PRESETS)}")
     unknown = set(overrides) - set(DiTConfig.__dataclass_fields__)
     if unknown:
         raise ValueError(f"unknown override(s) {sorted(unknown)}; valid: {list(DiTConfig.__dataclass_fields__)}")
-    return VOSRDiT(DiTConfig(**{**PRESETS[preset], "preset": preset, **overrides}))
+    return DiTConfig(**{**PRESETS[preset], "preset": preset, **overrides})
+
+
+def build(preset: str, **overrides) -> VOSRDiT:
+    """Model of a preset ('tiny', 'small', '0.5B', '1.4B'), with DiTConfig fields overridden."""
+    return VOSRDiT(preset_config(preset, **overrides))
+
+
+def from_checkpoint(cfg: DiTConfig, path: str) -> VOSRDiT:
+    """The model of cfg with the weights of `path` (load_release_checkpoint), without paying for the random
+    init that the file overwrites (seconds for the 1.4B model). The only weights the file may lack, a
+    student's r_embedder, get their usual init."""
+    with torch.device("meta"):
+        model = VOSRDiT(cfg)
+    model = model.to_empty(device="cpu")                     # uninitialised storage, filled below
+    cos, sin = rope_tables(cfg.train_grid, cfg.train_grid, cfg.dim // cfg.num_heads, cfg.train_grid, cfg.rope_theta)
+    with torch.no_grad():
+        model.feat_rope.freqs_cos.copy_(cos)                 # ours, checked against the file's
+        model.feat_rope.freqs_sin.copy_(sin)
+        if cfg.with_r:
+            for lin in (model.r_embedder.mlp[0], model.r_embedder.mlp[2]):
+                nn.init.normal_(lin.weight, std=0.02)
+                nn.init.zeros_(lin.bias)
+    load_release_checkpoint(model, path)
+    return model
 
 
 # The official release's args.json flags for architecture variants; this module implements one of each.

@@ -781,14 +781,13 @@ def load_pipeline(cfg: SampleConfig, report=print) -> tuple[VOSRPipeline, dict]:
             conf = dit.release_config(run["args"], codec.channels, enc_dim, with_r, sem_hidden)
         except ValueError as e:
             raise CheckpointError(f"{ckpt / 'args.json'}: {e}") from None
-        model = dit.VOSRDiT(conf)
         run.update(preset=conf.preset if conf.preset != "custom" else f"dim {conf.dim}, depth {conf.depth}",
                    train_grid=conf.train_grid)
     else:
-        model = dit.build(run["preset"], latent_channels=codec.channels, with_r=with_r, enc_dim=enc_dim,
-                          train_grid=run["train_grid"], patch_size=run.get("patch_size", 2))
+        conf = dit.preset_config(run["preset"], latent_channels=codec.channels, with_r=with_r, enc_dim=enc_dim,
+                                 train_grid=run["train_grid"], patch_size=run.get("patch_size", 2))
     try:
-        dit.load_release_checkpoint(model, str(weights))
+        model = dit.from_checkpoint(conf, str(weights))
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     student = with_r if cfg.student is None else cfg.student

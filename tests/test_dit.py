@@ -344,6 +344,32 @@ def test_checkpoint_roundtrip_and_strict_errors(tmp_path):
         dit.load_release_checkpoint(fresh, bad_rope)
 
 
+def test_from_checkpoint_skips_the_random_init(tmp_path):
+    """dit.from_checkpoint gives the same model as build + load_release_checkpoint (fp16 files are cast to
+    fp32); a teacher file into a student leaves no uninitialised memory: r_embedder gets its usual init."""
+    from safetensors.torch import load_file, save_file
+    torch.manual_seed(0)
+    student = randomize(dit.build("tiny", with_r=True, enc_dim=16, train_grid=8), seed=5).eval()
+    path = str(tmp_path / "student.safetensors")
+    save_file({k: v.half() for k, v in student.state_dict().items()}, path)
+    conf = dit.preset_config("tiny", with_r=True, enc_dim=16, train_grid=8)
+    got, want = dit.from_checkpoint(conf, path), dit.build("tiny", with_r=True, enc_dim=16, train_grid=8)
+    dit.load_release_checkpoint(want, path)
+    for (k, a), b in zip(got.state_dict().items(), want.state_dict().values()):
+        assert a.dtype == torch.float32 and torch.equal(a, b), k
+    teacher = str(tmp_path / "teacher.safetensors")
+    save_file({k: v for k, v in load_file(path).items() if not k.startswith("r_embedder.")}, teacher)
+    got = dit.from_checkpoint(conf, teacher)
+    w = got.r_embedder.mlp[0].weight
+    assert abs(w.std().item() - 0.02) < 0.002 and got.r_embedder.mlp[0].bias.abs().sum() == 0
+    assert all(torch.isfinite(v).all() for v in got.state_dict().values())
+    sd = load_file(path)
+    sd["feat_rope.freqs_cos"], sd["feat_rope.freqs_sin"] = dit.rope_tables(8, 8, 32, 16)
+    save_file(sd, str(tmp_path / "rope.safetensors"))
+    with pytest.raises(ValueError, match="feat_rope.freqs_cos"):                 # still checked
+        dit.from_checkpoint(conf, str(tmp_path / "rope.safetensors"))
+
+
 def test_gradient_checkpointing_same_gradients():
     torch.manual_seed(0)
     m1 = randomize(dit.build("tiny", enc_dim=16, with_r=True), seed=7).train()
