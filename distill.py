@@ -334,5 +334,8 @@ if __name__ == "__main__":
     if "--export" in sys.argv[1:]:
         export_main(sys.argv[1:])
     else:
-        main()
+        try:
+            main()
+        except KeyboardInterrupt:  # Ctrl-C: the checkpoints are written atomically, the last one is whole
+            raise SystemExit(f"{NAME}: interrupted; --resume continues from the last ckpt.safetensors") from None
     sys.exit(0)

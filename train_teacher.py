@@ -1003,4 +1003,8 @@ if __name__ == "__main__":
         bench_main(sys.argv[1:])
         sys.exit(0)
     cfg, changes = parse_cli()
-    train(cfg, changes)
+    try:
+        train(cfg, changes)
+    except KeyboardInterrupt:  # Ctrl-C: the checkpoints are written atomically, the last one is whole
+        raise SystemExit(f"train_teacher.py: interrupted; --resume continues from {cfg.out}/ckpt.safetensors "
+                         f"(written every --ckpt-every {cfg.ckpt_every} steps)") from None
