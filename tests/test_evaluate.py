@@ -639,14 +639,6 @@ def test_cli_help_of_a_subcommand(tmp_path):
         assert flag in r.stdout and default in " ".join(r.stdout.split())
 
 
-@pytest.mark.parametrize("tool,flag", [("fetch_weights.py", "--cache"), ("seams.py", "--tile-overlap"),
-                                       ("bench_sample.py", "--semantic-size")])
-def test_tools_run_from_any_folder(tool, flag, tmp_path):
-    r = subprocess.run([sys.executable, ROOT / "tools" / tool, "--help"], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0 and r.stderr == "" and flag in r.stdout
-
-
 def test_moved_subcommands_say_where_they_went(capsys):
     for command, tool in (("fetch-weights", "tools/fetch_weights.py"), ("bench", "tools/bench_sample.py"),
                           ("seams", "tools/seams.py")):
@@ -654,25 +646,24 @@ def test_moved_subcommands_say_where_they_went(capsys):
         assert capsys.readouterr().err == f"evaluate.py: {command} is now its own script: python {tool}\n"
 
 
-@pytest.mark.parametrize("script,args,prog,flag,why", [
-    ("evaluate.py", ["--sr", "{d}", "--hr", "{d}", "--crop", "-1"], "evaluate.py score", "--crop",
-     "must be at least 0, got -1"),
-    ("evaluate.py", ["sweep", "--ckpt", "{d}", "--lr", "{d}", "--hr", "{d}", "--guidance", "0,abc"], "evaluate.py sweep",
-     "--guidance", "expected a number, got 'abc'"),
-    ("evaluate.py", ["grid", "--lr", "{d}", "--hr", "{d}", "--sr", "nodir"], "evaluate.py grid", "--sr",
-     "expected NAME=DIR, got 'nodir'"),
-    ("tools/seams.py", ["--image", "{d}", "--tile", "0"], "seams.py", "--tile", "must be above 0, got 0"),
-    ("tools/bench_sample.py", ["--size", "30"], "bench_sample.py", "--size", "must be a multiple of 4, got 30"),
+@pytest.mark.parametrize("script,args,prog,why", [
+    ("evaluate.py", ["--sr", "{d}", "--hr", "{d}", "--crop", "-1"], "evaluate.py score",
+     "argument --crop: must be at least 0, got -1"),
+    ("tools/seams.py", ["--image", "{d}", "--tile", "0"], "seams.py", "argument --tile: must be above 0, got 0"),
+    ("tools/bench_sample.py", ["--size", "30"], "bench_sample.py", "argument --size: must be a multiple of 4, got 30"),
+    ("tools/fetch_weights.py", ["--cache", "{d}", "--bogus"], "fetch_weights.py", "unrecognized arguments: --bogus"),
 ])
-def test_cli_out_of_range_flags_are_one_line_errors(tmp_path, script, args, prog, flag, why):
-    r = subprocess.run([sys.executable, script, *(a.format(d=tmp_path) for a in args)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
+def test_cli_bad_flags_are_one_line_errors_from_any_folder(tmp_path, script, args, prog, why):
+    """Through the real command line, started from another folder (the tools find the stage files themselves)."""
+    r = subprocess.run([sys.executable, ROOT / script, *(a.format(d=tmp_path) for a in args)], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.strip().splitlines() == [f"{prog}: error: argument {flag}: {why} (see --help)"]
+    assert r.stderr.strip().splitlines() == [f"{prog}: error: {why} (see --help)"]
 
 
 @pytest.mark.parametrize("args", [
-    ["score", "--crop", "1.5"], ["sweep", "--crop", "-2"], ["sweep", "--guidance", ","], ["grid", "--n", "-1"],
+    ["score", "--crop", "1.5"], ["sweep", "--crop", "-2"], ["sweep", "--guidance", ","], ["sweep", "--guidance", "0,abc"],
+    ["grid", "--n", "-1"], ["grid", "--sr", "nodir"], ["seams", "--tile", "0"],
     ["seams", "--tile-overlap", "-1"], ["seams", "--scale", "0"], ["seams", "--seed", "x"],
     ["bench", "--size", "0"], ["bench", "--batch", "1,0"], ["bench", "--steps", "0"], ["bench", "--repeats", "0"],
     ["bench", "--semantic-size", "100"], ["bench", "--dtypes", "fp16"], ["bench", "--paths", "plain,slow"],
