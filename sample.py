@@ -964,7 +964,7 @@ def checkpoint_defaults(cfg: SampleConfig, pipe: VOSRPipeline, run: dict) -> Sam
 
 
 def check_tiles(cfg: SampleConfig, pipe: VOSRPipeline, note=print) -> SampleConfig:
-    """cfg with --tile rounded to whole latent patches (with a note); ValueError naming the flag for a tile too
+    """cfg with --tile rounded down to whole latent patches (with a note); ValueError naming the flag for a tile too
     small for the model (under half its training crop: the DiT would see too few tokens to make sense of
     the image) or an overlap of half the tile or more."""
     unit = pipe.codec.factor * pipe.model.patch_size
@@ -975,8 +975,8 @@ def check_tiles(cfg: SampleConfig, pipe: VOSRPipeline, note=print) -> SampleConf
             raise ValueError(f"--tile {tile}: too small for this model (at least {crop // 2}: half its "
                              f"{crop}-pixel training crop; 0 turns tiling off)")
         if tile % unit:
-            tile = max(unit, _round(tile / unit) * unit)
-            note(f"sample.py: --tile {cfg.tile} rounded to {tile} (whole {unit}-pixel latent patches)")
+            tile = tile // unit * unit                  # as VOSRPipeline.tile_sizes rounds it
+            note(f"sample.py: --tile {cfg.tile} rounded down to {tile} (whole {unit}-pixel latent patches)")
     resolved = crop if tile is None else tile
     if resolved and cfg.tile_overlap is not None and 2 * cfg.tile_overlap >= resolved:
         raise ValueError(f"--tile-overlap {cfg.tile_overlap}: must be below half the {resolved}-pixel tile")
