@@ -857,7 +857,8 @@ def add_sampler_args(p: argparse.ArgumentParser, d: SampleConfig):
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the initial noise, per image (default: {d.seed})")
     p.add_argument("--tile", type=number(int, 0), default=d.tile,
                    help="tile side in output pixels (default: the model's training crop, 512 for the release); "
-                        "peak memory depends on it, not on the image size; rounded to whole latent patches; "
+                        "peak memory depends on it, not on the image size; at least half the training crop, rounded down to "
+                        "whole latent patches; "
                         "0: no tiling, the whole image in one window (the official scripts' default)")
     p.add_argument("--tile-overlap", type=number(int, 0), default=d.tile_overlap,
                    help="overlap of neighbouring tiles in output pixels, below tile/2 (default: tile/8; "
