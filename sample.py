@@ -947,6 +947,14 @@ def parse_args(argv=None) -> SampleConfig:
     a = p.parse_args(argv)
     if a.tile and a.tile_overlap is not None and 2 * a.tile_overlap >= a.tile:
         p.error(f"argument --tile-overlap: must be below tile/2 = {a.tile / 2:g}, got {a.tile_overlap}")
+    try:
+        device = torch.device(a.device)
+    except RuntimeError:
+        p.error(f"argument --device: {a.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"argument --device: {a.device} asked for, but this machine (or this torch build) has no CUDA")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        p.error(f"argument --device: {a.device} asked for, but there are {torch.cuda.device_count()} CUDA device(s)")
     a.student = None if a.student is None else bool(a.student)
     return SampleConfig(**vars(a))
 

@@ -557,13 +557,21 @@ def lr_folder(tmp_path_factory):
     (["--shift", "nan"], "--shift"), (["--alpha", "1.5"], "--alpha"), (["--alpha", "nan"], "--alpha"),
     (["--alpha", "-0.1"], "--alpha"), (["--tile", "-1"], "--tile"), (["--tile-overlap", "-1"], "--tile-overlap"),
     (["--tile", "64", "--tile-overlap", "32"], "--tile-overlap"), (["--semantic-size", "30"], "--semantic-size"),
-    (["--vae-tile", "-8"], "--vae-tile"), (["--color-fix", "auto"], "--color-fix"), (["--upscale", "lanczos"], "--upscale"),
+    (["--vae-tile", "-8"], "--vae-tile"), (["--device", "gpu0"], "--device"), (["--color-fix", "auto"], "--color-fix"), (["--upscale", "lanczos"], "--upscale"),
 ])
 def test_out_of_range_flag_is_one_line(flags, named, lr_folder, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         sample.main(["-i", str(lr_folder), "-o", str(tmp_path / "o"), *flags])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and named in err and flags[-1] in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_one_line(lr_folder, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        sample.main(["-i", str(lr_folder), "-o", str(tmp_path / "o"), "--device", "cuda"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "--device" in err and "no CUDA" in err, err
 
 
 def test_tile_the_model_cannot_use(lr_folder, tmp_path, capsys):
