@@ -945,6 +945,7 @@ def preset_epilog() -> str:
                                        for f, v in d.items() if f != "preset")
               + f" (model {d['preset']})" for k, d in PRESETS.items()]
     lines.append(f"  any of {', '.join(sorted(dit.PRESETS))}: that dit.py model with the flags' defaults")
+    lines.append("\nthroughput benchmark (no training): python train_teacher.py --bench --help")
     return "\n".join(lines)
 
 
@@ -977,17 +978,28 @@ def parse_args(argv=None) -> TrainConfig:
     return parse_cli(argv, check_files=False)[0]
 
 
+def _checked(typ, lo):
+    """An argparse type: `typ` of at least `lo` (argparse's one-line error names the flag)."""
+    def parse(text):
+        v = typ(text)
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{v}: must be at least {lo}")
+        return v
+    return parse
+
+
 def bench_main(argv) -> None:
     """python train_teacher.py --bench [--preset 0.5B] [--size 512] [--batch 8] [--bf16] [--compile]"""
-    p = argparse.ArgumentParser(description="training throughput of the DiT (random weights, real shapes)")
-    p.add_argument("--bench", action="store_true")
-    p.add_argument("--preset", default="small", choices=sorted(dit.PRESETS))
-    p.add_argument("--size", type=int, default=256, help="HR crop side (latent = size/8, SD-VAE shapes)")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--compile", action="store_true")
+    p = OneLineParser(prog="train_teacher.py --bench", description="training throughput of the DiT (random "
+                      "weights, real shapes)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--bench", action="store_true", help="time training steps instead of training")
+    p.add_argument("--preset", default="small", choices=sorted(dit.PRESETS), help="model preset of dit.py")
+    p.add_argument("--size", type=_checked(int, 16), default=256, help="HR crop side (latent = size/8, SD-VAE shapes)")
+    p.add_argument("--batch", type=_checked(int, 1), default=4, help="images per step")
+    p.add_argument("--steps", type=_checked(int, 1), default=3, help="timed steps (after 3 warm-up steps)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks")
     p.add_argument("--bench-json", default=None, help="also write the result as JSON here")
     a = p.parse_args(argv)
     r = bench(a.preset, a.size, a.batch, a.steps, a.device, a.bf16, a.compile)

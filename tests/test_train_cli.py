@@ -287,3 +287,10 @@ def test_progress_line_with_loss_rate_and_eta(runs, tmp_path):
     lines = [line for line in r.stdout.splitlines() if "steps/s" in line]
     assert [line.split()[2] for line in lines] == ["1/2", "2/2"]
     assert all(" loss " in line and " ETA " in line for line in lines)
+
+
+def test_bench_flags_are_checked_and_it_runs():
+    refused(cli("train_teacher.py", "--bench", "--batch", "0"), "--batch", "at least 1")
+    r = cli("train_teacher.py", "--bench", "--preset", "tiny", "--size", "32", "--batch", "1", "--steps", "1",
+            "--device", "cpu")
+    assert r.returncode == 0 and "img_per_s" in r.stdout, r.stderr
