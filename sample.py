@@ -951,8 +951,10 @@ def parse_args(argv=None) -> SampleConfig:
         device = torch.device(a.device)
     except RuntimeError:
         p.error(f"argument --device: {a.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"argument --device: {a.device} asked for, but this machine (or this torch build) has no CUDA")
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if not available.get(device.type, lambda: True)():
+        p.error(f"argument --device: {a.device} asked for, but this machine (or this torch build) has no "
+                f"{device.type.upper() if device.type == 'cuda' else device.type}")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         p.error(f"argument --device: {a.device} asked for, but there are {torch.cuda.device_count()} CUDA device(s)")
     a.student = None if a.student is None else bool(a.student)
