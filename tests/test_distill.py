@@ -120,10 +120,12 @@ def test_rc_correction_vanishes_for_exact_flow_map():
         assert (corr.abs() <= z_t.abs() * a * a * delta / 2 + 1e-6).all()
 
 
-def test_distill_loss_is_base_plus_rc_consistency():
-    """L_rc = ‖f(z_t, t, t, κ) − v_tea‖² + ‖u − ũ‖², ũ = sg(u) − corr (eq. 4/6, 14–17), with v_tea the guided
-    teacher on the full and partial conditions (eq. 5) and the student on κ. The value of the second
-    term is mean(corr²); its gradient 2·corr·∂u/N, which tells the sign of eq. 15 apart."""
+@pytest.mark.parametrize("method", ["rc", "shortcut"])
+def test_distill_loss_is_base_plus_consistency(method):
+    """L = ‖f(z_t, t, t, κ) − v_tea‖² + ‖u − target‖² with v_tea the guided teacher on the full and partial
+    conditions (eq. 5) and the student on κ; target = sg(u) − corr (rc, eq. 14–17) or the detached
+    two-half average ū (shortcut, eq. 7–11). Value and gradient: for rc the value of the second term is
+    mean(corr²) whatever the sign of corr in eq. 15; its gradient 2·corr·∂u/N tells the sign apart."""
     g = torch.Generator().manual_seed(4)
     B, C = 4, 2
     x0, eps, c_str = (torch.randn(B, C, 3, 3, generator=g) for _ in range(3))
@@ -140,7 +142,7 @@ def test_distill_loss_is_base_plus_rc_consistency():
     def teacher(x, t, c_sem):
         return torch.tanh(x[:, :C]) + x[:, C:] * t.view(-1, 1, 1, 1)
 
-    cfg = distill.DistillConfig(mode="partial", omega=0.5, delta=0.1, n_rc=2, method="rc")
+    cfg = distill.DistillConfig(mode="partial", omega=0.5, delta=0.1, n_rc=2, method=method)
     loss = distill.distill_loss(cfg, teacher, net, x0, c_str, None, d)
     loss.backward()
     got_grad, w.grad = w.grad.clone(), None
@@ -154,16 +156,26 @@ def test_distill_loss_is_base_plus_rc_consistency():
     v_c, v_p = teacher(torch.cat([full, z_t], 1), t, None), teacher(torch.cat([weak, z_t], 1), t, None)
     v_tea = v_p + 0.5 * (v_c - v_p)
 
-    u_base, u = (net(torch.cat([kappa, z_t], 1), t, None, r_) for r_ in (t, r))
-    def student_b(z, t_, r_, b):  # sample b alone, on its own condition
-        return net(torch.cat([kappa[b:b + 1], z.float()], 1), t_.float(), None, r_.float()).detach().double()
+    def student(z, t_, r_):
+        return net(torch.cat([kappa, z], 1), t_, None, r_)
 
-    corr = rc_corr_as_in_the_paper(student_b, z_t.detach(), t, r, u.detach(), v_tea, 0.1, 2).float()
+    u_base, u = student(z_t, t, t), student(z_t, t, r)
+    if method == "rc":
+        def student_b(z, t_, r_, b):  # sample b alone, on its own condition
+            return net(torch.cat([kappa[b:b + 1], z.float()], 1), t_.float(), None, r_.float()).detach().double()
+
+        corr = rc_corr_as_in_the_paper(student_b, z_t.detach(), t, r, u.detach(), v_tea, 0.1, 2).float()
+        miss = corr                                                        # u − (sg(u) − corr)
+    else:
+        s = (t + r) / 2
+        u_ts = student(z_t, t, s).detach()
+        u_sr = student(z_t - bt(t - s) * u_ts, s, r).detach()
+        miss = u.detach() - (u_ts + u_sr) / 2                              # u − ū
     base = ((u_base - v_tea) ** 2).mean()
-    assert loss.item() == pytest.approx((base + (corr**2).mean()).item(), rel=1e-5)
-    (base + 2 * (u * corr).sum() / u.numel()).backward()
+    assert loss.item() == pytest.approx((base + (miss**2).mean()).item(), rel=1e-5)
+    (base + 2 * (u * miss).sum() / u.numel()).backward()                  # the gradient of ‖u − target‖²
     assert got_grad.item() == pytest.approx(w.grad.item(), rel=1e-4)
-    assert abs((2 * (u * corr).sum() / u.numel()).item()) > 1e-3  # the consistency term matters here
+    assert abs((2 * (u * miss).sum() / u.numel()).item()) > 1e-3  # the consistency term matters here
 
 
 def test_shortcut_target_matches_hand_computation():
