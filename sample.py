@@ -881,7 +881,8 @@ def add_sampler_args(p: argparse.ArgumentParser, d: SampleConfig):
     p.add_argument("--upscale", default=d.upscale, choices=UPSCALE,
                    help="how the LR is resized to the output size before encoding: pil (PIL bicubic on the 8-bit "
                         "image, the official scripts) or torch (bicubic in float, what train_teacher.py's "
-                        "resize-back does) (default: pil for a release folder, torch otherwise)")
+                        "resize-back does) (default: pil for a release folder or a run trained with --resize-back "
+                        "release, torch otherwise)")
     p.add_argument("--latent", default=d.latent, choices=LATENT,
                    help="c_str from the VAE posterior's mean or a sample of it (the official scripts sample) "
                         f"(default: {d.latent})")
@@ -965,12 +966,13 @@ def checkpoint_defaults(cfg: SampleConfig, pipe: VOSRPipeline, run: dict) -> Sam
     """cfg with the settings left to the checkpoint filled in: 1 step for a student, 25 (or a release's
     infer_steps) for a teacher; α = 0.15 (a release's mean weak_cond_strength_aelq), or 0 for a run trained
     with --mode cfg (its auxiliary branch never saw c_str); the colour fix, LR upscaler and tile blending of
-    the official scripts for a release folder, else none / torch / linear."""
+    the official scripts for a release folder, else none / torch / linear (the LR upscaler pil for a run
+    trained with the release's random resize-back, train_teacher.py --resize-back release, as the release)."""
     steps = cfg.steps if cfg.steps is not None else 1 if pipe.student else run.get("infer_steps", 25)
     alpha = cfg.alpha if cfg.alpha is not None else run.get("alpha", 0.0 if run.get("mode") == "cfg" else 0.15)
     return replace(cfg, steps=steps, alpha=alpha,
                    color_fix=cfg.color_fix or run.get("color_fix", "none"),
-                   upscale=cfg.upscale or run.get("upscale", "torch"),
+                   upscale=cfg.upscale or run.get("upscale", "pil" if run.get("resize_back") == "release" else "torch"),
                    tile_blend=cfg.tile_blend or run.get("tile_blend", "linear"))
 
 

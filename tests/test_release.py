@@ -539,6 +539,12 @@ def test_run_dir_semantic_layer_from_config(tmp_path):
     pipe, _ = sample.load_pipeline(sample.SampleConfig(ckpt=str(run), device="cpu", semantic_layer=5),
                                    report=lambda s: None)
     assert pipe.semantic.layer == 5                                      # the flag wins
+    # the LR upscaler follows the run's resize-back: the release's random one is met by PIL bicubic, as there
+    for resize_back, upscale in (("bicubic", "torch"), ("release", "pil")):
+        (run / "config.json").write_text(json.dumps({**conf, "resize_back": resize_back}))
+        pipe, r = sample.load_pipeline(sample.SampleConfig(ckpt=str(run), device="cpu"), report=lambda s: None)
+        assert sample.checkpoint_defaults(sample.SampleConfig(), pipe, r).upscale == upscale
+        assert sample.checkpoint_defaults(sample.SampleConfig(upscale="torch"), pipe, r).upscale == "torch"
 
 
 # ----------------------------------------------------------------------------- sample.py flags: one line each
