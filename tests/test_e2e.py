@@ -120,7 +120,7 @@ def to_u8(t):
 
 
 def from_u8(u8):
-    return torch.from_numpy(u8).permute(2, 0, 1)[None].double() / 255
+    return torch.tensor(u8).permute(2, 0, 1)[None].double() / 255  # a copy: u8 may be a read-only view
 
 
 def bicubic_x4(u8):
