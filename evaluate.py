@@ -316,7 +316,7 @@ def niqe_y(img, params, block=96):
     return niqe(y, params["mu_pris_param"], params["cov_pris_param"], params["gaussian_window"], block)
 
 
-# ----------------------------------------------------------------------------- weights: cache, fetch, load
+# ----------------------------------------------------------------------------- weights: cache and loaders
 
 def default_cache():
     """$VOSR_METRICS_CACHE or ~/.cache/vosr_metrics."""
@@ -349,7 +349,7 @@ def missing_weights(metric, cache=None):
 
 
 def cached_file(name, cache=None):
-    """Path of a converted weight file; a clear error if fetch-weights has not been run."""
+    """Path of a converted weight file; a clear error if tools/fetch_weights.py has not been run."""
     path = Path(cache or default_cache()) / name
     if not path.is_file():
         raise FileNotFoundError(f"metric weights {path} not found: run `{fetch_hint(cache)}` "
