@@ -249,9 +249,10 @@ def parse_cli(argv=None, check_files: bool = True) -> tuple[DistillConfig, list]
         p.error("--init: not used by distill.py (the student starts from the --teacher's weights)")
     if given.get("resume") and given.get("overwrite"):
         p.error("--resume and --overwrite: give one (continue the run, or start it over)")
-    saved = tt.saved_config(given.get("out", "runs/student"), NAME) if given.get("resume") else None
+    out = given.setdefault("out", "runs/student")  # distill's own default, not the teacher's runs/teacher
+    saved = tt.saved_config(out, NAME) if given.get("resume") else None
     if saved is not None:
-        cfg, changes = tt.resolve_resume(DistillConfig, saved, given, NAME)
+        cfg, changes = tt.resolve_resume(DistillConfig, saved, given, NAME, out)
     else:
         if not given.get("teacher") or not given.get("data"):
             p.error("--teacher RUN_DIR and --data DIR are required")

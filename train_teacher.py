@@ -916,7 +916,7 @@ def saved_config(out: str, name: str) -> dict | None:
     return conf
 
 
-def resolve_resume(config_cls, saved: dict, given: dict, name: str):
+def resolve_resume(config_cls, saved: dict, given: dict, name: str, out: str):
     """--resume: the saved config gives the defaults, the flags typed again win. Each value they change
     is printed and returned as {"flag", "from", "to"} (write_run_config records it)."""
     fields = {f.name for f in dataclasses.fields(config_cls)}
@@ -927,7 +927,7 @@ def resolve_resume(config_cls, saved: dict, given: dict, name: str):
     changed = {k: v for k, v in given.items() if k not in NOT_INHERITED and conf.get(k) != v}
     for k, v in changed.items():
         if k in FIXED_ON_RESUME:
-            raise SystemExit(f"{name}: {flag(k)} {v}: the run in {given.get('out')} has {flag(k)} {conf[k]}, "
+            raise SystemExit(f"{name}: {flag(k)} {v}: the run in {out} has {flag(k)} {conf[k]}, "
                              "which its checkpoint depends on; start a new run with --init to change it")
     for k, v in changed.items():
         if os.environ.get("RANK", "0") == "0":  # torchrun: once, not once per rank
@@ -961,12 +961,13 @@ def parse_cli(argv=None, check_files: bool = True) -> tuple[TrainConfig, list]:
     recipe = PRESETS.get(preset, {"preset": preset})
     if given.get("resume") and given.get("overwrite"):
         p.error("--resume and --overwrite: give one (continue the run, or start it over)")
-    saved = saved_config(given.get("out", TrainConfig.out), name) if given.get("resume") else None
+    out = given.get("out", TrainConfig.out)
+    saved = saved_config(out, name) if given.get("resume") else None
     if saved is None:
         cfg, changes = TrainConfig(**(recipe | given)), []
     else:  # a preset typed again names the model; its other defaults give way to the saved ones
         typed = given | ({"preset": recipe["preset"]} if typed_preset else {})
-        cfg, changes = resolve_resume(TrainConfig, saved, typed, name)
+        cfg, changes = resolve_resume(TrainConfig, saved, typed, name, out)
     check_ranges(cfg, name, RANGES)
     if check_files:
         check_paths(cfg, name)

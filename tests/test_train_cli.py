@@ -103,7 +103,7 @@ def test_resume_takes_the_saved_config_and_reports_what_changed(runs, tmp_path):
     assert digest(run) == before
 
 
-def test_distill_resume_takes_the_saved_config(runs, tmp_path):
+def test_distill_resume_takes_the_saved_config(runs, tmp_path, monkeypatch):
     run = copy_run(runs, tmp_path, "student")
     r = cli("distill.py", "--out", run, "--resume", "--steps", "2", "--omega", "1.0", "--device", "cpu",
             "--workers", "0")
@@ -112,6 +112,11 @@ def test_distill_resume_takes_the_saved_config(runs, tmp_path):
     conf = json.loads((run / "config.json").read_text())
     assert (conf["omega"], conf["size"], conf["batch"], conf["teacher"]) == (1.0, 32, 2, str(runs["teacher"]))
     assert {"flag": "--omega", "from": 0.5, "to": 1.0, "step": 1} in conf["changes"]
+    # without --out: distill.py's own default run dir, runs/student (not the teacher's runs/teacher)
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(run, tmp_path / "runs" / "student")
+    cfg, changes = distill.parse_cli(["--resume"])
+    assert (cfg.out, cfg.omega, cfg.size, changes) == ("runs/student", 1.0, 32, [])
 
 
 def test_resume_drops_logged_steps_past_the_checkpoint(runs, tmp_path):
