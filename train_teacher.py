@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
+import random
 import re
 import sys
 import time
@@ -45,7 +47,7 @@ from sample import VOSRPipeline
 
 @dataclass
 class TrainConfig:
-    data: str = ""                    # folder of HR images (recursive)
+    data: str = ""                    # folder of HR images (recursive), .tar shards or a .txt dataset list
     out: str = "runs/teacher"
     val_data: str | None = None       # held-out HR folder: validation loss + LR|sample|HR grid
     preset: str = "tiny"              # model preset of dit.py
@@ -208,6 +210,185 @@ class StepSampler(torch.utils.data.Sampler):
         return (self.steps - self.start) * (self.gb // self.world)
 
 
+# ----------------------------------------------------------------------------- data that outgrows a folder
+# --data can also be a dataset list (the official release's format: one `path, weight` per line) or a shard
+# pattern. Such data is streamed: every (rank, DataLoader worker) is one *data stream* with its own share
+# of each dataset's shards (or image files), read in a reshuffled order each epoch through a shuffle buffer
+# (WebDataset), and mixed across datasets by weight. Each stream gives an equal part of every micro-batch,
+# so the global batch depends on the number of streams (ranks × workers), not on how they are split into
+# ranks and workers; every draw of stream j at its n-th sample is seeded by (seed, j, n), so a resume that
+# skips the samples each stream had consumed (recorded in the checkpoint) continues exactly.
+
+SHARD_BUFFER = 1000   # WebDataset shuffle buffer (samples); the first `SHARD_BUFFER // 10` start the stream
+
+
+def parse_sources(spec: str) -> list[tuple[str, list[str], float]]:
+    """--data → [(name, units, weight)], units being .tar shards or image files, sorted.
+
+    A folder: its .tar shards if it holds any, else its images. `dir/train-{000000..000127}.tar`: those shards.
+    A .txt file: one `path, weight` line per dataset, paths relative to the list's folder (# comments)."""
+    path = Path(spec)
+    if path.suffix == ".txt" and path.is_file():
+        sources = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            line = line.split("#")[0].strip()
+            if not line:
+                continue
+            where, _, weight = line.rpartition(",")
+            try:
+                w = float(weight)
+            except ValueError:
+                w = -1.0
+            if not where.strip() or not (w > 0 and math.isfinite(w)):
+                raise ValueError(f"{path}:{n}: expected `path, weight` with a positive weight, got {line!r}")
+            sub = Path(where.strip())
+            (name, units, _), = parse_sources(os.path.normpath(path.parent / sub))  # as written, or relative to the list
+            sources.append((name, units, w))
+        if not sources:
+            raise ValueError(f"{path}: no `path, weight` lines")
+        return sources
+    if "{" in spec:
+        import braceexpand
+        units = sorted(braceexpand.braceexpand(spec))
+        missing = [u for u in units if not Path(u).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of the {len(units)} shards of {spec} do not exist, e.g. {missing[0]}")
+        return [(spec, units, 1.0)]
+    if path.is_dir():
+        units = sorted(str(p) for p in path.rglob("*.tar")) or [str(p) for p in degrade.find_images(path)]
+        if not units:
+            raise FileNotFoundError(f"no images or .tar shards in {path}")
+        return [(spec, units, 1.0)]
+    if path.suffix == ".tar" and path.is_file():
+        return [(spec, [spec], 1.0)]
+    raise FileNotFoundError(f"--data {spec}: not a folder, a .txt dataset list or a .tar shard pattern")
+
+
+def read_units(units: list[str], report):
+    """(name, file bytes or None) of every sample of these shards / image files, in order.
+
+    Image files are read later (None): a resume skips samples without reading them. A shard that cannot be
+    read (missing, truncated) is reported once through `report` and the stream goes on with the next one."""
+    import webdataset as wds
+    for u in units:
+        if not u.endswith(".tar"):
+            yield u, None
+            continue
+
+        def handler(e, shard=u, seen=[]):  # noqa: B006 (webdataset may call it twice for one error)
+            if not seen:
+                seen.append(e)
+                report(f"skipping the rest of shard {shard}: {str(e.args[0] if e.args else type(e).__name__).split(' @ ')[0]}")
+            return True
+        for s in wds.tarfile_to_samples(handler=handler)([{"url": u}]):
+            ext = next((k for k in s if not k.startswith("__") and "." + k.lower() in degrade.IMAGE_EXTS), None)
+            yield f"{u}:{s['__key__']}" + (f".{ext}" if ext else ""), (s[ext] if ext else b"")
+
+
+def readable(name: str, data: bytes | None) -> bool:
+    """Does this sample of read_units decode as an image?"""
+    try:
+        return data != b"" and degrade.read_image(name, data) is not None
+    except degrade.ImageError:
+        return False
+
+
+def dataset_stream(units: list[str], stream: int, streams: int, key: str, report):
+    """The endless samples of one dataset for data stream `stream` of `streams`: its share of the units
+    (every streams-th shard; or, with fewer shards than streams, every streams-th sample of all of them),
+    in a fresh order each epoch, through a shuffle buffer. No sample repeats within an epoch of a stream."""
+    import webdataset as wds
+    by_unit = len(units) >= streams
+    share = units[stream::streams] if by_unit else units
+    for epoch in itertools.count():
+        rng = random.Random(f"{key}/{stream}/{epoch}")       # seeded by a string: the same in every process
+        order = rng.sample(share, len(share))
+        samples = read_units(order, report)
+        if not by_unit:
+            samples = (s for i, s in enumerate(samples) if i % streams == stream)
+        n = 0
+        for s in wds.shuffle(SHARD_BUFFER, SHARD_BUFFER // 10, rng=rng)(samples):
+            n += 1
+            yield s
+        if n == 0:
+            raise degrade.ImageError(f"no readable samples in {units[0]}{' …' if len(units) > 1 else ''}")
+
+
+class HRStream(torch.utils.data.IterableDataset):
+    """Crops from datasets mixed by weight, for one rank's data streams (one per DataLoader worker).
+
+    Yields (crop (3,S,S), position): position n = the stream's n-th sample drawn, counting unreadable ones."""
+
+    def __init__(self, sources, size: int, seed: int, rank: int, workers: int, streams: int, start: dict):
+        self.sources, self.size, self.seed = sources, size, seed
+        self.rank, self.workers, self.streams, self.start = rank, workers, streams, start
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        stream = self.rank * self.workers + (info.id if info else 0)
+        reported = set()
+
+        def report(msg):
+            if msg not in reported:
+                reported.add(msg)
+                print(f"train_teacher.py: {msg}", file=sys.stderr)
+        per_set = [dataset_stream(u, stream, self.streams, f"{self.seed}/{name}", report)
+                   for name, u, _ in self.sources]
+        weights = [w for *_, w in self.sources]
+        mix = random.Random(f"{self.seed}/mix/{stream}")
+        skip = self.start.get(stream, 0)
+        for pos in itertools.count(1):
+            name, data = next(per_set[mix.choices(range(len(per_set)), weights)[0]])
+            if pos <= skip:                                   # consumed before the resume: not decoded
+                continue
+            try:
+                if data == b"":
+                    raise degrade.ImageError(f"{name}: no image member in this sample")
+                img = degrade.read_image(name, data)
+            except degrade.ImageError as e:
+                report(f"skipping {e}")
+                continue
+            yield random_crop(img, self.size, step_generator(self.seed, pos, stream=1000 + stream)), pos
+
+
+class StreamLoader:
+    """Micro-batches of this rank's HRStream: each of its `workers` streams gives an equal part of each.
+    `positions` holds, per stream, how many samples it has drawn so far (saved in the checkpoint)."""
+
+    def __init__(self, cfg, rank: int, world: int, micro: int, start: dict):
+        self.workers = max(1, cfg.workers)
+        if micro % self.workers:
+            raise SystemExit(f"train_teacher.py: with streamed data the micro-batch ({micro} per rank) must "
+                             f"divide by --workers {self.workers}")
+        self.rank, self.streams = rank, world * self.workers
+        ds = HRStream(parse_sources(cfg.data), cfg.size, cfg.seed, rank, self.workers, self.streams, start)
+        self.loader = iter(torch.utils.data.DataLoader(ds, batch_size=micro // self.workers,
+                                                       num_workers=cfg.workers))
+        self.positions = {rank * self.workers + w: start.get(rank * self.workers + w, 0) for w in range(self.workers)}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        parts = []
+        for w in range(self.workers):                          # the DataLoader visits its workers in turn
+            try:
+                crops, pos = next(self.loader)
+            except degrade.ImageError as e:                    # from a worker it comes wrapped in its traceback
+                raise SystemExit(f"train_teacher.py: --data: {str(e).splitlines()[-1].split('ImageError: ')[-1]}") from None
+            self.positions[self.rank * self.workers + w] = int(pos[-1])
+            parts.append(crops)
+        return torch.cat(parts)
+
+    def state(self, world: int) -> dict:
+        """{stream: samples drawn} of all ranks (a collective call under torchrun: every rank must call it)."""
+        if world == 1:
+            return dict(self.positions)
+        parts = [None] * world
+        dist.all_gather_object(parts, self.positions)
+        return {k: v for p in parts for k, v in p.items()}
+
+
 @torch.no_grad()
 def make_condition(hr, cfg: TrainConfig, codec, semantic, g: torch.Generator):
     """HR (B,3,S,S) in [0,1] → x0 (B,C,S/8,S/8), c_str (same), c_sem (B,N,D) or None, LR (B,3,S/4,S/4)."""
@@ -302,13 +483,15 @@ def write_json(obj: dict, path: Path):
         tmp.write_text(json.dumps(obj, indent=2))
 
 
-def save_checkpoint(run: Path, model, ema, opt, step: int):
+def save_checkpoint(run: Path, model, ema, opt, step: int, data_streams: dict | None = None):
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
     osd = opt.state_dict()
     for i, st in osd["state"].items():
         tensors |= {f"optim.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)) for k, v in st.items()}
     meta = {"step": str(step), "param_groups": json.dumps(osd["param_groups"])}
+    if data_streams is not None:  # streamed data: samples drawn by each stream, for an exact resume
+        meta["data_streams"] = json.dumps(data_streams)
     save_atomic(tensors, run / "ckpt.safetensors", meta)
     save_atomic(ema.state_dict(), run / "ema.safetensors")
 
@@ -488,6 +671,8 @@ def write_run_config(cfg: TrainConfig, run: Path, model, semantic, changes=()):
     """config.json: the resolved training config plus what sample.py needs to rebuild the model, and
     the list of values each --resume changed (appended to the run's earlier ones)."""
     conf = dataclasses.asdict(cfg) | {"train_grid": model.train_grid, "enc_dim": model.enc_dim}
+    if semantic is not None and hasattr(semantic, "layer"):
+        conf["semantic_layer"] = semantic.layer  # the encoder block c_sem is read from
     if semantic is not None and cfg.semantic.startswith("random"):
         vae.save_semantic(semantic, run / "semantic.safetensors")  # random init travels with the run
         conf["semantic"] = "semantic.safetensors"
@@ -515,10 +700,17 @@ def teacher_loss(cfg: TrainConfig, net, x0, c_str, c_sem, d: dict):
 RUN_FILES = ("ckpt.safetensors", "ema.safetensors", "config.json", "log.jsonl")
 
 
-def preflight(cfg, name: str = "train_teacher.py") -> HRCrops:
+def streamed(data: str) -> bool:
+    """Is --data read as streams (a dataset list, a shard pattern, shards) rather than a folder of images?"""
+    path = Path(data)
+    return (path.suffix in (".txt", ".tar") or "{" in data
+            or (path.is_dir() and next(path.rglob("*.tar"), None) is not None))
+
+
+def preflight(cfg, name: str = "train_teacher.py") -> HRCrops | list:
     """What a user can get wrong, checked before any model is built or file written: the run dir (never
     overwrite a run silently: one that holds a run needs --resume or --overwrite), the checkpoint to
-    resume, the data folders. Returns the training data set."""
+    resume, the data folders. Returns the training data: an HRCrops, or the parsed sources of streamed data."""
     run = Path(cfg.out)
     if run.exists() and not run.is_dir():
         raise SystemExit(f"{name}: --out {run} is a file, not a folder")
@@ -531,6 +723,15 @@ def preflight(cfg, name: str = "train_teacher.py") -> HRCrops:
         refuse_existing_run(run, found, name)
     if cfg.val_data and not Path(cfg.val_data).exists():
         raise SystemExit(f"{name}: --val-data {cfg.val_data}: not found")
+    if streamed(cfg.data):
+        try:
+            sources = parse_sources(cfg.data)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"{name}: --data {cfg.data}: {e}") from None
+        for source, units, _ in sources:  # each dataset must have one readable image (the first usually is)
+            if not any(readable(*sample) for sample in read_units(units, lambda msg: None)):
+                raise SystemExit(f"{name}: --data {cfg.data}: no readable image in {source}")
+        return sources
     return HRCrops(cfg.data, cfg.size, cfg.seed, cfg.cache_images, name)
 
 
@@ -550,6 +751,22 @@ def clear_run(run: Path) -> None:
     """--overwrite: the old run's files go before the new run writes any, so no file mixes two runs."""
     for f in [*(run / f for f in RUN_FILES), run / "semantic.safetensors", *run.glob("val_*.png")]:
         f.unlink(missing_ok=True)
+
+
+def resume_streams(ckpt: Path | None, world: int, cfg, name: str) -> dict:
+    """{stream: samples drawn} saved in the checkpoint ({} for a new run). The streams are ranks × workers;
+    a resume with another number of them cannot continue each stream, so it is refused with one line."""
+    if ckpt is None:
+        return {}
+    saved = read_safetensors_header(ckpt)[1].get("data_streams")
+    if saved is None:
+        return {}
+    positions = {int(k): v for k, v in json.loads(saved).items()}
+    if len(positions) != world * max(1, cfg.workers):
+        raise SystemExit(f"{name}: cannot resume the data streams: the run read {len(positions)} streams "
+                         f"(ranks × --workers), this one would read {world * max(1, cfg.workers)}; "
+                         "resume with the same number of ranks and --workers")
+    return positions
 
 
 def trim_log(path: Path, step: int) -> None:
@@ -574,7 +791,7 @@ def progress_line(name: str, done: int, steps: int, loss: float, steps_per_s: fl
     return f"{name}: step {done}/{steps} loss {loss:.4f} {steps_per_s:.2f} steps/s ETA {eta}"
 
 
-def fit(cfg, model, ema, codec, semantic, draw, loss_fn, env, crops: HRCrops, student=False,
+def fit(cfg, model, ema, codec, semantic, draw, loss_fn, env, crops: HRCrops | list, student=False,
         name="train_teacher.py", changes=()) -> dict:
     """The training loop shared by the teacher and distillation: data, accumulation, DDP, EMA,
     checkpoints, logging, validation. `crops` is preflight's data set; `draw(cfg, latent_shape, g)`
@@ -618,9 +835,12 @@ def fit(cfg, model, ema, codec, semantic, draw, loss_fn, env, crops: HRCrops, st
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
     micro = cfg.batch // world // cfg.grad_accum
-    loader = iter(torch.utils.data.DataLoader(
-        crops, batch_size=micro, sampler=StepSampler(start, cfg.steps, cfg.batch, rank, world),
-        num_workers=cfg.workers, pin_memory=device.type == "cuda"))
+    if isinstance(crops, HRCrops):  # a folder: sample i of the run is a function of i (StepSampler)
+        loader = iter(torch.utils.data.DataLoader(
+            crops, batch_size=micro, sampler=StepSampler(start, cfg.steps, cfg.batch, rank, world),
+            num_workers=cfg.workers, pin_memory=device.type == "cuda"))
+    else:                           # streams: each continues where the checkpoint says it was
+        loader = StreamLoader(cfg, rank, world, micro, resume_streams(ckpt if resuming else None, world, cfg, name))
     log = open(run / "log.jsonl", "a") if rank == 0 else None
     # A bar on a terminal; elsewhere (nohup, a log file) a plain line every --log-every steps instead.
     tty = sys.stderr.isatty()
@@ -663,6 +883,9 @@ def fit(cfg, model, ema, codec, semantic, draw, loss_fn, env, crops: HRCrops, st
         ema_update(ema, model, min(cfg.ema, (1 + step) / (10 + step)))
         history[step] = loss_val
         done = step + 1
+        checkpoint_now = done % cfg.ckpt_every == 0 or done == cfg.steps
+        # every rank takes part in gathering the streams' positions (a collective under torchrun)
+        streams = loader.state(world) if checkpoint_now and isinstance(loader, StreamLoader) else None
         if rank == 0:
             elapsed = time.time() - t0
             ips = (done - start) * cfg.batch / elapsed
@@ -676,8 +899,8 @@ def fit(cfg, model, ema, codec, semantic, draw, loss_fn, env, crops: HRCrops, st
                 log.flush()
             if not tty and (done % cfg.log_every == 0 or done == cfg.steps):
                 print(progress_line(name, done, cfg.steps, loss_val, (done - start) / elapsed), flush=True)
-            if done % cfg.ckpt_every == 0 or done == cfg.steps:
-                save_checkpoint(run, model, ema, opt, done)
+            if checkpoint_now:
+                save_checkpoint(run, model, ema, opt, done, streams)
     if log:
         log.close()
     return history
@@ -887,12 +1110,12 @@ def check_ranges(cfg, name: str, ranges: dict) -> None:
 def check_paths(cfg, name: str) -> None:
     """Inputs that do not exist stop here, before anything is built or written."""
     if not cfg.data:
-        raise SystemExit(f"{name}: --data DIR is required (a folder of HR images)")
+        raise SystemExit(f"{name}: --data DIR is required (a folder of HR images, .tar shards or a .txt list)")
     for field in ("data", "val_data", "init"):
         v = getattr(cfg, field)
         if field == "init" and cfg.resume and (Path(cfg.out) / "ckpt.safetensors").exists():
             continue  # the checkpoint, not --init, gives the weights of a resume
-        if v and not Path(v).exists():
+        if v and not Path(v).exists() and not (field == "data" and "{" in v):  # a shard pattern: preflight
             raise SystemExit(f"{name}: {flag(field)} {v}: not found")
 
 
