@@ -1,6 +1,6 @@
 """VOSR denoiser: LightningDiT with cross-attention to semantic tokens (paper §3.2, Fig. 2).
 
-The network predicts the flow-matching velocity v = eps - x0 (eq. 1) from
+The network predicts the flow-matching velocity v = z_1 - z_0 (noise - data, eq. 1) from
 
     x     = concat[c_str, z_t]   (B, 2C, h, w)  structural condition (encoded LR) + noisy latent
     t     (B,) in [0, 1]                         flow time, used as given (not x1000)
@@ -23,9 +23,11 @@ so the model outputs exactly zero at init. The per-block scale_shift_table start
 randn(6, d) / sqrt(d) (PixArt's choice): the gates are then non-zero, so every block already
 receives gradient on the first step while the output is still zero.
 """
+import json
 import math
 import os
 from dataclasses import dataclass, asdict
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -437,6 +439,78 @@ def release_config(args: dict, latent_channels: int, enc_dim: int, with_r: bool,
                      preset=preset)
 
 
+# ----------------------------------------------------------------------------- official release model folders
+# A release model folder (preset/ckpts/VOSR_*/ in its README) holds args.json, its training arguments, and the
+# weights; its codec and DINOv2 files lie beside it (sample.py finds those).
+
+RELEASE_WEIGHT_DIRS = ("clean_weights", "checkpoints", ".")
+RELEASE_WEIGHT_NAMES = ("ema_model.safetensors", "model.safetensors")
+RELEASE_LATENT_CHANNELS = {"sd2": 4, "qwen": 16}                                        # ae_type -> C
+RELEASE_DINOV2 = {"dinov2b": ("dinov2_vitb14_pretrain.pth", 768), "dinov2l": ("dinov2_vitl14_pretrain.pth", 1024)}
+
+
+def read_json(path: Path) -> dict:
+    """The JSON object in `path` (args.json, config.json), or a ValueError naming the file."""
+    try:
+        obj = json.loads(path.read_text())
+        if not isinstance(obj, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable {path.name} ({e})") from None
+    return obj
+
+
+def release_weights(folder: Path) -> Path:
+    """The weights of a release model folder, found as the official release finds them: the first of
+    clean_weights/, checkpoints/, the folder itself holding ema_model.safetensors or model.safetensors;
+    else the first *.safetensors below the folder."""
+    for sub in RELEASE_WEIGHT_DIRS:
+        for name in RELEASE_WEIGHT_NAMES:
+            if (folder / sub / name).is_file():
+                return folder / sub / name
+    found = sorted(folder.rglob("*.safetensors"))
+    if not found:
+        raise ValueError(f"{folder}: no weights (looked for {folder}/checkpoints/ema_model.safetensors, "
+                         f"…/model.safetensors in clean_weights/, checkpoints/, the folder, then any *.safetensors)")
+    return found[0]
+
+
+def release_settings(folder: Path) -> dict:
+    """What args.json of a release model folder says beyond the DiT shape (release_config): the latent
+    channels (ae_type sd2 -> 4, qwen -> 16), the semantic encoder (enc_type, enc_dim, dinov2_size, the one
+    block of layer_dinov2b_list), α (the mean of weak_cond_strength_aelq_list, 0.15) and infer_steps."""
+    path = folder / "args.json"
+    args = read_json(path)
+    ae, enc = args.get("ae_type"), args.get("enc_type")
+    if ae not in RELEASE_LATENT_CHANNELS:
+        raise ValueError(f"{path}: ae_type {ae!r} is not one of {sorted(RELEASE_LATENT_CHANNELS)}")
+    if enc not in RELEASE_DINOV2:
+        raise ValueError(f"{path}: enc_type {enc!r} is not one of {sorted(RELEASE_DINOV2)}")
+    layers = args.get("layer_dinov2b_list", [8 if enc == "dinov2b" else 17])
+    if not (isinstance(layers, list) and len(layers) == 1 and isinstance(layers[0], int)):
+        raise ValueError(f"{path}: layer_dinov2b_list {layers!r}: one block index expected")
+    run = dict(release=True, args=args, enc_dim=int(args.get("enc_dim", RELEASE_DINOV2[enc][1])),
+               semantic_size=int(args.get("dinov2_size", 448)), semantic_layer=layers[0],
+               patch_size=int(args.get("patch_size", 2)))
+    strengths = args.get("weak_cond_strength_aelq_list")
+    if isinstance(strengths, list) and strengths:
+        run["alpha"] = sum(strengths) / len(strengths)
+    if isinstance(args.get("infer_steps"), int) and args["infer_steps"] >= 1:
+        run["infer_steps"] = args["infer_steps"]
+    return run
+
+
+def weight_shapes(path: Path) -> dict[str, tuple]:
+    """{name: shape} from a .safetensors header, or a ValueError naming the file."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # SafetensorError: truncated, not safetensors, a bad header
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise ValueError(f"{path}: not a readable .safetensors file ({reason})") from None
+
+
 def compile_blocks(model: VOSRDiT, **compile_kwargs) -> VOSRDiT:
     """torch.compile each DiT block in place ("regional" compilation); returns the model.
 
@@ -477,7 +551,7 @@ def load_release_checkpoint(model: VOSRDiT, path: str, own_rope: bool = False) -
     Only r_embedder.* may be missing (a teacher loaded into a student: it stays at its init, and
     contributes nothing at r = t). Any other missing key, any unexpected key, or a shape mismatch
     raises an error naming the key, both shapes and the file. The file's RoPE tables are checked
-    against ours, which verifies the position convention of §5b; own_rope=True keeps the model's
+    against ours, which verifies the position convention of the release's 2-D RoPE; own_rope=True keeps the model's
     tables instead (training on from weights of another crop size: stage 2 from stage 1).
     """
     from safetensors.torch import load_file

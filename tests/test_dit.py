@@ -1,7 +1,7 @@
 """Tests for dit.py: shapes, init, r-embedder, RoPE, attention, semantics, checkpoints, compile, grad ckpt.
 
 The central check is `reference_forward`: an independent, plain-torch re-implementation of
-DESIGN.md §5b that reads the weights by their release key names, with naive attention and a
+the official release's block (paper Fig. 2) that reads the weights by their release key names, with naive attention and a
 per-position RoPE loop. The model must agree with it.
 """
 import math
@@ -40,7 +40,7 @@ def inputs(B=2, C=4, H=8, W=8, N=5, enc=768, seed=1):
 # ----------------------------------------------------------------------------- independent reference
 
 def naive_rope_table(gh, gw, hd, g_train, theta=10000.0):
-    """Per token, per channel pair, the rotation angle, by explicit Python loops (§5b)."""
+    """Per token, per channel pair, the rotation angle, by explicit Python loops (the release's 2-D RoPE)."""
     half = hd // 2
     ang = torch.zeros(gh * gw, hd, dtype=torch.float64)
     for i in range(gh):
@@ -84,7 +84,7 @@ def t_embed(sd, prefix, t):
 
 
 def reference_forward(model, x, t, c_sem, r=None):
-    """DESIGN.md §5b from the state dict by key names; naive attention and RoPE loops."""
+    """The release's forward pass (paper Fig. 2) from the state dict by key names; naive attention and RoPE loops."""
     sd = {k: v.detach().double().float() for k, v in model.state_dict().items()}
     d, H, p, C = model.dim, model.num_heads, model.patch_size, model.latent_channels
     hd = d // H

@@ -17,13 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_euler_lands_on_analytic_endpoint():
-    # On the straight path z_t = (1−t)·x0 + t·ε the velocity is (z − x0)/t: Euler is exact for it.
+    # On the straight path z_t = (1−t)·z_0 + t·z_1 the velocity is (z − z_0)/t: Euler is exact for it.
     torch.manual_seed(0)
-    x0, z1 = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    z0, z1 = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     for steps, schedule, shift in [(1, "uniform", 1), (7, "uniform", 1), (5, "cosine", 1), (6, "cosine", 3)]:
         ts = sample.timesteps(steps, schedule, shift)
-        z = sample.euler_sample(lambda z, t, r: (z - x0) / t.view(-1, 1, 1, 1), z1, ts)
-        assert torch.allclose(z, x0, atol=1e-5)
+        z = sample.euler_sample(lambda z, t, r: (z - z0) / t.view(-1, 1, 1, 1), z1, ts)
+        assert torch.allclose(z, z0, atol=1e-5)
     # A time-dependent field dz/dt = 2t·a integrates to z0 = z1 − a; Euler with uniform steps h
     # accumulates Σ 2 t_i h = 1 + h, so the error is exactly h·a.
     a = torch.randn(2, 3, 4, 4)
@@ -116,6 +116,25 @@ def test_tiled_sampling_equals_untiled_when_one_tile_covers(pixel_model):
     assert torch.equal(a, b)
     c = pipe(lr, 4.0, steps=3, generator=torch.Generator().manual_seed(0), tile=32, tile_overlap=16)
     assert c.shape == a.shape and (c - a).abs().mean() < 0.2  # tiled: close but not identical
+
+
+@pytest.mark.parametrize("student", [False, True])
+def test_untiled_pipeline_is_the_plain_sample(student):
+    # sample() is the pipeline diagram in code; VOSRPipeline with one window (--tile 0) must compute exactly it:
+    # the same LR↑, reflect padding, posterior sample, noise draw, guidance, decode crop and colour fix.
+    semantic = vae.load_semantic("random-s", image_size=28)
+    model = tiny_dit(vae.PixelCodec().channels, enc_dim=semantic.dim, with_r=student)
+    lr = torch.rand(1, 3, 7, 9, generator=torch.Generator().manual_seed(3))  # ×4 = 28×36: padded to 32×48
+    kw = dict(steps=3, guidance=0.3, alpha=0.2, schedule="cosine", shift=2.0, upscale="pil", latent="sample",
+              color_fix="adain")
+    want = sample.sample(model, vae.PixelCodec(), semantic, lr, 4.0, generator=torch.Generator().manual_seed(0),
+                         student=student, **kw)
+    pipe = sample.VOSRPipeline(model, vae.PixelCodec(), semantic, student)
+    got = pipe(lr, 4.0, generator=torch.Generator().manual_seed(0), tile=0, **kw)
+    assert got.shape == (1, 3, 28, 36) and torch.equal(got, want)
+    other = sample.sample(model, vae.PixelCodec(), semantic, lr, 4.0, generator=torch.Generator().manual_seed(0),
+                          student=student, **{**kw, "guidance": 0.9})
+    assert student == torch.equal(other, want)            # the teacher's guidance reaches it, a student's does not
 
 
 @pytest.mark.parametrize("h,w,scale", [(8, 12, 4.0), (7, 5, 4.0), (9, 11, 2.0), (6, 6, 1.5)])

@@ -1,4 +1,4 @@
-"""Large images (issue 9): any output scale; tiled codec, DiT and semantics agree with the untiled path
+"""Large images: any output scale; tiled codec, DiT and semantics agree with the untiled path
 where both fit; peak memory does not grow with the image beyond the image's own buffers."""
 import json
 import subprocess

@@ -4,7 +4,7 @@
     python tools/bench_sample.py --preset small --size 256 --bench-json b.json       # a CPU runs this one
 
 Nothing is downloaded: the DiT, codec and semantic encoder are randomly initialised with a release's shapes.
-It times VOSRPipeline.__call__ itself: the stages are the `with stage(...)` blocks there -- bicubic + codec
+It times VOSRPipeline.__call__ itself: the stages are the methods it calls (STAGE_METHODS) -- bicubic + codec
 encode, the semantic encoder (DINOv2), all Euler steps of the DiT, decode. Rows: each fast path (plain, fast =
 sample.py --fast, compiled, graphs), dtype, batch size and step count (1 = the one-step student, more = the
 guided teacher).
@@ -70,14 +70,37 @@ def bench_models(preset: str, size: int, device, semantic_size: int | None = Non
     return model, codec.to(device), semantic
 
 
+# The stages of VOSRPipeline.__call__, the methods it calls in order: bicubic + codec encode, the semantic
+# encoder (the global token map; per-tile tokens are computed in the first DiT step), every Euler step, decode.
+STAGE_METHODS = {"encode": "condition", "semantic": "tile_semantics", "dit": "denoise", "decode": "finish"}
+
+
+@contextlib.contextmanager
+def timed_stages(pipe: sample.VOSRPipeline, timer: "StageTimer"):
+    """Within the block, each stage method of pipe runs under timer(stage) (instance attributes, removed after)."""
+    for stage, name in STAGE_METHODS.items():
+        method = getattr(pipe, name)
+        setattr(pipe, name, lambda *a, _m=method, _s=stage, **k: _call_timed(timer, _s, _m, a, k))
+    try:
+        yield pipe
+    finally:
+        for name in STAGE_METHODS.values():
+            vars(pipe).pop(name, None)
+
+
+def _call_timed(timer, stage, method, args, kwargs):
+    with timer(stage):
+        return method(*args, **kwargs)
+
+
 def bench_row(pipe: sample.VOSRPipeline, lr: torch.Tensor, steps: int, repeats: int) -> dict:
     """Milliseconds per stage and in total of pipe(lr), the mean of `repeats` timed calls after a warm-up."""
     pipe.student = steps == 1  # one step: the distilled student (one branch); more: the teacher (2B, eq. 2)
     pipe(lr, 4.0, steps=1)     # warm-up (and compilation); every step has the same shapes
     timer = StageTimer(pipe.device)
     for _ in range(repeats):
-        with timer("total"):
-            pipe(lr, 4.0, steps, generator=torch.Generator().manual_seed(0), timer=timer)
+        with timer("total"), timed_stages(pipe, timer):
+            pipe(lr, 4.0, steps, generator=torch.Generator().manual_seed(0))
     ms = {f"{k}_ms": timer.seconds[k] / repeats * 1e3 for k in (*STAGES, "total")}
     return {**ms, "img_per_s": lr.shape[0] / ms["total_ms"] * 1e3}
 
