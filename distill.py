@@ -1,4 +1,4 @@
-"""Distil the multi-step teacher into a one/few-step student (paper §3.4, appendix A.1).
+"""Distil the multi-step teacher into a one-step student (paper §3.4; appendix A.1, eq. 5–17).
 
 The student f_θ(z_t, t, r, κ) predicts the average velocity from time t to an earlier time r
 (r = t: the instantaneous velocity). It starts as a copy of the teacher's EMA weights plus a
@@ -8,22 +8,28 @@ zero-effect r embedder (dit.py), and learns from the frozen teacher's guided vel
     L_base = ‖f(z_t, t, t, κ) − v_tea‖²                                            (eq. 4/6)
 
 plus a consistency loss for r < t — recursive consistency (rc, eq. 12–17, the paper's choice) or
-the shortcut midpoint rule (shortcut, eq. 7–11, Table 3 baseline).
+the shortcut midpoint rule (shortcut, eq. 7–11, the baseline of Table 3).
+
+One training step (the loop in main() reads in this order; the plumbing is train_teacher.py's Run):
+
+    draw       (t, r), z_1 and κ's draws for the global batch           (sample_times, as the teacher's)
+    condition  HR crop → z_0, c_str, c_sem (the teacher's make_condition); κ for the student (§3.3)
+    loss       z_t = (1 − t)·z_0 + t·z_1;  v_tea (eq. 5);  L_base + L_rc-cons (eq. 17) or L_short-cons (eq. 11)
+    step → EMA → log / checkpoint
 
     python distill.py --teacher RUN_DIR --data DIR --out STUDENT_DIR [--method rc] [--size 256] \
         [--batch 32] [--steps 50000]
 
 The model preset, codec and semantic encoder come from the teacher's config.json. The output run
 dir has the same layout as a teacher's, so `sample.py --ckpt STUDENT_DIR --steps 1` works.
+Shipping a run as fp16 weights: tools/export.py RUN_DIR OUT_DIR.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,21 +38,21 @@ import torch.nn.functional as F
 import dit
 import vae
 import train_teacher as tt
-from train_teacher import (TrainConfig, build_conditions, draw_teacher, fit, interpolate, save_atomic,
-                           setup_distributed, write_json)
+from train_teacher import TrainConfig, build_conditions, draw_teacher, interpolate, setup_distributed
 
 
 @dataclass
 class DistillConfig(TrainConfig):
     teacher: str = ""        # teacher run dir (config.json + ema.safetensors)
-    method: str = "rc"       # rc | shortcut
-    omega: float = 0.5       # distillation guidance weight ω of the teacher target (eq. 5)
+    method: str = "rc"       # rc (the paper's, appendix A.1.2) | shortcut (A.1.1)
+    omega: float = 0.5       # distillation guidance weight ω of the teacher target (eq. 5; the release's cfg_scale 0.5)
     delta: float = 0.01      # RC: teacher warm-start step Δ (eq. 13)
     n_rc: int = 2            # RC: student rollout steps from t_m to r
     alpha: float | None = None  # a fixed α (the released one-step models: 0.1); None: α ~ U per sample
 
 
-# The paper's recipe (appendix A.2): 50K steps, batch 32, lr 2e-5 — overridable by flags.
+# The paper's recipe (appendix A.3 and Table 5): 50K steps, batch 32, lr 2e-5 — overridable by flags.
+# (The official release's one-step configs: 100K steps at 512².) The rest as the teacher (appendix A.3).
 DEFAULTS = dict(size=256, batch=32, steps=50_000, lr=2e-5, val_steps=1)
 
 
@@ -109,21 +115,10 @@ def shortcut_target(student, z_t, t, r):
 
 # ----------------------------------------------------------------------------- the loss (eq. 17 / 11)
 
-def draw_distill(cfg: DistillConfig, latent_shape, g: torch.Generator) -> dict:
-    """The teacher's draws (ε, κ) with the time pair (t, r) of distillation instead of t. A fixed --alpha
-    replaces the per-sample α of the partial branch in the student's κ and the teacher's target (the
-    official release's one-step models: α = 0.1); the draws are made anyway, so the others stay the same."""
-    d = draw_teacher(cfg, latent_shape, g)
-    d["t"], d["r"] = sample_times(cfg.batch, g)
-    if cfg.alpha is not None:
-        d["alpha"] = torch.full_like(d["alpha"], cfg.alpha)
-    return d
-
-
-def distill_loss(cfg: DistillConfig, teacher, net, x0, c_str, c_sem, d: dict):
+def distill_loss(cfg: DistillConfig, teacher, net, z0, c_str, c_sem, d: dict):
     """L = L_base + L_cons, with L_cons = L_rc-cons (eq. 16–17) or L_short-cons (eq. 10–11)."""
     t, r = d["t"], d["r"]
-    z_t = interpolate(x0, d["eps"], t)
+    z_t = interpolate(z0, d["z1"], t)
     # κ for the student, exactly as in teacher training; the teacher target always uses both branches.
     c_str_k, c_sem_k = build_conditions(c_str, c_sem, cfg.mode, d["aux"], d["alpha"], d["a_logit"], d["n"])
     c_str_full, _ = build_conditions(c_str, c_sem, "full", d["aux"], d["alpha"], d["a_logit"], d["n"])
@@ -143,6 +138,58 @@ def distill_loss(cfg: DistillConfig, teacher, net, x0, c_str, c_sem, d: dict):
     else:
         target = shortcut_target(student, z_t, t, r)                             # eq. 9
     return loss_base + F.mse_loss(u, target)                                     # eq. 17 / 11
+
+
+# ----------------------------------------------------------------------------- the training step
+
+def draw_distill(cfg: DistillConfig, latent_shape, g: torch.Generator) -> dict:
+    """The teacher's draws (z_1, κ) with the time pair (t, r) of distillation instead of t. A fixed --alpha
+    replaces the per-sample α of the partial branch in the student's κ and the teacher's target (the
+    official release's one-step models: α = 0.1); the draws are made anyway, so the others stay the same."""
+    d = draw_teacher(cfg, latent_shape, g)
+    d["t"], d["r"] = sample_times(cfg.batch, g)
+    if cfg.alpha is not None:
+        d["alpha"] = torch.full_like(d["alpha"], cfg.alpha)
+    return d
+
+
+def train_step(cfg: DistillConfig, run: tt.Run, teacher, codec, semantic, step: int) -> torch.Tensor:
+    """Draw → condition → loss (eq. 17 / 11) and its gradient over this rank's micro-batches: the teacher's
+    step (train_teacher.train_step) with the pair (t, r) and the distillation loss."""
+    draws = draw_distill(cfg, run.latent_shape, tt.step_rngs(cfg.seed, step).draws)        # draw
+    loss_sum = 0.0
+    for k in range(cfg.grad_accum):
+        hr = run.next_batch()
+        rng = tt.step_rngs(cfg.seed, step, run.rank * cfg.grad_accum + k)
+        z0, c_str, c_sem, _ = tt.make_condition(hr, cfg, codec, semantic, rng.degrade)     # condition
+        with run.autocast():
+            loss = distill_loss(cfg, teacher, run.net, z0, c_str, c_sem, run.share(draws, k))  # loss
+        (loss / cfg.grad_accum).backward()
+        loss_sum += loss.detach().float() / cfg.grad_accum
+    return loss_sum
+
+
+def main(argv=None) -> dict:
+    """Distil; returns {step: loss} of the steps this call ran."""
+    cfg, changes = parse_cli(argv)
+    crops = tt.preflight(cfg, NAME)  # before the teacher is loaded
+    tconf, weights = load_teacher_run(cfg.teacher)
+    env = setup_distributed(cfg)
+    torch.manual_seed(cfg.seed)
+    codec, semantic, teacher, student, ema = build_student(cfg, tconf, weights, env[2])
+    try:
+        run = tt.Run(cfg, student, ema, codec, semantic, env, crops, student=True, name=NAME, changes=changes)
+        for step in run.steps():
+            loss = run.update(train_step(cfg, run, teacher, codec, semantic, step), step)  # step (None: skipped)
+            if loss is None:
+                continue
+            tt.ema_update(ema, student, min(cfg.ema, (1 + step) / (10 + step)))  # EMA, warmed up as the teacher's
+            run.log(step, loss)                                                  # log / validate / checkpoint
+        run.close()
+        return run.history
+    finally:
+        if env[1] > 1:
+            torch.distributed.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- setup
@@ -200,6 +247,8 @@ def build_student(cfg: DistillConfig, tconf: dict, weights: Path, device):
     return codec, semantic, teacher, student.to(device), ema.to(device).requires_grad_(False).eval()
 
 
+# ----------------------------------------------------------------------------- command line
+
 # What a student takes from its teacher's config.json unless a flag says otherwise.
 INHERITED = ("preset", "patch_size", "codec", "light_decoder", "semantic", "semantic_size", "degradation",
              "resize_back", "mode", "p_partial", "alpha_min", "alpha_max", "aug_mean", "aug_std")
@@ -219,124 +268,46 @@ HELP = tt.HELP | {
 }
 TRUE_DEFAULTS = (dataclasses.asdict(DistillConfig()) | DEFAULTS | {"out": "runs/student"}
                  | {k: "the teacher's" for k in INHERITED} | {"device": "cuda if available, else cpu"})
-RANGES = tt.RANGES | {"omega": (math.isfinite, "must be a finite number"),
-                      "delta": (lambda v: 0 < v <= 1, "must be in (0, 1]"), "n_rc": tt._at_least(1),
-                      "alpha": tt._in_01()}
-EPILOG = """export (no training): python distill.py --export RUN_DIR --to OUT_DIR [--note TEXT] [--overwrite]
+RANGES = tt.RANGES | {"omega": tt.FINITE, "delta": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+                      "n_rc": tt.at_least(1), "alpha": tt.IN_01}
+EXPORT_MOVED = "--export moved to tools/export.py: python tools/export.py RUN_DIR OUT_DIR [--note TEXT] [--overwrite]"
+EPILOG = """export (no training): python tools/export.py RUN_DIR OUT_DIR [--note TEXT] [--overwrite]
   writes RUN_DIR's EMA weights as fp16 ema.safetensors + the config keys sample.py needs into OUT_DIR
   (a teacher or a student; train_teacher.py --init can start from it too)."""
 
 
 def build_parser() -> tt.OneLineParser:
-    p = tt.config_parser(DistillConfig, __doc__, TRUE_DEFAULTS, HELP, EPILOG, prog=NAME,
-                         choices=tt.CHOICES | {"method": ("rc", "shortcut")})
-    g = p.add_argument_group("export")
-    g.add_argument("--export", metavar="RUN_DIR", help="export RUN_DIR's EMA weights as fp16 instead of training")
-    g.add_argument("--to", metavar="OUT_DIR", help="with --export: the folder to write")
-    g.add_argument("--note", help="with --export: a line saved in config.json, e.g. what the model is")
-    return p
+    return tt.config_parser(DistillConfig, __doc__, TRUE_DEFAULTS, HELP, EPILOG, prog=NAME,
+                            choices=tt.CHOICES | {"method": ("rc", "shortcut")})
 
 
 def parse_cli(argv=None, check_files: bool = True) -> tuple[DistillConfig, list]:
     """Teacher's config → distillation defaults → typed flags; with --resume the student run's
     config.json instead of the first two. Returns (config, what --resume changed)."""
     p = build_parser()
+    if any(a.split("=")[0] in ("--export", "--to", "--note") for a in (sys.argv[1:] if argv is None else argv)):
+        p.error(EXPORT_MOVED)
     given = vars(p.parse_args(argv))
-    for k in ("export", "to", "note"):
-        if k in given:
-            p.error(f"--{k} belongs to --export RUN_DIR --to OUT_DIR (it cannot go with training)")
     if "init" in given:
         p.error("--init: not used by distill.py (the student starts from the --teacher's weights)")
-    if given.get("resume") and given.get("overwrite"):
-        p.error("--resume and --overwrite: give one (continue the run, or start it over)")
-    out = given.setdefault("out", "runs/student")  # distill's own default, not the teacher's runs/teacher
-    saved = tt.saved_config(out, NAME) if given.get("resume") else None
-    if saved is not None:
-        cfg, changes = tt.resolve_resume(DistillConfig, saved, given, NAME, out)
-    else:
+    given.setdefault("out", "runs/student")  # distill's own default, not the teacher's runs/teacher
+
+    def fresh() -> DistillConfig:
         if not given.get("teacher") or not given.get("data"):
             p.error("--teacher RUN_DIR and --data DIR are required")
         tconf, _ = load_teacher_run(given["teacher"])
         inherit = {k: tconf[k] for k in INHERITED if k in tconf}
-        cfg, changes = DistillConfig(**(inherit | DEFAULTS | {"out": "runs/student"} | given)), []
-    tt.check_ranges(cfg, NAME, RANGES)
-    if check_files:
-        tt.check_paths(cfg, NAME)
-    return cfg, changes
+        return DistillConfig(**(inherit | DEFAULTS | {"out": "runs/student"} | given))
+    return tt.resolve_cli(p, DistillConfig, given, NAME, fresh, RANGES, check_files)
 
 
 def parse_args(argv=None) -> DistillConfig:
     return parse_cli(argv, check_files=False)[0]
 
 
-def main(argv=None):
-    cfg, changes = parse_cli(argv)
-    crops = tt.preflight(cfg, NAME)  # before the teacher is loaded
-    tconf, weights = load_teacher_run(cfg.teacher)
-    env = setup_distributed(cfg)
-    torch.manual_seed(cfg.seed)
-    codec, semantic, teacher, student, ema = build_student(cfg, tconf, weights, env[2])
-    try:
-        return fit(cfg, student, ema, codec, semantic, draw_distill, partial(distill_loss, cfg, teacher), env,
-                   crops, student=True, name=NAME, changes=changes)
-    finally:
-        if env[1] > 1:
-            torch.distributed.destroy_process_group()
-
-
-# ----------------------------------------------------------------------------- export
-
-EXPORT_KEYS = ("preset", "patch_size", "codec", "light_decoder", "semantic", "semantic_size", "train_grid",
-               "enc_dim", "mode", "degradation", "size", "teacher", "method", "omega", "steps", "batch", "lr", "ema")
-
-
-def export_run(run_dir: str, out_dir: str, note: str = "", overwrite: bool = False) -> Path:
-    """A run's EMA weights (teacher or student) as fp16 safetensors + the config keys sample.py needs: a
-    small, shippable model, which train_teacher.py --init can also start from."""
-    from safetensors.torch import load_file
-    src, out = Path(run_dir), Path(out_dir)
-    if not (src / "config.json").is_file() or not (src / "ema.safetensors").is_file():
-        raise SystemExit(f"{NAME}: --export {src}: not a run dir (needs config.json and ema.safetensors)")
-    if out.exists() and not out.is_dir():
-        raise SystemExit(f"{NAME}: --to {out} is a file, not a folder")
-    if (out / "ema.safetensors").exists() and not overwrite:
-        raise SystemExit(f"{NAME}: --to {out} already holds a model (ema.safetensors); add --overwrite to replace it")
-    try:
-        conf = json.loads((src / "config.json").read_text())
-        tt.read_safetensors_header(src / "ema.safetensors")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SystemExit(f"{NAME}: --export {src}: config.json is not valid JSON ({e})") from None
-    except ValueError as e:
-        raise SystemExit(f"{NAME}: --export {src}: {e}") from None
-    if conf.get("semantic") not in ("none", "random", "random-s", "random-b", "random-l"):
-        raise SystemExit(f"{NAME}: {src} uses the semantic encoder file {conf.get('semantic')}; "
-                         "export it beside the weights yourself")
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(src / "ema.safetensors")).items()}
-    save_atomic(state, out / "ema.safetensors")
-    keep = {k: conf[k] for k in EXPORT_KEYS if k in conf} | ({"note": note} if note else {})
-    write_json(keep, out / "config.json")
-    return out
-
-
-def export_main(argv=None) -> None:
-    """python distill.py --export RUN_DIR --to OUT_DIR [--note TEXT] [--overwrite]"""
-    p = tt.OneLineParser(prog=NAME, description="export a run's EMA weights as fp16 for sample.py --ckpt OUT_DIR")
-    p.add_argument("--export", required=True, metavar="RUN_DIR")
-    p.add_argument("--to", required=True, metavar="OUT_DIR")
-    p.add_argument("--note", default="", help="a line saved in config.json, e.g. what the model is")
-    p.add_argument("--overwrite", action="store_true", help="replace a model already in OUT_DIR")
-    a = p.parse_args(argv)
-    out = export_run(a.export, a.to, a.note, a.overwrite)
-    print(f"{NAME}: wrote {out}/ema.safetensors ({(out / 'ema.safetensors').stat().st_size / 1e6:.1f} MB, fp16)")
-
-
 if __name__ == "__main__":
-    if "--export" in sys.argv[1:]:
-        export_main(sys.argv[1:])
-    else:
-        try:
-            main()
-        except KeyboardInterrupt:  # Ctrl-C: the checkpoints are written atomically, the last one is whole
-            raise SystemExit(f"{NAME}: interrupted; --resume continues from the last ckpt.safetensors") from None
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: the checkpoints are written atomically, the last one is whole
+        raise SystemExit(f"{NAME}: interrupted; --resume continues from the last ckpt.safetensors") from None
     sys.exit(0)

@@ -1,9 +1,17 @@
-"""Train the multi-step VOSR teacher: flow matching with partial conditioning (paper §3.1–3.3).
+"""Train the multi-step VOSR teacher: flow matching with partial conditioning (paper §3.1–3.3, eq. 1).
 
-Per training step, on the training device:
-    HR crop ──degrade (resize back)──► LR↑ ──codec──► c_str,   HR ──codec──► x0,   LR↑ ──DINOv2──► c_sem
-    κ per sample: full (noise-augmented c_str, c_sem) or partial (α·c_str, ∅)      (§3.3)
-    t ~ U(0,1), ε ~ N(0,I), z_t = (1−t)·x0 + t·ε, loss ‖v_θ(z_t, t, κ) − (ε − x0)‖²  (eq. 1)
+One training step (the loop in train() reads in this order):
+
+    draw       t ~ U(0,1), z_1 ~ N(0,I), and per sample the branch of κ, α and the c_str augmentation
+    condition  HR crop ──degrade, resize back──► LR↑ ──codec──► c_str      LR↑ ──DINOv2──► c_sem
+               HR crop ──codec──► z_0 (the data latent)
+               κ = full (c̃_str, c_sem)  or, with probability p_partial, partial (α·c_str, ∅)      (§3.3)
+    loss       z_t = (1 − t)·z_0 + t·z_1,   L_ms = ‖v_θ(z_t, t, κ) − (z_1 − z_0)‖²                  (eq. 1)
+    step       AdamW on the gradient, clipped
+    EMA        the weights that are saved and sampled
+    log        log.jsonl, validation grid, checkpoint
+
+c̃_str (c_str mixed with a little noise) is the official release's (`cond_strength_aelq_list`), not the paper's.
 
 One GPU:      python train_teacher.py --data DIR --out RUN_DIR --preset small
 Several GPUs: torchrun --nproc_per_node=8 train_teacher.py --data DIR --out RUN_DIR --preset 0.5B-stage1
@@ -29,8 +37,8 @@ import re
 import sys
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -47,36 +55,42 @@ from sample import VOSRPipeline
 
 @dataclass
 class TrainConfig:
+    # the data and the run
     data: str = ""                    # folder of HR images (recursive), .tar shards or a .txt dataset list
     out: str = "runs/teacher"
     val_data: str | None = None       # held-out HR folder: validation loss + LR|sample|HR grid
+    # the model (PRESETS below hold the paper's two sizes)
     preset: str = "tiny"              # model preset of dit.py
-    patch_size: int = 2               # DiT patch side in latent pixels (2 in the paper)
-    codec: str = "pixel"              # 'pixel' (8×8 blocks), 'pixel4' (4×4) or a diffusers VAE folder
+    patch_size: int = 2               # DiT patch side in latent pixels: 2 (appendix A.3)
+    codec: str = "pixel"              # ours: 'pixel' (8×8 blocks), 'pixel4' (4×4); or a diffusers VAE folder
     light_decoder: str | None = None  # lightweight decoder .safetensors (sampling only)
-    semantic: str = "random"          # 'none', 'random' (seeded ViT-S/14) or a DINOv2 weights file
-    semantic_size: int = 224          # input side of the semantic encoder (448 in the paper)
-    degradation: str = "realesrgan"   # realesrgan | bicubic
-    resize_back: str = "bicubic"      # LR → HR size before encoding: bicubic (as sample.py) | release
-    size: int = 128                   # HR crop side
-    batch: int = 8                    # global batch (all ranks × accumulation)
+    semantic: str = "random"          # c_sem (§3.2): 'none', 'random' (seeded ViT-S/14) or a DINOv2 weights file
+    semantic_size: int = 224          # input side of the semantic encoder (the official release's dinov2_size: 448)
+    degradation: str = "realesrgan"   # realesrgan (second order, §4.1) | bicubic
+    resize_back: str = "bicubic"      # LR → HR size before encoding: bicubic (as sample.py) | release (the release's)
+    # the optimiser: appendix A.3 and Table 5 (the training recipe) — AdamW, no warm-up, constant lr
+    size: int = 128                   # HR crop side (256 in stage 1, 512 in stage 2)
+    batch: int = 8                    # global batch, all ranks × accumulation (1024 / 256)
     grad_accum: int = 1
-    steps: int = 200
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    ema: float = 0.9999
-    mode: str = "partial"             # partial | cfg | full   (Table 7 ablations)
-    p_partial: float = 0.1            # probability of the auxiliary branch per sample
-    alpha_min: float = 0.05           # α ~ U[alpha_min, alpha_max] in the partial branch
-    alpha_max: float = 0.25
-    # Noise augmentation of c_str: a = sigmoid(N(aug_mean, aug_std)), noise std sqrt(1 − a²) ≈ 0.12 at 5.
-    # The paper's 5 is for VAE latents; on raw pixels (pixel codec) that noise buries the LR's fine
-    # detail and the model learns to smooth it — 8 (std ≈ 0.03) learned faster there (README).
+    steps: int = 200                  # (400K per stage)
+    lr: float = 1e-4                  # (1e-4 / 5e-5)
+    weight_decay: float = 0.01        # appendix A.3
+    beta1: float = 0.9                # appendix A.3
+    beta2: float = 0.95               # appendix A.3
+    grad_clip: float = 1.0            # appendix A.3
+    ema: float = 0.9999               # appendix A.3
+    # conditioning κ (§3.3)
+    mode: str = "partial"             # partial | cfg | full   (the three rows of Table 7)
+    p_partial: float = 0.1            # probability of the auxiliary branch per sample (not stated in the paper)
+    alpha_min: float = 0.05           # α ~ U[alpha_min, alpha_max] in the partial branch: [0.05, 0.25]
+    alpha_max: float = 0.25           #   (appendix A.4.2; the release's weak_cond_strength_aelq_list)
+    # Noise augmentation of c_str in the full branch — the official release's `cond_strength_aelq_list: [5, 1]`,
+    # not in the paper: a = sigmoid(N(aug_mean, aug_std)), noise std sqrt(1 − a²) ≈ 0.12 at 5. That is for VAE
+    # latents; on raw pixels (pixel codec) the noise buries the LR's fine detail and the model learns to smooth
+    # it — 8 (std ≈ 0.03) learned faster there (ours, README).
     aug_mean: float = 5.0
     aug_std: float = 1.0
+    # how to run (ours)
     bf16: bool = False
     compile: bool = False
     grad_ckpt: bool = False
@@ -95,9 +109,10 @@ class TrainConfig:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-# Presets set defaults; any flag given on the command line wins. Paper recipes: appendix, Table 8.
+# Presets set defaults; any flag given on the command line wins. The paper's recipes: Table 5 of the paper
+# text (Table 3 of the appendix PDF), the two stages of appendix A.3; the DINOv2 side is the release's 448.
 PRESETS = {
-    # CPU recipes for the 192-channel pixel codec use patch 1: with patch 2 a token would carry
+    # CPU recipes (ours) for the 192-channel pixel codec use patch 1: with patch 2 a token would carry
     # 2·2·192 = 768 values, more than the model width, and the final Linear(dim → p·p·C) could not
     # span the noise — whatever it cannot represent would stay in the sample as noise.
     "tiny": dict(preset="tiny", patch_size=1, size=64, batch=4, lr=3e-4, ema=0.99, semantic_size=56),
@@ -113,7 +128,362 @@ PRESETS = {
 }
 
 
-# ----------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------- conditioning κ (§3.3)
+
+def noise_augment(c_str, a_logit, n):
+    """Full branch (the official release's, not the paper's): c̃ = a·c_str + sqrt(1 − a²)·n, a = sigmoid(a_logit)."""
+    a = torch.sigmoid(a_logit).view(-1, 1, 1, 1)
+    return a * c_str + (1 - a**2).sqrt() * n
+
+
+def build_conditions(c_str, c_sem, mode: str, aux, alpha, a_logit, n):
+    """Per-sample conditioning κ. aux (B,) bool marks the auxiliary branch; returns (c_str_κ, c_sem_κ).
+
+    partial: auxiliary samples get (α·c_str, ∅), the others (noise-augmented c_str, c_sem)  (§3.3)
+    cfg:     auxiliary samples get (0, ∅) — standard classifier-free guidance
+    full:    every sample is fully conditioned (no auxiliary branch)
+    """
+    full = noise_augment(c_str, a_logit, n)
+    if mode == "full":
+        return full, c_sem
+    keep = (~aux).float().view(-1, 1, 1, 1)
+    weak = alpha.view(-1, 1, 1, 1) * c_str if mode == "partial" else torch.zeros_like(c_str)
+    c_str_k = keep * full + (1 - keep) * weak
+    c_sem_k = None if c_sem is None else c_sem * keep.view(-1, 1, 1)  # ∅ = zero tokens
+    return c_str_k, c_sem_k
+
+
+def draw_conditioning_noise(cfg: TrainConfig, c_str, g: torch.Generator):
+    """The per-sample random draws of κ: branch choice, α, augmentation strength and noise."""
+    B = c_str.shape[0]
+    aux = torch.rand(B, generator=g) < cfg.p_partial
+    alpha = cfg.alpha_min + (cfg.alpha_max - cfg.alpha_min) * torch.rand(B, generator=g)
+    a_logit = cfg.aug_mean + cfg.aug_std * torch.randn(B, generator=g)
+    n = torch.randn(c_str.shape, generator=g)
+    dev = c_str.device
+    return aux.to(dev), alpha.to(dev), a_logit.to(dev), n.to(dev)
+
+
+# ----------------------------------------------------------------------------- the loss (eq. 1)
+
+def interpolate(z0, z1, t):
+    """z_t = (1 − t)·z_0 + t·z_1: the straight path from the data latent (t = 0) to noise (t = 1)."""
+    t = t.view(-1, 1, 1, 1)
+    return (1 - t) * z0 + t * z1
+
+
+def flow_matching_loss(model, z0, c_str, c_sem, t, z1):
+    """L_ms = ‖v_θ(z_t, t, κ) − v_t‖², v_t = z_1 − z_0  (eq. 1); κ = (c_str, c_sem), the LR latent goes in
+    beside z_t as extra input channels."""
+    z_t = interpolate(z0, z1, t)
+    v_hat = model(torch.cat([c_str, z_t], 1), t, c_sem)
+    return F.mse_loss(v_hat.float(), (z1 - z0).float())
+
+
+# ----------------------------------------------------------------------------- the training step
+
+def step_rngs(seed: int, step: int, micro: int = 0) -> SimpleNamespace:
+    """The generators of step `step` (CPU; the RNG state *is* (seed, step), so --resume is exact):
+    draws: t, z_1 and κ for the whole global batch — the same whatever the number of GPUs;
+    degrade: the Real-ESRGAN degradation of micro-batch `micro` (= rank × grad_accum + k).
+    (The crops have their own streams, seeded by the sample's index: HRCrops, HRStream.)"""
+    return SimpleNamespace(draws=step_generator(seed, step), degrade=step_generator(seed, step, 100 + micro))
+
+
+def draw_teacher(cfg: TrainConfig, latent_shape, g: torch.Generator) -> dict:
+    """One step's random draws for the whole global batch: t, z_1 and the conditioning mode κ."""
+    t = torch.rand(cfg.batch, generator=g)
+    z1 = torch.randn((cfg.batch, *latent_shape), generator=g)
+    aux, alpha, a_logit, n = draw_conditioning_noise(cfg, z1, g)
+    return dict(t=t, z1=z1, aux=aux, alpha=alpha, a_logit=a_logit, n=n)
+
+
+@torch.no_grad()
+def make_condition(hr, cfg: TrainConfig, codec, semantic, g: torch.Generator):
+    """HR (B,3,S,S) in [0,1] → z0 (B,C,S/8,S/8), c_str (same), c_sem (B,N,D) or None, LR (B,3,S/4,S/4)."""
+    if cfg.degradation == "bicubic":
+        lr = degrade.degrade_bicubic(hr)
+    else:
+        lr = degrade.degrade(hr, generator=g)
+    if cfg.resize_back == "release":  # the official release's: a random interpolation, on 8-bit levels
+        lr_up = degrade._resize_back(lr, hr.shape[-2:], "release", g)
+    else:  # exactly as sample.py does at inference (bicubic, clamped), so c_str means the same in both
+        lr_up = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+    z0 = codec.encode(hr * 2 - 1)
+    c_str = codec.encode(lr_up * 2 - 1)
+    c_sem = None if semantic is None else semantic(lr_up)
+    return z0, c_str, c_sem, lr
+
+
+def teacher_loss(cfg: TrainConfig, net, z0, c_str, c_sem, d: dict):
+    """κ per sample (§3.3), then the flow-matching loss (eq. 1)."""
+    c_str_k, c_sem_k = build_conditions(c_str, c_sem, cfg.mode, d["aux"], d["alpha"], d["a_logit"], d["n"])
+    return flow_matching_loss(net, z0, c_str_k, c_sem_k, d["t"], d["z1"])
+
+
+def train_step(cfg: TrainConfig, run: Run, codec, semantic, step: int) -> torch.Tensor:
+    """Draw → condition → loss and its gradient, over this rank's --grad-accum micro-batches.
+    Returns this rank's loss of the step (Run.update averages it over the ranks and takes the step)."""
+    draws = draw_teacher(cfg, run.latent_shape, step_rngs(cfg.seed, step).draws)      # draw
+    loss_sum = 0.0
+    for k in range(cfg.grad_accum):
+        hr = run.next_batch()
+        rng = step_rngs(cfg.seed, step, run.rank * cfg.grad_accum + k)
+        z0, c_str, c_sem, _ = make_condition(hr, cfg, codec, semantic, rng.degrade)  # condition
+        with run.autocast():
+            loss = teacher_loss(cfg, run.net, z0, c_str, c_sem, run.share(draws, k))  # loss (eq. 1)
+        (loss / cfg.grad_accum).backward()
+        loss_sum += loss.detach().float() / cfg.grad_accum
+    return loss_sum
+
+
+def train(cfg: TrainConfig, changes=()) -> dict:
+    """Train the teacher; returns {step: loss} of the steps this call ran. `changes`: what a --resume
+    changed (parse_cli), recorded in config.json."""
+    crops = preflight(cfg)  # before the models are built: a refusal should not wait for DINOv2 to load
+    env = setup_distributed(cfg)
+    torch.manual_seed(cfg.seed)  # the same init on every rank
+    codec, semantic, model, ema = build_models(cfg, env[2])
+    if cfg.init and not (cfg.resume and (Path(cfg.out) / "ckpt.safetensors").exists()):
+        init_weights(cfg.init, model, ema)
+    try:
+        run = Run(cfg, model, ema, codec, semantic, env, crops, changes=changes)
+        for step in run.steps():
+            loss = run.update(train_step(cfg, run, codec, semantic, step), step)  # step (None: skipped)
+            if loss is None:
+                continue
+            # EMA, with a warm-up that keeps short runs meaningful: it reaches cfg.ema after ~10/(1−ema) steps
+            ema_update(ema, model, min(cfg.ema, (1 + step) / (10 + step)))
+            run.log(step, loss)                                                    # log / validate / checkpoint
+        run.close()
+        return run.history
+    finally:
+        if env[1] > 1:
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- the loop's plumbing
+
+@torch.no_grad()
+def ema_update(ema, model, decay: float):
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm.detach().to(pe.dtype), 1 - decay)
+
+
+class Run:
+    """What both stages do around their step: the run dir, AdamW, --resume, DDP, the data loader,
+    the loss over ranks, non-finite losses, log.jsonl and the progress line, validation, checkpoints."""
+
+    def __init__(self, cfg, model, ema, codec, semantic, env, crops, student=False, name="train_teacher.py",
+                 changes=()):
+        self.rank, self.world, self.device = rank, world, device = env
+        if cfg.batch % (world * cfg.grad_accum):
+            raise SystemExit(f"{name}: --batch {cfg.batch}: must divide by world size × grad_accum = "
+                             f"{world * cfg.grad_accum}")
+        self.cfg, self.model, self.ema, self.codec, self.semantic = cfg, model, ema, codec, semantic
+        self.student, self.name = student, name
+        self.dir, ckpt = Path(cfg.out), Path(cfg.out) / "ckpt.safetensors"
+        resuming = cfg.resume and ckpt.exists()
+        self.val_hr = load_val(cfg, device) if rank == 0 else None
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if cfg.overwrite and rank == 0:
+            clear_run(self.dir)
+        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                     betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                                     fused=device.type == "cuda")  # one kernel for all parameters
+        self.start = self.resume(ckpt) if resuming else 0
+        if cfg.resume and not resuming and rank == 0:
+            print(f"{name}: {self.dir} has no ckpt.safetensors yet: starting at step 0")
+        if rank == 0:
+            write_run_config(cfg, self.dir, model, semantic, [c | {"step": self.start} for c in changes])
+        if cfg.compile:
+            dit.compile_blocks(model)  # block by block: seconds to compile, not minutes
+        self.net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None)
+        self.micro = cfg.batch // world // cfg.grad_accum
+        self.latent_shape = (codec.channels, cfg.size // codec.factor, cfg.size // codec.factor)
+        if isinstance(crops, HRCrops):  # a folder: sample i of the run is a function of i (StepSampler)
+            self.loader = iter(torch.utils.data.DataLoader(
+                crops, batch_size=self.micro, sampler=StepSampler(self.start, cfg.steps, cfg.batch, rank, world),
+                num_workers=cfg.workers, pin_memory=device.type == "cuda"))
+        else:                           # streams: each continues where the checkpoint says it was
+            self.loader = StreamLoader(cfg, rank, world, self.micro,
+                                       resume_streams(ckpt if resuming else None, world, cfg, name))
+        self.logfile = open(self.dir / "log.jsonl", "a") if rank == 0 else None
+        # A bar on a terminal; elsewhere (nohup, a log file) a plain line every --log-every steps instead.
+        self.tty = sys.stderr.isatty()
+        self.bar = tqdm(range(self.start, cfg.steps), initial=self.start, total=cfg.steps,
+                        disable=rank != 0 or not self.tty, desc=name.removesuffix(".py"))
+        self.history, self.bad, self.t0 = {}, 0, time.time()
+
+    def resume(self, ckpt: Path) -> int:
+        """Model, EMA and optimiser from the checkpoint; the flags win over its hyper-parameters (a cool-down)."""
+        cfg, name = self.cfg, self.name
+        try:
+            start = load_checkpoint(ckpt, self.model, self.ema, self.opt)
+        except ValueError as e:  # a checkpoint of another model: the message names the key
+            raise SystemExit(f"{name}: cannot resume: {e}") from None
+        for group in self.opt.param_groups:
+            group.update(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        if self.rank == 0:
+            trim_log(self.dir / "log.jsonl", start)
+            print(f"{name}: resumed {self.dir} at step {start}")
+            if start >= cfg.steps:
+                print(f"{name}: step {start} is already --steps {cfg.steps}: nothing to train (give a larger --steps)")
+        return start
+
+    def steps(self):
+        return self.bar
+
+    def next_batch(self) -> torch.Tensor:
+        return next(self.loader).to(self.device, non_blocking=True)
+
+    def share(self, draws: dict, k: int) -> dict:
+        """This rank's slice of the global batch's draws for micro-batch k: the same global indices as its images."""
+        lo = self.rank * (self.micro * self.cfg.grad_accum) + k * self.micro
+        return {key: v[lo:lo + self.micro].to(self.device) for key, v in draws.items()}
+
+    def autocast(self):
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.bf16)
+
+    def update(self, loss: torch.Tensor, step: int) -> float | None:
+        """The mean loss over the ranks; finite: clip the gradient, AdamW step. Non-finite: the step is
+        skipped (None), and after --skip-nonfinite of them the run stops (the last checkpoint is kept)."""
+        if self.world > 1:
+            dist.all_reduce(loss)
+            loss /= self.world
+        loss_val = float(loss)
+        if not math.isfinite(loss_val):
+            self.bad += 1
+            self.opt.zero_grad(set_to_none=True)
+            if self.bad > self.cfg.skip_nonfinite:
+                print(f"{self.name}: non-finite loss ({loss_val}) at step {step}; the last good checkpoint is kept",
+                      file=sys.stderr)
+                raise SystemExit(3)
+            return None
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss_val
+
+    def log(self, step: int, loss: float) -> None:
+        """log.jsonl, the progress bar or line, validation every --val-every, the checkpoint every --ckpt-every."""
+        cfg, done = self.cfg, step + 1
+        self.history[step] = loss
+        checkpoint_now = done % cfg.ckpt_every == 0 or done == cfg.steps
+        # every rank takes part in gathering the streams' positions (a collective under torchrun)
+        streams = self.loader.state(self.world) if checkpoint_now and isinstance(self.loader, StreamLoader) else None
+        if self.rank != 0:
+            return
+        elapsed = time.time() - self.t0
+        ips = (done - self.start) * cfg.batch / elapsed
+        self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}")
+        rec = {"step": done, "loss": loss, "img_per_s": round(ips, 2)}
+        if self.val_hr is not None and (done % cfg.val_every == 0 or done == cfg.steps):
+            rec |= validate(cfg, self.ema, self.codec, self.semantic, self.val_hr, done, self.dir, self.device,
+                            self.student)
+            self.bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in rec.items() if k.startswith("val")))
+        if done % cfg.log_every == 0 or "val_psnr" in rec:
+            self.logfile.write(json.dumps(rec) + "\n")
+            self.logfile.flush()
+        if not self.tty and (done % cfg.log_every == 0 or done == cfg.steps):
+            print(progress_line(self.name, done, cfg.steps, loss, (done - self.start) / elapsed), flush=True)
+        if checkpoint_now:
+            save_checkpoint(self.dir, self.model, self.ema, self.opt, done, streams)
+
+    def close(self) -> None:
+        if self.logfile:
+            self.logfile.close()
+
+
+def progress_line(name: str, done: int, steps: int, loss: float, steps_per_s: float) -> str:
+    """The line printed every --log-every steps when stderr is not a terminal (no progress bar there)."""
+    eta = time.strftime("%H:%M:%S", time.gmtime((steps - done) / max(steps_per_s, 1e-9)))
+    return f"{name}: step {done}/{steps} loss {loss:.4f} {steps_per_s:.2f} steps/s ETA {eta}"
+
+
+def setup_distributed(cfg: TrainConfig):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python` run is rank 0 of 1."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(cfg.device)
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cfg.device.startswith("cuda"):
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def build_models(cfg: TrainConfig, device):
+    """Frozen codec and semantic encoder, the trainable DiT and its EMA copy."""
+    try:
+        codec = vae.load_codec(cfg.codec, device=device)
+        semantic = vae.load_semantic(semantic_source(cfg), image_size=cfg.semantic_size, device=device, seed=cfg.seed)
+    except (FileNotFoundError, ValueError) as e:  # a missing or invalid folder/file: say which, no traceback
+        raise SystemExit(f"train_teacher.py: {e}") from e
+    kw = dict(latent_channels=codec.channels, patch_size=cfg.patch_size,
+              enc_dim=semantic.dim if semantic is not None else 768,
+              train_grid=cfg.size // codec.factor // cfg.patch_size)
+    model = dit.build(cfg.preset, grad_ckpt=cfg.grad_ckpt, **kw).to(device)
+    if cfg.patch_size**2 * codec.channels > model.dim:
+        print(f"train_teacher.py: warning: a token carries {cfg.patch_size**2 * codec.channels} latent values, "
+              f"more than the model width {model.dim}; the output cannot span the noise (use --patch-size 1)",
+              file=sys.stderr)
+    ema = dit.build(cfg.preset, **kw).to(device)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False).eval()
+    return codec, semantic, model, ema
+
+
+def semantic_source(cfg) -> str:
+    """The semantic encoder to load: a random encoder saved in the run (a resume) is loaded from there."""
+    own = Path(cfg.out) / cfg.semantic
+    return str(own) if cfg.semantic == "semantic.safetensors" and own.is_file() else cfg.semantic
+
+
+@torch.no_grad()
+def validate(cfg, ema, codec, semantic, val_hr, step, run: Path, device, student=False) -> dict:
+    """EMA weights on held-out crops: flow-matching loss of the full branch at fixed t, PSNR of
+    samples (`val_steps` guided Euler steps; a student: its own step count) and an LR | SR | HR grid."""
+    z0, c_str, c_sem, lr = make_condition(val_hr, cfg, codec, semantic, step_generator(cfg.seed, 0, 9))
+    z1 = torch.randn(z0.shape, generator=step_generator(cfg.seed, 0, 10)).to(device)
+    losses = [flow_matching_loss(ema, z0, c_str, c_sem, torch.full((len(z0),), t, device=device), z1).item()
+              for t in (0.1, 0.3, 0.5, 0.7, 0.9)]
+    pipe = VOSRPipeline(ema, codec, semantic, student=student, device=device, bf16=cfg.bf16)
+    guidance = 1.0 if cfg.mode == "full" else 0.5  # a full-only model has no partial branch
+    alpha = 0.0 if cfg.mode == "cfg" else 0.15     # standard CFG's auxiliary branch had no c_str
+    alpha = alpha if getattr(cfg, "alpha", None) is None else cfg.alpha  # a student distilled at a fixed α
+    sr = pipe(lr, 4.0, cfg.val_steps, guidance, alpha, generator=torch.Generator().manual_seed(0))
+    psnr = -10 * torch.log10(((sr - val_hr) ** 2).mean((1, 2, 3))).mean().item()
+    n = min(4, len(val_hr))
+    lr_near = F.interpolate(lr[:n], size=sr.shape[-2:], mode="nearest")
+    rows = [torch.cat([lr_near[i], sr[i], val_hr[i]], -1) for i in range(n)]  # LR | SR | HR
+    degrade.write_image(run / f"val_{step:07d}.png", torch.cat(rows, -2))
+    return {"val_loss": sum(losses) / len(losses), "val_psnr": psnr}
+
+
+def load_val(cfg: TrainConfig, device) -> torch.Tensor | None:
+    """Centre crops of up to 8 held-out images (B,3,S,S)."""
+    if not cfg.val_data:
+        return None
+    crops = []
+    for p in degrade.find_images(cfg.val_data)[:8]:
+        try:
+            img = degrade.read_image(p)
+        except degrade.ImageError as e:
+            print(f"train_teacher.py: skipping {e}", file=sys.stderr)
+            continue
+        h, w = img.shape[-2:]
+        if min(h, w) < cfg.size:
+            continue
+        y, x = (h - cfg.size) // 2, (w - cfg.size) // 2
+        crops.append(img[:, y:y + cfg.size, x:x + cfg.size])
+    return torch.stack(crops).to(device) if crops else None
+
+
+# ----------------------------------------------------------------------------- data: folder crops
 
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     """A CPU generator for one step's draws: the RNG state *is* (seed, step), so resume is exact."""
@@ -389,87 +759,81 @@ class StreamLoader:
         return {k: v for p in parts for k, v in p.items()}
 
 
-@torch.no_grad()
-def make_condition(hr, cfg: TrainConfig, codec, semantic, g: torch.Generator):
-    """HR (B,3,S,S) in [0,1] → x0 (B,C,S/8,S/8), c_str (same), c_sem (B,N,D) or None, LR (B,3,S/4,S/4)."""
-    if cfg.degradation == "bicubic":
-        lr = degrade.degrade_bicubic(hr)
-    else:
-        lr = degrade.degrade(hr, generator=g)
-    if cfg.resize_back == "release":  # the official release's: a random interpolation, on 8-bit levels
-        lr_up = degrade._resize_back(lr, hr.shape[-2:], "release", g)
-    else:  # exactly as sample.py does at inference (bicubic, clamped), so c_str means the same in both
-        lr_up = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
-    x0 = codec.encode(hr * 2 - 1)
-    c_str = codec.encode(lr_up * 2 - 1)
-    c_sem = None if semantic is None else semantic(lr_up)
-    return x0, c_str, c_sem, lr
+# ----------------------------------------------------------------------------- data: checked before a run starts
+
+RUN_FILES = ("ckpt.safetensors", "ema.safetensors", "config.json", "log.jsonl")
 
 
-# ----------------------------------------------------------------------------- conditioning (§3.3)
-
-def noise_augment(c_str, a_logit, n):
-    """Full branch: c̃ = a·c_str + sqrt(1 − a²)·n, a = sigmoid(N(5, 1)) per sample."""
-    a = torch.sigmoid(a_logit).view(-1, 1, 1, 1)
-    return a * c_str + (1 - a**2).sqrt() * n
-
-
-def build_conditions(c_str, c_sem, mode: str, aux, alpha, a_logit, n):
-    """Per-sample conditioning κ. aux (B,) bool marks the auxiliary branch; returns (c_str_κ, c_sem_κ).
-
-    partial: auxiliary samples get (α·c_str, ∅), the others (noise-augmented c_str, c_sem)  (§3.3)
-    cfg:     auxiliary samples get (0, ∅) — standard classifier-free guidance
-    full:    every sample is fully conditioned (no auxiliary branch)
-    """
-    full = noise_augment(c_str, a_logit, n)
-    if mode == "full":
-        return full, c_sem
-    keep = (~aux).float().view(-1, 1, 1, 1)
-    weak = alpha.view(-1, 1, 1, 1) * c_str if mode == "partial" else torch.zeros_like(c_str)
-    c_str_k = keep * full + (1 - keep) * weak
-    c_sem_k = None if c_sem is None else c_sem * keep.view(-1, 1, 1)  # ∅ = zero tokens
-    return c_str_k, c_sem_k
+def streamed(data: str) -> bool:
+    """Is --data read as streams (a dataset list, a shard pattern, shards) rather than a folder of images?"""
+    path = Path(data)
+    return (path.suffix in (".txt", ".tar") or "{" in data
+            or (path.is_dir() and next(path.rglob("*.tar"), None) is not None))
 
 
-def draw_conditioning_noise(cfg: TrainConfig, c_str, g: torch.Generator):
-    """The per-sample random draws of κ: branch choice, α, augmentation strength and noise."""
-    B = c_str.shape[0]
-    aux = torch.rand(B, generator=g) < cfg.p_partial
-    alpha = cfg.alpha_min + (cfg.alpha_max - cfg.alpha_min) * torch.rand(B, generator=g)
-    a_logit = cfg.aug_mean + cfg.aug_std * torch.randn(B, generator=g)
-    n = torch.randn(c_str.shape, generator=g)
-    dev = c_str.device
-    return aux.to(dev), alpha.to(dev), a_logit.to(dev), n.to(dev)
+def preflight(cfg, name: str = "train_teacher.py") -> HRCrops | list:
+    """What a user can get wrong, checked before any model is built or file written: the run dir (never
+    overwrite a run silently: one that holds a run needs --resume or --overwrite), the checkpoint to
+    resume, the data folders. Returns the training data: an HRCrops, or the parsed sources of streamed data."""
+    run = Path(cfg.out)
+    if run.exists() and not run.is_dir():
+        raise SystemExit(f"{name}: --out {run} is a file, not a folder")
+    if cfg.resume and cfg.overwrite:
+        raise SystemExit(f"{name}: --resume and --overwrite: give one (continue the run, or start it over)")
+    if cfg.resume and (run / "ckpt.safetensors").exists():
+        check_training_checkpoint(run / "ckpt.safetensors", name)
+    found = [f for f in RUN_FILES if (run / f).is_file()]
+    if found and not (cfg.resume or cfg.overwrite):
+        refuse_existing_run(run, found, name)
+    if cfg.val_data and not Path(cfg.val_data).exists():
+        raise SystemExit(f"{name}: --val-data {cfg.val_data}: not found")
+    if streamed(cfg.data):
+        try:
+            sources = parse_sources(cfg.data)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"{name}: --data {cfg.data}: {e}") from None
+        for source, units, _ in sources:  # each dataset must have one readable image (the first usually is)
+            if not any(readable(*sample) for sample in read_units(units, lambda msg: None)):
+                raise SystemExit(f"{name}: --data {cfg.data}: no readable image in {source}")
+        return sources
+    return HRCrops(cfg.data, cfg.size, cfg.seed, cfg.cache_images, name)
 
 
-# ----------------------------------------------------------------------------- the loss (eq. 1)
-
-def interpolate(x0, eps, t):
-    """z_t = (1 − t)·x0 + t·ε: the straight path from data (t = 0) to noise (t = 1)."""
-    t = t.view(-1, 1, 1, 1)
-    return (1 - t) * x0 + t * eps
-
-
-def flow_matching_loss(model, x0, c_str, c_sem, t, eps):
-    """L_ms = ‖v_θ(z_t, t, κ) − v_t‖², v_t = ε − x0  (eq. 1)."""
-    z_t = interpolate(x0, eps, t)
-    v_hat = model(torch.cat([c_str, z_t], 1), t, c_sem)
-    return F.mse_loss(v_hat.float(), (eps - x0).float())
+def refuse_existing_run(run: Path, found: list, name: str):
+    """The one line for a run dir that holds a run: what is there and how to go on."""
+    held = ", ".join(found)
+    if "ckpt.safetensors" in found:
+        try:
+            held = f"a checkpoint at step {read_safetensors_header(run / 'ckpt.safetensors')[1]['step']}"
+        except (ValueError, KeyError):
+            held = "a ckpt.safetensors that cannot be read"
+    raise SystemExit(f"{name}: --out {run} already holds a run ({held}); add --resume to continue it "
+                     "or --overwrite to start over")
 
 
-def slice_rank(x, rank, world):
-    """This rank's share of a tensor drawn for the whole global batch."""
-    n = x.shape[0] // world
-    return x[rank * n:(rank + 1) * n]
+def clear_run(run: Path) -> None:
+    """--overwrite: the old run's files go before the new run writes any, so no file mixes two runs."""
+    for f in [*(run / f for f in RUN_FILES), run / "semantic.safetensors", *run.glob("val_*.png")]:
+        f.unlink(missing_ok=True)
 
 
-# ----------------------------------------------------------------------------- EMA and checkpoints
+def resume_streams(ckpt: Path | None, world: int, cfg, name: str) -> dict:
+    """{stream: samples drawn} saved in the checkpoint ({} for a new run). The streams are ranks × workers;
+    a resume with another number of them cannot continue each stream, so it is refused with one line."""
+    if ckpt is None:
+        return {}
+    saved = read_safetensors_header(ckpt)[1].get("data_streams")
+    if saved is None:
+        return {}
+    positions = {int(k): v for k, v in json.loads(saved).items()}
+    if len(positions) != world * max(1, cfg.workers):
+        raise SystemExit(f"{name}: cannot resume the data streams: the run read {len(positions)} streams "
+                         f"(ranks × --workers), this one would read {world * max(1, cfg.workers)}; "
+                         "resume with the same number of ranks and --workers")
+    return positions
 
-@torch.no_grad()
-def ema_update(ema, model, decay: float):
-    for pe, pm in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(pm.detach().to(pe.dtype), 1 - decay)
 
+# ----------------------------------------------------------------------------- checkpoints
 
 def save_atomic(tensors: dict, path: Path, metadata: dict | None = None):
     """safetensors, written atomically: a crash never leaves a half-written file."""
@@ -494,6 +858,22 @@ def save_checkpoint(run: Path, model, ema, opt, step: int, data_streams: dict | 
         meta["data_streams"] = json.dumps(data_streams)
     save_atomic(tensors, run / "ckpt.safetensors", meta)
     save_atomic(ema.state_dict(), run / "ema.safetensors")
+
+
+def write_run_config(cfg: TrainConfig, run: Path, model, semantic, changes=()):
+    """config.json: the resolved training config plus what sample.py needs to rebuild the model, and
+    the list of values each --resume changed (appended to the run's earlier ones)."""
+    conf = dataclasses.asdict(cfg) | {"train_grid": model.train_grid, "enc_dim": model.enc_dim}
+    if semantic is not None and hasattr(semantic, "layer"):
+        conf["semantic_layer"] = semantic.layer  # the encoder block c_sem is read from
+    if semantic is not None and cfg.semantic.startswith("random"):
+        vae.save_semantic(semantic, run / "semantic.safetensors")  # random init travels with the run
+        conf["semantic"] = "semantic.safetensors"
+    old = run / "config.json"
+    earlier = json.loads(old.read_text()).get("changes", []) if cfg.resume and old.is_file() else []
+    if earlier or changes:
+        conf["changes"] = earlier + list(changes)
+    write_json(conf, run / "config.json")
 
 
 def read_safetensors_header(path: Path) -> tuple[set[str], dict]:
@@ -582,193 +962,6 @@ def init_weights(path: str, model, ema, name: str = "train_teacher.py") -> None:
     print(f"{name}: weights from {f}")
 
 
-# ----------------------------------------------------------------------------- validation
-
-@torch.no_grad()
-def validate(cfg, ema, codec, semantic, val_hr, step, run: Path, device, student=False) -> dict:
-    """EMA weights on held-out crops: flow-matching loss of the full branch at fixed t, PSNR of
-    samples (`val_steps` guided Euler steps; a student: its own step count) and an LR | SR | HR grid."""
-    x0, c_str, c_sem, lr = make_condition(val_hr, cfg, codec, semantic, step_generator(cfg.seed, 0, 9))
-    eps = torch.randn(x0.shape, generator=step_generator(cfg.seed, 0, 10)).to(device)
-    losses = [flow_matching_loss(ema, x0, c_str, c_sem, torch.full((len(x0),), t, device=device), eps).item()
-              for t in (0.1, 0.3, 0.5, 0.7, 0.9)]
-    pipe = VOSRPipeline(ema, codec, semantic, student=student, device=device, bf16=cfg.bf16)
-    guidance = 1.0 if cfg.mode == "full" else 0.5  # a full-only model has no partial branch
-    alpha = 0.0 if cfg.mode == "cfg" else 0.15     # standard CFG's auxiliary branch had no c_str
-    alpha = alpha if getattr(cfg, "alpha", None) is None else cfg.alpha  # a student distilled at a fixed α
-    sr = pipe(lr, 4.0, cfg.val_steps, guidance, alpha, generator=torch.Generator().manual_seed(0))
-    psnr = -10 * torch.log10(((sr - val_hr) ** 2).mean((1, 2, 3))).mean().item()
-    n = min(4, len(val_hr))
-    lr_near = F.interpolate(lr[:n], size=sr.shape[-2:], mode="nearest")
-    rows = [torch.cat([lr_near[i], sr[i], val_hr[i]], -1) for i in range(n)]  # LR | SR | HR
-    degrade.write_image(run / f"val_{step:07d}.png", torch.cat(rows, -2))
-    return {"val_loss": sum(losses) / len(losses), "val_psnr": psnr}
-
-
-def load_val(cfg: TrainConfig, device) -> torch.Tensor | None:
-    """Centre crops of up to 8 held-out images (B,3,S,S)."""
-    if not cfg.val_data:
-        return None
-    crops = []
-    for p in degrade.find_images(cfg.val_data)[:8]:
-        try:
-            img = degrade.read_image(p)
-        except degrade.ImageError as e:
-            print(f"train_teacher.py: skipping {e}", file=sys.stderr)
-            continue
-        h, w = img.shape[-2:]
-        if min(h, w) < cfg.size:
-            continue
-        y, x = (h - cfg.size) // 2, (w - cfg.size) // 2
-        crops.append(img[:, y:y + cfg.size, x:x + cfg.size])
-    return torch.stack(crops).to(device) if crops else None
-
-
-# ----------------------------------------------------------------------------- setup and loop
-
-def setup_distributed(cfg: TrainConfig):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python` run is rank 0 of 1."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device(cfg.device)
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if cfg.device.startswith("cuda"):
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def build_models(cfg: TrainConfig, device):
-    """Frozen codec and semantic encoder, the trainable DiT and its EMA copy."""
-    try:
-        codec = vae.load_codec(cfg.codec, device=device)
-        semantic = vae.load_semantic(semantic_source(cfg), image_size=cfg.semantic_size, device=device, seed=cfg.seed)
-    except (FileNotFoundError, ValueError) as e:  # a missing or invalid folder/file: say which, no traceback
-        raise SystemExit(f"train_teacher.py: {e}") from e
-    kw = dict(latent_channels=codec.channels, patch_size=cfg.patch_size,
-              enc_dim=semantic.dim if semantic is not None else 768,
-              train_grid=cfg.size // codec.factor // cfg.patch_size)
-    model = dit.build(cfg.preset, grad_ckpt=cfg.grad_ckpt, **kw).to(device)
-    if cfg.patch_size**2 * codec.channels > model.dim:
-        print(f"train_teacher.py: warning: a token carries {cfg.patch_size**2 * codec.channels} latent values, "
-              f"more than the model width {model.dim}; the output cannot span the noise (use --patch-size 1)",
-              file=sys.stderr)
-    ema = dit.build(cfg.preset, **kw).to(device)
-    ema.load_state_dict(model.state_dict())
-    ema.requires_grad_(False).eval()
-    return codec, semantic, model, ema
-
-
-def semantic_source(cfg) -> str:
-    """The semantic encoder to load: a random encoder saved in the run (a resume) is loaded from there."""
-    own = Path(cfg.out) / cfg.semantic
-    return str(own) if cfg.semantic == "semantic.safetensors" and own.is_file() else cfg.semantic
-
-
-def write_run_config(cfg: TrainConfig, run: Path, model, semantic, changes=()):
-    """config.json: the resolved training config plus what sample.py needs to rebuild the model, and
-    the list of values each --resume changed (appended to the run's earlier ones)."""
-    conf = dataclasses.asdict(cfg) | {"train_grid": model.train_grid, "enc_dim": model.enc_dim}
-    if semantic is not None and hasattr(semantic, "layer"):
-        conf["semantic_layer"] = semantic.layer  # the encoder block c_sem is read from
-    if semantic is not None and cfg.semantic.startswith("random"):
-        vae.save_semantic(semantic, run / "semantic.safetensors")  # random init travels with the run
-        conf["semantic"] = "semantic.safetensors"
-    old = run / "config.json"
-    earlier = json.loads(old.read_text()).get("changes", []) if cfg.resume and old.is_file() else []
-    if earlier or changes:
-        conf["changes"] = earlier + list(changes)
-    write_json(conf, run / "config.json")
-
-
-def draw_teacher(cfg: TrainConfig, latent_shape, g: torch.Generator) -> dict:
-    """One step's random draws for the whole global batch: t, ε and the conditioning mode κ."""
-    t = torch.rand(cfg.batch, generator=g)
-    eps = torch.randn((cfg.batch, *latent_shape), generator=g)
-    aux, alpha, a_logit, n = draw_conditioning_noise(cfg, eps, g)
-    return dict(t=t, eps=eps, aux=aux, alpha=alpha, a_logit=a_logit, n=n)
-
-
-def teacher_loss(cfg: TrainConfig, net, x0, c_str, c_sem, d: dict):
-    """κ per sample (§3.3), then the flow-matching loss (eq. 1)."""
-    c_str_k, c_sem_k = build_conditions(c_str, c_sem, cfg.mode, d["aux"], d["alpha"], d["a_logit"], d["n"])
-    return flow_matching_loss(net, x0, c_str_k, c_sem_k, d["t"], d["eps"])
-
-
-RUN_FILES = ("ckpt.safetensors", "ema.safetensors", "config.json", "log.jsonl")
-
-
-def streamed(data: str) -> bool:
-    """Is --data read as streams (a dataset list, a shard pattern, shards) rather than a folder of images?"""
-    path = Path(data)
-    return (path.suffix in (".txt", ".tar") or "{" in data
-            or (path.is_dir() and next(path.rglob("*.tar"), None) is not None))
-
-
-def preflight(cfg, name: str = "train_teacher.py") -> HRCrops | list:
-    """What a user can get wrong, checked before any model is built or file written: the run dir (never
-    overwrite a run silently: one that holds a run needs --resume or --overwrite), the checkpoint to
-    resume, the data folders. Returns the training data: an HRCrops, or the parsed sources of streamed data."""
-    run = Path(cfg.out)
-    if run.exists() and not run.is_dir():
-        raise SystemExit(f"{name}: --out {run} is a file, not a folder")
-    if cfg.resume and cfg.overwrite:
-        raise SystemExit(f"{name}: --resume and --overwrite: give one (continue the run, or start it over)")
-    if cfg.resume and (run / "ckpt.safetensors").exists():
-        check_training_checkpoint(run / "ckpt.safetensors", name)
-    found = [f for f in RUN_FILES if (run / f).is_file()]
-    if found and not (cfg.resume or cfg.overwrite):
-        refuse_existing_run(run, found, name)
-    if cfg.val_data and not Path(cfg.val_data).exists():
-        raise SystemExit(f"{name}: --val-data {cfg.val_data}: not found")
-    if streamed(cfg.data):
-        try:
-            sources = parse_sources(cfg.data)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"{name}: --data {cfg.data}: {e}") from None
-        for source, units, _ in sources:  # each dataset must have one readable image (the first usually is)
-            if not any(readable(*sample) for sample in read_units(units, lambda msg: None)):
-                raise SystemExit(f"{name}: --data {cfg.data}: no readable image in {source}")
-        return sources
-    return HRCrops(cfg.data, cfg.size, cfg.seed, cfg.cache_images, name)
-
-
-def refuse_existing_run(run: Path, found: list, name: str):
-    """The one line for a run dir that holds a run: what is there and how to go on."""
-    held = ", ".join(found)
-    if "ckpt.safetensors" in found:
-        try:
-            held = f"a checkpoint at step {read_safetensors_header(run / 'ckpt.safetensors')[1]['step']}"
-        except (ValueError, KeyError):
-            held = "a ckpt.safetensors that cannot be read"
-    raise SystemExit(f"{name}: --out {run} already holds a run ({held}); add --resume to continue it "
-                     "or --overwrite to start over")
-
-
-def clear_run(run: Path) -> None:
-    """--overwrite: the old run's files go before the new run writes any, so no file mixes two runs."""
-    for f in [*(run / f for f in RUN_FILES), run / "semantic.safetensors", *run.glob("val_*.png")]:
-        f.unlink(missing_ok=True)
-
-
-def resume_streams(ckpt: Path | None, world: int, cfg, name: str) -> dict:
-    """{stream: samples drawn} saved in the checkpoint ({} for a new run). The streams are ranks × workers;
-    a resume with another number of them cannot continue each stream, so it is refused with one line."""
-    if ckpt is None:
-        return {}
-    saved = read_safetensors_header(ckpt)[1].get("data_streams")
-    if saved is None:
-        return {}
-    positions = {int(k): v for k, v in json.loads(saved).items()}
-    if len(positions) != world * max(1, cfg.workers):
-        raise SystemExit(f"{name}: cannot resume the data streams: the run read {len(positions)} streams "
-                         f"(ranks × --workers), this one would read {world * max(1, cfg.workers)}; "
-                         "resume with the same number of ranks and --workers")
-    return positions
-
-
 def trim_log(path: Path, step: int) -> None:
     """On resume: keep the log records up to the checkpoint's step (a killed run logged past it) and drop
     a line the kill cut short, so the continued log has each step once; rewritten atomically."""
@@ -783,201 +976,6 @@ def trim_log(path: Path, step: int) -> None:
             continue
     with degrade.atomic_path(path) as tmp:
         tmp.write_text("".join(keep))
-
-
-def progress_line(name: str, done: int, steps: int, loss: float, steps_per_s: float) -> str:
-    """The line printed every --log-every steps when stderr is not a terminal (no progress bar there)."""
-    eta = time.strftime("%H:%M:%S", time.gmtime((steps - done) / max(steps_per_s, 1e-9)))
-    return f"{name}: step {done}/{steps} loss {loss:.4f} {steps_per_s:.2f} steps/s ETA {eta}"
-
-
-def fit(cfg, model, ema, codec, semantic, draw, loss_fn, env, crops: HRCrops | list, student=False,
-        name="train_teacher.py", changes=()) -> dict:
-    """The training loop shared by the teacher and distillation: data, accumulation, DDP, EMA,
-    checkpoints, logging, validation. `crops` is preflight's data set; `draw(cfg, latent_shape, g)`
-    returns the step's random draws for the global batch; `loss_fn(net, x0, c_str, c_sem, draws)` the
-    loss of one micro-batch; `changes` the values a --resume changed (recorded in config.json).
-    Returns {step: loss} for the steps this call ran."""
-    rank, world, device = env
-    if cfg.batch % (world * cfg.grad_accum):
-        raise SystemExit(f"{name}: --batch {cfg.batch}: must divide by world size × grad_accum = "
-                         f"{world * cfg.grad_accum}")
-    run, ckpt = Path(cfg.out), Path(cfg.out) / "ckpt.safetensors"
-    resuming = cfg.resume and ckpt.exists()
-    val_hr = load_val(cfg, device) if rank == 0 else None
-    run.mkdir(parents=True, exist_ok=True)
-    if cfg.overwrite and rank == 0:
-        clear_run(run)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                            betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
-                            fused=device.type == "cuda")  # one kernel for all parameters
-    start = 0
-    if resuming:
-        try:
-            start = load_checkpoint(ckpt, model, ema, opt)
-        except ValueError as e:  # a checkpoint of another model: the message names the key
-            raise SystemExit(f"{name}: cannot resume: {e}") from None
-        for group in opt.param_groups:  # the flags win over the saved hyper-parameters (a cool-down)
-            group.update(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-        if rank == 0:
-            trim_log(run / "log.jsonl", start)
-            print(f"{name}: resumed {run} at step {start}")
-            if start >= cfg.steps:
-                print(f"{name}: step {start} is already --steps {cfg.steps}: nothing to train (give a larger --steps)")
-    elif cfg.resume and rank == 0:
-        print(f"{name}: {run} has no ckpt.safetensors yet: starting at step 0")
-    if rank == 0:
-        write_run_config(cfg, run, model, semantic, [c | {"step": start} for c in changes])
-    if cfg.compile:
-        dit.compile_blocks(model)  # block by block: seconds to compile, not minutes
-    net = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-
-    micro = cfg.batch // world // cfg.grad_accum
-    if isinstance(crops, HRCrops):  # a folder: sample i of the run is a function of i (StepSampler)
-        loader = iter(torch.utils.data.DataLoader(
-            crops, batch_size=micro, sampler=StepSampler(start, cfg.steps, cfg.batch, rank, world),
-            num_workers=cfg.workers, pin_memory=device.type == "cuda"))
-    else:                           # streams: each continues where the checkpoint says it was
-        loader = StreamLoader(cfg, rank, world, micro, resume_streams(ckpt if resuming else None, world, cfg, name))
-    log = open(run / "log.jsonl", "a") if rank == 0 else None
-    # A bar on a terminal; elsewhere (nohup, a log file) a plain line every --log-every steps instead.
-    tty = sys.stderr.isatty()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank != 0 or not tty,
-               desc=name.removesuffix(".py"))
-    history, bad, t0 = {}, 0, time.time()
-    for step in bar:
-        # Draws for the whole global batch come from (seed, step), and each rank takes the slice of
-        # its images: the same samples and noise whatever the number of GPUs (only the Real-ESRGAN
-        # degradation draws are per rank).
-        g = step_generator(cfg.seed, step)
-        draws, loss_sum = None, 0.0
-        for k in range(cfg.grad_accum):
-            hr = next(loader).to(device, non_blocking=True)
-            x0, c_str, c_sem, _ = make_condition(hr, cfg, codec, semantic,
-                                                 step_generator(cfg.seed, step, 100 + rank * cfg.grad_accum + k))
-            draws = draws or draw(cfg, x0.shape[1:], g)
-            lo = rank * (micro * cfg.grad_accum) + k * micro  # the same global indices as the images
-            d = {key: v[lo:lo + micro].to(device) for key, v in draws.items()}
-            with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
-                loss = loss_fn(net, x0, c_str, c_sem, d)
-            (loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach().float() / cfg.grad_accum
-        if world > 1:
-            dist.all_reduce(loss_sum)
-            loss_sum /= world
-        loss_val = float(loss_sum)
-        if not math.isfinite(loss_val):
-            bad += 1
-            opt.zero_grad(set_to_none=True)
-            if bad > cfg.skip_nonfinite:
-                print(f"{name}: non-finite loss ({loss_val}) at step {step}; the last good checkpoint is kept",
-                      file=sys.stderr)
-                raise SystemExit(3)
-            continue
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        # EMA warm-up keeps short runs meaningful; it reaches `cfg.ema` after ~10/(1−ema) steps.
-        ema_update(ema, model, min(cfg.ema, (1 + step) / (10 + step)))
-        history[step] = loss_val
-        done = step + 1
-        checkpoint_now = done % cfg.ckpt_every == 0 or done == cfg.steps
-        # every rank takes part in gathering the streams' positions (a collective under torchrun)
-        streams = loader.state(world) if checkpoint_now and isinstance(loader, StreamLoader) else None
-        if rank == 0:
-            elapsed = time.time() - t0
-            ips = (done - start) * cfg.batch / elapsed
-            bar.set_postfix(loss=f"{loss_val:.4f}", img_s=f"{ips:.1f}")
-            rec = {"step": done, "loss": loss_val, "img_per_s": round(ips, 2)}
-            if val_hr is not None and (done % cfg.val_every == 0 or done == cfg.steps):
-                rec |= validate(cfg, ema, codec, semantic, val_hr, done, run, device, student)
-                bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in rec.items() if k.startswith("val")))
-            if done % cfg.log_every == 0 or "val_psnr" in rec:
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-            if not tty and (done % cfg.log_every == 0 or done == cfg.steps):
-                print(progress_line(name, done, cfg.steps, loss_val, (done - start) / elapsed), flush=True)
-            if checkpoint_now:
-                save_checkpoint(run, model, ema, opt, done, streams)
-    if log:
-        log.close()
-    return history
-
-
-def train(cfg: TrainConfig, changes=()) -> dict:
-    """Train the teacher; returns {step: loss}. `changes`: what a --resume changed (parse_cli)."""
-    crops = preflight(cfg)  # before the models are built: a refusal should not wait for DINOv2 to load
-    env = setup_distributed(cfg)
-    torch.manual_seed(cfg.seed)  # the same init on every rank
-    codec, semantic, model, ema = build_models(cfg, env[2])
-    if cfg.init and not (cfg.resume and (Path(cfg.out) / "ckpt.safetensors").exists()):
-        init_weights(cfg.init, model, ema)
-    try:
-        return fit(cfg, model, ema, codec, semantic, draw_teacher, partial(teacher_loss, cfg), env, crops,
-                   changes=changes)
-    finally:
-        if env[1] > 1:
-            dist.destroy_process_group()
-
-
-# ----------------------------------------------------------------------------- benchmark (--bench)
-
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
-
-
-def dit_flops(model, tokens: int, sem_tokens: int) -> float:
-    """Forward FLOPs of one image (2 per multiply-add). Per block and token: qkv + proj 4d², cross q +
-    proj 2d², SwiGLU 3·h·d = 8d², attention scores and mixing 2·d·(N + M); per image: cross k, v
-    2·d²·M. Plus the semantic projection (4·768·d-like) and patch embed / final layer."""
-    d, L, N, M = model.dim, model.depth, tokens, sem_tokens
-    h = int(2 / 3 * 4 * d)
-    per_block = N * (6 * d * d + 3 * h * d + 2 * d * (N + M)) + 2 * d * d * M
-    io = N * (2 * model.latent_channels * model.patch_size**2 * d + d * model.patch_size**2 * model.latent_channels)
-    sem = M * (model.enc_dim * 3 * d + 3 * d * d)
-    return 2.0 * (L * per_block + io + sem)
-
-
-def bench(preset: str, size: int, batch: int, steps: int, device: str, bf16: bool, compile_: bool,
-          latent_channels: int = 4, factor: int = 8, sem_tokens: int = 1024, enc_dim: int = 768) -> dict:
-    """Time training steps of the DiT alone (random weights, real shapes) → images/s, TFLOP/s, MFU.
-    Training FLOPs = 3 × forward (the backward pass costs twice the forward)."""
-    dev = torch.device(device)
-    model = dit.build(preset, latent_channels=latent_channels, enc_dim=enc_dim,
-                      train_grid=size // factor // 2).to(dev)
-    if compile_:
-        dit.compile_blocks(model)  # in place, as --compile in training
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01,
-                            fused=dev.type == "cuda")
-    h = size // factor
-    x0, c_str = torch.randn(batch, latent_channels, h, h, device=dev), torch.randn(batch, latent_channels, h, h, device=dev)
-    c_sem, eps = torch.randn(batch, sem_tokens, enc_dim, device=dev), torch.randn_like(x0)
-
-    def one_step():
-        t = torch.rand(batch, device=dev)
-        with torch.autocast(dev.type, torch.bfloat16, enabled=bf16):
-            loss = flow_matching_loss(model, x0, c_str, c_sem, t, eps)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    for _ in range(3):  # warm-up (and compilation)
-        one_step()
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        one_step()
-    sync()
-    sec = (time.perf_counter() - t0) / steps
-    flops = 3 * batch * dit_flops(model, (h // 2) ** 2, sem_tokens)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-    return {"device": name, "torch": torch.__version__, "preset": preset, "size": size, "batch": batch,
-            "bf16": bf16, "compile": compile_, "step_s": sec, "img_per_s": batch / sec,
-            "tflops": flops / sec / 1e12, "mfu": None if peak is None or not bf16 else flops / sec / 1e12 / peak}
 
 
 # ----------------------------------------------------------------------------- command line
@@ -1031,24 +1029,20 @@ CHOICES = {"mode": ("partial", "cfg", "full"), "degradation": ("realesrgan", "bi
            "resize_back": ("bicubic", "release")}
 
 
-def _at_least(lo):
+def at_least(lo):
     return lambda v: v >= lo, f"must be at least {lo}"
 
 
-def _in_01(closed_right=True):
-    return (lambda v: 0 <= v <= 1, "must be in [0, 1]") if closed_right else (lambda v: 0 <= v < 1, "must be in [0, 1)")
-
-
-POSITIVE = (lambda v: v > 0, "must be > 0")
+IN_01, IN_01_OPEN = (lambda v: 0 <= v <= 1, "must be in [0, 1]"), (lambda v: 0 <= v < 1, "must be in [0, 1)")
+POSITIVE, NON_NEGATIVE = (lambda v: v > 0, "must be > 0"), (lambda v: v >= 0, "must be ≥ 0")
+FINITE = (math.isfinite, "must be a finite number")
 RANGES = {  # field → (test, what it must be); checked on the resolved config (presets, --resume)
-    "patch_size": _at_least(1), "semantic_size": _at_least(14), "batch": _at_least(1),
-    "grad_accum": _at_least(1), "steps": _at_least(1), "lr": POSITIVE,
-    "weight_decay": (lambda v: v >= 0, "must be ≥ 0"), "beta1": _in_01(False), "beta2": _in_01(False),
-    "grad_clip": POSITIVE, "ema": _in_01(False), "p_partial": _in_01(), "alpha_min": _in_01(),
-    "alpha_max": _in_01(), "aug_mean": (math.isfinite, "must be a finite number"),
-    "aug_std": (lambda v: v >= 0, "must be ≥ 0"), "seed": _at_least(0), "workers": _at_least(0),
-    "log_every": _at_least(1), "val_every": _at_least(1), "val_steps": _at_least(1),
-    "ckpt_every": _at_least(1), "skip_nonfinite": _at_least(0),
+    **dict.fromkeys(("patch_size", "batch", "grad_accum", "steps", "log_every", "val_every", "val_steps",
+                     "ckpt_every"), at_least(1)),
+    **dict.fromkeys(("seed", "workers", "skip_nonfinite"), at_least(0)), "semantic_size": at_least(14),
+    "lr": POSITIVE, "grad_clip": POSITIVE, "weight_decay": NON_NEGATIVE, "aug_std": NON_NEGATIVE,
+    "beta1": IN_01_OPEN, "beta2": IN_01_OPEN, "ema": IN_01_OPEN, "p_partial": IN_01, "alpha_min": IN_01,
+    "alpha_max": IN_01, "aug_mean": FINITE,
 }
 
 
@@ -1093,8 +1087,8 @@ def codec_factor(spec: str) -> int | None:
 
 def check_ranges(cfg, name: str, ranges: dict) -> None:
     """Every numeric setting in its range, or one line naming the flag, its value and the range."""
-    for field, (ok, must) in ranges.items():
-        v = getattr(cfg, field)
+    for field in (f.name for f in dataclasses.fields(cfg) if f.name in ranges):  # in the config's order
+        (ok, must), v = ranges[field], getattr(cfg, field)
         if v is not None and not ok(v):
             raise SystemExit(f"{name}: {flag(field)} {v:g}: {must}")
     if cfg.alpha_min > cfg.alpha_max:
@@ -1158,43 +1152,49 @@ def resolve_resume(config_cls, saved: dict, given: dict, name: str, out: str):
     return config_cls(**(conf | given)), [{"flag": flag(k), "from": conf[k], "to": v} for k, v in changed.items()]
 
 
+def resolve_cli(p, config_cls, given: dict, name: str, fresh, ranges: dict, check_files: bool, retyped=None):
+    """The end both CLIs share. --resume: the run's config.json gives the defaults and the flags typed
+    again (`retyped`, else `given`) win; else `fresh()` builds the config. Then every range, and the
+    paths. Returns (config, what --resume changed)."""
+    if given.get("resume") and given.get("overwrite"):
+        p.error("--resume and --overwrite: give one (continue the run, or start it over)")
+    out = given.get("out", config_cls.out)
+    saved = saved_config(out, name) if given.get("resume") else None
+    if saved is None:
+        cfg, changes = fresh(), []
+    else:
+        cfg, changes = resolve_resume(config_cls, saved, given if retyped is None else retyped, name, out)
+    check_ranges(cfg, name, ranges)
+    if check_files:
+        check_paths(cfg, name)
+    return cfg, changes
+
+
 TRUE_DEFAULTS = dataclasses.asdict(TrainConfig()) | PRESETS["tiny"] | {
     "preset": "tiny", "device": "cuda if available, else cpu"}
-
-
-def preset_epilog() -> str:
-    lines = ["presets (each sets these defaults; any flag given wins):"]
-    lines += [f"  {k:<12} " + ", ".join(flag(f) if v is True else f"{flag(f)} {_show(v)}"
-                                       for f, v in d.items() if f != "preset")
-              + f" (model {d['preset']})" for k, d in PRESETS.items()]
-    lines.append(f"  any of {', '.join(sorted(dit.PRESETS))}: that dit.py model with the flags' defaults")
-    lines.append("\nthroughput benchmark (no training): python train_teacher.py --bench --help")
-    return "\n".join(lines)
+EPILOG = "presets (each sets these defaults; any flag given wins):\n" + "\n".join(
+    f"  {k:<12} " + ", ".join(flag(f) if v is True else f"{flag(f)} {_show(v)}" for f, v in d.items() if f != "preset")
+    + f" (model {d['preset']})" for k, d in PRESETS.items()) + (
+    f"\n  any of {', '.join(sorted(dit.PRESETS))}: that dit.py model with the flags' defaults"
+    "\n\nthroughput benchmark (no training): python tools/bench_train.py --help")
+BENCH_MOVED = "--bench moved to tools/bench_train.py: python tools/bench_train.py --help"
 
 
 def parse_cli(argv=None, check_files: bool = True) -> tuple[TrainConfig, list]:
     """The command line → (config, changes). A fresh run: the preset fills the defaults (PRESETS, or a
     bare dit.py model preset), typed flags win. --resume: the run's config.json fills them instead."""
-    name = "train_teacher.py"
-    p = config_parser(TrainConfig, __doc__, TRUE_DEFAULTS, HELP, preset_epilog())
+    p = config_parser(TrainConfig, __doc__, TRUE_DEFAULTS, HELP, EPILOG)
+    if "--bench" in (sys.argv[1:] if argv is None else argv):
+        p.error(BENCH_MOVED)
     given = vars(p.parse_args(argv))
     typed_preset, preset = "preset" in given, given.pop("preset", "tiny")
     if preset not in PRESETS and preset not in dit.PRESETS:
         p.error(f"--preset {preset}: choose from {', '.join(sorted(set(PRESETS) | set(dit.PRESETS)))}")
     recipe = PRESETS.get(preset, {"preset": preset})
-    if given.get("resume") and given.get("overwrite"):
-        p.error("--resume and --overwrite: give one (continue the run, or start it over)")
-    out = given.get("out", TrainConfig.out)
-    saved = saved_config(out, name) if given.get("resume") else None
-    if saved is None:
-        cfg, changes = TrainConfig(**(recipe | given)), []
-    else:  # a preset typed again names the model; its other defaults give way to the saved ones
-        typed = given | ({"preset": recipe["preset"]} if typed_preset else {})
-        cfg, changes = resolve_resume(TrainConfig, saved, typed, name, out)
-    check_ranges(cfg, name, RANGES)
-    if check_files:
-        check_paths(cfg, name)
-    return cfg, changes
+    # on --resume a preset typed again names the model; its other defaults give way to the saved ones
+    retyped = given | ({"preset": recipe["preset"]} if typed_preset else {})
+    return resolve_cli(p, TrainConfig, given, "train_teacher.py", lambda: TrainConfig(**(recipe | given)),
+                       RANGES, check_files, retyped)
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -1202,42 +1202,7 @@ def parse_args(argv=None) -> TrainConfig:
     return parse_cli(argv, check_files=False)[0]
 
 
-def _checked(typ, lo):
-    """An argparse type: `typ` of at least `lo` (argparse's one-line error names the flag)."""
-    def parse(text):
-        v = typ(text)
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"{v}: must be at least {lo}")
-        return v
-    return parse
-
-
-def bench_main(argv) -> None:
-    """python train_teacher.py --bench [--preset 0.5B] [--size 512] [--batch 8] [--bf16] [--compile]"""
-    p = OneLineParser(prog="train_teacher.py --bench", description="training throughput of the DiT (random "
-                      "weights, real shapes)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--bench", action="store_true", help="time training steps instead of training")
-    p.add_argument("--preset", default="small", choices=sorted(dit.PRESETS), help="model preset of dit.py")
-    p.add_argument("--size", type=_checked(int, 16), default=256, help="HR crop side (latent = size/8, SD-VAE shapes)")
-    p.add_argument("--batch", type=_checked(int, 1), default=4, help="images per step")
-    p.add_argument("--steps", type=_checked(int, 1), default=3, help="timed steps (after 3 warm-up steps)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks")
-    p.add_argument("--bench-json", default=None, help="also write the result as JSON here")
-    a = p.parse_args(argv)
-    r = bench(a.preset, a.size, a.batch, a.steps, a.device, a.bf16, a.compile)
-    print("FLOPs/image (train) = 3 × 2 × [depth·(N·(6d² + 3hd + 2d(N+M)) + 2d²M) + embed/final + semantic MLP]")
-    for k, v in r.items():
-        print(f"{k:>10}: {v:.4g}" if isinstance(v, float) else f"{k:>10}: {v}")
-    if a.bench_json:
-        Path(a.bench_json).write_text(json.dumps(r, indent=2))
-
-
 if __name__ == "__main__":
-    if "--bench" in sys.argv[1:]:
-        bench_main(sys.argv[1:])
-        sys.exit(0)
     cfg, changes = parse_cli()
     try:
         train(cfg, changes)

@@ -17,6 +17,8 @@ import train_teacher as tt
 from tests.test_teacher import make_photos
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import export  # noqa: E402  (tools/export.py)
 
 
 def test_time_sampler_statistics():
@@ -128,9 +130,9 @@ def test_distill_loss_is_base_plus_consistency(method):
     mean(corr²) whatever the sign of corr in eq. 15; its gradient 2·corr·∂u/N tells the sign apart."""
     g = torch.Generator().manual_seed(4)
     B, C = 4, 2
-    x0, eps, c_str = (torch.randn(B, C, 3, 3, generator=g) for _ in range(3))
+    z0, z1, c_str = (torch.randn(B, C, 3, 3, generator=g) for _ in range(3))
     n = torch.randn(B, C, 3, 3, generator=g)
-    d = dict(t=torch.tensor([0.9, 0.6, 0.3, 0.05]), r=torch.tensor([0.2, 0.55, 0.0, 0.049]), eps=eps,
+    d = dict(t=torch.tensor([0.9, 0.6, 0.3, 0.05]), r=torch.tensor([0.2, 0.55, 0.0, 0.049]), z1=z1,
              aux=torch.tensor([False, True, False, True]), alpha=torch.tensor([0.1, 0.2, 0.15, 0.05]),
              a_logit=torch.tensor([2.0, 1.0, 3.0, 0.5]), n=n)
     w = torch.tensor(0.7, requires_grad=True)
@@ -143,12 +145,12 @@ def test_distill_loss_is_base_plus_consistency(method):
         return torch.tanh(x[:, :C]) + x[:, C:] * t.view(-1, 1, 1, 1)
 
     cfg = distill.DistillConfig(mode="partial", omega=0.5, delta=0.1, n_rc=2, method=method)
-    loss = distill.distill_loss(cfg, teacher, net, x0, c_str, None, d)
+    loss = distill.distill_loss(cfg, teacher, net, z0, c_str, None, d)
     loss.backward()
     got_grad, w.grad = w.grad.clone(), None
 
     t, r, bt = d["t"], d["r"], lambda v: v.view(-1, 1, 1, 1)
-    z_t = bt(1 - t) * x0 + bt(t) * eps
+    z_t = bt(1 - t) * z0 + bt(t) * z1
     a = torch.sigmoid(d["a_logit"])
     full = bt(a) * c_str + bt((1 - a**2).sqrt()) * n                       # noise-augmented c_str
     weak = bt(d["alpha"]) * c_str                                          # α·c_str
@@ -236,7 +238,7 @@ def test_export_fp16_and_default_ckpt(tmp_path, monkeypatch, capsys):
                             degradation="bicubic", size=32, batch=2, steps=1, workers=0, device="cpu"))
     distill.main(["--teacher", str(teacher), "--data", str(photos), "--out", str(student), "--size", "32",
                   "--batch", "2", "--steps", "1", "--workers", "0", "--device", "cpu"])
-    demo = distill.export_run(str(student), str(tmp_path / "demo"), note="test model")
+    demo = export.export_run(str(student), str(tmp_path / "demo"), note="test model")
     full, half = load_file(str(student / "ema.safetensors")), load_file(str(demo / "ema.safetensors"))
     assert full.keys() == half.keys()
     assert all(torch.equal(half[k], full[k].half() if full[k].is_floating_point() else full[k]) for k in full)
@@ -270,7 +272,7 @@ def test_fixed_alpha_replaces_the_per_sample_draw_everywhere():
     B = 4
     d = {k: v[:B] for k, v in fixed.items()}
     d["aux"] = torch.tensor([True, False, True, False])
-    c_str, x0 = torch.randn(B, *shape), torch.randn(B, *shape)
+    c_str, z0 = torch.randn(B, *shape), torch.randn(B, *shape)
     seen = {}
 
     def teacher(x, t, c_sem):
@@ -281,7 +283,7 @@ def test_fixed_alpha_replaces_the_per_sample_draw_everywhere():
         seen.setdefault("student", x[:, :2].clone())
         return x[:, 2:] * 0.5
 
-    distill.distill_loss(distill.DistillConfig(batch=B, alpha=0.1, method="shortcut"), teacher, net, x0, c_str, None, d)
+    distill.distill_loss(distill.DistillConfig(batch=B, alpha=0.1, method="shortcut"), teacher, net, z0, c_str, None, d)
     partial = seen["teacher"][B:]  # the second half of the teacher's batch: the partial branch
     assert torch.allclose(partial, 0.1 * c_str, atol=1e-6)
     assert torch.allclose(seen["student"][:B][d["aux"]], 0.1 * c_str[d["aux"]], atol=1e-6)

@@ -17,6 +17,9 @@ from safetensors.torch import load_file
 import train_teacher as tt
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import bench_train  # noqa: E402  (tools/bench_train.py)
+import export  # noqa: E402  (tools/export.py)
 
 
 def make_photos(folder: Path, n=6, size=(80, 96), seed=0):
@@ -82,14 +85,14 @@ def test_build_conditions_by_hand():
 
 def test_flow_matching_loss_direct_formula():
     torch.manual_seed(0)
-    x0, eps, c_str = torch.randn(3, 4, 6, 6), torch.randn(3, 4, 6, 6), torch.randn(3, 4, 6, 6)
+    z0, z1, c_str = torch.randn(3, 4, 6, 6), torch.randn(3, 4, 6, 6), torch.randn(3, 4, 6, 6)
     t = torch.tensor([0.1, 0.5, 0.9])
 
     def model(x, t, c_sem):  # any fixed function of (c_str, z_t, t)
         return x[:, :4] * 0.5 - x[:, 4:] * t.view(-1, 1, 1, 1)
 
-    loss = tt.flow_matching_loss(model, x0, c_str, None, t, eps)
-    X0, E, C, T = (v.numpy().astype(np.float64) for v in (x0, eps, c_str, t))
+    loss = tt.flow_matching_loss(model, z0, c_str, None, t, z1)
+    X0, E, C, T = (v.numpy().astype(np.float64) for v in (z0, z1, c_str, t))
     Z = (1 - T[:, None, None, None]) * X0 + T[:, None, None, None] * E
     pred = C * 0.5 - Z * T[:, None, None, None]
     assert loss.item() == pytest.approx(((pred - (E - X0)) ** 2).mean(), rel=1e-5)
@@ -238,7 +241,7 @@ def test_dit_flops_formula_matches_flop_counter(monkeypatch):
     with FlopCounterMode(display=False) as fc:
         model(x, torch.rand(1), c_sem)
     counted = fc.get_total_flops()
-    assert tt.dit_flops(model, tokens=64, sem_tokens=20) == pytest.approx(counted, rel=0.03)
+    assert bench_train.dit_flops(model, tokens=64, sem_tokens=20) == pytest.approx(counted, rel=0.03)
 
 
 def test_init_starts_from_another_runs_ema(tmp_path):
@@ -261,12 +264,11 @@ def test_init_starts_from_another_runs_ema(tmp_path):
 
 
 def test_init_from_an_fp16_export(tmp_path):
-    """--init also takes an exported model folder (distill.py --export: fp16 EMA + config), the way a
+    """--init also takes an exported model folder (tools/export.py: fp16 EMA + config), the way a
     committed checkpoint carries a CPU run from one session to the next."""
-    import distill
     photos = make_photos(tmp_path / "photos")
     tt.train(_cfg(tmp_path, photos, out=str(tmp_path / "a"), steps=2))
-    exported = distill.export_run(str(tmp_path / "a"), str(tmp_path / "export"))
+    exported = export.export_run(str(tmp_path / "a"), str(tmp_path / "export"))
     tt.train(_cfg(tmp_path, photos, out=str(tmp_path / "b"), steps=1, lr=0.0, weight_decay=0.0,
                   init=str(exported)))
     a, b = load_file(str(tmp_path / "a" / "ema.safetensors")), load_file(str(tmp_path / "b" / "ckpt.safetensors"))

@@ -256,11 +256,21 @@ def test_data_folder_with_some_broken_images_trains_past_them(runs, tmp_path):
 
 def test_export_does_not_overwrite_a_model(runs, tmp_path):
     out = tmp_path / "export"
-    assert cli("distill.py", "--export", runs["student"], "--to", out).returncode == 0
+    assert cli("tools/export.py", runs["student"], out).returncode == 0
     before = digest(out)
-    refused(cli("distill.py", "--export", runs["teacher"], "--to", out), out, "--overwrite")
+    refused(cli("tools/export.py", runs["teacher"], out), out, "--overwrite")
     assert digest(out) == before
-    refused(cli("distill.py", "--export", tmp_path / "nope", "--to", tmp_path / "e2"), "nope", "not a run dir")
+    refused(cli("tools/export.py", tmp_path / "nope", tmp_path / "e2"), "nope", "not a run dir")
+    # the export's config carries what sample.py reads: the semantic block, the resize-back, a fixed α
+    conf = json.loads((runs["student"] / "config.json").read_text())
+    got = json.loads((out / "config.json").read_text())
+    for key in ("semantic_layer", "resize_back", "alpha", "train_grid", "enc_dim", "patch_size"):
+        if conf.get(key) is not None:
+            assert got[key] == conf[key], key
+    assert "resize_back" in got and conf["alpha"] is None and "alpha" not in got  # None: sample.py's 0.15
+    # distill.py --export says where export went: one line, exit 2
+    r = cli("distill.py", "--export", runs["student"], "--to", out)
+    assert r.returncode == 2 and "python tools/export.py RUN_DIR OUT_DIR" in refused(r, "--export")
 
 
 # ----------------------------------------------------------------------------- help and progress
@@ -269,7 +279,7 @@ def test_help_has_a_description_and_the_true_default_of_every_flag():
     for parser, defaults in ((tt.config_parser(tt.TrainConfig, "", tt.TRUE_DEFAULTS, tt.HELP), tt.TRUE_DEFAULTS),
                              (distill.build_parser(), distill.TRUE_DEFAULTS)):
         for action in parser._actions:
-            if action.dest in ("help", "export", "to", "note"):
+            if action.dest == "help":
                 continue
             text = action.help or ""
             assert "(default: " in text and len(text.split("(default: ")[0].strip()) > 5, action.dest
@@ -279,7 +289,7 @@ def test_help_has_a_description_and_the_true_default_of_every_flag():
         line = next(line for line in t.splitlines() if line.strip().startswith(name + " "))
         assert f"--batch {recipe['batch']}" in line and f"--size {recipe['size']}" in line, line
     d = " ".join(cli("distill.py", "--help").stdout.split())  # unwrapped
-    for text in ("runs/student)", "(default: 256)", "(default: 50000)", "(default: 2e-05)", "--export RUN_DIR",
+    for text in ("runs/student)", "(default: 256)", "(default: 50000)", "(default: 2e-05)", "tools/export.py RUN_DIR OUT_DIR",
                  "(default: the teacher's)"):
         assert text in d, text
     assert "(default: runs/teacher)" not in d and "(default: 200)" not in d
@@ -295,7 +305,9 @@ def test_progress_line_with_loss_rate_and_eta(runs, tmp_path):
 
 
 def test_bench_flags_are_checked_and_it_runs():
-    refused(cli("train_teacher.py", "--bench", "--batch", "0"), "--batch", "at least 1")
-    r = cli("train_teacher.py", "--bench", "--preset", "tiny", "--size", "32", "--batch", "1", "--steps", "1",
+    r = cli("train_teacher.py", "--bench", "--batch", "1")  # the benchmark's old place says where it went
+    assert r.returncode == 2 and "python tools/bench_train.py" in refused(r, "--bench")
+    refused(cli("tools/bench_train.py", "--batch", "0"), "--batch", "at least 1")
+    r = cli("tools/bench_train.py", "--preset", "tiny", "--size", "32", "--batch", "1", "--steps", "1",
             "--device", "cpu")
     assert r.returncode == 0 and "img_per_s" in r.stdout, r.stderr
