@@ -12,7 +12,7 @@ the shortcut midpoint rule (shortcut, eq. 7–11, the baseline of Table 3).
 
 One training step (the loop in main() reads in this order; the plumbing is train_teacher.py's Run):
 
-    draw       (t, r), z_1 and κ's draws for the global batch           (sample_times, as the teacher's)
+    draw       (t, r) (sample_times), z_1 and κ's draws (as the teacher's) for the global batch
     condition  HR crop → z_0, c_str, c_sem (the teacher's make_condition); κ for the student (§3.3)
     loss       z_t = (1 − t)·z_0 + t·z_1;  v_tea (eq. 5);  L_base + L_rc-cons (eq. 17) or L_short-cons (eq. 11)
     step → EMA → log / checkpoint
@@ -59,7 +59,8 @@ DEFAULTS = dict(size=256, batch=32, steps=50_000, lr=2e-5, val_steps=1)
 # ----------------------------------------------------------------------------- times and targets
 
 def sample_times(n: int, g: torch.Generator):
-    """t = max(u1, u2) (more weight near the noise end), r = t·(1 − g), g ~ U(0, 1)."""
+    """t = max(u1, u2) (more weight near the noise end), r = t·(1 − g), g ~ U(0, 1). Ours: the paper does not
+    say how t and r are drawn."""
     t = torch.maximum(torch.rand(n, generator=g), torch.rand(n, generator=g))
     r = t * (1 - torch.rand(n, generator=g))
     return t, r
@@ -180,11 +181,12 @@ def main(argv=None) -> dict:
     try:
         run = tt.Run(cfg, student, ema, codec, semantic, env, crops, student=True, name=NAME, changes=changes)
         for step in run.steps():
-            loss = run.update(train_step(cfg, run, teacher, codec, semantic, step), step)  # step (None: skipped)
+            loss = train_step(cfg, run, teacher, codec, semantic, step)  # draw → condition → loss, and its gradient
+            loss = run.update(loss, step)                                # step: AdamW (None: non-finite, skipped)
             if loss is None:
                 continue
             tt.ema_update(ema, student, min(cfg.ema, (1 + step) / (10 + step)))  # EMA, warmed up as the teacher's
-            run.log(step, loss)                                                  # log / validate / checkpoint
+            run.log(step, loss)                                          # log.jsonl, validation, checkpoint
         run.close()
         return run.history
     finally:

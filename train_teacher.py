@@ -249,12 +249,13 @@ def train(cfg: TrainConfig, changes=()) -> dict:
     try:
         run = Run(cfg, model, ema, codec, semantic, env, crops, changes=changes)
         for step in run.steps():
-            loss = run.update(train_step(cfg, run, codec, semantic, step), step)  # step (None: skipped)
+            loss = train_step(cfg, run, codec, semantic, step)   # draw → condition → loss, and its gradient
+            loss = run.update(loss, step)                        # step: AdamW (None: a non-finite loss, skipped)
             if loss is None:
                 continue
             # EMA, with a warm-up that keeps short runs meaningful: it reaches cfg.ema after ~10/(1−ema) steps
             ema_update(ema, model, min(cfg.ema, (1 + step) / (10 + step)))
-            run.log(step, loss)                                                    # log / validate / checkpoint
+            run.log(step, loss)                                  # log.jsonl, validation, checkpoint
         run.close()
         return run.history
     finally:
@@ -989,7 +990,7 @@ HELP = {  # one line per flag; the default is appended by config_parser
     "codec": "'pixel' (8×8 blocks), 'pixel4' (4×4) or a diffusers VAE folder",
     "light_decoder": "lightweight decoder .safetensors, used only to sample validation grids",
     "semantic": "c_sem encoder: 'none', 'random' (a seeded ViT-S/14) or a DINOv2 weights file",
-    "semantic_size": "input side of the semantic encoder (448 in the paper), a multiple of its patch 14",
+    "semantic_size": "input side of the semantic encoder (the official release: 448), a multiple of its patch 14",
     "degradation": "how LR training inputs are made: realesrgan (second order, §4.1) or bicubic ×4",
     "resize_back": "LR → HR size before encoding: bicubic, clamped (what sample.py does at inference) or "
                    "release (the official release's: area/bilinear/bicubic at random per sample, 8-bit)",
@@ -1007,7 +1008,8 @@ HELP = {  # one line per flag; the default is appended by config_parser
     "p_partial": "probability per sample of the auxiliary branch",
     "alpha_min": "α ~ U[alpha_min, alpha_max] in the partial branch",
     "alpha_max": "α ~ U[alpha_min, alpha_max] in the partial branch",
-    "aug_mean": "noise augmentation of c_str: a = sigmoid(N(aug_mean, aug_std)), noise std sqrt(1 − a²)",
+    "aug_mean": "noise augmentation of c_str (the official release's): a = sigmoid(N(aug_mean, aug_std)), "
+                "noise std sqrt(1 − a²)",
     "aug_std": "see --aug-mean",
     "bf16": "bfloat16 autocast",
     "compile": "torch.compile the DiT blocks",
