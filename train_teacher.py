@@ -430,7 +430,8 @@ def build_models(cfg: TrainConfig, device):
     model = dit.build(cfg.preset, grad_ckpt=cfg.grad_ckpt, **kw).to(device)
     if cfg.patch_size**2 * codec.channels > model.dim:
         print(f"train_teacher.py: warning: a token carries {cfg.patch_size**2 * codec.channels} latent values, "
-              f"more than the model width {model.dim}; the output cannot span the noise (use --patch-size 1)",
+              f"more than the model width {model.dim}; the output cannot span the noise "
+              f"({'use --patch-size 1' if cfg.patch_size > 1 else 'use a wider --preset or --codec pixel4'})",
               file=sys.stderr)
     ema = dit.build(cfg.preset, **kw).to(device)
     ema.load_state_dict(model.state_dict())
