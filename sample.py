@@ -36,8 +36,8 @@ import dit
 import vae
 from degrade import ImageError, find_jobs, read_image, write_image
 from sample_cli import (DEMO_CKPT, LATENT, SEMANTIC_TILES, TILE_BLEND, UPSCALE, OneLineParser,  # noqa: F401 (re-exported)
-                        SampleConfig, add_sampler_args, build_parser, number, parse_args, read_release_folder,
-                        read_run_dir)
+                        SampleConfig, add_sampler_args, build_parser, describe_semantic, number, parse_args,
+                        read_release_folder, read_run_dir)
 
 
 # ----------------------------------------------------------------------------- the sampler (paper §3.3, §3.4)
@@ -230,11 +230,6 @@ def tiled(fn, z: torch.Tensor, tile: int, overlap: int, align: int = 2, blend: s
                        torch.zeros_like(z, dtype=torch.float32), rows, cols)
 
 
-def tile_count(H: int, W: int, tile: int, overlap: int, align: int) -> int:
-    """How many tiles `tiled` runs on an (H, W) latent."""
-    return len(tile_windows(H, tile, overlap, align)) * len(tile_windows(W, tile, overlap, align))
-
-
 def reflect_crop(img: torch.Tensor, y: int, x: int, h: int, w: int) -> torch.Tensor:
     """img[..., y:y+h, x:x+w] of the image reflect-padded at the bottom and right, built for this window only."""
     H, W = img.shape[-2:]
@@ -272,9 +267,7 @@ def tiled_decode(codec, z: torch.Tensor, size: tuple[int, int], tile: int = 512,
     return blend_tiles(lambda y, x: decode(z[..., y:y + th, x:x + tw]), out, rows, cols)[..., :size[0], :size[1]]
 
 
-def _round(v: float) -> int:
-    return math.floor(v + 0.5)
-
+_round = lambda v: math.floor(v + 0.5)  # noqa: E731 (half up; Python's round() is half-to-even)
 
 @torch.no_grad()
 def semantic_token_map(semantic, img: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
@@ -383,7 +376,7 @@ class VOSRPipeline:
         """z_1 ~ N(0, I) drawn once for the whole latent → z_0 by guided Euler (eq. 2), the DiT on latent tiles."""
         z = torch.randn(c_str.shape, generator=generator, dtype=torch.float32).to(self.device)
         on_tile, (lt, lo, align) = self.tile_velocity(c_str, sem_of, guidance, alpha), latent_tiles
-        total = (len(ts) - 1) * tile_count(*c_str.shape[-2:], lt, lo, align)
+        total = (len(ts) - 1) * math.prod(len(tile_windows(n, lt, lo, align)) for n in c_str.shape[-2:])
         with tqdm(total=total, desc="steps × tiles", unit="tile", leave=False, delay=PROGRESS_AFTER,
                   disable=not progress) as bar:
             def one_tile(zw, win, t, r):
@@ -462,11 +455,6 @@ class VOSRPipeline:
 # ----------------------------------------------------------------------------- loading checkpoints
 # What a --ckpt's files say is read by sample_cli.py (run dir, release folder) and dit.py (args.json, weights).
 
-def _describe_semantic(semantic) -> str:
-    name = {384: "ViT-S", 768: "ViT-B", 1024: "ViT-L"}.get(semantic.dim, f"{semantic.dim}-wide ViT")
-    return f"{name}, block {semantic.layer} of {len(semantic.vit.blocks)}, {semantic.image_size} px"
-
-
 def load_pipeline(cfg: SampleConfig, report=print) -> tuple[VOSRPipeline, dict]:
     """The pipeline of a run dir, a release model folder or a bare .safetensors, and its run settings.
     report gets one line per file loaded; a ValueError or FileNotFoundError names what cannot be used."""
@@ -498,7 +486,7 @@ def load_pipeline(cfg: SampleConfig, report=print) -> tuple[VOSRPipeline, dict]:
     semantic = vae.load_semantic(run["semantic"], image_size=run["semantic_size"], device=cfg.device,
                                  layer=run.get("semantic_layer"))
     if semantic is not None and Path(run["semantic"]).is_file():
-        loaded.append(f"DINOv2 {run['semantic']} ({_describe_semantic(semantic)})")
+        loaded.append(f"DINOv2 {run['semantic']} ({describe_semantic(semantic)})")
     with_r = any(k.startswith("r_embedder.") for k in shapes)
     enc_dim = semantic.dim if semantic is not None else run.get("enc_dim", 768)
     if run.get("release"):
@@ -528,10 +516,12 @@ def load_pipeline(cfg: SampleConfig, report=print) -> tuple[VOSRPipeline, dict]:
 # ----------------------------------------------------------------------------- CLI
 
 def checkpoint_defaults(cfg: SampleConfig, pipe: VOSRPipeline, run: dict) -> SampleConfig:
-    """cfg with the settings left to the checkpoint filled in: 1 step for a student, 25 (a release's
+    """cfg with the settings left to the checkpoint filled in: first a run dir's own (config.json
+    "sampler_defaults", e.g. the shipped models' fastest good --tile), then 1 step for a student, 25 (a release's
     infer_steps) for a teacher; α = 0.15 (a release's mean weak_cond_strength_aelq), 0 for a run trained with
     --mode cfg (its auxiliary branch never saw c_str); the release's colour fix, LR upscaler and tile blending
     for a release folder, else none / torch / linear (pil for a run trained with --resize-back release)."""
+    cfg = replace(cfg, **{k: v for k, v in run.get("sampler_defaults", {}).items() if getattr(cfg, k) is None})
     steps = cfg.steps if cfg.steps is not None else 1 if pipe.student else run.get("infer_steps", 25)
     alpha = cfg.alpha if cfg.alpha is not None else run.get("alpha", 0.0 if run.get("mode") == "cfg" else 0.15)
     return replace(cfg, steps=steps, alpha=alpha, color_fix=cfg.color_fix or run.get("color_fix", "none"),

@@ -22,6 +22,7 @@ COLOR_FIXES, SEMANTIC_TILES, UPSCALE, TILE_BLEND, LATENT = (
 # ----------------------------------------------------------------------------- checkpoint files
 
 DEMO_CKPT = Path(__file__).resolve().parent / "checkpoints" / "vosr-small-demo"  # used when --ckpt is omitted
+SAMPLER_DEFAULTS = ("steps", "alpha", "tile", "tile_overlap", "color_fix", "upscale", "tile_blend", "vae_tile")  # config.json may set
 RELEASE_CONVENTIONS = dict(color_fix="adain", upscale="pil", tile_blend="gaussian")   # the release's scripts
 RELEASE_FILES = {  # ae_type / enc_type → (file beside the model folder, what it is, the flag that replaces it)
     "sd2": ("stable-diffusion-2-1-base", "the SD2.1 VAE of ae_type sd2", "--codec FOLDER"),
@@ -57,12 +58,21 @@ def read_run_dir(folder: Path, cfg: SampleConfig) -> tuple[dict, Path, list[str]
     missing = [k for k in ("preset", "codec", "semantic", "semantic_size", "train_grid") if k not in run]
     if missing:
         raise ValueError(f"{conf_path}: missing {', '.join(missing)} (not written by train_teacher.py?)")
+    own = run.get("sampler_defaults", {})                              # what the model recommends (ours)
+    if not isinstance(own, dict) or not set(own) <= set(SAMPLER_DEFAULTS):
+        raise ValueError(f"{conf_path}: sampler_defaults {own!r}: a JSON object of some of {', '.join(SAMPLER_DEFAULTS)}")
     if (folder / run["semantic"]).is_file():                           # a random encoder saved in the run dir
         run["semantic"] = str(folder / run["semantic"])
     run.update({k: getattr(cfg, k) for k in ("codec", "light_decoder", "semantic", "semantic_size", "semantic_layer")
                 if getattr(cfg, k) is not None})
     return run, weights, [f"settings {conf_path}"]
 
+
+
+def describe_semantic(semantic) -> str:
+    """e.g. 'ViT-B, block 8 of 12, 448 px': what sample.py reports it loaded."""
+    name = {384: "ViT-S", 768: "ViT-B", 1024: "ViT-L"}.get(semantic.dim, f"{semantic.dim}-wide ViT")
+    return f"{name}, block {semantic.layer} of {len(semantic.vit.blocks)}, {semantic.image_size} px"
 
 
 # ----------------------------------------------------------------------------- flags
@@ -77,7 +87,7 @@ class SampleConfig:
     alpha: float | None = None       # α of the partial branch; None: 0.15 (0 for a standard-CFG run)
     scale: float = 4.0
     seed: int = 0
-    tile: int | None = None          # tile side in output pixels; None: the training crop (512 for the release); 0: off
+    tile: int | None = None          # tile side in output pixels; None: config.json's, else the training crop; 0: off
     tile_overlap: int | None = None  # overlap between tiles in output pixels; None: tile / 8
     semantic_tiles: str = "global"   # global | per-tile | whole (VOSRPipeline.tile_semantics)
     # None below: the checkpoint's convention (the official release's for a release folder, checkpoint_defaults)
@@ -147,7 +157,8 @@ def add_sampler_args(p: argparse.ArgumentParser, d: SampleConfig):
                         f"fraction (default: {d.scale:g})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the initial noise, per image (default: {d.seed})")
     p.add_argument("--tile", type=number(int, 0), default=d.tile,
-                   help="tile side in output pixels (default: the model's training crop, 512 for the release); "
+                   help="tile side in output pixels (default: the run dir's config.json sampler_defaults, e.g. 128 "
+                        "for the shipped demo, else the model's training crop, 512 for the release); "
                         "peak memory depends on it, not on the image size; at least half the training crop, "
                         "rounded down to whole latent patches; 0: no tiling, the whole image in one window (the "
                         "official scripts' default)")

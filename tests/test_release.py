@@ -582,12 +582,13 @@ def test_cuda_device_without_cuda_is_one_line(lr_folder, tmp_path, capsys):
 
 def test_tile_the_model_cannot_use(lr_folder, tmp_path, capsys):
     """The demo model (64-pixel training crop, 8-pixel patches): --tile 7 is refused, --tile 60 is rounded
-    down to 56 with a note (as VOSRPipeline.tile_sizes rounds), an overlap of half the default tile is refused."""
+    down to 56 with a note (as VOSRPipeline.tile_sizes rounds), an overlap of half the default tile (128, its
+    config.json's sampler_defaults) is refused."""
     out = tmp_path / "o"
     err = one_line_error(capsys, ["-i", str(lr_folder), "-o", str(out), "--tile", "7", "--device", "cpu"])
     assert "--tile 7: too small" in err and "at least 32" in err
-    err = one_line_error(capsys, ["-i", str(lr_folder), "-o", str(out), "--tile-overlap", "40", "--device", "cpu"])
-    assert "--tile-overlap 40" in err and "64-pixel tile" in err
+    err = one_line_error(capsys, ["-i", str(lr_folder), "-o", str(out), "--tile-overlap", "64", "--device", "cpu"])
+    assert "--tile-overlap 64" in err and "128-pixel tile" in err
     assert sample.main(["-i", str(lr_folder), "-o", str(out), "--tile", "60", "--device", "cpu"]) == 0
     assert "--tile 60 rounded down to 56" in capsys.readouterr().out
     assert Image.open(out / "a.png").size == (96, 80)

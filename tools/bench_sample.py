@@ -2,6 +2,7 @@
 
     python tools/bench_sample.py [--preset 0.5B] [--size 512] [--batch 1,8] [--steps 1,25] [--dtypes fp32,bf16]
     python tools/bench_sample.py --preset small --size 256 --bench-json b.json       # a CPU runs this one
+    python tools/bench_sample.py --shipped [--case 'CKPT WxH FLAGS' …] [--repeats 2]  # the shipped models, end to end
 
 Nothing is downloaded: the DiT, codec and semantic encoder are randomly initialised with a release's shapes.
 It times VOSRPipeline.__call__ itself: the stages are the methods it calls (STAGE_METHODS) -- bicubic + codec
@@ -11,12 +12,14 @@ guided teacher).
 """
 import contextlib
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: import the stage files
 
+import numpy as np
 import torch
 
 import dit
@@ -131,6 +134,72 @@ def bench(preset="0.5B", size=512, batches=(1,), steps=(1,), dtypes=("fp32",), p
     return rows
 
 
+# ----------------------------------------------------------------------------- the shipped checkpoints, end to end
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = (  # (checkpoint, LR width × height, sample.py flags): the two shipped models at their target sizes
+    ("checkpoints/vosr-small-teacher", (120, 80), ""),
+    ("checkpoints/vosr-small-demo", (480, 320), ""),
+)
+
+
+def case(text: str) -> tuple[str, tuple[int, int], str]:
+    """'CKPT WxH [sample.py flags…]' → (CKPT, (W, H), flags)."""
+    ckpt, size, *flags = text.split()
+    w, h = (int(v) for v in size.lower().split("x"))
+    return ckpt, (w, h), " ".join(flags)
+
+
+def test_image(size: tuple[int, int]) -> torch.Tensor:
+    """A photo of the repo's demo set (else a smooth random image) resized to `size` (W, H): an LR input."""
+    from PIL import Image
+    photos = sorted(Path("/work/shared/data/photos").glob("*.png")) or sorted((ROOT / "docs").glob("*.png"))
+    if not photos:
+        return torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8), size=size[::-1], mode="bicubic").clamp(0, 1)
+    img = Image.open(photos[0]).convert("RGB").resize(size, Image.BICUBIC)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
+
+
+def bench_shipped(cases=SHIPPED, repeats: int = 2) -> list[dict]:
+    """Seconds to load each checkpoint and to super-resolve one LR image of the case's size (each of `repeats`
+    calls, the first one included: what `python sample.py` on one image pays), with the flags of the case."""
+    rows = []
+    for ckpt, (w, h), flags in cases:
+        argv = ["--ckpt", str(ROOT / ckpt if not Path(ckpt).is_absolute() else ckpt), "-i", "LR.png", "-o", "SR.png",
+                "--device", "cpu", *flags.split()]
+        cfg = sample.parse_args(argv)
+        t0 = time.perf_counter()
+        pipe, run = sample.load_pipeline(cfg, report=lambda line: None)
+        pipe.enable(sample.FastPaths.from_config(cfg))
+        cfg = sample.check_tiles(sample.checkpoint_defaults(cfg, pipe, run), pipe, note=lambda line: None)
+        load = time.perf_counter() - t0
+        lr, times = test_image((w, h)), []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            sr = sample.super_resolve(pipe, lr, cfg)
+            times.append(time.perf_counter() - t0)
+        whole = max(sr.shape[-2:]) + pipe.codec.factor * pipe.model.patch_size       # --tile 0: one window
+        tile, overlap = pipe.tile_sizes(None if cfg.tile is None else cfg.tile or whole, cfg.tile_overlap)
+        lt, lo, align = pipe.latent_tiles(tile, overlap, cfg.tile_blend)
+        f, p = pipe.codec.factor, pipe.model.patch_size
+        tiles = math.prod(len(sample.tile_windows(-(-n // (f * p)) * p, lt, lo, align)) for n in sr.shape[-2:])
+        rows.append({"command": f"python sample.py --ckpt {ckpt} -i LR.png -o SR.png {flags}".strip(),
+                     "lr": f"{w}×{h}", "sr": f"{sr.shape[-1]}×{sr.shape[-2]}", "steps": cfg.steps,
+                     "guidance": cfg.guidance if not pipe.student else "-", "tile": tile, "tiles": tiles, "load_s": load, "sample_s": times, "threads": torch.get_num_threads(),
+                     "torch": torch.__version__})
+        print(shipped_table(rows[-1:]).splitlines()[1], flush=True)   # the row as soon as it is measured
+    return rows
+
+
+def shipped_table(rows: list[dict]) -> str:
+    """The rows of bench_shipped as an aligned table; the commands below it, numbered."""
+    cells = [["#", "LR → SR", "steps", "s", "tile", "tiles", "load s", "s per image"]]
+    cells += [[str(i + 1), f"{r['lr']} → {r['sr']}", str(r["steps"]), str(r["guidance"]), str(r["tile"]),
+               str(r["tiles"]), f"{r['load_s']:.1f}", " / ".join(f"{t:.1f}" for t in r["sample_s"])]
+              for i, r in enumerate(rows)]
+    return "\n".join(evaluate.text_table(cells) + [f"  {i + 1}: {r['command']}" for i, r in enumerate(rows)])
+
+
 def bench_table(rows: list[dict]) -> str:
     """The rows as an aligned text table, times in ms."""
     cols = ["path", "dtype", "batch", "steps", "sampler", *(f"{s}_ms" for s in (*STAGES, "total")), "img_per_s"]
@@ -143,6 +212,16 @@ def bench_table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     """python tools/bench_sample.py [--preset 0.5B] [--size 512] [--batch 1,8] [--steps 1,25] [--dtypes fp32,bf16]"""
     a = build_parser().parse_args(argv)
+    if a.shipped or a.case:
+        t0 = time.perf_counter()
+        rows = bench_shipped(a.case or SHIPPED, a.repeats or 2)
+        print(f"bench_sample.py: shipped checkpoints end to end, cpu, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} CPU thread(s); load, then {a.repeats or 2} call(s) on one LR image")
+        print(shipped_table(rows))
+        print(f"wall time {time.perf_counter() - t0:.1f} s")
+        if a.bench_json:
+            Path(a.bench_json).write_text(json.dumps(rows, indent=2))
+        return 0
     on_cuda = torch.device(a.device).type == "cuda"
     paths = a.paths + ["compiled"] * a.compile + ["graphs"] * a.cuda_graphs
     dtypes = ["bf16"] if a.bf16 else a.dtypes or (["fp32", "bf16"] if on_cuda else ["fp32"])
@@ -191,6 +270,12 @@ def build_parser():
     ap.add_argument("--semantic-size", type=evaluate.number(int, 14, multiple=14), default=None,
                     help="semantic encoder input side, a multiple of the ViT patch 14 (default: 448; 112 for "
                          "small/tiny)")
+    ap.add_argument("--shipped", action="store_true",
+                    help="time the shipped checkpoints end to end instead (load + sample.py on one LR image): the "
+                         "teacher on 120×80 → 480×320, the demo on 480×320 → 1920×1280, with their default flags")
+    ap.add_argument("--case", action="append", type=case, default=None, metavar="'CKPT WxH [FLAGS]'",
+                    help="with or instead of --shipped: a checkpoint, an LR size and sample.py flags, e.g. "
+                         "'checkpoints/vosr-small-teacher 120x80 --tile 128'; repeatable (default: the shipped two)")
     ap.add_argument("--bench-json", default=None, help="also write the rows as JSON here (default: none)")
     return evaluate.describe_defaults(ap)
 
