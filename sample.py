@@ -327,7 +327,8 @@ class VOSRPipeline:
     def __call__(self, lr, scale=4.0, steps=25, guidance=0.5, alpha=0.15, generator=None, tile=None,
                  tile_overlap=None, color_fix="none", schedule="uniform", shift=1.0, progress=False,
                  semantic_tiles="global", upscale="torch", tile_blend="linear", vae_tile=None, latent="mean"):
-        """tile, tile_overlap, vae_tile (the codec's; None: tile, 0: whole) in output pixels, see tile_sizes."""
+        """sample() with tiles: LR↑ → c_str (condition) → c_sem (tile_semantics) → z_0 (denoise) → SR (finish).
+        tile, tile_overlap, vae_tile (the codec's; None: tile, 0: whole) in output pixels, see tile_sizes."""
         if scale <= 0:
             raise ValueError(f"scale must be positive, got {scale}")
         for name, value, allowed in (("semantic_tiles", semantic_tiles, SEMANTIC_TILES), ("upscale", upscale, UPSCALE),
@@ -374,7 +375,7 @@ class VOSRPipeline:
 
     def denoise(self, c_str, sem_of, generator, ts, guidance, alpha, latent_tiles, blend="linear", progress=False):
         """z_1 ~ N(0, I) drawn once for the whole latent → z_0 by guided Euler (eq. 2), the DiT on latent tiles."""
-        z = torch.randn(c_str.shape, generator=generator, dtype=torch.float32).to(self.device)
+        z1 = torch.randn(c_str.shape, generator=generator, dtype=torch.float32).to(self.device)
         on_tile, (lt, lo, align) = self.tile_velocity(c_str, sem_of, guidance, alpha), latent_tiles
         total = (len(ts) - 1) * math.prod(len(tile_windows(n, lt, lo, align)) for n in c_str.shape[-2:])
         with tqdm(total=total, desc="steps × tiles", unit="tile", leave=False, delay=PROGRESS_AFTER,
@@ -383,7 +384,7 @@ class VOSRPipeline:
                 bar.update()
                 return on_tile(zw, win, t, r)
             velocity = lambda z, t, r: tiled(lambda zw, win: one_tile(zw, win, t, r), z, lt, lo, align, blend)  # noqa: E731
-            return euler_sample(velocity, z, ts, inplace=True)
+            return euler_sample(velocity, z1, ts, inplace=True)                # z_1 → z_0, in place
 
     def finish(self, z0, size, tile: int, overlap: int, ref, color_fix: str = "none"):
         """z_0 → SR in [0,1]: decoded tile by tile, then the colour fix against LR↑."""
