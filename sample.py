@@ -249,7 +249,7 @@ def tiled_encode(codec, img, size: tuple[int, int], tile: int = 512, overlap: in
     """img (B,3,H,W) in [0,1], reflect-padded to `size` → c_str (B,C,H'/f,W'/f): posterior means of tiles
     (generator: posterior samples drawn from it, as the official release)."""
     encode, f = encode or codec.encode, codec.factor
-    # the pixel codec maps every f×f block on its own: without overlap its blend is exact
+    # our pixel codecs map every f×f block on its own: without overlap their blend is exact
     overlap = 0 if isinstance(codec, vae.PixelCodec) else overlap // f
     (rows, th), (cols, tw) = (axis_plan(n // f, max(1, tile // f), overlap, 1, 1, "linear", img.device) for n in size)
     out = img.new_zeros(img.shape[0], codec.channels, size[0] // f, size[1] // f, dtype=torch.float32)

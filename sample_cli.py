@@ -102,7 +102,7 @@ class SampleConfig:
     bf16: bool = False
     # what a run dir records in config.json and a release folder in args.json; given explicitly, they win
     preset: str = "0.5B"             # bare .safetensors only
-    codec: str | None = None         # 'pixel', 'pixel4' or a diffusers VAE folder; bare file: 'pixel'
+    codec: str | None = None         # 'pixel', 'pixel4' (ours) or a diffusers VAE folder; bare file: 'pixel'
     light_decoder: str | None = None  # the light decoder file, or 'none' (the VAE's own decoder)
     semantic: str | None = None      # 'none', 'random' or a DINOv2 weights file; bare file: 'none'
     semantic_size: int | None = None  # DINOv2 input side; bare file: 448
