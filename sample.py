@@ -21,6 +21,7 @@ tile reads the tokens under it, so neighbours agree.
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import math
 import sys
@@ -35,9 +36,6 @@ from tqdm import tqdm
 import dit
 import vae
 from degrade import ImageError, find_jobs, read_image, write_image
-from sample_cli import (DEMO_CKPT, LATENT, SEMANTIC_TILES, TILE_BLEND, UPSCALE, OneLineParser,  # noqa: F401 (re-exported)
-                        SampleConfig, add_sampler_args, build_parser, describe_semantic, number, parse_args,
-                        read_release_folder, read_run_dir)
 
 
 # ----------------------------------------------------------------------------- the sampler (paper §3.3, §3.4)
@@ -453,8 +451,260 @@ class VOSRPipeline:
         return self
 
 
+# ----------------------------------------------------------------------------- plumbing: flags and files
+# Everything below is what a command line needs around the sampler above: its flags (range-checked), the
+# files a --ckpt names (a run dir, an official release model folder: dit.py reads args.json and its weights).
+
+COLOR_FIXES, SEMANTIC_TILES, UPSCALE, TILE_BLEND, LATENT = (
+    ("none", "adain", "wavelet"), ("global", "per-tile", "whole"), ("torch", "pil"), ("linear", "gaussian"), ("mean", "sample"))
+
+
+# ----------------------------------------------------------------------------- the files a --ckpt names
+
+DEMO_CKPT = Path(__file__).resolve().parent / "checkpoints" / "vosr-small-demo"  # used when --ckpt is omitted
+SAMPLER_DEFAULTS = ("steps", "alpha", "tile", "tile_overlap", "color_fix", "upscale", "tile_blend", "vae_tile")  # config.json may set
+RELEASE_CONVENTIONS = dict(color_fix="adain", upscale="pil", tile_blend="gaussian")   # the release's scripts
+RELEASE_FILES = {  # ae_type / enc_type → (file beside the model folder, what it is, the flag that replaces it)
+    "sd2": ("stable-diffusion-2-1-base", "the SD2.1 VAE of ae_type sd2", "--codec FOLDER"),
+    "sd2-light": ("sd21_lwdecoder.pth", "the light decoder of ae_type sd2", "--light-decoder FILE or --light-decoder none"),
+    "qwen": ("Qwen-Image-vae-2d", "the Qwen-Image VAE of ae_type qwen", "--codec FOLDER"),
+    **{enc: (f"torch_cache/checkpoints/{name}", f"the DINOv2 of enc_type {enc}", "--semantic FILE")
+       for enc, (name, _) in dit.RELEASE_DINOV2.items()}}
+
+
+def read_release_folder(folder: Path, cfg: SampleConfig) -> tuple[dict, Path, list[str]]:
+    """(run settings, weights, what was loaded) of a release model folder (dit.release_settings); flags win."""
+    def beside(key):
+        name, what, flag = RELEASE_FILES[key]
+        if not (folder.parent / name).exists():
+            raise ValueError(f"{folder.parent / name}: not found ({what}; put it beside {folder.name}/ or give {flag})")
+        return str(folder.parent / name)
+    run = {**dit.release_settings(folder), **RELEASE_CONVENTIONS}
+    weights, ae = dit.release_weights(folder), run["args"]["ae_type"]
+    run.update(semantic_size=cfg.semantic_size or run["semantic_size"], codec=cfg.codec or beside(ae),
+               semantic_layer=run["semantic_layer"] if cfg.semantic_layer is None else cfg.semantic_layer,
+               light_decoder=cfg.light_decoder or (beside("sd2-light") if ae == "sd2" else None),
+               semantic=cfg.semantic or beside(run["args"]["enc_type"]))
+    return run, weights, [f"settings {folder / 'args.json'}"]
+
+
+def read_run_dir(folder: Path, cfg: SampleConfig) -> tuple[dict, Path, list[str]]:
+    """(run settings, weights, what was loaded) of a train_teacher.py / distill.py run dir; flags win."""
+    conf_path, weights = folder / "config.json", folder / "ema.safetensors"
+    if not conf_path.is_file() or not weights.is_file():
+        raise ValueError(f"{folder}: neither a run dir (config.json + ema.safetensors) nor an official "
+                         "release model folder (args.json + weights)")
+    run = dit.read_json(conf_path)
+    missing = [k for k in ("preset", "codec", "semantic", "semantic_size", "train_grid") if k not in run]
+    if missing:
+        raise ValueError(f"{conf_path}: missing {', '.join(missing)} (not written by train_teacher.py?)")
+    own = run.get("sampler_defaults", {})                              # what the model recommends (ours)
+    if not isinstance(own, dict) or not set(own) <= set(SAMPLER_DEFAULTS):
+        raise ValueError(f"{conf_path}: sampler_defaults {own!r}: a JSON object of some of {', '.join(SAMPLER_DEFAULTS)}")
+    if (folder / run["semantic"]).is_file():                           # a random encoder saved in the run dir
+        run["semantic"] = str(folder / run["semantic"])
+    run.update({k: getattr(cfg, k) for k in ("codec", "light_decoder", "semantic", "semantic_size", "semantic_layer")
+                if getattr(cfg, k) is not None})
+    return run, weights, [f"settings {conf_path}"]
+
+
+
+def describe_semantic(semantic) -> str:
+    """e.g. 'ViT-B, block 8 of 12, 448 px': what sample.py reports it loaded."""
+    name = {384: "ViT-S", 768: "ViT-B", 1024: "ViT-L"}.get(semantic.dim, f"{semantic.dim}-wide ViT")
+    return f"{name}, block {semantic.layer} of {len(semantic.vit.blocks)}, {semantic.image_size} px"
+
+
+# ----------------------------------------------------------------------------- flags
+
+@dataclass
+class SampleConfig:
+    ckpt: str | None = None          # run dir, an official release model folder, or a bare .safetensors
+    input: str = ""                  # LR image or folder
+    output: str = "out"
+    steps: int | None = None         # None: 25 for a teacher (a release's infer_steps), 1 for a student
+    guidance: float = 0.5            # s in eq. 2; 1 = full branch, 0 = partial branch
+    alpha: float | None = None       # α of the partial branch; None: 0.15 (0 for a standard-CFG run)
+    scale: float = 4.0
+    seed: int = 0
+    tile: int | None = None          # tile side in output pixels; None: config.json's, else the training crop; 0: off
+    tile_overlap: int | None = None  # overlap between tiles in output pixels; None: tile / 8
+    semantic_tiles: str = "global"   # global | per-tile | whole (VOSRPipeline.tile_semantics)
+    # None below: the checkpoint's convention (the official release's for a release folder, checkpoint_defaults)
+    color_fix: str | None = None     # none | adain | wavelet
+    upscale: str | None = None       # torch | pil
+    tile_blend: str | None = None    # linear | gaussian
+    vae_tile: int | None = None      # tile side of the codec in output pixels; None: --tile; 0: the whole image
+    latent: str = "mean"             # mean | sample: c_str from the codec posterior's mean or a sample
+    schedule: str = "uniform"        # uniform | cosine
+    shift: float = 1.0               # (ours) SD3 time shift of the schedule; > 1: larger last steps
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16: bool = False
+    # what a run dir records in config.json and a release folder in args.json; given explicitly, they win
+    preset: str = "0.5B"             # bare .safetensors only
+    codec: str | None = None         # 'pixel', 'pixel4' (ours) or a diffusers VAE folder; bare file: 'pixel'
+    light_decoder: str | None = None  # the light decoder file, or 'none' (the VAE's own decoder)
+    semantic: str | None = None      # 'none', 'random' or a DINOv2 weights file; bare file: 'none'
+    semantic_size: int | None = None  # DINOv2 input side; bare file: 448
+    semantic_layer: int | None = None  # DINOv2 block of c_sem; None: the checkpoint's, else by depth (8 of 12, 17 of 24)
+    student: bool | None = None      # None: decided by the checkpoint (has r_embedder ⇒ student)
+    fast: bool = False               # FastPaths; the output does not change. --fast = --reuse-semantics --channels-last
+    reuse_semantics: bool = False
+    channels_last: bool = False
+    compile: str | None = None       # torch.compile mode, e.g. "default", "max-autotune"
+    cuda_graphs: bool = False
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (the flag, the value and what is allowed), no usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def number(kind=float, low=None, high=None, low_open=False, multiple=None):
+    """argparse type: a finite `kind` number in [low, high] ((low, high] with low_open); None: unbounded."""
+    name = "an integer" if kind is int else "a number"
+    need = (f" in {'(' if low_open else '['}{low}, {high}]" if low is not None and high is not None else
+            f" {'above' if low_open else 'at least'} {low}" if low is not None else
+            f" at most {high}" if high is not None else "")
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {name}") from None
+        if not math.isfinite(value) or (low is not None and (value < low or (low_open and value == low))) \
+                or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a finite number'}{need}, got {text}")
+        if multiple and value % multiple:
+            raise argparse.ArgumentTypeError(f"must be a multiple of DINOv2's {multiple}-pixel patch, got {text}")
+        return value
+    return parse
+
+
+def add_sampler_args(p: argparse.ArgumentParser, d: SampleConfig):
+    """The sampler's settings except the guidance scale: shared with evaluate.py sweep (which takes a list of s)."""
+    p.add_argument("--steps", type=number(int, 1), default=d.steps,
+                   help="Euler steps, at least 1 (default: 1 for a distilled student; for a teacher 25, or a "
+                        "release folder's infer_steps; a student also takes 2 or 4)")
+    p.add_argument("--alpha", type=number(float, 0, 1), default=d.alpha,
+                   help="structural retention α of the partial branch, in [0, 1] (default: 0.15, the middle of "
+                        "the training range, or the mean of a release's weak_cond_strength_aelq_list; 0 for a "
+                        "run trained with --mode cfg)")
+    p.add_argument("--scale", type=number(float, 0, low_open=True), default=d.scale,
+                   help=f"output size = round(scale · input size), above 0: 1 restores only, 2, 4 or any "
+                        f"fraction (default: {d.scale:g})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the initial noise, per image (default: {d.seed})")
+    p.add_argument("--tile", type=number(int, 0), default=d.tile,
+                   help="tile side in output pixels (default: the run dir's config.json sampler_defaults, e.g. 128 "
+                        "for the shipped demo, else the model's training crop, 512 for the release); "
+                        "peak memory depends on it, not on the image size; at least half the training crop, "
+                        "rounded down to whole latent patches; 0: no tiling, the whole image in one window (the "
+                        "official scripts' default)")
+    p.add_argument("--tile-overlap", type=number(int, 0), default=d.tile_overlap,
+                   help="overlap of neighbouring tiles in output pixels, below tile/2 (default: tile/8; "
+                        "--tile-blend gaussian raises it to at least tile/8, as the official scripts)")
+    p.add_argument("--tile-blend", default=d.tile_blend, choices=TILE_BLEND,
+                   help="how overlapping DiT tiles are blended: linear ramps across the overlap, or the official "
+                        "scripts' Gaussian window (σ = 0.1 × tile side, centred on the tile) (default: gaussian "
+                        "for a release folder, linear otherwise)")
+    p.add_argument("--vae-tile", type=number(int, 0), default=d.vae_tile,
+                   help="tile side of the codec (VAE) in output pixels (default: --tile); 0: the whole image at "
+                        "once, as the official scripts")
+    p.add_argument("--semantic-tiles", default=d.semantic_tiles, choices=SEMANTIC_TILES,
+                   help="global: one DINOv2 token map for the whole image, each tile attends to its crop; "
+                        "per-tile: DINOv2 on each tile's LR crop (the official scripts); whole: every tile "
+                        f"attends to all tokens of the whole image resized to the encoder's size (default: {d.semantic_tiles})")
+    p.add_argument("--color-fix", default=d.color_fix, choices=sorted(COLOR_FIXES),
+                   help="colour correction of the clamped 8-bit output against the upscaled LR: per-channel "
+                        "mean/std (adain) or low frequencies (wavelet) (default: adain for a release folder, "
+                        "as the official scripts; none otherwise)")
+    p.add_argument("--upscale", default=d.upscale, choices=UPSCALE,
+                   help="how the LR is resized to the output size before encoding: pil (PIL bicubic on the 8-bit "
+                        "image, the official scripts) or torch (bicubic in float, what train_teacher.py's "
+                        "resize-back does) (default: pil for a release folder or a run trained with --resize-back "
+                        "release, torch otherwise)")
+    p.add_argument("--latent", default=d.latent, choices=LATENT,
+                   help="c_str from the VAE posterior's mean or a sample of it (the official scripts sample) "
+                        f"(default: {d.latent})")
+    p.add_argument("--schedule", default=d.schedule, choices=["uniform", "cosine"],
+                   help=f"the n timesteps from 1 to 0: uniform, or cosine (larger steps near t = 0) (default: {d.schedule})")
+    p.add_argument("--shift", type=number(float, 0, low_open=True), default=d.shift,
+                   help="time shift σ of the schedule, above 0, t ← σt / (1 + (σ − 1)t) (SD3); 1 = none; "
+                        "σ > 1 ends on larger steps, which follow the model's mean: higher PSNR, softer detail "
+                        f"(default: {d.shift:g})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = SampleConfig()
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=d.ckpt,
+                   help="a run dir of train_teacher.py/distill.py, an official release model folder (e.g. "
+                        "preset/ckpts/VOSR_0.5B_os, its codec and DINOv2 files beside it), or a bare .safetensors "
+                        f"(default: the embedded demo model {DEMO_CKPT.name}, see README)")
+    p.add_argument("-i", "--input", required=True, help="LR image or folder of LR images (required)")
+    p.add_argument("-o", "--output", default=d.output,
+                   help=f"output folder (same file names, .png), or FILE.png for one input (default: {d.output})")
+    p.add_argument("--guidance", type=number(float), default=d.guidance,
+                   help="guidance scale s (eq. 2), a finite number: 1 = full branch, 0 = partial; larger is more "
+                        f"faithful; a student ignores it (default: {d.guidance:g}; the official scripts' "
+                        "argparse default is 2, their README recommends 0.5)")
+    add_sampler_args(p, d)
+    p.add_argument("--device", default=d.device, help=f"torch device (default: {d.device})")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the codec, semantic encoder and DiT")
+    p.add_argument("--student", type=int, choices=[0, 1], default=None,
+                   help="force teacher (0) / student (1) sampling (default: from the checkpoint: a student has "
+                        "r_embedder weights)")
+    g = p.add_argument_group("model files (a run dir records these in config.json, a release folder has them "
+                             "beside it; given here, they win)")
+    g.add_argument("--preset", default=d.preset, choices=sorted(dit.PRESETS),
+                   help=f"DiT preset of a bare .safetensors (default: {d.preset})")
+    g.add_argument("--codec", default=d.codec,
+                   help="'pixel' (8×8 blocks), 'pixel4' (4×4) or a diffusers VAE folder (also the release's "
+                        "Qwen-Image-vae-2d/) (default: the checkpoint's; 'pixel' for a bare file)")
+    g.add_argument("--light-decoder", default=d.light_decoder,
+                   help="lightweight decoder file (.pth with config, or .safetensors), or 'none' for the VAE's own "
+                        "decoder (default: the checkpoint's; for a release sd2 model sd21_lwdecoder.pth beside it)")
+    g.add_argument("--semantic", default=d.semantic,
+                   help="'none', 'random' or a DINOv2 weights file (default: the checkpoint's; 'none' for a bare file)")
+    g.add_argument("--semantic-size", type=number(int, 14, multiple=14), default=d.semantic_size,
+                   help="DINOv2 input side in pixels, a multiple of 14 (default: the checkpoint's; 448 for a bare file)")
+    g.add_argument("--semantic-layer", type=number(int, 0), default=d.semantic_layer,
+                   help="0-based DINOv2 block of c_sem (default: the checkpoint's; else by depth: 8 of 12, 17 of 24)")
+    g = p.add_argument_group("fast paths (same output; python tools/bench_sample.py times them)")
+    g.add_argument("--fast", action="store_true", help="the safe ones: --reuse-semantics --channels-last")
+    g.add_argument("--reuse-semantics", action="store_true",
+                   help="project the semantic tokens once per image, not at every step for both branches")
+    g.add_argument("--channels-last", action="store_true", help="NHWC conv weights in the codec (faster on GPUs)")
+    g.add_argument("--compile", nargs="?", const="default", default=d.compile, metavar="MODE",
+                   help="torch.compile the DiT and the decoder (MODE: default, max-autotune, …); the first "
+                        "image pays the compilation (default: off)")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the DiT as CUDA graphs (fixed shapes: one tile size, e.g. a one-step student); CUDA only")
+    return p
+
+
+def parse_args(argv=None) -> SampleConfig:
+    p = build_parser()
+    a = p.parse_args(argv)
+    if a.tile and a.tile_overlap is not None and 2 * a.tile_overlap >= a.tile:
+        p.error(f"argument --tile-overlap: must be below tile/2 = {a.tile / 2:g}, got {a.tile_overlap}")
+    try:
+        device = torch.device(a.device)
+    except RuntimeError:
+        p.error(f"argument --device: {a.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)")
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if not available.get(device.type, lambda: True)():
+        p.error(f"argument --device: {a.device} asked for, but this machine (or this torch build) has no "
+                f"{device.type.upper() if device.type == 'cuda' else device.type}")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        p.error(f"argument --device: {a.device} asked for, but there are {torch.cuda.device_count()} CUDA device(s)")
+    a.student = None if a.student is None else bool(a.student)
+    return SampleConfig(**vars(a))
+
+
 # ----------------------------------------------------------------------------- loading checkpoints
-# What a --ckpt's files say is read by sample_cli.py (run dir, release folder) and dit.py (args.json, weights).
 
 def load_pipeline(cfg: SampleConfig, report=print) -> tuple[VOSRPipeline, dict]:
     """The pipeline of a run dir, a release model folder or a bare .safetensors, and its run settings.
