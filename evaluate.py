@@ -553,17 +553,27 @@ def report_skipped(skipped, names):
     return True
 
 
-def score(args):
-    """`score` subcommand: compare an SR folder against an HR folder."""
+def scorers_and_pairs(args, images):
+    """(metric names, scorers, (image, HR) pairs, problems) for `score` and `sweep`, or the exit code when
+    nothing can be scored (a bad flag or folder: 2; every metric skipped: 1)."""
     try:
         names = parse_metrics(args.metrics)
         scorers, skipped = build_scorers(names, args.crop, args.device, args.cache)
-        pairs, problems = pair_images(args.sr, args.hr)
+        pairs, problems = pair_images(images, args.hr)
     except (ValueError, FileNotFoundError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
     if not report_skipped(skipped, names):
         return 1
+    return names, scorers, pairs, problems
+
+
+def score(args):
+    """`score` subcommand: compare an SR folder against an HR folder."""
+    prepared = scorers_and_pairs(args, args.sr)
+    if isinstance(prepared, int):
+        return prepared
+    names, scorers, pairs, problems = prepared
     rows, bad = evaluate_pairs(pairs, scorers)
     for p in problems + bad:
         print(f"evaluate.py: skipped {p}", file=sys.stderr)
@@ -608,20 +618,19 @@ def line_plot(xs, series: dict, path, title="", size=(640, 300)):
 def sweep(args):
     """`sweep`: sample the LR folder at several guidance scales s (eq. 2) and score each (Fig. 4)."""
     scales = args.guidance  # parsed by the flag's type
-    try:
-        names = parse_metrics(args.metrics)
-        scorers, skipped = build_scorers(names, args.crop, args.device, args.cache)
-        pairs, problems = pair_images(args.lr, args.hr)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        return 2
-    if not report_skipped(skipped, names):
-        return 1
+    prepared = scorers_and_pairs(args, args.lr)
+    if isinstance(prepared, int):
+        return prepared
+    names, scorers, pairs, problems = prepared
     for p in problems:
         print(f"evaluate.py: skipped {p}", file=sys.stderr)
     settings = {f.name for f in fields(sample.SampleConfig)} - {"guidance"}  # s comes from the list
     cfg = sample.SampleConfig(**{k: v for k, v in vars(args).items() if k in settings})
-    pipe, run = sample.load_pipeline(cfg)
+    try:
+        pipe, run = sample.load_pipeline(cfg)
+    except (ValueError, OSError) as e:  # not a checkpoint, a broken file: one line naming it
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
     cfg = sample.checkpoint_defaults(cfg, pipe, run)
     table = []
     for s in scales:

@@ -677,3 +677,14 @@ def test_numeric_and_list_flags_are_checked_at_parse_time(args, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"{parser.prog}: error: argument {args[1]}: ")
+
+
+def test_sweep_with_a_broken_checkpoint_is_one_line(tmp_path, capsys):
+    for d, side in (("lr", 8), ("hr", 32)):
+        (tmp_path / d).mkdir()
+        Image.new("RGB", (side, side)).save(tmp_path / d / "a.png")
+    (tmp_path / "bad.safetensors").write_text("junk")
+    code = E.main(["sweep", "--ckpt", str(tmp_path / "bad.safetensors"), "--lr", str(tmp_path / "lr"),
+                          "--hr", str(tmp_path / "hr"), "--guidance", "1", "--metrics", "psnr"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "bad.safetensors" in err[0]
