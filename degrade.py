@@ -204,6 +204,14 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)                         # read the process umask (set and restored at import)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse for every script here: a mistake is one line on stderr, `prog: message (see --help)`, exit 2,
+    without argparse's usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """A hidden temp name beside `path` to write to, renamed onto `path` when the block succeeds and removed
@@ -656,7 +664,7 @@ def run_folder(args):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Make HR/LR training pairs with the Real-ESRGAN degradation "
+    ap = OneLineParser(description="Make HR/LR training pairs with the Real-ESRGAN degradation "
                                              "(or bicubic). Throughput: python tools/bench_degrade.py")
     ap.add_argument("-i", "--input", help="folder of HR images (searched recursively) or one image file")
     ap.add_argument("-o", "--output", help="output folder: writes hr/, lr/ and contact_sheet.png")

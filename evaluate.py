@@ -40,7 +40,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 import sample
-from degrade import ImageError, atomic_path, find_images, read_image, write_image
+from degrade import ImageError, OneLineParser, atomic_path, find_images, read_image, write_image
 
 
 @dataclass
@@ -704,11 +704,11 @@ DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CACHE_HELP = "folder of the converted metric weights (default: $VOSR_METRICS_CACHE, else ~/.cache/vosr_metrics)"
 
 
-class CLIParser(argparse.ArgumentParser):
-    """An argparse parser whose errors are one line naming the mistake (exit 2), without the usage block."""
+class CLIParser(OneLineParser):
+    """degrade.OneLineParser with evaluate.py's `prog: error: message` wording (as its other error lines)."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        super().error(f"error: {message}")
 
 
 def number(kind=float, low=None, high=None, strict=False, multiple=None):

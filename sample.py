@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import dit
 import vae
-from degrade import ImageError, find_jobs, read_image, write_image
+from degrade import ImageError, OneLineParser, find_jobs, read_image, write_image
 
 
 # ----------------------------------------------------------------------------- the sampler (paper §3.3, §3.4)
@@ -553,13 +553,6 @@ class SampleConfig:
     channels_last: bool = False
     compile: str | None = None       # torch.compile mode, e.g. "default", "max-autotune"
     cuda_graphs: bool = False
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr (the flag, the value and what is allowed), no usage block."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
 def number(kind=float, low=None, high=None, low_open=False, multiple=None):

@@ -50,6 +50,7 @@ from tqdm import tqdm
 import degrade
 import dit
 import vae
+from degrade import OneLineParser  # noqa: F401 (distill.py and tools/ use it from here too)
 from sample import VOSRPipeline
 
 
@@ -1049,13 +1050,6 @@ RANGES = {  # field → (test, what it must be); checked on the resolved config 
     "beta1": IN_01_OPEN, "beta2": IN_01_OPEN, "ema": IN_01_OPEN, "p_partial": IN_01, "alpha_min": IN_01,
     "alpha_max": IN_01, "aug_mean": FINITE,
 }
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose mistakes are one line, `prog: message`, without the usage block."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: {message}\n")
 
 
 def _show(v) -> str:
