@@ -916,26 +916,12 @@ def check_training_checkpoint(path: Path, name: str) -> None:
             raise SystemExit(f"{name}: cannot resume: {path}: not a training checkpoint (no {what})")
 
 
-def _load_strict(module, sd: dict, path: Path, prefix: str) -> None:
-    """load_state_dict, with a one-line error naming the first missing, unexpected or mis-shaped key."""
-    own = module.state_dict()
-    for k, v in own.items():
-        if k not in sd:
-            raise ValueError(f"{path}: missing key '{prefix}{k}'")
-        if tuple(sd[k].shape) != tuple(v.shape):
-            raise ValueError(f"{path}: '{prefix}{k}' has shape {tuple(sd[k].shape)}, this model {tuple(v.shape)}")
-    extra = sorted(set(sd) - set(own))
-    if extra:
-        raise ValueError(f"{path}: unexpected key '{prefix}{extra[0]}'")
-    module.load_state_dict(sd)
-
-
 def load_checkpoint(path: Path, model, ema, opt) -> int:
     """Restore model, EMA and optimiser from ckpt.safetensors; returns the step to continue from."""
     with safe_open(str(path), "pt") as f:
         meta, sd = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    _load_strict(model, {k[6:]: v for k, v in sd.items() if k.startswith("model.")}, path, "model.")
-    _load_strict(ema, {k[4:]: v for k, v in sd.items() if k.startswith("ema.")}, path, "ema.")
+    vae.load_strict(model, {k[6:]: v for k, v in sd.items() if k.startswith("model.")}, path, "model.", assign=False)
+    vae.load_strict(ema, {k[4:]: v for k, v in sd.items() if k.startswith("ema.")}, path, "ema.", assign=False)
     state: dict = {}
     for k, v in sd.items():
         if k.startswith("optim."):

@@ -50,18 +50,21 @@ def _read_state_dict(path) -> dict:
     return sd
 
 
-def _load_strict(module: nn.Module, sd: dict, path) -> None:
-    """Strict load with an error naming the file and the first bad key; works on a meta-device module."""
+def load_strict(module: nn.Module, sd: dict, path, prefix: str = "", assign: bool = True) -> None:
+    """Strict load with an error naming the file and the first bad key (`prefix` + name, as in the file).
+
+    assign=True (loaders here) also fills a module built on the meta device; training resumes with False,
+    so the optimiser keeps the parameters it holds."""
     own = module.state_dict()
     for k in own:
         if k not in sd:
-            raise ValueError(f"{path}: missing key '{k}' ({len(set(own) - set(sd))} missing in all)")
+            raise ValueError(f"{path}: missing key '{prefix}{k}' ({len(set(own) - set(sd))} missing in all)")
     for k, v in sd.items():
         if k not in own:
-            raise ValueError(f"{path}: unexpected key '{k}' ({len(set(sd) - set(own))} unexpected in all)")
+            raise ValueError(f"{path}: unexpected key '{prefix}{k}' ({len(set(sd) - set(own))} unexpected in all)")
         if tuple(v.shape) != tuple(own[k].shape):
-            raise ValueError(f"{path}: key '{k}' has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
-    module.load_state_dict(sd, strict=True, assign=True)  # assign: the module may live on the meta device
+            raise ValueError(f"{path}: key '{prefix}{k}' has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+    module.load_state_dict(sd, strict=True, assign=assign)
 
 
 def _freeze(module: nn.Module) -> nn.Module:
@@ -171,7 +174,7 @@ def load_light_decoder(path) -> nn.Module:
             sd = {k[len(prefix):]: v for k, v in sd.items()}
     with torch.device("meta"):  # skip the random init, every weight comes from the file
         dec = build_light_decoder(config)
-    _load_strict(dec, sd, path)
+    load_strict(dec, sd, path)
     return _freeze(dec)
 
 
@@ -234,7 +237,7 @@ def load_qwen_2d(folder, dtype=torch.float32) -> nn.Module:
     with torch.device("meta"):
         model = AutoencoderKLQwenImage(**kwargs)
     path = files[0] if len(files) == 1 else folder
-    _load_strict(model, qwen_2d_to_3d(sd, model.state_dict(), path), path)
+    load_strict(model, qwen_2d_to_3d(sd, model.state_dict(), path), path)
     return model if dtype == torch.float32 else model.to(dtype)  # (diffusers warns on any .to(dtype))
 
 
@@ -680,7 +683,7 @@ def load_effnet_semantic(spec: str, image_size: int = 224, layer: int | None = N
     path = effnet_lite0_weights() if path is None else Path(path)
     with torch.device("meta"):
         net = EfficientNetLite0()
-    _load_strict(net, _effnet_state_dict(path), path)
+    load_strict(net, _effnet_state_dict(path), path)
     return EffNetSemanticEncoder(net, image_size, layer, spec=spec)
 
 
@@ -716,7 +719,7 @@ def load_semantic(spec: str, image_size: int = 448, device="cpu", seed: int = 0,
     n_pos = sd["pos_embed"].shape[1] - (0 if reg else 1)                         # patch entries only
     with torch.device("meta"):  # skip timm's (slow) random init, every weight comes from the file
         vit = build_dinov2(dim, depth=depth, reg_tokens=reg, img_size=14 * math.isqrt(n_pos))
-    _load_strict(vit, sd, path)
+    load_strict(vit, sd, path)
     return SemanticEncoder(vit, image_size, layer, spec=str(spec)).to(device, dtype)
 
 
