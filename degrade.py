@@ -10,29 +10,22 @@ the GPU inside a training step:
 
 Unlike the released code (one kernel and one set of scalars per batch) every random choice
 is drawn **per sample**, from an explicit CPU `torch.Generator`, so a seed reproduces a batch
-bit for bit and the GPU path uses exactly the same draws. It also owns the image-file I/O
-that every other script imports (`find_images`, `read_image`, `write_image`, `ImageError`)
-and a classic bicubic ×4 degradation for the first, easy experiment (ours: it learns in few CPU steps).
+bit for bit and the GPU path uses exactly the same draws. A classic bicubic ×4 degradation serves
+the first, easy experiment (ours: it learns in few CPU steps). Image files: tools/files.py.
 
 CLI:  python degrade.py -i HR_DIR -o OUT_DIR --crop 256     (writes hr/, lr/, contact_sheet.png)
 """
 import argparse
-import contextlib
 import dataclasses
-import io
 import math
-import os
 import sys
-import uuid
-import warnings
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+
+from tools.files import ImageError, center_crop, contact_sheet, find_jobs, read_image, write_image
 
 
 @dataclass
@@ -76,154 +69,12 @@ class DegradeConfig:
     final_jpeg_first_prob: float = 0.5          # JPEG then resize+sinc, else resize+sinc then JPEG
 
 
-# ----------------------------------------------------------------------------- image files
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-
-
-class ImageError(Exception):
-    """An image file that cannot be read or written; the message always names the file."""
-
-
-def find_images(root, recursive=True):
-    """Sorted image files under `root` (or [root] if it is a file); hidden files are skipped."""
-    root = Path(root)
-    if not root.exists():
-        raise FileNotFoundError(f"input folder not found: {root}")
-    if root.is_file():
-        return [root]
-    files = root.rglob("*") if recursive else root.glob("*")
-    # skip hidden names: macOS "._x.jpg" sidecars and our own in-flight ".x.tmp" files
-    return sorted(p for p in files if p.is_file() and p.suffix.lower() in IMAGE_EXTS
-                  and not p.name.startswith("."))
-
-
-def _out_names(files, root):
-    """Output name per file: relative path with .png; name clashes (a.jpg, a.png) keep the extension."""
-    base = root if root.is_dir() else root.parent
-    rel = [f.relative_to(base) for f in files]
-    stems = [r.with_suffix("") for r in rel]
-    clash = {s for s, n in Counter(stems).items() if n > 1}
-    return [r.with_name(f"{r.stem}_{r.suffix[1:]}.png") if s in clash else r.with_suffix(".png")
-            for r, s in zip(rel, stems)]
-
-
-def find_jobs(inp, out, single_file_ok: bool = True) -> list[tuple[Path, Path]]:
-    """(input image, output .png) pairs for a CLI that reads `inp` and writes under `out`.
-
-    `out` is a folder (created later), or, for one input file and single_file_ok, the output file itself.
-    Refused with an OSError naming the path: a missing input, no images, an output folder that is the input
-    folder or inside it (outputs would be read back as inputs), an output that would replace an input."""
-    files = find_images(inp)
-    if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) found in {inp}")
-    inp, out = Path(inp), Path(out)
-    root = inp if inp.is_dir() else inp.parent
-    out_is_file = out.suffix.lower() in IMAGE_EXTS and not out.is_dir()
-    if out_is_file:
-        if not (inp.is_file() and single_file_ok):
-            raise NotADirectoryError(f"-o {out} names an image file, but the input {inp} "
-                                     f"{'is a folder' if inp.is_dir() else 'gives several images'}: give a folder")
-        jobs = [(inp, out)]
-    else:
-        if out.exists() and not out.is_dir():
-            raise NotADirectoryError(f"output path {out} is a file, not a folder")
-        if inp.is_dir() and (out.resolve() == inp.resolve() or inp.resolve() in out.resolve().parents):
-            raise IsADirectoryError(f"output folder {out} is {'the input folder' if out.resolve() == inp.resolve() else 'inside the input folder'} "
-                                    f"{inp}: choose another -o, so that no input is overwritten or read back")
-        jobs = [(f, out / name) for f, name in zip(files, _out_names(files, root))]
-    inputs = {f.resolve() for f in files}
-    for _, dst in jobs:
-        if dst.resolve() in inputs:
-            raise FileExistsError(f"output {dst} is one of the input images: choose another -o")
-    return jobs
-
-
-def _to_rgb_array(im):
-    """PIL image of any mode → (H, W, 3) float32 in [0, 1]."""
-    has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
-    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        # 16-bit grey (PNG opens as I;16 or I, values 0..65535): divide by 65535, not 255.
-        # Float "F" images follow Pillow's own convention of a 0..255 range.
-        a = np.asarray(im).astype(np.float32) / (255.0 if im.mode == "F" else 65535.0)
-        return np.repeat(np.clip(a, 0.0, 1.0)[:, :, None], 3, axis=2)
-    if has_alpha:
-        # transparency is composited on white (what a viewer shows); alpha is not super-resolved
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(white, rgba)
-    return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0   # L, P, CMYK, YCbCr, 1 ...
-
-
-def read_image(path, data: bytes | None = None):
-    """Image file → (3, H, W) float32 in [0, 1]; converts any mode, honours EXIF orientation.
-
-    data: the file's bytes when they come from elsewhere (a member of a .tar shard); `path` then only names it."""
-    path = Path(path)
-    try:
-        with Image.open(path if data is None else io.BytesIO(data)) as im:
-            im.load()                           # decode now so truncation is caught here
-            try:
-                im = ImageOps.exif_transpose(im)
-            except Exception as e:              # a broken EXIF block should not lose the photo
-                warnings.warn(f"{path}: ignoring unreadable EXIF orientation ({e})")
-            arr = _to_rgb_array(im)
-    except Exception as e:                      # PIL raises OSError, SyntaxError, ValueError, ...
-        reason = str(e) or type(e).__name__
-        if type(e).__name__ == "UnidentifiedImageError" or "cannot identify" in reason:
-            reason = "not a readable image file (empty, corrupt or unknown format)"
-        raise ImageError(f"{path}: {reason}") from e
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
-
-
-def write_image(path, img):
-    """(3,H,W) or (1,3,H,W) float in [0,1] → 8-bit file (format from extension), written atomically."""
-    path = Path(path)
-    if img.dim() == 4 and img.shape[0] == 1:
-        img = img[0]
-    if img.dim() != 3 or img.shape[0] != 3:
-        raise ValueError(f"{path}: expected a (3,H,W) image tensor, got shape {tuple(img.shape)}")
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise ImageError(f"{path}: unknown image extension {path.suffix!r}")
-    for parent in [path.parent, *path.parent.parents]:
-        if parent.exists() and not parent.is_dir():
-            raise NotADirectoryError(f"cannot write {path}: {parent} is a file, not a folder")
-    if path.is_dir():
-        raise IsADirectoryError(f"cannot write {path}: it is a folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arr = (img.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    try:
-        with atomic_path(path) as tmp:
-            Image.fromarray(arr).save(tmp, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
-    except OSError as e:
-        raise ImageError(f"{path}: cannot write ({e})") from e
-
-
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)                         # read the process umask (set and restored at import)
-
-
 class OneLineParser(argparse.ArgumentParser):
     """argparse for every script here: a mistake is one line on stderr, `prog: message (see --help)`, exit 2,
     without argparse's usage block."""
 
     def error(self, message):
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """A hidden temp name beside `path` to write to, renamed onto `path` when the block succeeds and removed
-    otherwise: readers see the old file or the new one, never half of one (images, checkpoints, configs)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_UMASK)   # the usual 0644: some writers (safetensors) create files 0600
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -584,27 +435,6 @@ def degrade_bicubic(hr, scale=4, resize_back=False):
 
 # ----------------------------------------------------------------------------- CLI
 
-def _center_crop(img, side):
-    _, h, w = img.shape
-    top, left = (h - side) // 2, (w - side) // 2
-    return img[:, top:top + side, left:left + side]
-
-
-def _contact_sheet(pairs, gap=4):
-    """Rows of HR | LR (nearest-upscaled to HR size) on a white canvas, (3, H, W)."""
-    rows = []
-    for hr, lr in pairs:
-        lr_up = F.interpolate(lr[None], size=hr.shape[1:], mode="nearest")[0]
-        rows.append(torch.cat([hr, torch.ones(3, hr.shape[1], gap), lr_up], 2))
-    width = max(r.shape[2] for r in rows)
-    canvas = torch.ones(3, sum(r.shape[1] + gap for r in rows) - gap, width)
-    y = 0
-    for r in rows:
-        canvas[:, y:y + r.shape[1], : r.shape[2]] = r
-        y += r.shape[1] + gap
-    return canvas
-
-
 def run_folder(args):
     """Degrade every image under args.input into args.output/{hr,lr}; returns the exit code."""
     from tqdm import tqdm
@@ -648,7 +478,7 @@ def run_folder(args):
         if side < args.crop:
             tqdm.write(f"note: {path} is {img.shape[2]}×{img.shape[1]}, smaller than --crop {args.crop}; "
                        f"cropping {side}×{side}", file=sys.stderr)
-        pending.setdefault(side, []).append((name, _center_crop(img, side)))
+        pending.setdefault(side, []).append((name, center_crop(img, side)))
         if len(pending[side]) >= args.batch:             # batches of equal-size crops
             flush(side)
     for side in list(pending):
@@ -656,7 +486,7 @@ def run_folder(args):
     if n_done == 0:
         print(f"error: none of the {len(jobs)} files could be processed", file=sys.stderr)
         return 1
-    write_image(out / "contact_sheet.png", _contact_sheet(sheet))
+    write_image(out / "contact_sheet.png", contact_sheet(sheet))
     sizes = ", ".join(f"{h}×{w}" for h, w in sorted(lr_sizes))
     print(f"wrote {n_done} HR/LR pairs (LR {sizes}) to {out}; skipped {n_bad} file(s); "
           f"contact sheet: {out / 'contact_sheet.png'}")

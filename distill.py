@@ -38,6 +38,7 @@ import torch.nn.functional as F
 import dit
 import vae
 import train_teacher as tt
+from tools.files import read_safetensors_header
 from train_teacher import TrainConfig, build_conditions, draw_teacher, interpolate, setup_distributed
 
 
@@ -210,7 +211,7 @@ def load_teacher_run(path: str) -> tuple[dict, Path]:
         raise SystemExit(f"{NAME}: --teacher {run}: not a teacher run dir (needs config.json and ema.safetensors)")
     try:
         tconf = json.loads(conf.read_text())
-        keys, _ = tt.read_safetensors_header(weights)
+        keys, _ = read_safetensors_header(weights)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SystemExit(f"{NAME}: --teacher {run}: {conf}: not valid JSON ({e})") from None
     except ValueError as e:  # empty, truncated or not safetensors: the message names the file

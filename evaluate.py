@@ -40,7 +40,8 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 import sample
-from degrade import ImageError, OneLineParser, atomic_path, find_images, read_image, write_image
+from degrade import OneLineParser
+from tools.files import ImageError, atomic_path, find_images, read_image, write_image
 
 
 @dataclass

@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 import dit
 import vae
-from degrade import ImageError, OneLineParser, find_jobs, read_image, write_image
+from degrade import OneLineParser
+from tools.files import ImageError, find_jobs, read_image, write_image
 
 
 # ----------------------------------------------------------------------------- the sampler (paper §3.3, §3.4)

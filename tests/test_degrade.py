@@ -1,4 +1,5 @@
-"""Tests for degrade.py: kernels vs closed forms, torch JPEG vs Pillow, pipeline properties, image I/O."""
+"""Tests for degrade.py (kernels vs closed forms, torch JPEG vs Pillow, pipeline properties) and tools/files.py's
+image I/O."""
 import io
 import math
 import struct
@@ -14,6 +15,7 @@ from scipy import ndimage, special
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import degrade as D  # noqa: E402
+from tools import files  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -257,46 +259,46 @@ def test_read_image_converts_odd_formats(tmp_path):
     close = lambda a, b, tol=1.5 / 255: torch.testing.assert_close(a, torch.as_tensor(b, dtype=torch.float32),  # noqa
                                                                    atol=tol, rtol=0)
     Image.new("L", (5, 4), 100).save(tmp_path / "l.png")
-    x = D.read_image(tmp_path / "l.png")
+    x = files.read_image(tmp_path / "l.png")
     assert x.shape == (3, 4, 5) and x.dtype == torch.float32
     close(x, torch.full((3, 4, 5), 100 / 255))
 
     la = Image.new("LA", (4, 4), (0, 0))                         # fully transparent black → white
     la.putpixel((0, 0), (50, 255))
     la.save(tmp_path / "la.png")
-    x = D.read_image(tmp_path / "la.png")
+    x = files.read_image(tmp_path / "la.png")
     close(x[:, 1, 1], [1, 1, 1]), close(x[:, 0, 0], [50 / 255] * 3)
 
     rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
     rgba.putpixel((1, 0), (0, 0, 255, 255))
     rgba.putpixel((2, 0), (0, 0, 0, 128))
     rgba.save(tmp_path / "rgba.png")
-    x = D.read_image(tmp_path / "rgba.png")
+    x = files.read_image(tmp_path / "rgba.png")
     close(x[:, 3, 3], [1, 1, 1]), close(x[:, 0, 1], [0, 0, 1]), close(x[:, 0, 2], [127 / 255] * 3)
 
     p = Image.new("P", (4, 4), 1)
     p.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
     p.putpixel((0, 0), 0)
     p.save(tmp_path / "p.png")
-    x = D.read_image(tmp_path / "p.png")
+    x = files.read_image(tmp_path / "p.png")
     close(x[:, 1, 1], [10 / 255, 200 / 255, 30 / 255]), close(x[:, 0, 0], [0, 0, 0])
     p.save(tmp_path / "pt.png", transparency=0)                  # palette index 0 transparent → white
-    close(D.read_image(tmp_path / "pt.png")[:, 0, 0], [1, 1, 1])
+    close(files.read_image(tmp_path / "pt.png")[:, 0, 0], [1, 1, 1])
 
     a16 = np.array([[0, 32768, 65535], [1000, 20000, 65535]], dtype=np.uint16)
     Image.fromarray(a16).save(tmp_path / "g16.png")
     assert Image.open(tmp_path / "g16.png").mode.startswith("I")
-    x = D.read_image(tmp_path / "g16.png")
+    x = files.read_image(tmp_path / "g16.png")
     close(x[0], a16 / 65535.0, tol=1e-6)
     assert x.max() == 1.0
 
     rgb16 = (np.arange(3 * 4 * 3).reshape(3, 4, 3) * 7 * 257).astype(np.uint16)
     rgb16[0, 0] = 65535
     _write_png16_rgb(tmp_path / "rgb16.png", rgb16)
-    close(D.read_image(tmp_path / "rgb16.png"), torch.from_numpy(rgb16 / 65535.0).permute(2, 0, 1), tol=1e-6)
+    close(files.read_image(tmp_path / "rgb16.png"), torch.from_numpy(rgb16 / 65535.0).permute(2, 0, 1), tol=1e-6)
 
     Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg", quality=95)
-    close(D.read_image(tmp_path / "cmyk.jpg")[:, 8, 8], [1, 0, 0], tol=0.05)
+    close(files.read_image(tmp_path / "cmyk.jpg")[:, 8, 8], [1, 0, 0], tol=0.05)
 
     stored = np.zeros((20, 40, 3), np.uint8)
     stored[:, :20] = (255, 0, 0)                                 # left half red, right half blue
@@ -304,13 +306,13 @@ def test_read_image_converts_odd_formats(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6                                             # orientation 6: rotate 90° clockwise
     Image.fromarray(stored).save(tmp_path / "rot.jpg", exif=exif.tobytes(), quality=95)
-    x = D.read_image(tmp_path / "rot.jpg")
+    x = files.read_image(tmp_path / "rot.jpg")
     assert x.shape == (3, 40, 20)
     close(x[:, 5, 10], [1, 0, 0], tol=0.1), close(x[:, 35, 10], [0, 0, 1], tol=0.1)   # left edge → top
 
     rgb = np.random.default_rng(0).integers(0, 256, (6, 7, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "w.webp", lossless=True)
-    close(D.read_image(tmp_path / "w.webp"), torch.from_numpy(rgb / 255.0).permute(2, 0, 1), tol=1e-6)
+    close(files.read_image(tmp_path / "w.webp"), torch.from_numpy(rgb / 255.0).permute(2, 0, 1), tol=1e-6)
 
 
 def test_read_image_errors_name_the_file(tmp_path):
@@ -321,34 +323,34 @@ def test_read_image_errors_name_the_file(tmp_path):
     Image.fromarray(rgb).save(buf, "PNG")
     (tmp_path / "trunc.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     for name in ("empty.png", "x.png", "trunc.png", "missing.png"):
-        with pytest.raises(D.ImageError) as e:
-            D.read_image(tmp_path / name)
+        with pytest.raises(files.ImageError) as e:
+            files.read_image(tmp_path / name)
         assert str(tmp_path / name) in str(e.value)
 
 
 def test_write_image_round_trip_and_errors(tmp_path):
     vals = torch.randint(0, 256, (3, 9, 11), generator=torch.Generator().manual_seed(0)).float() / 255
-    D.write_image(tmp_path / "a" / "b" / "x.png", vals)              # creates parent folders
-    assert torch.equal(D.read_image(tmp_path / "a" / "b" / "x.png"), vals)
-    D.write_image(tmp_path / "y.png", vals[None])                     # (1,3,H,W) accepted
-    assert torch.equal(D.read_image(tmp_path / "y.png"), vals)
-    D.write_image(tmp_path / "z.jpg", vals)
+    files.write_image(tmp_path / "a" / "b" / "x.png", vals)              # creates parent folders
+    assert torch.equal(files.read_image(tmp_path / "a" / "b" / "x.png"), vals)
+    files.write_image(tmp_path / "y.png", vals[None])                     # (1,3,H,W) accepted
+    assert torch.equal(files.read_image(tmp_path / "y.png"), vals)
+    files.write_image(tmp_path / "z.jpg", vals)
     assert Image.open(tmp_path / "z.jpg").format == "JPEG"
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
     (tmp_path / "afile").write_text("x")
     with pytest.raises(OSError, match="afile"):
-        D.write_image(tmp_path / "afile" / "out.png", vals)
+        files.write_image(tmp_path / "afile" / "out.png", vals)
 
 
 def test_find_images(tmp_path):
     for rel in ("b.png", "a.JPG", "sub/c.webp", "notes.txt", ".hidden.png"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"")
-    assert [p.relative_to(tmp_path).as_posix() for p in D.find_images(tmp_path)] == ["a.JPG", "b.png", "sub/c.webp"]
-    assert len(D.find_images(tmp_path, recursive=False)) == 2
-    assert D.find_images(tmp_path / "b.png") == [tmp_path / "b.png"]
+    assert [p.relative_to(tmp_path).as_posix() for p in files.find_images(tmp_path)] == ["a.JPG", "b.png", "sub/c.webp"]
+    assert len(files.find_images(tmp_path, recursive=False)) == 2
+    assert files.find_images(tmp_path / "b.png") == [tmp_path / "b.png"]
     with pytest.raises(FileNotFoundError, match="nope"):
-        D.find_images(tmp_path / "nope")
+        files.find_images(tmp_path / "nope")
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -43,8 +43,8 @@ def test_cached_crops_equal_uncached_and_decode_each_photo_once(tmp_path, monkey
     expected = [plain[i] for i in range(40)]
     assert len(plain.bad) == 1  # the broken file was drawn, so the cache meets it too
     reads = []
-    read_image = tt.degrade.read_image
-    monkeypatch.setattr(tt.degrade, "read_image", lambda f: reads.append(f) or read_image(f))
+    read_image = tt.files.read_image
+    monkeypatch.setattr(tt.files, "read_image", lambda f: reads.append(f) or read_image(f))
     cached = tt.HRCrops(str(photos), 32, seed=5, cache=True)
     for i in range(40):
         assert torch.equal(cached[i], expected[i])

@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from safetensors.torch import load_file
 
-from train_teacher import OneLineParser, read_safetensors_header, save_atomic, write_json
+from tools.files import read_safetensors_header
+from train_teacher import OneLineParser, save_atomic, write_json
 
 NAME = "export.py"
 # What sample.py reads from a run's config.json (the model, the codec, the semantic encoder and its block,

