@@ -27,8 +27,6 @@ Shipping a run as fp16 weights: tools/export.py RUN_DIR OUT_DIR.
 from __future__ import annotations
 
 import dataclasses
-import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +36,8 @@ import torch.nn.functional as F
 import dit
 import vae
 import train_teacher as tt
-from tools.files import read_safetensors_header
-from train_teacher import TrainConfig, build_conditions, draw_teacher, interpolate, setup_distributed
+from tools import cli, release, runs
+from train_teacher import TrainConfig, build_conditions, draw_teacher, interpolate
 
 
 @dataclass
@@ -145,9 +143,9 @@ def distill_loss(cfg: DistillConfig, teacher, net, z0, c_str, c_sem, d: dict):
 # ----------------------------------------------------------------------------- the training step
 
 def draw_distill(cfg: DistillConfig, latent_shape, g: torch.Generator) -> dict:
-    """The teacher's draws (z_1, κ) with the time pair (t, r) of distillation instead of t. A fixed --alpha
-    replaces the per-sample α of the partial branch in the student's κ and the teacher's target (the
-    official release's one-step models: α = 0.1); the draws are made anyway, so the others stay the same."""
+    """The teacher's draws (z_1, κ) with the time pair (t, r) instead of t. A fixed --alpha (the official release's
+    one-step models: 0.1) replaces the per-sample α of the partial branch in the student's κ and the teacher's
+    target; the draws are made anyway, so the others stay the same."""
     d = draw_teacher(cfg, latent_shape, g)
     d["t"], d["r"] = sample_times(cfg.batch, g)
     if cfg.alpha is not None:
@@ -156,8 +154,7 @@ def draw_distill(cfg: DistillConfig, latent_shape, g: torch.Generator) -> dict:
 
 
 def train_step(cfg: DistillConfig, run: tt.Run, teacher, codec, semantic, step: int) -> torch.Tensor:
-    """Draw → condition → loss (eq. 17 / 11) and its gradient over this rank's micro-batches: the teacher's
-    step (train_teacher.train_step) with the pair (t, r) and the distillation loss."""
+    """Draw → condition → loss (eq. 17 / 11) and its gradient: the teacher's train_step with (t, r), this loss."""
     draws = draw_distill(cfg, run.latent_shape, tt.step_rngs(cfg.seed, step).draws)        # draw
     loss_sum = 0.0
     for k in range(cfg.grad_accum):
@@ -175,11 +172,10 @@ def main(argv=None) -> dict:
     """Distil; returns {step: loss} of the steps this call ran."""
     cfg, changes = parse_cli(argv)
     crops = tt.preflight(cfg, NAME)  # before the teacher is loaded
-    tconf, weights = load_teacher_run(cfg.teacher)
-    env = setup_distributed(cfg)
-    torch.manual_seed(cfg.seed)
-    codec, semantic, teacher, student, ema = build_student(cfg, tconf, weights, env[2])
-    try:
+    tconf, weights = runs.load_teacher_run(cfg.teacher, NAME)
+    with runs.distributed(cfg) as env:
+        torch.manual_seed(cfg.seed)
+        codec, semantic, teacher, student, ema = build_student(cfg, tconf, weights, env[2])
         run = tt.Run(cfg, student, ema, codec, semantic, env, crops, student=True, name=NAME, changes=changes)
         for step in run.steps():
             loss = train_step(cfg, run, teacher, codec, semantic, step)  # draw → condition → loss, and its gradient
@@ -190,42 +186,11 @@ def main(argv=None) -> dict:
             run.log(step, loss)                                          # log.jsonl, validation, checkpoint
         run.close()
         return run.history
-    finally:
-        if env[1] > 1:
-            torch.distributed.destroy_process_group()
 
 
-# ----------------------------------------------------------------------------- setup
+# ----------------------------------------------------------------------------- the models and the command line
 
 NAME = "distill.py"
-
-
-def load_teacher_run(path: str) -> tuple[dict, Path]:
-    """The teacher's config.json and EMA weights; one line naming the file if it is not a teacher run
-    (missing, broken, truncated, or a distilled student)."""
-    run = Path(path)
-    conf, weights = run / "config.json", run / "ema.safetensors"
-    if not run.exists():
-        raise SystemExit(f"{NAME}: --teacher {run}: not found")
-    if not conf.is_file() or not weights.is_file():
-        raise SystemExit(f"{NAME}: --teacher {run}: not a teacher run dir (needs config.json and ema.safetensors)")
-    try:
-        tconf = json.loads(conf.read_text())
-        keys, _ = read_safetensors_header(weights)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SystemExit(f"{NAME}: --teacher {run}: {conf}: not valid JSON ({e})") from None
-    except ValueError as e:  # empty, truncated or not safetensors: the message names the file
-        raise SystemExit(f"{NAME}: --teacher {run}: {e}") from None
-    if "method" in tconf or any(k.startswith("r_embedder.") for k in keys):
-        raise SystemExit(f"{NAME}: --teacher {run}: {weights} is a distilled student, not a teacher "
-                         "(give the teacher's run dir)")
-    for k in ("preset", "codec", "semantic", "enc_dim", "train_grid"):
-        if k not in tconf:
-            raise SystemExit(f"{NAME}: --teacher {run}: {conf} has no {k!r}: not a run config")
-    sem = tconf["semantic"]
-    if sem not in ("none",) and not sem.startswith("random") and (run / sem).is_file():
-        tconf["semantic"] = str((run / sem).resolve())  # a random encoder saved inside the teacher run
-    return tconf, weights
 
 
 def build_student(cfg: DistillConfig, tconf: dict, weights: Path, device):
@@ -239,57 +204,34 @@ def build_student(cfg: DistillConfig, tconf: dict, weights: Path, device):
               patch_size=tconf.get("patch_size", 2))
     teacher = dit.build(cfg.preset, **kw)
     try:
-        dit.load_release_checkpoint(teacher, weights)
+        release.load_release_checkpoint(teacher, weights)
     except ValueError as e:  # missing keys, another preset: the loader names the key and the file
         raise SystemExit(f"{NAME}: --teacher {cfg.teacher}: {e}") from None
     teacher = teacher.to(device).requires_grad_(False).eval()
     student = dit.build(cfg.preset, with_r=True, grad_ckpt=cfg.grad_ckpt, **kw)
-    dit.load_release_checkpoint(student, weights)  # r_embedder stays at its init: f(·, t, t) = teacher
+    release.load_release_checkpoint(student, weights)  # r_embedder stays at its init: f(·, t, t) = teacher
     ema = dit.build(cfg.preset, with_r=True, **kw)
     ema.load_state_dict(student.state_dict())
     return codec, semantic, teacher, student.to(device), ema.to(device).requires_grad_(False).eval()
 
 
-# ----------------------------------------------------------------------------- command line
-
 # What a student takes from its teacher's config.json unless a flag says otherwise.
 INHERITED = ("preset", "patch_size", "codec", "light_decoder", "semantic", "semantic_size", "degradation",
              "resize_back", "mode", "p_partial", "alpha_min", "alpha_max", "aug_mean", "aug_std")
-HELP = tt.HELP | {
-    "out": "student run dir to write (the layout of a teacher's: sample.py --ckpt STUDENT_DIR --steps 1)",
-    "teacher": "teacher run dir (config.json + ema.safetensors) from train_teacher.py",
-    "method": "consistency loss for r < t: rc (recursive consistency, eq. 12–17) or shortcut (eq. 7–11)",
-    "omega": "distillation guidance weight ω of the teacher target (eq. 5)",
-    "delta": "RC: the teacher's warm-start step Δ (eq. 13), in (0, 1]",
-    "n_rc": "RC: student rollout steps from t_m to r",
-    "alpha": "a fixed α of the partial branch, in the student's input and the teacher's target (the official "
-             "release's one-step models used 0.1); none: α ~ U[alpha_min, alpha_max] per sample",
-    "steps": "train until this step (with --resume: the total)",
-    "val_steps": "sampling steps of the validation samples (the student's)",
-    "preset": "model preset (a dit.py name); from the teacher",
-    "init": "not used by distill.py: the student starts from the teacher's weights",
-}
 TRUE_DEFAULTS = (dataclasses.asdict(DistillConfig()) | DEFAULTS | {"out": "runs/student"}
                  | {k: "the teacher's" for k in INHERITED} | {"device": "cuda if available, else cpu"})
-RANGES = tt.RANGES | {"omega": tt.FINITE, "delta": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
-                      "n_rc": tt.at_least(1), "alpha": tt.IN_01}
-EXPORT_MOVED = "--export moved to tools/export.py: python tools/export.py RUN_DIR OUT_DIR [--note TEXT] [--overwrite]"
-EPILOG = """export (no training): python tools/export.py RUN_DIR OUT_DIR [--note TEXT] [--overwrite]
-  writes RUN_DIR's EMA weights as fp16 ema.safetensors + the config keys sample.py needs into OUT_DIR
-  (a teacher or a student; train_teacher.py --init can start from it too)."""
 
 
-def build_parser() -> tt.OneLineParser:
-    return tt.config_parser(DistillConfig, __doc__, TRUE_DEFAULTS, HELP, EPILOG, prog=NAME,
-                            choices=tt.CHOICES | {"method": ("rc", "shortcut")})
+def build_parser() -> cli.OneLineParser:
+    return cli.config_parser(DistillConfig, __doc__, TRUE_DEFAULTS, cli.DISTILL_HELP, cli.DISTILL_EPILOG, prog=NAME,
+                             choices=cli.DISTILL_CHOICES)
 
 
 def parse_cli(argv=None, check_files: bool = True) -> tuple[DistillConfig, list]:
     """Teacher's config → distillation defaults → typed flags; with --resume the student run's
     config.json instead of the first two. Returns (config, what --resume changed)."""
     p = build_parser()
-    if any(a.split("=")[0] in ("--export", "--to", "--note") for a in (sys.argv[1:] if argv is None else argv)):
-        p.error(EXPORT_MOVED)
+    cli.refuse_moved(p, argv, ("--export", "--to", "--note"), cli.EXPORT_MOVED)
     given = vars(p.parse_args(argv))
     if "init" in given:
         p.error("--init: not used by distill.py (the student starts from the --teacher's weights)")
@@ -298,10 +240,10 @@ def parse_cli(argv=None, check_files: bool = True) -> tuple[DistillConfig, list]
     def fresh() -> DistillConfig:
         if not given.get("teacher") or not given.get("data"):
             p.error("--teacher RUN_DIR and --data DIR are required")
-        tconf, _ = load_teacher_run(given["teacher"])
+        tconf, _ = runs.load_teacher_run(given["teacher"], NAME)
         inherit = {k: tconf[k] for k in INHERITED if k in tconf}
         return DistillConfig(**(inherit | DEFAULTS | {"out": "runs/student"} | given))
-    return tt.resolve_cli(p, DistillConfig, given, NAME, fresh, RANGES, check_files)
+    return cli.resolve_cli(p, DistillConfig, given, NAME, fresh, cli.DISTILL_RANGES, check_files)
 
 
 def parse_args(argv=None) -> DistillConfig:
@@ -313,4 +255,3 @@ if __name__ == "__main__":
         main()
     except KeyboardInterrupt:  # Ctrl-C: the checkpoints are written atomically, the last one is whole
         raise SystemExit(f"{NAME}: interrupted; --resume continues from the last ckpt.safetensors") from None
-    sys.exit(0)

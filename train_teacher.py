@@ -27,6 +27,7 @@ All randomness of step k is drawn from generators seeded by (seed, k), so --resu
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 import time
@@ -44,7 +45,6 @@ import dit
 import vae
 from sample import VOSRPipeline
 from tools import cli, files, runs
-from tools.cli import flag
 
 
 @dataclass
@@ -235,12 +235,11 @@ def train(cfg: TrainConfig, changes=()) -> dict:
     """Train the teacher; returns {step: loss} of the steps this call ran. `changes`: what a --resume
     changed (parse_cli), recorded in config.json."""
     crops = preflight(cfg)  # before the models are built: a refusal should not wait for DINOv2 to load
-    env = runs.setup_distributed(cfg)
-    torch.manual_seed(cfg.seed)  # the same init on every rank
-    codec, semantic, model, ema = build_models(cfg, env[2])
-    if cfg.init and not (cfg.resume and (Path(cfg.out) / "ckpt.safetensors").exists()):
-        runs.init_weights(cfg.init, model, ema)
-    try:
+    with runs.distributed(cfg) as env:  # torchrun's ranks; a plain run is rank 0 of 1
+        torch.manual_seed(cfg.seed)  # the same init on every rank
+        codec, semantic, model, ema = build_models(cfg, env[2])
+        if cfg.init and not (cfg.resume and (Path(cfg.out) / "ckpt.safetensors").exists()):
+            runs.init_weights(cfg.init, model, ema)
         run = Run(cfg, model, ema, codec, semantic, env, crops, changes=changes)
         for step in run.steps():
             loss = train_step(cfg, run, codec, semantic, step)   # draw → condition → loss, and its gradient
@@ -252,15 +251,13 @@ def train(cfg: TrainConfig, changes=()) -> dict:
             run.log(step, loss)                                  # log.jsonl, validation, checkpoint
         run.close()
         return run.history
-    finally:
-        if env[1] > 1:
-            dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- the loop's plumbing
 
 @torch.no_grad()
 def ema_update(ema, model, decay: float):
+    """EMA ← decay·EMA + (1 − decay)·model, in place."""
     for pe, pm in zip(ema.parameters(), model.parameters()):
         pe.lerp_(pm.detach().to(pe.dtype), 1 - decay)
 
@@ -286,9 +283,7 @@ class Run:
         self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                      betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                                      fused=device.type == "cuda")  # one kernel for all parameters
-        self.start = runs.resume(ckpt, model, ema, self.opt, cfg, rank, name) if resuming else 0
-        if cfg.resume and not resuming and rank == 0:
-            print(f"{name}: {self.dir} has no ckpt.safetensors yet: starting at step 0")
+        self.start = runs.resume(ckpt, model, ema, self.opt, cfg, rank, name)
         if rank == 0:
             runs.write_run_config(cfg, self.dir, model, semantic, [c | {"step": self.start} for c in changes])
         if cfg.compile:
@@ -380,7 +375,8 @@ def build_models(cfg: TrainConfig, device):
     """Frozen codec and semantic encoder, the trainable DiT and its EMA copy."""
     try:
         codec = vae.load_codec(cfg.codec, device=device)
-        semantic = vae.load_semantic(runs.semantic_source(cfg), image_size=cfg.semantic_size, device=device, seed=cfg.seed)
+        semantic = vae.load_semantic(runs.semantic_source(cfg), image_size=cfg.semantic_size, device=device,
+                                     seed=cfg.seed)
     except (FileNotFoundError, ValueError) as e:  # a missing or invalid folder/file: say which, no traceback
         raise SystemExit(f"train_teacher.py: {e}") from e
     kw = dict(latent_channels=codec.channels, patch_size=cfg.patch_size,
@@ -430,15 +426,12 @@ def load_val(cfg: TrainConfig, device) -> torch.Tensor | None:
         except files.ImageError as e:
             print(f"train_teacher.py: skipping {e}", file=sys.stderr)
             continue
-        h, w = img.shape[-2:]
-        if min(h, w) < cfg.size:
-            continue
-        y, x = (h - cfg.size) // 2, (w - cfg.size) // 2
-        crops.append(img[:, y:y + cfg.size, x:x + cfg.size])
+        if min(img.shape[-2:]) >= cfg.size:
+            crops.append(files.center_crop(img, cfg.size))
     return torch.stack(crops).to(device) if crops else None
 
 
-# ----------------------------------------------------------------------------- data: folder crops
+# ----------------------------------------------------------------------------- data: a folder (streams: tools/shards)
 
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     """A CPU generator for one step's draws: the RNG state *is* (seed, step), so resume is exact."""
@@ -535,8 +528,6 @@ class StepSampler(torch.utils.data.Sampler):
         return (self.steps - self.start) * (self.gb // self.world)
 
 
-# ----------------------------------------------------------------------------- data: checked before a run starts
-
 def preflight(cfg, name: str = "train_teacher.py") -> HRCrops | list:
     """What a user can get wrong, checked before any model is built or file written: the run dir, the
     data. Returns the training data: an HRCrops, or the parsed sources of streamed data (tools/shards.py)."""
@@ -551,20 +542,14 @@ def preflight(cfg, name: str = "train_teacher.py") -> HRCrops | list:
 
 TRUE_DEFAULTS = dataclasses.asdict(TrainConfig()) | PRESETS["tiny"] | {
     "preset": "tiny", "device": "cuda if available, else cpu"}
-EPILOG = "presets (each sets these defaults; any flag given wins):\n" + "\n".join(
-    f"  {k:<12} " + ", ".join(flag(f) if v is True else f"{flag(f)} {cli._show(v)}" for f, v in d.items() if f != "preset")
-    + f" (model {d['preset']})" for k, d in PRESETS.items()) + (
-    f"\n  any of {', '.join(sorted(dit.PRESETS))}: that dit.py model with the flags' defaults"
-    "\n\nthroughput benchmark (no training): python tools/bench_train.py --help")
-BENCH_MOVED = "--bench moved to tools/bench_train.py: python tools/bench_train.py --help"
+EPILOG = cli.presets_epilog(PRESETS, dit.PRESETS)
 
 
 def parse_cli(argv=None, check_files: bool = True) -> tuple[TrainConfig, list]:
     """The command line → (config, changes). A fresh run: the preset fills the defaults (PRESETS, or a
     bare dit.py model preset), typed flags win. --resume: the run's config.json fills them instead."""
     p = cli.config_parser(TrainConfig, __doc__, TRUE_DEFAULTS, cli.HELP, EPILOG)
-    if "--bench" in (sys.argv[1:] if argv is None else argv):
-        p.error(BENCH_MOVED)
+    cli.refuse_moved(p, argv, ("--bench",), cli.BENCH_MOVED)
     given = vars(p.parse_args(argv))
     typed_preset, preset = "preset" in given, given.pop("preset", "tiny")
     if preset not in PRESETS and preset not in dit.PRESETS:

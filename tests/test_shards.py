@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import train_teacher as tt
+from tools import shards
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -70,27 +71,27 @@ def test_make_shards_round_trips_every_image_bit_for_bit(tmp_path):
 
 
 def test_data_specs_folder_pattern_and_list(tmp_path):
-    shards = shards_of(flat_images(tmp_path / "a", range(6)), tmp_path / "sa", 2)
+    tars = shards_of(flat_images(tmp_path / "a", range(6)), tmp_path / "sa", 2)
     flat_images(tmp_path / "b", [7, 8])
     (tmp_path / "lists").mkdir()
     (tmp_path / "lists" / "mix.txt").write_text("# name, weight\n../sa, 2\n../b , 0.5\n\n")
-    (name, units, w), = tt.parse_sources(str(tmp_path / "sa" / "train-{000000..000002}.tar"))
-    assert units == shards and w == 1
-    mix = tt.parse_sources(str(tmp_path / "lists" / "mix.txt"))
-    assert [u for _, u, _ in mix] == [shards, [str(tmp_path / "b" / "im000.png"), str(tmp_path / "b" / "im001.png")]]
+    (name, units, w), = shards.parse_sources(str(tmp_path / "sa" / "train-{000000..000002}.tar"))
+    assert units == tars and w == 1
+    mix = shards.parse_sources(str(tmp_path / "lists" / "mix.txt"))
+    assert [u for _, u, _ in mix] == [tars, [str(tmp_path / "b" / "im000.png"), str(tmp_path / "b" / "im001.png")]]
     assert [w for *_, w in mix] == [2.0, 0.5]
     (tmp_path / "bad.txt").write_text("../sa, lots\n")
     with pytest.raises(ValueError, match="bad.txt:1"):
-        tt.parse_sources(str(tmp_path / "bad.txt"))
+        shards.parse_sources(str(tmp_path / "bad.txt"))
     with pytest.raises(FileNotFoundError, match="000009"):
-        tt.parse_sources(str(tmp_path / "sa" / "train-{000000..000009}.tar"))
+        shards.parse_sources(str(tmp_path / "sa" / "train-{000000..000009}.tar"))
 
 
 def test_weighted_mix_follows_the_weights(tmp_path):
     shards_of(flat_images(tmp_path / "dark", [40] * 8), tmp_path / "s_dark", 2)
     flat_images(tmp_path / "bright", [200] * 8)
     (tmp_path / "mix.txt").write_text("s_dark, 1\nbright, 3\n")
-    loader = tt.StreamLoader(loader_cfg(tmp_path / "mix.txt"), rank=0, world=1, micro=20, start={})
+    loader = shards.StreamLoader(loader_cfg(tmp_path / "mix.txt"), rank=0, world=1, micro=20, start={})
     counts = Counter(v for _ in range(20) for v in values_of(next(loader)))
     assert set(counts) == {40, 200}
     # 400 draws, P(bright) = 3/4: the standard deviation of the count is sqrt(400·3/16) ≈ 8.7
@@ -102,7 +103,7 @@ def test_two_ranks_two_workers_read_disjoint_samples_in_an_epoch(tmp_path, shard
     shards_of(flat_images(tmp_path / "photos", range(10, 42)), tmp_path / "shards", shard_size)
     seen = []
     for rank in (0, 1):
-        loader = tt.StreamLoader(loader_cfg(tmp_path / "shards", workers=2), rank=rank, world=2, micro=4, start={})
+        loader = shards.StreamLoader(loader_cfg(tmp_path / "shards", workers=2), rank=rank, world=2, micro=4, start={})
         for _ in range(4):                     # 4 micro-batches × 2 per stream = one epoch of each stream (8)
             seen += values_of(next(loader))
     assert sorted(seen) == list(range(10, 42))      # 32 images, each once: no duplicates, none missing
@@ -111,14 +112,14 @@ def test_two_ranks_two_workers_read_disjoint_samples_in_an_epoch(tmp_path, shard
 def test_resume_continues_each_stream_exactly(tmp_path):
     shards_of(flat_images(tmp_path / "photos", range(10, 40)), tmp_path / "shards", 3)
     cfg = loader_cfg(tmp_path / "shards", workers=2, size=6)
-    full = tt.StreamLoader(cfg, rank=0, world=1, micro=4, start={})
+    full = shards.StreamLoader(cfg, rank=0, world=1, micro=4, start={})
     first = [next(full) for _ in range(5)]
-    again = tt.StreamLoader(cfg, rank=0, world=1, micro=4, start={})
+    again = shards.StreamLoader(cfg, rank=0, world=1, micro=4, start={})
     for _ in range(3):
         next(again)
     state = again.state(world=1)
     assert state == {0: 6, 1: 6}                           # 3 micro-batches × 2 samples from each stream
-    resumed = tt.StreamLoader(cfg, rank=0, world=1, micro=4, start=state)
+    resumed = shards.StreamLoader(cfg, rank=0, world=1, micro=4, start=state)
     for k in (3, 4):
         assert torch.equal(next(resumed), first[k])
 
@@ -131,7 +132,7 @@ def test_bad_shards_and_members_are_named_and_skipped(tmp_path, capfd):
         info = tarfile.TarInfo("notes.txt")
         info.size = 5
         tar.addfile(info, io.BytesIO(b"hello"))
-    loader = tt.StreamLoader(loader_cfg(tmp_path / "shards"), rank=0, world=1, micro=4, start={})
+    loader = shards.StreamLoader(loader_cfg(tmp_path / "shards"), rank=0, world=1, micro=4, start={})
     got = [v for _ in range(4) for v in values_of(next(loader))]
     err = capfd.readouterr().err
     assert "train-000001.tar" in err and "train-000003.tar:notes" in err and "Traceback" not in err

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import distill
 import train_teacher as tt
+from tools import cli as tcli
 from tests.test_teacher import make_photos
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,15 +152,15 @@ def test_every_range_is_checked_in_both_clis(runs, capsys):
            "beta1": 1, "beta2": -0.5, "grad_clip": 0, "ema": 1.0, "p_partial": 2, "alpha_min": 1.5, "alpha_max": -1,
            "aug_mean": float("inf"), "aug_std": -1, "seed": -1, "workers": -2, "log_every": 0, "val_every": 0,
            "val_steps": 0, "ckpt_every": 0, "skip_nonfinite": -1}
-    assert set(bad) == set(tt.RANGES)
+    assert set(bad) == set(tcli.RANGES)
     for field, v in bad.items():
         with pytest.raises(SystemExit) as e:
-            tt.parse_args([tt.flag(field), str(v)])
-        assert str(e.value).startswith(f"train_teacher.py: {tt.flag(field)} ") and "must" in str(e.value), e.value
+            tt.parse_args([tcli.flag(field), str(v)])
+        assert str(e.value).startswith(f"train_teacher.py: {tcli.flag(field)} ") and "must" in str(e.value), e.value
     for field, v in {"delta": 0, "n_rc": 0, "omega": "nan", "alpha": 1.5, "lr": -1}.items():
         with pytest.raises(SystemExit) as e:
-            distill.parse_args(["--teacher", str(runs["teacher"]), "--data", "x", tt.flag(field), str(v)])
-        assert str(e.value).startswith(f"distill.py: {tt.flag(field)} ") and "must" in str(e.value), e.value
+            distill.parse_args(["--teacher", str(runs["teacher"]), "--data", "x", tcli.flag(field), str(v)])
+        assert str(e.value).startswith(f"distill.py: {tcli.flag(field)} ") and "must" in str(e.value), e.value
     with pytest.raises(SystemExit, match="--alpha-min 0.3 > --alpha-max 0.2"):
         tt.parse_args(["--alpha-min", "0.3", "--alpha-max", "0.2"])
     with pytest.raises(SystemExit, match="multiple of --grad-accum 3"):
@@ -276,14 +277,14 @@ def test_export_does_not_overwrite_a_model(runs, tmp_path):
 # ----------------------------------------------------------------------------- help and progress
 
 def test_help_has_a_description_and_the_true_default_of_every_flag():
-    for parser, defaults in ((tt.config_parser(tt.TrainConfig, "", tt.TRUE_DEFAULTS, tt.HELP), tt.TRUE_DEFAULTS),
+    for parser, defaults in ((tcli.config_parser(tt.TrainConfig, "", tt.TRUE_DEFAULTS, tcli.HELP), tt.TRUE_DEFAULTS),
                              (distill.build_parser(), distill.TRUE_DEFAULTS)):
         for action in parser._actions:
             if action.dest == "help":
                 continue
             text = action.help or ""
             assert "(default: " in text and len(text.split("(default: ")[0].strip()) > 5, action.dest
-            assert text.endswith(f"(default: {tt._show(defaults[action.dest])})"), (action.dest, text)
+            assert text.endswith(f"(default: {tcli._show(defaults[action.dest])})"), (action.dest, text)
     t = cli("train_teacher.py", "--help").stdout
     for name, recipe in tt.PRESETS.items():  # the presets and what each sets, in the epilog
         line = next(line for line in t.splitlines() if line.strip().startswith(name + " "))

@@ -22,6 +22,7 @@ import torch
 
 import make_shards
 import train_teacher as tt
+from tools import shards
 
 
 def folder_batches(cfg: tt.TrainConfig):
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
             cfg = tt.TrainConfig(data=a.data, size=a.size, batch=a.batch, workers=w)
             print(f"| folder | {w} | {images_per_s(folder_batches(cfg), a.batches, a.batch):.1f} |", flush=True)
             cfg = tt.TrainConfig(data=tmp, size=a.size, batch=a.batch, workers=w)
-            rate = images_per_s(tt.StreamLoader(cfg, 0, 1, a.batch, {}), a.batches, a.batch)
+            rate = images_per_s(shards.StreamLoader(cfg, 0, 1, a.batch, {}), a.batches, a.batch)
             print(f"| shards | {w} | {rate:.1f} |", flush=True)
     return 0
 

@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import torch
 
 import dit
-from train_teacher import OneLineParser, flow_matching_loss
+from tools.cli import OneLineParser
+from train_teacher import flow_matching_loss
 
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks

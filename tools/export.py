@@ -15,8 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from safetensors.torch import load_file
 
+from tools.cli import OneLineParser
 from tools.files import read_safetensors_header
-from train_teacher import OneLineParser, save_atomic, write_json
+from tools.runs import save_atomic, write_json
 
 NAME = "export.py"
 # What sample.py reads from a run's config.json (the model, the codec, the semantic encoder and its block,

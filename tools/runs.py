@@ -1,0 +1,248 @@
+"""Run-dir plumbing of the training scripts (train_teacher.py, distill.py; ours, not the paper's).
+
+A run dir holds config.json, ckpt.safetensors (model, EMA, optimiser, step and, for streamed data, each data
+stream's position), ema.safetensors and log.jsonl. Here: checking it before a run starts (never overwrite a
+run silently), --overwrite, checkpoints written atomically and read back for --resume, --init from another
+run's EMA weights, the teacher run a student distils, torchrun's ranks, and the progress line.
+tools/export.py writes its files with these helpers too.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import vae
+from tools import files, release
+
+RUN_FILES = ("ckpt.safetensors", "ema.safetensors", "config.json", "log.jsonl")
+
+
+@contextlib.contextmanager
+def distributed(cfg):
+    """(rank, world size, device) of this process, its process group closed at the end. torchrun sets
+    RANK/WORLD_SIZE/LOCAL_RANK; a plain `python` run is rank 0 of 1."""
+    if "RANK" not in os.environ:
+        yield 0, 1, torch.device(cfg.device)
+        return
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cfg.device.startswith("cuda"):
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield dist.get_rank(), dist.get_world_size(), device
+    finally:
+        dist.destroy_process_group()
+
+
+def check_run_dir(cfg, name: str) -> None:
+    """The run dir, before any model is built or file written: never overwrite a run silently (one that
+    holds a run needs --resume or --overwrite); the checkpoint to resume must be whole; --val-data exists."""
+    run = Path(cfg.out)
+    if run.exists() and not run.is_dir():
+        raise SystemExit(f"{name}: --out {run} is a file, not a folder")
+    if cfg.resume and cfg.overwrite:
+        raise SystemExit(f"{name}: --resume and --overwrite: give one (continue the run, or start it over)")
+    if cfg.resume and (run / "ckpt.safetensors").exists():
+        check_training_checkpoint(run / "ckpt.safetensors", name)
+    found = [f for f in RUN_FILES if (run / f).is_file()]
+    if found and not (cfg.resume or cfg.overwrite):
+        refuse_existing_run(run, found, name)
+    if cfg.val_data and not Path(cfg.val_data).exists():
+        raise SystemExit(f"{name}: --val-data {cfg.val_data}: not found")
+
+
+def refuse_existing_run(run: Path, found: list, name: str):
+    """The one line for a run dir that holds a run: what is there and how to go on."""
+    held = ", ".join(found)
+    if "ckpt.safetensors" in found:
+        try:
+            held = f"a checkpoint at step {files.read_safetensors_header(run / 'ckpt.safetensors')[1]['step']}"
+        except (ValueError, KeyError):
+            held = "a ckpt.safetensors that cannot be read"
+    raise SystemExit(f"{name}: --out {run} already holds a run ({held}); add --resume to continue it "
+                     "or --overwrite to start over")
+
+
+def clear_run(run: Path) -> None:
+    """--overwrite: the old run's files go before the new run writes any, so no file mixes two runs."""
+    for f in [*(run / f for f in RUN_FILES), run / "semantic.safetensors", *run.glob("val_*.png")]:
+        f.unlink(missing_ok=True)
+
+
+def save_atomic(tensors: dict, path: Path, metadata: dict | None = None):
+    """safetensors, written atomically: a crash never leaves a half-written file."""
+    with files.atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def write_json(obj: dict, path: Path):
+    """config.json and the like, written atomically."""
+    with files.atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2))
+
+
+def save_checkpoint(run: Path, model, ema, opt, step: int, data_streams: dict | None = None):
+    """ckpt.safetensors (model, EMA, AdamW state; step and the streams' positions as metadata), ema.safetensors."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
+    osd = opt.state_dict()
+    for i, st in osd["state"].items():
+        tensors |= {f"optim.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)) for k, v in st.items()}
+    meta = {"step": str(step), "param_groups": json.dumps(osd["param_groups"])}
+    if data_streams is not None:  # streamed data: samples drawn by each stream, for an exact resume
+        meta["data_streams"] = json.dumps(data_streams)
+    save_atomic(tensors, run / "ckpt.safetensors", meta)
+    save_atomic(ema.state_dict(), run / "ema.safetensors")
+
+
+def write_run_config(cfg, run: Path, model, semantic, changes=()):
+    """config.json: the resolved training config plus what sample.py needs to rebuild the model, and
+    the list of values each --resume changed (appended to the run's earlier ones)."""
+    conf = dataclasses.asdict(cfg) | {"train_grid": model.train_grid, "enc_dim": model.enc_dim}
+    if semantic is not None and hasattr(semantic, "layer"):
+        conf["semantic_layer"] = semantic.layer  # the encoder block c_sem is read from
+    if semantic is not None and cfg.semantic.startswith("random"):
+        vae.save_semantic(semantic, run / "semantic.safetensors")  # random init travels with the run
+        conf["semantic"] = "semantic.safetensors"
+    old = run / "config.json"
+    earlier = json.loads(old.read_text()).get("changes", []) if cfg.resume and old.is_file() else []
+    if earlier or changes:
+        conf["changes"] = earlier + list(changes)
+    write_json(conf, run / "config.json")
+
+
+def check_training_checkpoint(path: Path, name: str) -> None:
+    """--resume: ckpt.safetensors must be whole and hold model, EMA and step; one line if not."""
+    try:
+        keys, meta = files.read_safetensors_header(path)
+    except ValueError as e:
+        raise SystemExit(f"{name}: cannot resume: {e}") from None
+    for what, ok in (("step in its metadata", "step" in meta),
+                     ("model.* weights", any(k.startswith("model.") for k in keys)),
+                     ("ema.* weights", any(k.startswith("ema.") for k in keys))):
+        if not ok:
+            raise SystemExit(f"{name}: cannot resume: {path}: not a training checkpoint (no {what})")
+
+
+def load_checkpoint(path: Path, model, ema, opt) -> int:
+    """Restore model, EMA and optimiser from ckpt.safetensors; returns the step to continue from."""
+    with safe_open(str(path), "pt") as f:
+        meta, sd = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    vae.load_strict(model, {k[6:]: v for k, v in sd.items() if k.startswith("model.")}, path, "model.", assign=False)
+    vae.load_strict(ema, {k[4:]: v for k, v in sd.items() if k.startswith("ema.")}, path, "ema.", assign=False)
+    state: dict = {}
+    for k, v in sd.items():
+        if k.startswith("optim."):
+            _, i, name = k.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    return int(meta["step"])
+
+
+def resume(ckpt: Path, model, ema, opt, cfg, rank: int, name: str) -> int:
+    """--resume: model, EMA and optimiser from the checkpoint; the flags win over its hyper-parameters (a
+    cool-down). Returns the step to continue from (0: a new run, or a run dir without a checkpoint yet)."""
+    if not (cfg.resume and ckpt.exists()):
+        if cfg.resume and rank == 0:
+            print(f"{name}: {ckpt.parent} has no ckpt.safetensors yet: starting at step 0")
+        return 0
+    try:
+        start = load_checkpoint(ckpt, model, ema, opt)
+    except ValueError as e:  # a checkpoint of another model: the message names the key
+        raise SystemExit(f"{name}: cannot resume: {e}") from None
+    for group in opt.param_groups:
+        group.update(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    if rank == 0:
+        trim_log(ckpt.parent / "log.jsonl", start)
+        print(f"{name}: resumed {ckpt.parent} at step {start}")
+        if start >= cfg.steps:
+            print(f"{name}: step {start} is already --steps {cfg.steps}: nothing to train (give a larger --steps)")
+    return start
+
+
+def init_weights(path: str, model, ema, name: str = "train_teacher.py") -> None:
+    """--init: model and EMA both start from the EMA weights of a run dir (its ema.safetensors) or of a
+    weights file in the release layout; the RoPE tables follow this run's crop (stage 2 from stage 1)."""
+    f = Path(path) / "ema.safetensors" if Path(path).is_dir() else Path(path)
+    if not f.is_file():
+        raise SystemExit(f"{name}: --init {path}: {f} not found")
+    try:
+        keys, _ = files.read_safetensors_header(f)
+    except ValueError as e:  # empty, truncated, not safetensors: the message names the file
+        raise SystemExit(f"{name}: --init {path}: {e}") from None
+    if any(k.startswith("r_embedder.") for k in keys):
+        raise SystemExit(f"{name}: --init {path}: {f} is a distilled student, not a teacher (it has an r embedder)")
+    try:
+        release.load_release_checkpoint(model, str(f), own_rope=True)
+    except ValueError as e:  # another preset or codec: the loader names the key
+        raise SystemExit(f"{name}: --init {path} does not fit this model: {e}") from None
+    ema.load_state_dict(model.state_dict())
+    print(f"{name}: weights from {f}")
+
+
+def trim_log(path: Path, step: int) -> None:
+    """On resume: keep the log records up to the checkpoint's step (a killed run logged past it) and drop
+    a line the kill cut short, so the continued log has each step once; rewritten atomically."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    with files.atomic_path(path) as tmp:
+        tmp.write_text("".join(keep))
+
+
+def semantic_source(cfg) -> str:
+    """The semantic encoder to load: a random encoder saved in the run (a resume) is loaded from there."""
+    own = Path(cfg.out) / cfg.semantic
+    return str(own) if cfg.semantic == "semantic.safetensors" and own.is_file() else cfg.semantic
+
+
+def load_teacher_run(path: str, name: str = "distill.py") -> tuple[dict, Path]:
+    """The teacher's config.json and EMA weights; one line naming the file if it is not a teacher run
+    (missing, broken, truncated, or a distilled student)."""
+    run = Path(path)
+    conf, weights = run / "config.json", run / "ema.safetensors"
+    if not run.exists():
+        raise SystemExit(f"{name}: --teacher {run}: not found")
+    if not conf.is_file() or not weights.is_file():
+        raise SystemExit(f"{name}: --teacher {run}: not a teacher run dir (needs config.json and ema.safetensors)")
+    try:
+        tconf = json.loads(conf.read_text())
+        keys, _ = files.read_safetensors_header(weights)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"{name}: --teacher {run}: {conf}: not valid JSON ({e})") from None
+    except ValueError as e:  # empty, truncated or not safetensors: the message names the file
+        raise SystemExit(f"{name}: --teacher {run}: {e}") from None
+    if "method" in tconf or any(k.startswith("r_embedder.") for k in keys):
+        raise SystemExit(f"{name}: --teacher {run}: {weights} is a distilled student, not a teacher "
+                         "(give the teacher's run dir)")
+    for k in ("preset", "codec", "semantic", "enc_dim", "train_grid"):
+        if k not in tconf:
+            raise SystemExit(f"{name}: --teacher {run}: {conf} has no {k!r}: not a run config")
+    sem = tconf["semantic"]
+    if sem not in ("none",) and not sem.startswith("random") and (run / sem).is_file():
+        tconf["semantic"] = str((run / sem).resolve())  # a random encoder saved inside the teacher run
+    return tconf, weights
+
+
+def progress_line(name: str, done: int, steps: int, loss: float, steps_per_s: float) -> str:
+    """The line printed every --log-every steps when stderr is not a terminal (no progress bar there)."""
+    eta = time.strftime("%H:%M:%S", time.gmtime((steps - done) / max(steps_per_s, 1e-9)))
+    return f"{name}: step {done}/{steps} loss {loss:.4f} {steps_per_s:.2f} steps/s ETA {eta}"
