@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 import dit
 import train_teacher as tt
+from tools import release
 from tests.test_teacher import make_photos, poison_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,7 +149,7 @@ def test_checkpoint_mismatch_names_key_and_shapes(tmp_path):
     dit.save_checkpoint(small, path)
     other = dit.build("tiny", latent_channels=16, enc_dim=8, train_grid=4)  # a different channel count
     with pytest.raises(Exception) as e:
-        dit.load_release_checkpoint(other, path)
+        release.load_release_checkpoint(other, path)
     msg = str(e.value)
     assert "x_embedder.proj.weight" in msg and str(path) in msg
     assert "(64, 8, 2, 2)" in msg and "(64, 32, 2, 2)" in msg  # the file's shape and the model's
@@ -156,7 +157,7 @@ def test_checkpoint_mismatch_names_key_and_shapes(tmp_path):
     sd = {k: v.contiguous() for k, v in small.state_dict().items()} | {"extra.weight": torch.zeros(3)}
     save_file(sd, str(tmp_path / "extra.safetensors"))
     with pytest.raises(Exception) as e:
-        dit.load_release_checkpoint(dit.build("tiny", latent_channels=4, enc_dim=8, train_grid=4),
+        release.load_release_checkpoint(dit.build("tiny", latent_channels=4, enc_dim=8, train_grid=4),
                                     tmp_path / "extra.safetensors")
     assert "extra.weight" in str(e.value)
 
@@ -173,10 +174,10 @@ def test_crash_between_write_and_rename_keeps_previous_checkpoint(tmp_path, monk
             raise OSError("simulated crash before rename")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(tt.os, "replace", crash)
+    monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError):
         tt.train(tt.TrainConfig(steps=2, resume=True, **cfg))
-    monkeypatch.setattr(tt.os, "replace", real_replace)
+    monkeypatch.setattr(os, "replace", real_replace)
     with safe_open(str(tmp_path / "run" / "ckpt.safetensors"), "pt") as f:  # still the step-1 file, intact
         assert f.metadata()["step"] == "1"
         assert any(k.startswith("ema.") for k in f.keys())
@@ -244,8 +245,8 @@ def test_name_clashes_get_distinct_outputs(tmp_path, run_dir):
 
 
 def test_written_files_have_the_usual_permissions(tmp_path):
-    from tools import files
+    from tools import files, runs
     files.write_image(tmp_path / "x.png", torch.zeros(3, 4, 4))
-    tt.save_atomic({"w": torch.zeros(2)}, tmp_path / "w.safetensors")       # safetensors alone makes 0600
+    runs.save_atomic({"w": torch.zeros(2)}, tmp_path / "w.safetensors")       # safetensors alone makes 0600
     for name in ("x.png", "w.safetensors"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~files._UMASK, name

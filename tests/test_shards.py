@@ -125,9 +125,9 @@ def test_resume_continues_each_stream_exactly(tmp_path):
 
 
 def test_bad_shards_and_members_are_named_and_skipped(tmp_path, capfd):
-    shards = shards_of(flat_images(tmp_path / "photos", range(10, 22)), tmp_path / "shards", 4)
-    data = Path(shards[1]).read_bytes()
-    Path(shards[1]).write_bytes(data[:len(data) // 3])                   # truncated mid-member
+    tars = shards_of(flat_images(tmp_path / "photos", range(10, 22)), tmp_path / "shards", 4)
+    data = Path(tars[1]).read_bytes()
+    Path(tars[1]).write_bytes(data[:len(data) // 3])                   # truncated mid-member
     with tarfile.open(tmp_path / "shards" / "train-000003.tar", "w") as tar:   # a sample with no image
         info = tarfile.TarInfo("notes.txt")
         info.size = 5
@@ -187,10 +187,10 @@ def test_training_on_shards_resumes_exactly(tmp_path):
 
 
 def test_unusable_streamed_data_is_one_line_and_no_run_dir(tmp_path):
-    shards = shards_of(flat_images(tmp_path / "photos", range(10, 14)), tmp_path / "shards", 4)
-    Path(shards[0]).write_bytes(Path(shards[0]).read_bytes()[:700])           # the only shard, truncated
+    tars = shards_of(flat_images(tmp_path / "photos", range(10, 14)), tmp_path / "shards", 4)
+    Path(tars[0]).write_bytes(Path(tars[0]).read_bytes()[:700])           # the only shard, truncated
     (tmp_path / "list.txt").write_text("shards, 1\nphotos, many\n")
-    for data, named in ((shards[0], "train-000000.tar"), (tmp_path / "list.txt", "list.txt:2"),
+    for data, named in ((tars[0], "train-000000.tar"), (tmp_path / "list.txt", "list.txt:2"),
                         (tmp_path / "shards" / "x-{0..3}.tar", "x-0.tar")):
         r = subprocess.run([sys.executable, ROOT / "train_teacher.py", "--data", data, "--out", tmp_path / "run",
                             "--preset", "tiny", "--codec", "pixel", "--semantic", "none", "--size", "32",

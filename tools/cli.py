@@ -122,10 +122,12 @@ DISTILL_EPILOG = """export (no training): python tools/export.py RUN_DIR OUT_DIR
 
 
 def _show(v) -> str:
+    """A value as --help and the --resume lines show it: none, on, off or the value."""
     return "none" if v is None or v == "" else ("on" if v is True else "off" if v is False else str(v))
 
 
 def flag(field: str) -> str:
+    """The flag of a config field: patch_size → --patch-size."""
     return "--" + field.replace("_", "-")
 
 
@@ -219,7 +221,7 @@ def saved_config(out: str, name: str) -> dict | None:
 
 def resolve_resume(config_cls, saved: dict, given: dict, name: str, out: str):
     """--resume: the saved config gives the defaults, the flags typed again win. Each value they change
-    is printed and returned as {"flag", "from", "to"} (write_run_config records it)."""
+    is printed and returned as {"flag", "from", "to"} (runs.write_run_config records it)."""
     fields = {f.name for f in dataclasses.fields(config_cls)}
     conf = dataclasses.asdict(config_cls()) | {k: v for k, v in saved.items() if k in fields}
     conf = {k: v for k, v in conf.items() if k not in NOT_INHERITED}

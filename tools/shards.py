@@ -1,4 +1,4 @@
-"""Streamed training data of train_teacher.py and distill.py: WebDataset shards and dataset lists (ours).
+"""Streamed training data of train_teacher.py and distill.py: WebDataset shards and dataset lists.
 
 --data can also be a dataset list (the official release's format: one `path, weight` per line) or a shard
 pattern. Such data is streamed: every (rank, DataLoader worker) is one *data stream* with its own share
