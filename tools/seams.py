@@ -8,6 +8,7 @@ neighbouring tiles, how much their velocities and their semantic tokens differ (
 thing there, so the cross-fade cannot leave a seam). Without --ckpt the model is a random small DiT with a
 random ViT-S, every weight non-zero, so that the semantic tokens reach the velocity.
 """
+import argparse
 import sys
 from pathlib import Path
 
@@ -17,10 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))      # and the benchmar
 import torch
 import torch.nn.functional as F
 
-import evaluate
 import sample
 import vae
 from bench_sample import bench_models
+from tools import eval_cli, reports
 from tools.files import ImageError, read_image
 
 
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
         pipe = sample.VOSRPipeline(model, codec, semantic)
     rows = [tile_disagreement(pipe, lr, args.tile, args.tile_overlap, mode, args.scale, args.guidance,
                               seed=args.seed) for mode in ("global", "per-tile")]
-    lines = evaluate.text_table([["semantic tiles", "pairs", "velocity", "tokens"],
+    lines = reports.text_table([["semantic tiles", "pairs", "velocity", "tokens"],
                                  *([r["mode"], str(r["pairs"]), f"{r['velocity']:.6f}", f"{r['tokens']:.4f}"] for r in rows)])
     lines[0] += "   (relative disagreement on overlaps)"
     print("\n".join(lines))
@@ -108,17 +109,17 @@ def main(argv=None) -> int:
 
 
 def build_parser():
-    ap = evaluate.CLIParser(prog="seams.py", description=__doc__,
-                            formatter_class=evaluate.argparse.RawDescriptionHelpFormatter)
+    ap = eval_cli.CLIParser(prog="seams.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image", required=True, help="an LR image larger than one tile at --scale")
     ap.add_argument("--ckpt", help="run dir (default: a random small DiT + random ViT-S, all weights non-zero)")
     ap.add_argument("--blur-half", action="store_true", help="blur the right half first (sharp | blurred)")
-    ap.add_argument("--tile", type=evaluate.number(int, 0, strict=True), default=256, help="tile side in output pixels")
-    ap.add_argument("--tile-overlap", type=evaluate.number(int, 0), default=64, help="tile overlap in output pixels")
-    ap.add_argument("--scale", type=evaluate.number(float, 0, strict=True), default=4.0, help="SR scale factor")
-    ap.add_argument("--guidance", type=evaluate.number(float), default=0.5, help="guidance scale s (eq. 2)")
-    ap.add_argument("--seed", type=evaluate.number(int), default=0, help="seed of the noise (and of the random model)")
-    return evaluate.describe_defaults(ap)
+    ap.add_argument("--tile", type=eval_cli.number(int, 0, strict=True), default=256, help="tile side in output pixels")
+    ap.add_argument("--tile-overlap", type=eval_cli.number(int, 0), default=64, help="tile overlap in output pixels")
+    ap.add_argument("--scale", type=eval_cli.number(float, 0, strict=True), default=4.0, help="SR scale factor")
+    ap.add_argument("--guidance", type=eval_cli.number(float), default=0.5, help="guidance scale s (eq. 2)")
+    ap.add_argument("--seed", type=eval_cli.number(int), default=0, help="seed of the noise (and of the random model)")
+    return eval_cli.describe_defaults(ap)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,135 @@
+"""Finding and loading the model a sample.py --ckpt names, and the sampler settings that come with it.
+
+Plumbing of sample.py (and of evaluate.py sweep, tools/bench_sample.py and tools/seams.py through
+sample.load_pipeline), not the paper's method. A --ckpt is a train_teacher.py / distill.py run dir
+(config.json + ema.safetensors), an official release model folder (args.json + weights, its codec and DINOv2
+files beside it; tools/release.py reads those) or a bare .safetensors. load_model builds its DiT, codec and
+semantic encoder; checkpoint_defaults fills in the settings the flags left to the checkpoint.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import dit
+import vae
+from tools import release
+from tools.files import read_safetensors_header
+
+DEMO_CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "vosr-small-demo"  # sample.py without --ckpt
+# what a run dir's config.json "sampler_defaults" may set (ours)
+SAMPLER_DEFAULTS = ("steps", "alpha", "tile", "tile_overlap", "color_fix", "upscale", "tile_blend", "vae_tile")
+RELEASE_CONVENTIONS = dict(color_fix="adain", upscale="pil", tile_blend="gaussian")   # the release's scripts
+RELEASE_FILES = {  # ae_type / enc_type → (file beside the model folder, what it is, the flag that replaces it)
+    "sd2": ("stable-diffusion-2-1-base", "the SD2.1 VAE of ae_type sd2", "--codec FOLDER"),
+    "sd2-light": ("sd21_lwdecoder.pth", "the light decoder of ae_type sd2", "--light-decoder FILE or --light-decoder none"),
+    "qwen": ("Qwen-Image-vae-2d", "the Qwen-Image VAE of ae_type qwen", "--codec FOLDER"),
+    **{enc: (f"torch_cache/checkpoints/{name}", f"the DINOv2 of enc_type {enc}", "--semantic FILE")
+       for enc, (name, _) in release.RELEASE_DINOV2.items()}}
+
+
+def read_release_folder(folder: Path, cfg) -> tuple[dict, Path, list[str]]:
+    """(run settings, weights, what was loaded) of a release model folder (tools/release.py); flags win."""
+    def beside(key):
+        name, what, flag = RELEASE_FILES[key]
+        if not (folder.parent / name).exists():
+            raise ValueError(f"{folder.parent / name}: not found ({what}; put it beside {folder.name}/ or give {flag})")
+        return str(folder.parent / name)
+    run = {**release.release_settings(folder), **RELEASE_CONVENTIONS}
+    weights, ae = release.release_weights(folder), run["args"]["ae_type"]
+    run.update(semantic_size=cfg.semantic_size or run["semantic_size"], codec=cfg.codec or beside(ae),
+               semantic_layer=run["semantic_layer"] if cfg.semantic_layer is None else cfg.semantic_layer,
+               light_decoder=cfg.light_decoder or (beside("sd2-light") if ae == "sd2" else None),
+               semantic=cfg.semantic or beside(run["args"]["enc_type"]))
+    return run, weights, [f"settings {folder / 'args.json'}"]
+
+
+def read_run_dir(folder: Path, cfg) -> tuple[dict, Path, list[str]]:
+    """(run settings, weights, what was loaded) of a train_teacher.py / distill.py run dir; flags win."""
+    conf_path, weights = folder / "config.json", folder / "ema.safetensors"
+    if not conf_path.is_file() or not weights.is_file():
+        raise ValueError(f"{folder}: neither a run dir (config.json + ema.safetensors) nor an official "
+                         "release model folder (args.json + weights)")
+    run = release.read_json(conf_path)
+    missing = [k for k in ("preset", "codec", "semantic", "semantic_size", "train_grid") if k not in run]
+    if missing:
+        raise ValueError(f"{conf_path}: missing {', '.join(missing)} (not written by train_teacher.py?)")
+    own = run.get("sampler_defaults", {})                              # what the model recommends (ours)
+    if not isinstance(own, dict) or not set(own) <= set(SAMPLER_DEFAULTS):
+        raise ValueError(f"{conf_path}: sampler_defaults {own!r}: a JSON object of some of {', '.join(SAMPLER_DEFAULTS)}")
+    if (folder / run["semantic"]).is_file():                           # a random encoder saved in the run dir
+        run["semantic"] = str(folder / run["semantic"])
+    run.update({k: getattr(cfg, k) for k in ("codec", "light_decoder", "semantic", "semantic_size", "semantic_layer")
+                if getattr(cfg, k) is not None})
+    return run, weights, [f"settings {conf_path}"]
+
+
+def describe_semantic(semantic) -> str:
+    """e.g. 'ViT-B, block 8 of 12, 448 px': what sample.py reports it loaded."""
+    name = {384: "ViT-S", 768: "ViT-B", 1024: "ViT-L"}.get(semantic.dim, f"{semantic.dim}-wide ViT")
+    return f"{name}, block {semantic.layer} of {len(semantic.vit.blocks)}, {semantic.image_size} px"
+
+
+def checkpoint_defaults(cfg, pipe, run: dict):
+    """The SampleConfig cfg with the settings left to the checkpoint filled in: first a run dir's own (config.json
+    "sampler_defaults", e.g. the shipped models' fastest good --tile), then 1 step for a student, 25 (a release's
+    infer_steps) for a teacher; α = 0.15 (a release's mean weak_cond_strength_aelq), 0 for a run trained with
+    --mode cfg (its auxiliary branch never saw c_str); the release's colour fix, LR upscaler and tile blending
+    for a release folder, else none / torch / linear (pil for a run trained with --resize-back release)."""
+    cfg = replace(cfg, **{k: v for k, v in run.get("sampler_defaults", {}).items() if getattr(cfg, k) is None})
+    steps = cfg.steps if cfg.steps is not None else 1 if pipe.student else run.get("infer_steps", 25)
+    alpha = cfg.alpha if cfg.alpha is not None else run.get("alpha", 0.0 if run.get("mode") == "cfg" else 0.15)
+    return replace(cfg, steps=steps, alpha=alpha, color_fix=cfg.color_fix or run.get("color_fix", "none"),
+                   upscale=cfg.upscale or run.get("upscale", "pil" if run.get("resize_back") == "release" else "torch"),
+                   tile_blend=cfg.tile_blend or run.get("tile_blend", "linear"))
+
+
+def load_model(cfg, report=print):
+    """(DiT, codec, semantic encoder, student?, run settings) of the SampleConfig cfg's --ckpt; report gets one
+    line per file loaded; a ValueError or FileNotFoundError names what cannot be used."""
+    ckpt = Path(cfg.ckpt)
+    if ckpt.is_dir():
+        official = (ckpt / "args.json").is_file() and not (ckpt / "config.json").is_file()
+        run, weights, loaded = (read_release_folder if official else read_run_dir)(ckpt, cfg)
+    elif ckpt.is_file():
+        weights, loaded = ckpt, []
+        run = dict(preset=cfg.preset, codec=cfg.codec or "pixel", light_decoder=cfg.light_decoder,
+                   semantic=cfg.semantic or "none", semantic_size=cfg.semantic_size or 448,
+                   semantic_layer=cfg.semantic_layer, train_grid=32)
+    else:
+        raise ValueError(f"{ckpt}: checkpoint not found")
+    shapes = read_safetensors_header(weights)[0]
+    light = None if run.get("light_decoder") in (None, "none") else run["light_decoder"]
+    codec = vae.load_codec(run["codec"], light_decoder=light, device=cfg.device)
+    if not isinstance(codec, vae.PixelCodec):
+        loaded.append(f"codec {run['codec']} ({codec.channels} channels, ×{codec.factor})")
+    if light:
+        loaded.append(f"light decoder {light}")
+    semantic = vae.load_semantic(run["semantic"], image_size=run["semantic_size"], device=cfg.device,
+                                 layer=run.get("semantic_layer"))
+    if semantic is not None and Path(run["semantic"]).is_file():
+        loaded.append(f"DINOv2 {run['semantic']} ({describe_semantic(semantic)})")
+    with_r = any(k.startswith("r_embedder.") for k in shapes)
+    enc_dim = semantic.dim if semantic is not None else run.get("enc_dim", 768)
+    if run.get("release"):
+        ae = run["args"]["ae_type"]
+        if semantic is not None and semantic.dim != run["enc_dim"]:
+            raise ValueError(f"{run['semantic']}: a {semantic.dim}-wide DINOv2, but args.json has enc_dim {run['enc_dim']}")
+        if codec.channels != release.RELEASE_LATENT_CHANNELS[ae]:
+            raise ValueError(f"{run['codec']}: a {codec.channels}-channel codec, but args.json's ae_type {ae} "
+                             f"needs {release.RELEASE_LATENT_CHANNELS[ae]}")
+        try:
+            conf = release.release_config(run["args"], codec.channels, enc_dim, with_r, shapes.get("mlp_ca.fc1.weight", (0,))[0])
+        except ValueError as e:
+            raise ValueError(f"{ckpt / 'args.json'}: {e}") from None
+        run.update(preset=conf.preset if conf.preset != "custom" else f"dim {conf.dim}, depth {conf.depth}",
+                   train_grid=conf.train_grid)
+    else:
+        conf = dit.preset_config(run["preset"], latent_channels=codec.channels, with_r=with_r, enc_dim=enc_dim,
+                                 train_grid=run["train_grid"], patch_size=run.get("patch_size", 2))
+    model = dit.from_checkpoint(conf, str(weights))
+    loaded.insert(0, f"DiT {weights} (dim {model.dim}, depth {model.depth}, {'one-step student' if with_r else 'teacher'})")
+    for line in loaded:
+        report(f"sample.py: loaded {line}")
+    student = with_r if cfg.student is None else cfg.student
+    return model, codec, semantic, student, run
