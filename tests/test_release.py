@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 import dit
 import sample
 import vae
+from tools import sample_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS_2D = Path("/work/shared/release_qwen_vae2d_keys.txt")   # the real folder's key list, where present
@@ -631,12 +632,12 @@ def test_progress_bar_over_steps_and_tiles(lr_folder, tmp_path, capsys, monkeypa
 
 
 def test_help_describes_every_flag_with_its_default():
-    for action in sample.build_parser()._actions:
+    for action in sample_cli.build_parser()._actions:
         if action.dest == "help":
             continue
         flag = action.option_strings[-1]
         assert action.help and len(action.help) > 20, flag
-        if action.required or isinstance(action, type(sample.build_parser()._actions[0])) or action.const is True:
+        if action.required or isinstance(action, type(sample_cli.build_parser()._actions[0])) or action.const is True:
             continue                                                     # -i (required), store_true flags
         d = action.default
         shown = f"{d:g}" if isinstance(d, float) else str(d)
