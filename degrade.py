@@ -1,22 +1,16 @@
-"""Degradation: HR photos in, degraded LR images out.
+"""Degradation: HR photos in, degraded LR images out (CLI: python degrade.py -i HR_DIR -o OUT_DIR --crop 256).
 
-VOSR trains only on synthetic pairs made with the Real-ESRGAN second-order degradation
-(vosr_paper.txt §4.1, "We then synthesize LR-HR training pairs using the Real-ESRGAN
-degradation pipeline"). This file reproduces that pipeline in batched torch so it runs on
-the GPU inside a training step:
+VOSR trains only on synthetic pairs made with the Real-ESRGAN second-order degradation (paper §4.1, "We then
+synthesize LR-HR training pairs using the Real-ESRGAN degradation pipeline"), here in batched torch so that it
+runs on the GPU inside a training step:
 
     HR ─blur─resize─noise─JPEG─┬─(p=.8) blur─resize─noise─┬─ resize+sinc → JPEG ─┐
                                first order     second order └─ JPEG → resize+sinc ─┴─ clamp, 8-bit → LR
 
-Unlike the released code (one kernel and one set of scalars per batch) every random choice
-is drawn **per sample**, from an explicit CPU `torch.Generator`, so a seed reproduces a batch
-bit for bit and the GPU path uses exactly the same draws. A classic bicubic ×4 degradation serves
-the first, easy experiment (ours: it learns in few CPU steps). Image files: tools/files.py.
-
-CLI:  python degrade.py -i HR_DIR -o OUT_DIR --crop 256     (writes hr/, lr/, contact_sheet.png)
+Unlike the released code (one kernel and one set of scalars per batch) every random choice is drawn **per
+sample**, from an explicit CPU `torch.Generator`, so a seed reproduces a batch bit for bit and the GPU path uses
+exactly the same draws. degrade_bicubic, a classic bicubic ×4, serves the first, easy experiment (ours).
 """
-import argparse
-import dataclasses
 import math
 import sys
 from dataclasses import dataclass
@@ -25,14 +19,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tools.cli import OneLineParser
 from tools.files import ImageError, center_crop, contact_sheet, find_jobs, read_image, write_image
+from tools.jpeg import jpeg
 
 
 @dataclass
 class DegradeConfig:
-    """Real-ESRGAN parameter table, the values of the official release's degradation config (names follow
-    BasicSR's option file, Real-ESRGAN's reference implementation)."""
-    # --- first order ---
+    """Real-ESRGAN's parameters: the release's values, BasicSR's names (second-order ones end in 2, then final)."""
     kernel_range: tuple = (7, 9, 11, 13, 15, 17, 19, 21)  # odd sizes, zero-padded to kernel_pad_to
     kernel_pad_to: int = 21
     kernel_list: tuple = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
@@ -49,7 +43,6 @@ class DegradeConfig:
     poisson_scale_range: tuple = (0.05, 3.0)
     gray_noise_prob: float = 0.4
     jpeg_range: tuple = (30, 95)
-    # --- second order ---
     second_blur_prob: float = 0.8
     kernel_list2: tuple = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
     kernel_prob2: tuple = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
@@ -64,22 +57,12 @@ class DegradeConfig:
     poisson_scale_range2: tuple = (0.05, 2.5)
     gray_noise_prob2: float = 0.4
     jpeg_range2: tuple = (30, 95)
-    # --- final step ---
     final_sinc_prob: float = 0.8                # else a 21×21 delta (identity)
     final_jpeg_first_prob: float = 0.5          # JPEG then resize+sinc, else resize+sinc then JPEG
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse for every script here: a mistake is one line on stderr, `prog: message (see --help)`, exit 2,
-    without argparse's usage block."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: {message} (see --help)\n")
-
-
 # ----------------------------------------------------------------------------- kernels
-# All kernels are (B, 21, 21), normalised to sum 1, built on a 21×21 grid; a kernel of odd
-# size k < 21 is zero outside the central k×k window (= BasicSR's "compute k×k, zero-pad").
+# All kernels are (B, 21, 21), sum 1; one of odd size k < 21 is zero outside the central k×k (BasicSR's zero-pad).
 
 def _grid(pad_to=21):
     """Pixel offsets (x = column, y = row) from the centre of a pad_to × pad_to kernel."""
@@ -100,8 +83,7 @@ def _mahalanobis(sigma_x, sigma_y, theta, pad_to):
     """q = [x y] Σ⁻¹ [x y]ᵀ with Σ = R(θ) diag(σx², σy²) R(θ)ᵀ, per sample: (B, pad_to, pad_to)."""
     sx, sy, th = (torch.as_tensor(v, dtype=torch.float64).reshape(-1, 1, 1) for v in (sigma_x, sigma_y, theta))
     c, s = torch.cos(th), torch.sin(th)
-    # Σ⁻¹ = R diag(1/σx², 1/σy²) Rᵀ
-    a = c * c / sx**2 + s * s / sy**2
+    a = c * c / sx**2 + s * s / sy**2                   # Σ⁻¹ = R diag(1/σx², 1/σy²) Rᵀ = [[a, b], [b, d]]
     b = c * s * (1 / sx**2 - 1 / sy**2)
     d = s * s / sx**2 + c * c / sy**2
     xx, yy = _grid(pad_to)
@@ -179,79 +161,11 @@ def random_kernels(n, kernel_range, kernel_list, kernel_prob, sinc_prob, sigma_r
 def filter2d(img, kernel):
     """Per-sample 2-D filter: img (B,C,H,W), kernel (B,k,k); reflect padding like BasicSR's filter2D."""
     b, c, h, w = img.shape
-    k = kernel.shape[-1]
-    p = k // 2
-    # reflect needs pad < size; tiny intermediate images fall back to edge replication
-    img = F.pad(img, (p, p, p, p), mode="reflect" if p < min(h, w) else "replicate")
+    k, p = kernel.shape[-1], kernel.shape[-1] // 2
+    img = F.pad(img, (p, p, p, p), mode="reflect" if p < min(h, w) else "replicate")   # reflect needs p < size
     weight = kernel.to(img).reshape(b, 1, k, k).repeat_interleave(c, dim=0)   # (B*C, 1, k, k)
     out = F.conv2d(img.reshape(1, b * c, h + 2 * p, w + 2 * p), weight, groups=b * c)
     return out.reshape(b, c, h, w)
-
-
-# ----------------------------------------------------------------------------- JPEG (torch)
-
-_LUMA = torch.tensor([
-    [16, 11, 10, 16, 24, 40, 51, 61], [12, 12, 14, 19, 26, 58, 60, 55],
-    [14, 13, 16, 24, 40, 57, 69, 56], [14, 17, 22, 29, 51, 87, 80, 62],
-    [18, 22, 37, 56, 68, 109, 103, 77], [24, 35, 55, 64, 81, 104, 113, 92],
-    [49, 64, 78, 87, 103, 121, 120, 101], [72, 92, 95, 98, 112, 100, 103, 99]], dtype=torch.float64)
-_CHROMA = torch.full((8, 8), 99.0, dtype=torch.float64)
-_CHROMA[:4, :4] = torch.tensor([[17, 18, 24, 47], [18, 21, 26, 66], [24, 26, 56, 99], [47, 66, 99, 99]])
-
-
-def jpeg_tables(quality):
-    """IJG tables scaled by quality (libjpeg's jpeg_quality_scaling): (B,8,8) luma, chroma."""
-    q = torch.as_tensor(quality, dtype=torch.float64).reshape(-1, 1, 1).clamp(1, 100)
-    s = torch.where(q < 50, 5000.0 / q, 200.0 - 2.0 * q)
-    return (torch.floor((_LUMA * s + 50) / 100).clamp(1, 255),
-            torch.floor((_CHROMA * s + 50) / 100).clamp(1, 255))
-
-
-def _dct_basis(device):
-    """64×64 matrix of the 2-D 8×8 DCT-II on row-major blocks: kron(D, D), D orthonormal.
-
-    (D ⊗ D) vec(X) = vec(D X Dᵀ), exactly JPEG's forward DCT; orthonormal, so its transpose inverts it.
-    """
-    n = torch.arange(8, dtype=torch.float64)
-    d = torch.cos((2 * n[None, :] + 1) * n[:, None] * math.pi / 16) * math.sqrt(2 / 8)
-    d[0] /= math.sqrt(2)
-    return torch.kron(d, d).to(device=device, dtype=torch.float32)
-
-
-def _quantise(x, table, basis):
-    """x (B,H,W) level-shifted plane, H, W multiples of 8 → quantised-dequantised plane."""
-    b, h, w = x.shape
-    blocks = x.reshape(b, h // 8, 8, w // 8, 8).transpose(2, 3).reshape(b, -1, 64)   # (B, blocks, 64)
-    coef = blocks @ basis.T                                          # forward DCT of every block
-    t = table.to(x).reshape(b, 1, 64)
-    blocks = (torch.round(coef / t) * t) @ basis                     # quantise, dequantise, IDCT
-    return blocks.reshape(b, h // 8, w // 8, 8, 8).transpose(2, 3).reshape(b, h, w)
-
-
-# JFIF full-range colour transforms (on 0..255 values); chroma is centred on 0 here, not 128
-_RGB2YCC = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
-_YCC2RGB = torch.tensor([[1.0, 0.0, 1.402], [1.0, -0.344136, -0.714136], [1.0, 1.772, 0.0]])
-
-
-def jpeg(img, quality):
-    """JPEG round trip in torch: img (B,3,H,W) in [0,1], quality (B,) per sample → (B,3,H,W)."""
-    b, _, h, w = img.shape
-    quality = torch.as_tensor(quality).reshape(-1).expand(b)
-    luma_t, chroma_t = jpeg_tables(quality.cpu())
-    x = img.float().clamp(0, 1) * 255
-    x = F.pad(x, (0, (-w) % 16, 0, (-h) % 16), mode="replicate")   # libjpeg replicates the edge
-    shift = torch.tensor([128.0, 0.0, 0.0], device=x.device)          # JPEG level shift (Y − 128)
-    ycc = F.conv2d(x, _RGB2YCC.to(x.device)[:, :, None, None], bias=-shift)   # (B, 3, H16, W16)
-    chroma = F.avg_pool2d(ycc[:, 1:], 2)                            # 4:2:0: (B, 2, H16/2, W16/2)
-    basis = _dct_basis(x.device)
-    y = _quantise(ycc[:, 0], luma_t, basis)
-    chroma = _quantise(chroma.flatten(0, 1), chroma_t.repeat_interleave(2, 0), basis).unflatten(0, (b, 2))
-    # libjpeg's default "fancy" upsampling is the 3/4-1/4 triangle filter = bilinear, half-pixel
-    chroma = chroma[:, :, : (h + 1) // 2, : (w + 1) // 2]
-    chroma = F.interpolate(chroma, scale_factor=2, mode="bilinear", align_corners=False)[:, :, :h, :w]
-    ycc = torch.cat([y[:, None, :h, :w], chroma], 1)
-    rgb = F.conv2d(ycc, _YCC2RGB.to(x.device)[:, :, None, None], bias=shift[[0, 0, 0]])
-    return (rgb / 255).clamp(0, 1).to(img.dtype)
 
 
 # ----------------------------------------------------------------------------- noise
@@ -300,13 +214,6 @@ class DegradationDraws:
     mode_final: torch.Tensor  # resize mode of the final resize to H/scale
     jpeg_first: torch.Tensor  # JPEG, then resize + sinc (else resize + sinc, then JPEG)
 
-    def __getitem__(self, i):
-        """The draws of samples i (an index or a slice), as a DegradationDraws."""
-        def pick(obj):
-            return type(obj)(**{f.name: (pick(v) if isinstance(v, OrderDraws) else v[i])
-                                for f in dataclasses.fields(obj) for v in [getattr(obj, f.name)]})
-        return pick(self)
-
 
 def sample_params(n, cfg=None, generator=None) -> DegradationDraws:
     """Draw every random choice of the pipeline for n samples."""
@@ -325,8 +232,7 @@ def sample_params(n, cfg=None, generator=None) -> DegradationDraws:
 
     def order(resize_prob, resize_range, gaussian_prob, noise_range, poisson_range, gray_prob, jpeg_range):
         scale, mode = resize_scale(resize_prob, resize_range), modes()
-        gaussian, sigma, poisson = coin(gaussian_prob), u(*noise_range), u(*poisson_range)
-        gray = coin(gray_prob)
+        gaussian, sigma, poisson, gray = coin(gaussian_prob), u(*noise_range), u(*poisson_range), coin(gray_prob)
         seed = torch.randint(2**62, (n,), generator=g)
         quality = torch.randint(jpeg_range[0], jpeg_range[1] + 1, (n,), generator=g).double()
         return OrderDraws(scale, mode, gaussian, sigma, poisson, gray, seed, quality)
@@ -348,8 +254,7 @@ def sample_params(n, cfg=None, generator=None) -> DegradationDraws:
 
 def _resize(x, size, mode):
     size = (max(1, int(size[0])), max(1, int(size[1])))
-    return F.interpolate(x, size=size, mode=mode) if mode == "area" else \
-        F.interpolate(x, size=size, mode=mode, align_corners=False)
+    return F.interpolate(x, size=size, mode=mode, align_corners=None if mode == "area" else False)
 
 
 def apply_degradation(hr, params: DegradationDraws, scale=4, modes=("area", "bilinear", "bicubic")):
@@ -393,9 +298,8 @@ def _check_hr(hr, scale):
 
 
 def _resize_back(lr, size, mode="bicubic", generator=None, modes=("area", "bilinear", "bicubic")):
-    """LR → `size`, clamped and rounded to 8 bits. mode "bicubic": bicubic for every sample; "release": the
-    official release's resize-back, a mode drawn from `modes` (area/bilinear/bicubic), here per sample
-    from `generator` (CPU; None: torch's global RNG) where the release draws one per batch."""
+    """LR → `size` on the 8-bit grid. mode "bicubic": bicubic; "release": the official release's resize-back, a
+    mode drawn from `modes`, here per sample from `generator` (CPU; None: torch's), there once per batch."""
     if mode not in ("bicubic", "release"):
         raise ValueError(f"degrade: resize_back must be 'bicubic' or 'release', got {mode!r}")
     if mode == "bicubic":
@@ -408,20 +312,18 @@ def _resize_back(lr, size, mode="bicubic", generator=None, modes=("area", "bilin
 
 
 def degrade(hr, scale=4, generator=None, resize_back=False, cfg=None):
-    """Real-ESRGAN second-order degradation of hr (B,3,H,W) in [0,1] → LR on the 8-bit grid.
+    """Real-ESRGAN second-order degradation of hr (B,3,H,W) in [0,1] → LR (B,3,H/scale,W/scale), 8-bit grid.
 
-    Output is (B,3,floor(H/scale),floor(W/scale)), or (B,3,H,W) with resize_back: True or "bicubic"
-    (bicubic), "release" (a random mode per sample, see _resize_back; drawn after the degradation's draws).
-    Every random choice is per sample and drawn from `generator` (CPU); None uses torch's global RNG.
-    """
+    resize_back True or "bicubic": bicubic back to (B,3,H,W); "release": a random mode per sample (_resize_back,
+    drawn after the degradation's draws). All draws are per sample, from `generator` (CPU; None: torch's)."""
     _check_hr(hr, scale)
     cfg = cfg or DegradeConfig()
     params = sample_params(hr.shape[0], cfg, generator)
     lr = apply_degradation(hr.float(), params, scale, cfg.resize_modes)
-    if not resize_back:
-        return lr.to(hr.dtype)
-    mode = "bicubic" if resize_back is True else resize_back
-    return _resize_back(lr, hr.shape[2:], mode, generator, cfg.resize_modes).to(hr.dtype)
+    if resize_back:
+        mode = "bicubic" if resize_back is True else resize_back
+        lr = _resize_back(lr, hr.shape[2:], mode, generator, cfg.resize_modes)
+    return lr.to(hr.dtype)
 
 
 def degrade_bicubic(hr, scale=4, resize_back=False):
@@ -438,19 +340,17 @@ def degrade_bicubic(hr, scale=4, resize_back=False):
 def run_folder(args):
     """Degrade every image under args.input into args.output/{hr,lr}; returns the exit code."""
     from tqdm import tqdm
-    root, out = Path(args.input), Path(args.output)
+    out = Path(args.output)
     try:
-        jobs = find_jobs(root, out, single_file_ok=False)
+        jobs = find_jobs(Path(args.input), out, single_file_ok=False)
     except OSError as e:  # missing input, no images, output is a file or inside the input
         print(f"error: {e}", file=sys.stderr)
         return 2
-    device = torch.device(args.device)
-    gen = torch.Generator().manual_seed(args.seed)
+    device, gen = torch.device(args.device), torch.Generator().manual_seed(args.seed)
     fn = degrade if args.mode == "realesrgan" else (lambda x, scale, generator: degrade_bicubic(x, scale))
-    pending, sheet, n_done, n_bad, lr_sizes = {}, [], 0, 0, set()
+    pending, sheet, done, lr_sizes = {}, [], [], set()
 
     def flush(side):
-        nonlocal n_done
         names, crops = zip(*pending.pop(side))
         lrs = fn(torch.stack(crops).to(device), scale=args.scale, generator=gen).cpu()
         for name, hr, lr in zip(names, crops, lrs):
@@ -459,21 +359,16 @@ def run_folder(args):
             lr_sizes.add(tuple(lr.shape[1:]))
             if len(sheet) < 8:
                 sheet.append((hr, lr))
-        n_done += len(names)
+        done.extend(names)
 
-    bar = tqdm([(src, dst.relative_to(out)) for src, dst in jobs], desc="degrade", unit="img")
-    for path, name in bar:
+    for path, name in tqdm([(src, dst.relative_to(out)) for src, dst in jobs], desc="degrade", unit="img"):
         try:
             img = read_image(path)
+            side = min(args.crop, img.shape[1], img.shape[2]) // args.scale * args.scale
+            if side < args.scale:
+                raise ImageError(f"{path}: {img.shape[2]}×{img.shape[1]} is too small for scale {args.scale}")
         except ImageError as e:
             tqdm.write(f"skipped: {e}", file=sys.stderr)
-            n_bad += 1
-            continue
-        side = min(args.crop, img.shape[1], img.shape[2]) // args.scale * args.scale
-        if side < args.scale:
-            tqdm.write(f"skipped: {path}: {img.shape[2]}×{img.shape[1]} is too small for scale {args.scale}",
-                       file=sys.stderr)
-            n_bad += 1
             continue
         if side < args.crop:
             tqdm.write(f"note: {path} is {img.shape[2]}×{img.shape[1]}, smaller than --crop {args.crop}; "
@@ -483,12 +378,12 @@ def run_folder(args):
             flush(side)
     for side in list(pending):
         flush(side)
-    if n_done == 0:
+    if not done:
         print(f"error: none of the {len(jobs)} files could be processed", file=sys.stderr)
         return 1
     write_image(out / "contact_sheet.png", contact_sheet(sheet))
     sizes = ", ".join(f"{h}×{w}" for h, w in sorted(lr_sizes))
-    print(f"wrote {n_done} HR/LR pairs (LR {sizes}) to {out}; skipped {n_bad} file(s); "
+    print(f"wrote {len(done)} HR/LR pairs (LR {sizes}) to {out}; skipped {len(jobs) - len(done)} file(s); "
           f"contact sheet: {out / 'contact_sheet.png'}")
     return 0
 

@@ -14,7 +14,7 @@ SwiGLU MLP. Time conditioning is "adaLN-single" (PixArt-alpha): one shared Linea
 learnable (6, d) table per block.
 
 Module and parameter names equal the released checkpoints' state-dict keys
-(release_keys_0.5B.txt), so `load_release_checkpoint` needs no key map and `save_checkpoint`
+(release_keys_0.5B.txt), so tools/release.py's `load_release_checkpoint` needs no key map and `save_checkpoint`
 writes files in the release layout: ours and theirs are interchangeable.
 
 Initialisation (DiT / PixArt): xavier-uniform linears with zero bias; the patch embed as a
@@ -23,9 +23,7 @@ so the model outputs exactly zero at init. The per-block scale_shift_table start
 randn(6, d) / sqrt(d) (PixArt's choice): the gates are then non-zero, so every block already
 receives gradient on the first step while the output is still zero.
 """
-import json
 import math
-import os
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
@@ -33,6 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from tools.files import atomic_path
 
 
 @dataclass
@@ -409,106 +409,9 @@ def from_checkpoint(cfg: DiTConfig, path: str) -> VOSRDiT:
             for lin in (model.r_embedder.mlp[0], model.r_embedder.mlp[2]):
                 nn.init.normal_(lin.weight, std=0.02)
                 nn.init.zeros_(lin.bias)
+    from tools.release import load_release_checkpoint   # (tools.release imports this module)
     load_release_checkpoint(model, path)
     return model
-
-
-# The official release's args.json flags for architecture variants; this module implements one of each.
-RELEASE_ARCH_FLAGS = {"use_qknorm": True, "use_swiglu": True, "use_rope": True, "use_rmsnorm": True,
-                      "wo_shift": False}
-
-
-def release_config(args: dict, latent_channels: int, enc_dim: int, with_r: bool, sem_hidden: int = 0) -> DiTConfig:
-    """The DiTConfig of a released model from its args.json (the official release's training arguments).
-
-    dim/depth/num_heads/patch_size/mlp_ratio give the shape; the RoPE reference grid is the training crop
-    `resolution` / 8 (VAE factor) / patch_size (32 for the released 512² models). Raises ValueError naming
-    the key when args.json asks for an architecture variant this module does not implement."""
-    for key in ("dim", "depth", "num_heads"):
-        if not isinstance(args.get(key), int):
-            raise ValueError(f"args.json: '{key}' missing or not an integer (got {args.get(key)!r})")
-    for key, ours in RELEASE_ARCH_FLAGS.items():
-        if key in args and bool(args[key]) != ours:
-            raise ValueError(f"args.json: {key}={args[key]!r} is not supported (this DiT implements {key}={ours})")
-    patch = int(args.get("patch_size", 2))
-    shape = dict(dim=args["dim"], depth=args["depth"], num_heads=args["num_heads"])
-    preset = next((name for name, p in PRESETS.items() if p == shape), "custom")
-    return DiTConfig(**shape, latent_channels=latent_channels, enc_dim=enc_dim, patch_size=patch,
-                     train_grid=int(args.get("resolution", 512)) // 8 // patch,
-                     mlp_ratio=float(args.get("mlp_ratio", 4.0)), with_r=with_r, sem_hidden=sem_hidden,
-                     preset=preset)
-
-
-# ----------------------------------------------------------------------------- official release model folders
-# A release model folder (preset/ckpts/VOSR_*/ in its README) holds args.json, its training arguments, and the
-# weights; its codec and DINOv2 files lie beside it (sample.py finds those).
-
-RELEASE_WEIGHT_DIRS = ("clean_weights", "checkpoints", ".")
-RELEASE_WEIGHT_NAMES = ("ema_model.safetensors", "model.safetensors")
-RELEASE_LATENT_CHANNELS = {"sd2": 4, "qwen": 16}                                        # ae_type -> C
-RELEASE_DINOV2 = {"dinov2b": ("dinov2_vitb14_pretrain.pth", 768), "dinov2l": ("dinov2_vitl14_pretrain.pth", 1024)}
-
-
-def read_json(path: Path) -> dict:
-    """The JSON object in `path` (args.json, config.json), or a ValueError naming the file."""
-    try:
-        obj = json.loads(path.read_text())
-        if not isinstance(obj, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable {path.name} ({e})") from None
-    return obj
-
-
-def release_weights(folder: Path) -> Path:
-    """The weights of a release model folder, found as the official release finds them: the first of
-    clean_weights/, checkpoints/, the folder itself holding ema_model.safetensors or model.safetensors;
-    else the first *.safetensors below the folder."""
-    for sub in RELEASE_WEIGHT_DIRS:
-        for name in RELEASE_WEIGHT_NAMES:
-            if (folder / sub / name).is_file():
-                return folder / sub / name
-    found = sorted(folder.rglob("*.safetensors"))
-    if not found:
-        raise ValueError(f"{folder}: no weights (looked for {folder}/checkpoints/ema_model.safetensors, "
-                         f"…/model.safetensors in clean_weights/, checkpoints/, the folder, then any *.safetensors)")
-    return found[0]
-
-
-def release_settings(folder: Path) -> dict:
-    """What args.json of a release model folder says beyond the DiT shape (release_config): the latent
-    channels (ae_type sd2 -> 4, qwen -> 16), the semantic encoder (enc_type, enc_dim, dinov2_size, the one
-    block of layer_dinov2b_list), α (the mean of weak_cond_strength_aelq_list, 0.15) and infer_steps."""
-    path = folder / "args.json"
-    args = read_json(path)
-    ae, enc = args.get("ae_type"), args.get("enc_type")
-    if ae not in RELEASE_LATENT_CHANNELS:
-        raise ValueError(f"{path}: ae_type {ae!r} is not one of {sorted(RELEASE_LATENT_CHANNELS)}")
-    if enc not in RELEASE_DINOV2:
-        raise ValueError(f"{path}: enc_type {enc!r} is not one of {sorted(RELEASE_DINOV2)}")
-    layers = args.get("layer_dinov2b_list", [8 if enc == "dinov2b" else 17])
-    if not (isinstance(layers, list) and len(layers) == 1 and isinstance(layers[0], int)):
-        raise ValueError(f"{path}: layer_dinov2b_list {layers!r}: one block index expected")
-    run = dict(release=True, args=args, enc_dim=int(args.get("enc_dim", RELEASE_DINOV2[enc][1])),
-               semantic_size=int(args.get("dinov2_size", 448)), semantic_layer=layers[0],
-               patch_size=int(args.get("patch_size", 2)))
-    strengths = args.get("weak_cond_strength_aelq_list")
-    if isinstance(strengths, list) and strengths:
-        run["alpha"] = sum(strengths) / len(strengths)
-    if isinstance(args.get("infer_steps"), int) and args["infer_steps"] >= 1:
-        run["infer_steps"] = args["infer_steps"]
-    return run
-
-
-def weight_shapes(path: Path) -> dict[str, tuple]:
-    """{name: shape} from a .safetensors header, or a ValueError naming the file."""
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), "pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:  # SafetensorError: truncated, not safetensors, a bad header
-        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
-        raise ValueError(f"{path}: not a readable .safetensors file ({reason})") from None
 
 
 def compile_blocks(model: VOSRDiT, **compile_kwargs) -> VOSRDiT:
@@ -516,7 +419,7 @@ def compile_blocks(model: VOSRDiT, **compile_kwargs) -> VOSRDiT:
 
     The blocks are identical, so they share one compiled graph: compiling takes seconds where the whole
     0.5B model takes minutes, and it still fuses the fp32 norm / RoPE / adaLN element-wise work that
-    dominates an eager training step (H100, 0.5B at 512², batch 8: 306 → 115 ms, README Performance)."""
+    dominates an eager training step (README, Performance)."""
     for block in model.blocks:
         block.compile(**compile_kwargs)
     return model
@@ -535,52 +438,6 @@ def save_checkpoint(model: VOSRDiT, path: str, metadata: dict | None = None):
     meta = {k: str(v) for k, v in asdict(model.cfg).items()}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load_release_checkpoint(model: VOSRDiT, path: str, own_rope: bool = False) -> list[str]:
-    """Load a released VOSR (or our own) .safetensors strictly; returns the missing keys.
-
-    Only r_embedder.* may be missing (a teacher loaded into a student: it stays at its init, and
-    contributes nothing at r = t). Any other missing key, any unexpected key, or a shape mismatch
-    raises an error naming the key, both shapes and the file. The file's RoPE tables are checked
-    against ours, which verifies the position convention of the release's 2-D RoPE; own_rope=True keeps the model's
-    tables instead (training on from weights of another crop size: stage 2 from stage 1).
-    """
-    from safetensors.torch import load_file
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    state, own = load_file(path, device="cpu"), model.state_dict()
-    if own_rope:
-        state |= {k: v for k, v in own.items() if k.startswith("feat_rope.")}
-    unexpected = [k for k in state if k not in own]
-    if unexpected:
-        hint = " (a student checkpoint: build the model with with_r=True)" if unexpected[0].startswith("r_embedder.") else ""
-        raise ValueError(f"{path}: unexpected key {unexpected[0]!r}{hint}; {len(unexpected)} unexpected in all")
-    for k, v in own.items():  # model order, so the first mismatch reported is the earliest layer
-        if k in state and tuple(state[k].shape) != tuple(v.shape):
-            raise ValueError(f"{path}: shape mismatch at {k!r}: checkpoint {tuple(state[k].shape)} vs model "
-                             f"{tuple(v.shape)} (check preset, latent_channels, enc_dim, train_grid)")
-    missing = [k for k in own if k not in state]
-    bad = [k for k in missing if not k.startswith("r_embedder.")]
-    if bad:
-        raise ValueError(f"{path}: missing key {bad[0]!r}; {len(bad)} missing in all")
-    for name in ("freqs_cos", "freqs_sin"):
-        ours = getattr(model.feat_rope, name).float().cpu()
-        theirs = state[f"feat_rope.{name}"].float()
-        tol = 1e-4 if state[f"feat_rope.{name}"].dtype == torch.float32 else 1e-2
-        err = (ours - theirs).abs().max().item()
-        if err > tol:
-            raise ValueError(f"{path}: feat_rope.{name} differs from our RoPE tables by {err:.3g} "
-                             f"(different position convention or train_grid)")
-    model.load_state_dict(state, strict=False)  # strictness checked above; dtypes are cast on copy
-    if missing:
-        print(f"load_release_checkpoint: {path} has no {', '.join(missing)}: kept at init")
-    return missing
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)

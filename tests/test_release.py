@@ -23,6 +23,7 @@ import dit
 import sample
 import vae
 from tools import sample_cli
+from tools.release import load_light_decoder, release_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS_2D = Path("/work/shared/release_qwen_vae2d_keys.txt")   # the real folder's key list, where present
@@ -336,13 +337,13 @@ def test_light_decoder_pth_takes_its_shape_from_config(tmp_path):
     """sd21_lwdecoder.pth: {"config", "model_state_dict"}; the config decides the decoder's widths and depth."""
     config = dict(in_channels=4, out_channels=3, block_out_channels=[32, 64], layers_per_block=1)
     ref = light_decoder_pth(tmp_path / "lw.pth", config)
-    dec = vae.load_light_decoder(tmp_path / "lw.pth")
+    dec = load_light_decoder(tmp_path / "lw.pth")
     z = torch.randn(1, 4, 5, 6)
     torch.testing.assert_close(dec(z), ref(z))
     assert dec(z).shape == (1, 3, 10, 12)                        # two blocks: ×2
     (tmp_path / "bad.pth").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(ValueError, match="bad.pth"):
-        vae.load_light_decoder(tmp_path / "bad.pth")
+        load_light_decoder(tmp_path / "bad.pth")
 
 
 def test_semantic_block_follows_depth(tmp_path):
@@ -382,7 +383,7 @@ def test_weights_found_as_the_release_finds_them(tmp_path):
         for f in files:
             (d / f).parent.mkdir(parents=True, exist_ok=True)
             (d / f).write_bytes(b"")
-        assert dit.release_weights(d) == d / want
+        assert release_weights(d) == d / want
 
 
 # ----------------------------------------------------------------------------- conventions

@@ -71,8 +71,9 @@ def find_jobs(inp, out, single_file_ok: bool = True) -> list[tuple[Path, Path]]:
         if out.exists() and not out.is_dir():
             raise NotADirectoryError(f"output path {out} is a file, not a folder")
         if inp.is_dir() and (out.resolve() == inp.resolve() or inp.resolve() in out.resolve().parents):
-            raise IsADirectoryError(f"output folder {out} is {'the input folder' if out.resolve() == inp.resolve() else 'inside the input folder'} "
-                                    f"{inp}: choose another -o, so that no input is overwritten or read back")
+            where = "the input folder" if out.resolve() == inp.resolve() else "inside the input folder"
+            raise IsADirectoryError(f"output folder {out} is {where} {inp}: choose another -o, so that no input is "
+                                    "overwritten or read back")
         jobs = [(f, out / name) for f, name in zip(files, _out_names(files, root))]
     inputs = {f.resolve() for f in files}
     for _, dst in jobs:
