@@ -1,5 +1,6 @@
 """Tests for degrade.py (kernels vs closed forms, pipeline properties), tools/jpeg.py (torch JPEG vs Pillow) and
 tools/files.py (image I/O)."""
+import dataclasses
 import io
 import math
 import struct
@@ -216,11 +217,17 @@ def test_determinism_and_independence():
     assert not torch.equal(a[0], a[2]) and not torch.equal(a[2], a[3])   # same input, own draws
 
 
+def _pick(draws, i):
+    """The draws of samples i (a slice) of a DegradationDraws, with its OrderDraws sliced too."""
+    return type(draws)(**{f.name: (_pick(v, i) if isinstance(v, D.OrderDraws) else v[i])
+                          for f in dataclasses.fields(draws) for v in [getattr(draws, f.name)]})
+
+
 def test_batch_equals_per_sample_loop():
     hr = _hr(4, 64, 80, seed=5)
     p = D.sample_params(4, generator=torch.Generator().manual_seed(11))
     batched = D.apply_degradation(hr, p)
-    single = torch.cat([D.apply_degradation(hr[i:i + 1], p[i:i + 1])
+    single = torch.cat([D.apply_degradation(hr[i:i + 1], _pick(p, slice(i, i + 1)))
                         for i in range(4)])
     assert torch.equal(batched, single)
 
