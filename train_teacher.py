@@ -263,8 +263,8 @@ def ema_update(ema, model, decay: float):
 
 
 class Run:
-    """What both stages do around their step: the run dir, AdamW, --resume, DDP, the data loader,
-    the loss over ranks, non-finite losses, log.jsonl and the progress line, validation, checkpoints."""
+    """What both stages do around their step (files: tools/runs.py): the run dir, AdamW, --resume, DDP, the
+    data loader, the loss over ranks, non-finite losses, log.jsonl and the progress line, validation, checkpoints."""
 
     def __init__(self, cfg, model, ema, codec, semantic, env, crops, student=False, name="train_teacher.py",
                  changes=()):
