@@ -16,6 +16,7 @@ from tools.cli import OneLineParser
 
 @dataclass
 class EvalConfig:
+    """The defaults of `score`: Table 1's metrics, a border crop of the SR scale."""
     metrics: str = "psnr,ssim,lpips,dists,niqe"  # Table 1's full-reference metrics + NIQE
     crop: int = 4                                # border crop for PSNR/SSIM = SR scale factor
 
