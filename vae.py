@@ -4,8 +4,8 @@ Paper §3.1 (framework: the DiT works in the latent space of a frozen VAE, c_str
 §3.2 (vision semantic condition: c_sem = DINOv2 patch tokens of the LR image from one intermediate block:
 8 of ViT-B's 12, 17 of ViT-L's 24 in the official release) and §4.1
 (VOSR-0.5B: SD2.1 VAE + lightweight decoder, DINOv2-B; VOSR-1.4B: Qwen-Image 16-ch VAE, DINOv2-L).
-The numerics follow the official release (its inference scripts). Nothing here is trained: every module is frozen and in eval mode.
-Every loader takes a local path; no weights are ever downloaded.
+The numerics follow the official release (its inference scripts). Nothing here is trained: every module is
+frozen and in eval mode. Every loader takes a local path; no weights are ever downloaded.
 
 Codecs: encode(img in [-1,1], (B,3,H,W)) -> latent (B,channels,H/factor,W/factor), decode(latent) -> img.
   "pixel"        exact weight-free 8x8 space-to-depth (192 ch), the lower bound a latent space must beat
@@ -186,6 +186,7 @@ def load_codec(spec: str, light_decoder: str | None = None, device="cpu", dtype=
         if factor not in (2, 4, 8, 16):
             raise ValueError(f"codec {spec!r}: the pixel codec's block side must be 2, 4, 8 or 16")
         return PixelCodec(factor).to(device)
+    from tools.release import load_light_decoder, load_qwen_2d   # (tools.release imports this module)
     folder = Path(spec)
     if not folder.is_dir():
         raise FileNotFoundError(f"codec folder not found: {folder} (give 'pixel', 'pixel4' or a diffusers VAE folder)")
@@ -199,7 +200,6 @@ def load_codec(spec: str, light_decoder: str | None = None, device="cpu", dtype=
     except (ValueError, AttributeError) as e:
         raise ValueError(f"{folder}/config.json: not a JSON object ({e})") from None
     if class_name == "AutoencoderKLQwenImage2D":            # the official release's one-frame Qwen-Image VAE
-        from tools.release import load_qwen_2d
         vae = load_qwen_2d(folder, dtype)
     else:
         if class_name not in ("AutoencoderKL", "AutoencoderKLQwenImage"):
@@ -210,7 +210,6 @@ def load_codec(spec: str, light_decoder: str | None = None, device="cpu", dtype=
             raise ValueError(f"{folder}: {class_name} needs a newer diffusers (installed {diffusers.__version__})")
         vae = getattr(diffusers, class_name).from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype,
                                                        low_cpu_mem_usage=False)  # no accelerate needed
-    from tools.release import load_light_decoder
     light = load_light_decoder(light_decoder).to(dtype) if light_decoder else None
     return DiffusersCodec(vae, spec=str(spec), light_decoder=light,
                           light_decoder_path=str(light_decoder) if light_decoder else None).to(device)
@@ -448,7 +447,6 @@ def load_semantic(spec: str, image_size: int = 448, device="cpu", seed: int = 0,
 
 
 def save_semantic(encoder: SemanticEncoder, path) -> None:
-    """Write the encoder's weights (ViT: timm key names; EfficientNet: the package's) to a .safetensors file
-    (atomically)."""
+    """Write the encoder's weights (ViT: timm key names; EfficientNet: the package's) to .safetensors, atomically."""
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in encoder.vit.state_dict().items()}, str(tmp))
