@@ -37,7 +37,7 @@ from tools.color_fix import COLOR_FIX, color_fix_of
 from tools.fast_paths import FastPaths
 from tools.files import ImageError, find_jobs, read_image, write_image
 from tools.loading import DEMO_CKPT, checkpoint_defaults, load_model
-from tools.sample_cli import LATENT, SEMANTIC_TILES, TILE_BLEND, UPSCALE, SampleConfig
+from tools.sample_cli import LAPPED, LATENT, SEMANTIC_TILES, TILE_BLEND, UPSCALE, SampleConfig
 
 
 # ----------------------------------------------------------------------------- the sampler (paper §3.3, §3.4)
@@ -252,6 +252,43 @@ def crop_tokens(tmap: torch.Tensor, y: int, x: int, size: tuple[int, int], g: in
     return tmap[:, oy:oy + g, ox:ox + g].flatten(1, 2)
 
 
+# ----------------------------------------------------------------------------- token-lapped velocity (ours)
+# The DiT sees each token (an f·p × f·p block of pixels with a pixel codec) as one unit, and small disagreements
+# between neighbouring tokens show as a grid at token edges: a pixel codec has no decoder to hide them. So (ours,
+# not the paper's) run the DiT also on its token grid shifted by half a token down, right and both, and cross-fade
+# the four velocities with weights that peak at a token's centre: each token edge of one grid is a token centre
+# of the other, and the weights sum to one at every pixel. Four DiT passes per step.
+
+def lap_weights(n: int, unit: int, offset: int, device=None) -> torch.Tensor:
+    """w(q) = min(q + ½, unit − q − ½) / (unit / 2) of q = (i + offset) mod unit, i < n: a cell's weight by its
+    place in its token; w(q) + w(q + unit/2) = 1, so the grids at offsets 0 and unit/2 sum to one."""
+    q = (torch.arange(n, device=device) + offset) % unit
+    return torch.minimum(q + 0.5, unit - q - 0.5) / (unit / 2)
+
+
+class LappedDiT(torch.nn.Module):
+    """(ours) v(x, t, …) of a DiT averaged over its token grid and the grid shifted by half a token in y, x, both."""
+
+    def __init__(self, net, cells: int, patch: int):
+        # cells: grid cells per latent pixel (f for a pixel codec: shift in pixels; 1 for a VAE: in latent pixels)
+        super().__init__()
+        self.net, self.cells, self.unit = net, cells, cells * patch   # unit: grid cells per token side
+        if self.unit % 2:
+            raise ValueError(f"lapped tokens need an even token side, this model's is {self.unit} cell(s)")
+
+    def forward(self, x, t, c_sem=None, r=None, **kw):
+        grid = F.pixel_shuffle(x, self.cells)            # c_str and z_t on the grid the tokens tile
+        (H, W), u, v = grid.shape[-2:], self.unit, 0.0
+        for dy in (0, u // 2):
+            for dx in (0, u // 2):
+                pad = (dx, u - dx if dx else 0, dy, u - dy if dy else 0)   # whole tokens, grid moved by (dy, dx)
+                shifted = F.pad(grid, pad, mode="reflect") if dy or dx else grid
+                vs = F.pixel_shuffle(self.net(F.pixel_unshuffle(shifted, self.cells), t, c_sem, r, **kw), self.cells)
+                w = lap_weights(H, u, dy, x.device)[:, None] * lap_weights(W, u, dx, x.device)
+                v = v + vs[..., dy:dy + H, dx:dx + W].float() * w
+        return F.pixel_unshuffle(v, self.cells)
+
+
 # ----------------------------------------------------------------------------- the tiled pipeline
 
 PROGRESS_AFTER = 3.0   # seconds an image may take before its bar (steps × tiles) and its time are shown
@@ -269,14 +306,15 @@ class VOSRPipeline:
     @torch.no_grad()
     def __call__(self, lr, scale=4.0, steps=25, guidance=0.5, alpha=0.15, generator=None, tile=None,
                  tile_overlap=None, color_fix="none", schedule="uniform", shift=1.0, progress=False,
-                 semantic_tiles="global", upscale="torch", tile_blend="linear", vae_tile=None, latent="mean"):
+                 semantic_tiles="global", upscale="torch", tile_blend="linear", vae_tile=None, latent="mean",
+                 lapped="off"):
         """sample() with tiles: LR↑ → c_str (condition) → c_sem (tile_semantics) → z_0 (denoise) → SR (finish).
         tile, tile_overlap, vae_tile (the codec's; None: tile, 0: whole) in output pixels, see tile_sizes."""
         if scale <= 0:
             raise ValueError(f"scale must be positive, got {scale}")
         for name, value, allowed in (("semantic_tiles", semantic_tiles, SEMANTIC_TILES), ("upscale", upscale, UPSCALE),
                                      ("tile_blend", tile_blend, TILE_BLEND), ("latent", latent, LATENT),
-                                     ("color_fix", color_fix, tuple(COLOR_FIX))):
+                                     ("color_fix", color_fix, tuple(COLOR_FIX)), ("lapped", lapped, LAPPED)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         unit = self.codec.factor * self.model.patch_size
@@ -289,7 +327,7 @@ class VOSRPipeline:
         ref = lr_up if color_fix != "none" else None
         del lr_up                                                      # freed unless the colour fix needs it
         z0 = self.denoise(c_str, sem_of, generator, timesteps(steps, schedule, shift), guidance, alpha,
-                          self.latent_tiles(tile, overlap, tile_blend), tile_blend, progress)
+                          self.latent_tiles(tile, overlap, tile_blend), tile_blend, progress, lapped == "on")
         return self.finish(z0, (H, W), vae_tile, overlap, ref, color_fix)
 
     def condition(self, lr, scale: float, tile: int, overlap: int, upscale: str = "torch", generator=None):
@@ -316,10 +354,11 @@ class VOSRPipeline:
                 return lambda y, x, h, w: crop_tokens(tmap, y, x, tuple(lr_up.shape[-2:]), self.semantic.grid)
         return functools.lru_cache(None)(lambda y, x, h, w: self.semantic(lr_up[..., y:y + h, x:x + w]))
 
-    def denoise(self, c_str, sem_of, generator, ts, guidance, alpha, latent_tiles, blend="linear", progress=False):
+    def denoise(self, c_str, sem_of, generator, ts, guidance, alpha, latent_tiles, blend="linear", progress=False,
+                lapped=False):
         """z_1 ~ N(0, I) drawn once for the whole latent → z_0 by guided Euler (eq. 2), the DiT on latent tiles."""
         z1 = torch.randn(c_str.shape, generator=generator, dtype=torch.float32).to(self.device)
-        on_tile, (lt, lo, align) = self.tile_velocity(c_str, sem_of, guidance, alpha), latent_tiles
+        on_tile, (lt, lo, align) = self.tile_velocity(c_str, sem_of, guidance, alpha, lapped), latent_tiles
         total = (len(ts) - 1) * math.prod(len(tile_windows(n, lt, lo, align)) for n in c_str.shape[-2:])
         with tqdm(total=total, desc="steps × tiles", unit="tile", leave=False, delay=PROGRESS_AFTER,
                   disable=not progress) as bar:
@@ -335,10 +374,13 @@ class VOSRPipeline:
             sr = tiled_decode(self.codec, z0, size, tile, overlap, self.decode).add_(1).div_(2)
             return color_fix_of(sr, ref, color_fix)
 
-    def tile_velocity(self, c_str, sem_of, guidance: float, alpha: float):
+    def tile_velocity(self, c_str, sem_of, guidance: float, alpha: float, lapped: bool = False):
         """v of one latent window, (z_window, (y, x, h, w) in latent pixels, t, r) → velocity: the teacher's
-        guided velocity (eq. 2), or the student's one branch with r = the next time (§3.4)."""
+        guided velocity (eq. 2), or the student's one branch with r = the next time (§3.4); lapped: LappedDiT's."""
         f, s, keys = self.codec.factor, 1.0 if self.student else guidance, {}   # keys: window → projected c_sem
+        net = self.net
+        if lapped:   # the shift is in pixels with a pixel codec, in latent pixels with a VAE
+            net = LappedDiT(self.net, f if isinstance(self.codec, vae.PixelCodec) else 1, self.model.patch_size)
 
         def on_tile(zw, win, t, r):
             y, x, h, w = win
@@ -353,8 +395,8 @@ class VOSRPipeline:
                     torch.compiler.cudagraph_mark_step_begin()
                 cw = c_str[..., y:y + h, x:x + w]
                 if self.student:
-                    return guided_velocity(self.net, zw, t, cw, sw, 1.0, r=r, kv=kv)
-                return guided_velocity(self.net, zw, t, cw, sw, guidance, alpha, kv=kv)
+                    return guided_velocity(net, zw, t, cw, sw, 1.0, r=r, kv=kv)
+                return guided_velocity(net, zw, t, cw, sw, guidance, alpha, kv=kv)
         return on_tile
 
     def tile_sizes(self, tile=None, overlap=None) -> tuple[int, int]:
@@ -429,7 +471,8 @@ def super_resolve(pipe: VOSRPipeline, lr: torch.Tensor, cfg: SampleConfig, progr
     return pipe(lr, cfg.scale, cfg.steps, cfg.guidance, cfg.alpha, torch.Generator().manual_seed(cfg.seed),
                 cfg.tile, cfg.tile_overlap, cfg.color_fix or "none", cfg.schedule, cfg.shift, progress=progress,
                 semantic_tiles=cfg.semantic_tiles, upscale=cfg.upscale or "torch",
-                tile_blend=cfg.tile_blend or "linear", vae_tile=cfg.vae_tile, latent=cfg.latent)
+                tile_blend=cfg.tile_blend or "linear", vae_tile=cfg.vae_tile, latent=cfg.latent,
+                lapped=cfg.lapped or "off")
 
 
 def main(argv=None) -> int:
@@ -448,7 +491,7 @@ def main(argv=None) -> int:
         return 2
     print(f"sample.py: {cfg.ckpt} ({run['preset']}, {'student' if pipe.student else 'teacher'}, "
           f"{cfg.steps} step(s), guidance {cfg.guidance:g}, colour fix {cfg.color_fix}, upscale {cfg.upscale}, "
-          f"tile blend {cfg.tile_blend}), {len(jobs)} image(s) → {cfg.output}")
+          f"tile blend {cfg.tile_blend}, lapped {cfg.lapped}), {len(jobs)} image(s) → {cfg.output}")
     failed, seconds = 0, 0.0
     for src, dst in tqdm(jobs, desc="images", disable=len(jobs) < 2):
         try:

@@ -256,3 +256,44 @@ SHIPPED_TILE = {"demo": 128, "teacher": None}   # None: no sampler_defaults tile
 def replace_tile(cfg, tile):
     from dataclasses import replace
     return replace(cfg, tile=tile)
+
+
+def token_means(x, t, c_sem=None, r=None, f=4):
+    """A 'DiT' whose tokens do not talk: each f×f pixel token's velocity is the mean of its own c_str pixels."""
+    img = torch.nn.functional.pixel_shuffle(x, f)[:, :3]
+    blocky = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(img, f), scale_factor=f)
+    return torch.nn.functional.pixel_unshuffle(blocky, f)
+
+
+def test_lapped_velocity_is_exact_for_a_gridless_net_and_removes_a_token_grid():
+    from tools.blockiness import edge_ratio
+    # the weights by hand for a 4-cell token: min(q + ½, 4 − q − ½) / 2 = ¼, ¾, ¾, ¼, and shifted by 2 they fill to 1
+    assert torch.allclose(sample.lap_weights(8, 4, 0), torch.tensor([.25, .75, .75, .25] * 2))
+    assert torch.allclose(sample.lap_weights(8, 4, 0) + sample.lap_weights(8, 4, 2), torch.ones(8))
+    # a net that acts on each pixel alone (a 1×1 conv in pixel space) does not see the grid: lapping changes nothing
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 3, 1)
+    pointwise = lambda x, t, c_sem=None, r=None: torch.nn.functional.pixel_unshuffle(  # noqa: E731
+        conv(torch.nn.functional.pixel_shuffle(x, 4)), 4)
+    x, t = torch.randn(2, 2 * 48, 5, 7), torch.rand(2)
+    with torch.no_grad():
+        assert torch.allclose(sample.LappedDiT(pointwise, 4, 1)(x, t), pointwise(x, t), atol=1e-5)
+    # a net whose tokens do not talk leaves a 4-pixel mosaic on a smooth image; lapped, the grid is gone
+    yy, xx = torch.meshgrid(torch.linspace(0, 3, 64), torch.linspace(0, 2, 64), indexing="ij")
+    smooth = torch.stack([torch.sin(yy + xx), torch.cos(yy - xx), torch.sin(2 * xx)])[None] * 0.5 + 0.5
+    x = torch.cat([torch.nn.functional.pixel_unshuffle(smooth, 4)] * 2, 1)
+    luma = lambda v: 255 * torch.nn.functional.pixel_shuffle(v, 4)[0].mean(0)  # noqa: E731
+    assert edge_ratio(luma(token_means(x, t)), 4) > 10
+    assert edge_ratio(luma(sample.LappedDiT(token_means, 4, 1)(x, t[:1])), 4) < 1.3
+    with pytest.raises(ValueError, match="even token side"):
+        sample.LappedDiT(token_means, 1, 1)
+
+
+def test_pipeline_lapped_setting(pixel_model):
+    pipe = sample.VOSRPipeline(pixel_model, vae.PixelCodec(), None, student=False)
+    lr, kw = torch.rand(1, 3, 8, 12), dict(steps=2, generator=None, tile=0)
+    off = pipe(lr, 4.0, **{**kw, "generator": torch.Generator().manual_seed(0)})
+    on = pipe(lr, 4.0, **{**kw, "generator": torch.Generator().manual_seed(0)}, lapped="on")
+    assert on.shape == off.shape and 0 < (on - off).abs().mean() < 0.2
+    with pytest.raises(ValueError, match="lapped"):
+        pipe(lr, 4.0, steps=1, lapped="yes")

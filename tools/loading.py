@@ -18,7 +18,7 @@ from tools.files import read_safetensors_header
 
 DEMO_CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "vosr-small-demo"  # sample.py without --ckpt
 # what a run dir's config.json "sampler_defaults" may set (ours)
-SAMPLER_DEFAULTS = ("steps", "alpha", "tile", "tile_overlap", "color_fix", "upscale", "tile_blend", "vae_tile")
+SAMPLER_DEFAULTS = ("steps", "alpha", "tile", "tile_overlap", "color_fix", "upscale", "tile_blend", "vae_tile", "lapped")
 RELEASE_CONVENTIONS = dict(color_fix="adain", upscale="pil", tile_blend="gaussian")   # the release's scripts
 RELEASE_FILES = {  # ae_type / enc_type → (file beside the model folder, what it is, the flag that replaces it)
     "sd2": ("stable-diffusion-2-1-base", "the SD2.1 VAE of ae_type sd2", "--codec FOLDER"),
@@ -81,7 +81,7 @@ def checkpoint_defaults(cfg, pipe, run: dict):
     alpha = cfg.alpha if cfg.alpha is not None else run.get("alpha", 0.0 if run.get("mode") == "cfg" else 0.15)
     return replace(cfg, steps=steps, alpha=alpha, color_fix=cfg.color_fix or run.get("color_fix", "none"),
                    upscale=cfg.upscale or run.get("upscale", "pil" if run.get("resize_back") == "release" else "torch"),
-                   tile_blend=cfg.tile_blend or run.get("tile_blend", "linear"))
+                   tile_blend=cfg.tile_blend or run.get("tile_blend", "linear"), lapped=cfg.lapped or "off")
 
 
 def load_model(cfg, report=print):

@@ -17,8 +17,8 @@ from tools.cli import OneLineParser
 from tools.color_fix import COLOR_FIX
 from tools.loading import DEMO_CKPT
 
-SEMANTIC_TILES, UPSCALE, TILE_BLEND, LATENT = (
-    ("global", "per-tile", "whole"), ("torch", "pil"), ("linear", "gaussian"), ("mean", "sample"))
+SEMANTIC_TILES, UPSCALE, TILE_BLEND, LATENT, LAPPED = (
+    ("global", "per-tile", "whole"), ("torch", "pil"), ("linear", "gaussian"), ("mean", "sample"), ("off", "on"))
 
 
 @dataclass
@@ -38,6 +38,7 @@ class SampleConfig:
     color_fix: str | None = None     # none | adain | wavelet
     upscale: str | None = None       # torch | pil
     tile_blend: str | None = None    # linear | gaussian
+    lapped: str | None = None        # off | on: (ours) sample.LappedDiT, the DiT also on half-token-shifted grids
     vae_tile: int | None = None      # tile side of the codec in output pixels; None: --tile; 0: the whole image
     latent: str = "mean"             # mean | sample: c_str from the codec posterior's mean or a sample
     schedule: str = "uniform"        # uniform | cosine
@@ -98,6 +99,10 @@ SAMPLER_FLAGS = {  # SampleConfig field → (argparse type, or a tuple of choice
     "tile_blend": (TILE_BLEND, "how overlapping DiT tiles are blended: linear ramps across the overlap, or the "
                    "official scripts' Gaussian window (σ = 0.1 × tile side, centred on the tile) (default: gaussian "
                    "for a release folder, linear otherwise)"),
+    "lapped": (LAPPED, "(ours) also run the DiT on its token grid shifted by half a token down, right and both, and "
+               "cross-fade the four velocities: no grid at token edges, 4× the DiT's cost; needs an even token side "
+               "(pixel codecs) (default: the run dir's config.json sampler_defaults, on for the shipped default "
+               "model; off otherwise)"),
     "vae_tile": (number(int, 0), "tile side of the codec (VAE) in output pixels (default: --tile); 0: the whole "
                  "image at once, as the official scripts"),
     "semantic_tiles": (SEMANTIC_TILES, "global: one DINOv2 token map for the whole image, each tile attends to its "
