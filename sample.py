@@ -36,7 +36,7 @@ from tools import sample_cli
 from tools.color_fix import COLOR_FIX, color_fix_of
 from tools.fast_paths import FastPaths
 from tools.files import ImageError, find_jobs, read_image, write_image
-from tools.loading import DEMO_CKPT, checkpoint_defaults, load_model
+from tools.loading import DEFAULT_CKPT, checkpoint_defaults, load_model
 from tools.sample_cli import LAPPED, LATENT, SEMANTIC_TILES, TILE_BLEND, UPSCALE, SampleConfig
 
 
@@ -430,14 +430,15 @@ class VOSRPipeline:
 def load_pipeline(cfg: SampleConfig, report=print) -> tuple[VOSRPipeline, dict]:
     """The pipeline of a run dir, a release model folder or a bare .safetensors (tools/loading.py), and its run
     settings; report gets one line per file loaded; a ValueError or FileNotFoundError names what cannot be used."""
-    if cfg.ckpt is None:
-        if not DEMO_CKPT.is_dir():
-            raise ValueError(f"no --ckpt given and the embedded demo model {DEMO_CKPT} is missing")
-        cfg.ckpt = str(DEMO_CKPT)
-        report(f"sample.py: no --ckpt given: using the embedded demo model {DEMO_CKPT} (a one-step student, "
-               "small preset, pixel codec, trained on 118 photos: a demo, not the paper's model; for real photos "
-               "use the released VOSR weights, see README)")
+    default = cfg.ckpt is None
+    if default:
+        if not DEFAULT_CKPT.is_dir():
+            raise ValueError(f"no --ckpt given and the shipped default model {DEFAULT_CKPT} is missing")
+        cfg.ckpt = str(DEFAULT_CKPT)
     model, codec, semantic, student, run = load_model(cfg, report)
+    if default:   # its config.json note says what it is; the first sentence is enough here
+        report(f"sample.py: no --ckpt given: using the shipped default model {DEFAULT_CKPT} "
+               f"({run.get('note', 'no note').split('. ')[0].rstrip('.')}; README §2)")
     return VOSRPipeline(model.to(cfg.device), codec, semantic, student, cfg.device, cfg.bf16), run
 
 

@@ -247,10 +247,10 @@ def test_export_fp16_and_default_ckpt(tmp_path, monkeypatch, capsys):
     lr_dir = tmp_path / "lr"
     lr_dir.mkdir()
     Image.new("RGB", (9, 7), (10, 200, 90)).save(lr_dir / "x.png")
-    monkeypatch.setattr(sample, "DEMO_CKPT", demo)
+    monkeypatch.setattr(sample, "DEFAULT_CKPT", demo)
     assert sample.main(["-i", str(lr_dir), "-o", str(tmp_path / "a"), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
-    assert "embedded demo model" in printed and "student, 1 step(s)" in printed
+    assert "shipped default model" in printed and "student, 1 step(s)" in printed
     # the fp16 export and the fp32 run give the same picture up to fp16 rounding of the weights
     assert sample.main(["--ckpt", str(student), "-i", str(lr_dir), "-o", str(tmp_path / "b"), "--steps", "1",
                         "--device", "cpu"]) == 0

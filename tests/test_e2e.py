@@ -21,6 +21,7 @@ from tests.test_teacher import make_photos
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO, TEACHER = ROOT / "checkpoints" / "vosr-small-demo", ROOT / "checkpoints" / "vosr-small-teacher"
+REALWORLD = ROOT / "checkpoints" / "vosr-small-realworld"      # sample.py's default
 
 
 def run(*args):
@@ -133,7 +134,8 @@ def downscale_x4(u8):
     return to_u8(F.interpolate(from_u8(u8), scale_factor=0.25, mode="bicubic", align_corners=False, antialias=True))
 
 
-SHIPPED = [pytest.param(DEMO, [], id="demo"), pytest.param(TEACHER, ["--steps", "1"], id="teacher-1-step")]
+SHIPPED = [pytest.param(DEMO, [], id="demo"), pytest.param(TEACHER, ["--steps", "1"], id="teacher-1-step"),
+           pytest.param(REALWORLD, [], id="realworld")]
 
 
 @pytest.mark.parametrize("ckpt,flags", SHIPPED)
@@ -167,7 +169,7 @@ def test_shipped_models_beat_bicubic_on_the_readme_metric(tmp_path):
         lr = downscale_x4(hr)
         for d, img in (("hr", hr), ("lr", lr), ("bicubic", bicubic_x4(lr))):
             Image.fromarray(img).save(dirs[d] / f"img{seed}.png")
-    assert sample.main(["-i", str(dirs["lr"]), "-o", str(tmp_path / "demo"), "--device", "cpu"]) == 0  # default: demo
+    assert sample.main(["--ckpt", str(DEMO), "-i", str(dirs["lr"]), "-o", str(tmp_path / "demo"), "--device", "cpu"]) == 0
     assert sample.main(["--ckpt", str(TEACHER), "-i", str(dirs["lr"]), "-o", str(tmp_path / "teacher"),
                         "--steps", "1", "--device", "cpu"]) == 0
     mean = {}
@@ -181,3 +183,34 @@ def test_shipped_models_beat_bicubic_on_the_readme_metric(tmp_path):
     bic, demo, teacher = mean["bicubic"], mean["demo"], mean["teacher"]
     assert demo["lpips"] < bic["lpips"] - 0.02 and demo["psnr"] < bic["psnr"]
     assert teacher["lpips"] < bic["lpips"] - 0.05 and teacher["psnr"] > bic["psnr"] - 0.5
+
+
+def mean_lpips(evaluate_dir, hr_dir, csv_path):
+    assert evaluate.main(["--sr", str(evaluate_dir), "--hr", str(hr_dir), "--metrics", "lpips", "--csv", str(csv_path),
+                          "--device", "cpu"]) == 0
+    return float(list(csv.DictReader(open(csv_path)))[-1]["lpips"])
+
+
+def test_default_model_restores_real_world_degradation_without_a_block_grid(tmp_path):
+    """README §2: sample.py without --ckpt, on made-up photos degraded the Real-ESRGAN way (blur, noise, JPEG;
+    degrade.py, fixed seed), beats bicubic by LPIPS and leaves no grid at its 4-pixel token edges."""
+    import degrade
+    from tools.blockiness import edge_ratio, luma
+    cache_or_skip("alexnet.safetensors", "lpips_alex_heads.safetensors")
+    dirs = {d: tmp_path / d for d in ("hr", "lr", "bicubic")}
+    for d in dirs.values():
+        d.mkdir()
+    hr = torch.stack([from_u8(real_looking(seed))[0].float() for seed in range(3)])
+    lr = degrade.degrade(hr, generator=torch.Generator().manual_seed(0))
+    for i in range(3):
+        Image.fromarray(to_u8(hr[i:i + 1])).save(dirs["hr"] / f"img{i}.png")
+        Image.fromarray(to_u8(lr[i:i + 1])).save(dirs["lr"] / f"img{i}.png")
+        Image.fromarray(bicubic_x4(to_u8(lr[i:i + 1]))).save(dirs["bicubic"] / f"img{i}.png")
+    assert sample.main(["-i", str(dirs["lr"]), "-o", str(tmp_path / "sr"), "--device", "cpu"]) == 0
+    sr_lpips, bic_lpips = (mean_lpips(tmp_path / d, dirs["hr"], tmp_path / f"{d}.csv") for d in ("sr", "bicubic"))
+    assert sr_lpips < bic_lpips - LPIPS_GAIN
+    ratios = [edge_ratio(luma(sample.read_image(tmp_path / "sr" / f"img{i}.png")), 4) for i in range(3)]
+    assert sum(ratios) / 3 < 1.2, ratios
+
+
+LPIPS_GAIN = 0.05   # the default's margin over bicubic on these three images is larger; see the test's note

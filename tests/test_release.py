@@ -600,7 +600,7 @@ def test_broken_ckpt_is_one_line(tmp_path, lr_folder, capsys):
     import shutil
     argv = lambda ckpt: ["--ckpt", str(ckpt), "-i", str(lr_folder), "-o", str(tmp_path / "o")]  # noqa: E731
     run = tmp_path / "run"
-    shutil.copytree(sample.DEMO_CKPT, run)
+    shutil.copytree(sample.DEFAULT_CKPT, run)
     data = (run / "ema.safetensors").read_bytes()
     (run / "ema.safetensors").write_bytes(data[:len(data) // 2])
     assert f"{run}/ema.safetensors: not a readable .safetensors file" in one_line_error(capsys, argv(run))

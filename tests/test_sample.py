@@ -206,10 +206,10 @@ def test_run_with_the_4x4_pixel_codec_samples(tmp_path, monkeypatch):
     assert seen == [(3, "cosine", 2.5)]
 
 
-def test_shipped_demo_model_runs(tmp_path, capsys):
-    """The committed demo checkpoint: small enough to ship, loads strictly, and upsamples a photo-like image
+def test_shipped_default_model_runs(tmp_path, capsys):
+    """The committed default checkpoint: small enough to ship, loads strictly, and upsamples a photo-like image
     4× better than a flat guess (it is a trained model: its output must follow the input's structure)."""
-    demo = sample.DEMO_CKPT
+    demo = sample.DEFAULT_CKPT
     assert (demo / "config.json").is_file() and (demo / "ema.safetensors").is_file(), f"{demo} is missing"
     assert (demo / "ema.safetensors").stat().st_size <= 20e6
     hr = make_photos(tmp_path / "hr", n=1, size=(48, 40))
@@ -219,7 +219,7 @@ def test_shipped_demo_model_runs(tmp_path, capsys):
     hr_img = Image.open(hr / name).convert("RGB")
     hr_img.resize((10, 12), Image.BICUBIC).save(lr_dir / name)
     assert sample.main(["-i", str(lr_dir), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 0
-    assert "embedded demo model" in capsys.readouterr().out
+    assert "shipped default model" in capsys.readouterr().out
     out = np.asarray(Image.open(tmp_path / "out" / name), dtype=float)
     ref = np.asarray(hr_img, dtype=float)
     assert out.shape == ref.shape
@@ -232,7 +232,7 @@ def test_tile_default_is_read_from_the_checkpoint(tmp_path, capsys):
     import json
     import shutil
     run = tmp_path / "run"
-    shutil.copytree(sample.DEMO_CKPT, run)
+    shutil.copytree(sample.DEFAULT_CKPT, run)
     conf = json.loads((run / "config.json").read_text())
     for tile in (128, 192):
         (run / "config.json").write_text(json.dumps({**conf, "sampler_defaults": {"tile": tile}}))
@@ -245,12 +245,13 @@ def test_tile_default_is_read_from_the_checkpoint(tmp_path, capsys):
     assert sample.main(["--ckpt", str(run), "-i", str(tmp_path / "lr.png"), "-o", str(tmp_path / "out"),
                         "--device", "cpu"]) == 2
     assert "config.json: sampler_defaults" in capsys.readouterr().err
-    for name, ckpt in (("demo", sample.DEMO_CKPT), ("teacher", sample.DEMO_CKPT.parent / "vosr-small-teacher")):
-        shipped = json.loads((ckpt / "config.json").read_text()).get("sampler_defaults", {})
-        assert shipped.get("tile") == SHIPPED_TILE[name], name   # the measured choice: docs/performance_cpu.md
+    for name, tile in SHIPPED_TILE.items():
+        shipped = json.loads((ROOT / "checkpoints" / name / "config.json").read_text()).get("sampler_defaults", {})
+        assert shipped.get("tile") == tile, name   # the measured choice: docs/performance_cpu.md
 
 
-SHIPPED_TILE = {"demo": 128, "teacher": None}   # None: no sampler_defaults tile, the 64-pixel training crop
+# None: no sampler_defaults tile, the 64-pixel training crop
+SHIPPED_TILE = {"vosr-small-demo": 128, "vosr-small-teacher": None, "vosr-small-realworld": None}
 
 
 def replace_tile(cfg, tile):

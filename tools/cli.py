@@ -80,6 +80,29 @@ CHOICES = {"mode": ("partial", "cfg", "full"), "degradation": ("realesrgan", "bi
 BENCH_MOVED = "--bench moved to tools/bench_train.py: python tools/bench_train.py --help"
 
 
+def number(kind=float, low=None, high=None, low_open=False, multiple=None):
+    """argparse type: a finite `kind` number in [low, high] ((low, high] with low_open); None: unbounded."""
+    name = "an integer" if kind is int else "a number"
+    need = (f" in {'(' if low_open else '['}{low}, {high}]" if low is not None and high is not None else
+            f" {'above' if low_open else 'at least'} {low}" if low is not None else
+            f" at most {high}" if high is not None else "")
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {name}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if (low is not None and (value < low or (low_open and value == low))) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be{need}, got {text}")
+        if multiple and value % multiple:
+            raise argparse.ArgumentTypeError(f"must be a multiple of {multiple}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
+
+
 def at_least(lo):
     return lambda v: v >= lo, f"must be at least {lo}"
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from tools import sample_cli
-from tools.cli import OneLineParser
+from tools.cli import OneLineParser, number
 
 
 @dataclass
@@ -32,24 +32,6 @@ class CLIParser(OneLineParser):
 
     def error(self, message):
         super().error(f"error: {message}")
-
-
-def number(kind=float, low=None, high=None, strict=False, multiple=None):
-    """argparse type: a `kind` number in [low, high] ((low, high] when strict), optionally a multiple of `multiple`."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        if low is not None and (value < low or (strict and value == low)):
-            raise argparse.ArgumentTypeError(f"must be {'above' if strict else 'at least'} {low}, got {text}")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"must be at most {high}, got {text}")
-        if multiple and value % multiple:
-            raise argparse.ArgumentTypeError(f"must be a multiple of {multiple}, got {text}")
-        return value
-    parse.__name__ = kind.__name__  # argparse names the type in some messages
-    return parse
 
 
 def listed(item):

@@ -16,7 +16,7 @@ import vae
 from tools import release
 from tools.files import read_safetensors_header
 
-DEMO_CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "vosr-small-demo"  # sample.py without --ckpt
+DEFAULT_CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "vosr-small-realworld"  # sample.py without --ckpt
 # what a run dir's config.json "sampler_defaults" may set (ours)
 SAMPLER_DEFAULTS = ("steps", "alpha", "tile", "tile_overlap", "color_fix", "upscale", "tile_blend", "vae_tile", "lapped")
 RELEASE_CONVENTIONS = dict(color_fix="adain", upscale="pil", tile_blend="gaussian")   # the release's scripts

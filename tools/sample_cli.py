@@ -7,15 +7,14 @@ arguments; sample.super_resolve passes it a SampleConfig's.
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import dataclass
 
 import torch
 
 import dit
-from tools.cli import OneLineParser
+from tools.cli import OneLineParser, number
 from tools.color_fix import COLOR_FIX
-from tools.loading import DEMO_CKPT
+from tools.loading import DEFAULT_CKPT
 
 SEMANTIC_TILES, UPSCALE, TILE_BLEND, LATENT, LAPPED = (
     ("global", "per-tile", "whole"), ("torch", "pil"), ("linear", "gaussian"), ("mean", "sample"), ("off", "on"))
@@ -58,27 +57,6 @@ class SampleConfig:
     channels_last: bool = False
     compile: str | None = None       # torch.compile mode, e.g. "default", "max-autotune"
     cuda_graphs: bool = False
-
-
-def number(kind=float, low=None, high=None, low_open=False, multiple=None):
-    """argparse type: a finite `kind` number in [low, high] ((low, high] with low_open); None: unbounded."""
-    name = "an integer" if kind is int else "a number"
-    need = (f" in {'(' if low_open else '['}{low}, {high}]" if low is not None and high is not None else
-            f" {'above' if low_open else 'at least'} {low}" if low is not None else
-            f" at most {high}" if high is not None else "")
-
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {name}") from None
-        if not math.isfinite(value) or (low is not None and (value < low or (low_open and value == low))) \
-                or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a finite number'}{need}, got {text}")
-        if multiple and value % multiple:
-            raise argparse.ArgumentTypeError(f"must be a multiple of DINOv2's {multiple}-pixel patch, got {text}")
-        return value
-    return parse
 
 
 SAMPLER_FLAGS = {  # SampleConfig field → (argparse type, or a tuple of choices; help, {d} = the defaults)
@@ -139,7 +117,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--ckpt", default=d.ckpt,
                    help="a run dir of train_teacher.py/distill.py, an official release model folder (e.g. "
                         "preset/ckpts/VOSR_0.5B_os, its codec and DINOv2 files beside it), or a bare .safetensors "
-                        f"(default: the embedded demo model {DEMO_CKPT.name}, see README)")
+                        f"(default: the shipped default model {DEFAULT_CKPT.name}, see README)")
     p.add_argument("-i", "--input", required=True, help="LR image or folder of LR images (required)")
     p.add_argument("-o", "--output", default=d.output,
                    help=f"output folder (same file names, .png), or FILE.png for one input (default: {d.output})")
