@@ -259,6 +259,7 @@ def crop_tokens(tmap: torch.Tensor, y: int, x: int, size: tuple[int, int], g: in
 # the four velocities with weights that peak at a token's centre: each token edge of one grid is a token centre
 # of the other, and the weights sum to one at every pixel. Four DiT passes per step.
 
+@functools.lru_cache(maxsize=64)   # the same few at every step and tile
 def lap_weights(n: int, unit: int, offset: int, device=None) -> torch.Tensor:
     """w(q) = min(q + ½, unit − q − ½) / (unit / 2) of q = (i + offset) mod unit, i < n: a cell's weight by its
     place in its token; w(q) + w(q + unit/2) = 1, so the grids at offsets 0 and unit/2 sum to one."""
@@ -378,9 +379,7 @@ class VOSRPipeline:
         """v of one latent window, (z_window, (y, x, h, w) in latent pixels, t, r) → velocity: the teacher's
         guided velocity (eq. 2), or the student's one branch with r = the next time (§3.4); lapped: LappedDiT's."""
         f, s, keys = self.codec.factor, 1.0 if self.student else guidance, {}   # keys: window → projected c_sem
-        net = self.net
-        if lapped:   # the shift is in pixels with a pixel codec, in latent pixels with a VAE
-            net = LappedDiT(self.net, f if isinstance(self.codec, vae.PixelCodec) else 1, self.model.patch_size)
+        net = self.lapped_net() if lapped else self.net
 
         def on_tile(zw, win, t, r):
             y, x, h, w = win
@@ -398,6 +397,12 @@ class VOSRPipeline:
                     return guided_velocity(net, zw, t, cw, sw, 1.0, r=r, kv=kv)
                 return guided_velocity(net, zw, t, cw, sw, guidance, alpha, kv=kv)
         return on_tile
+
+    def lapped_net(self) -> LappedDiT:
+        """The DiT as LappedDiT: shifted in pixels with a pixel codec, in latent pixels with a VAE; a ValueError
+        for an odd token side."""
+        cells = self.codec.factor if isinstance(self.codec, vae.PixelCodec) else 1
+        return LappedDiT(self.net, cells, self.model.patch_size)
 
     def tile_sizes(self, tile=None, overlap=None) -> tuple[int, int]:
         """(tile, overlap) in output pixels, whole latent patches; None: the training crop (RoPE then sees
@@ -487,6 +492,8 @@ def main(argv=None) -> int:
         pipe, run = load_pipeline(cfg)
         pipe.enable(FastPaths.from_config(cfg))
         cfg = check_tiles(checkpoint_defaults(cfg, pipe, run), pipe)
+        if cfg.lapped == "on":
+            pipe.lapped_net()                     # a model whose tokens cannot be half-shifted: say so now
     except (OSError, ValueError) as e:            # a missing or unusable file, a setting the model cannot use
         print(f"sample.py: {(str(e).strip().splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
         return 2

@@ -195,7 +195,7 @@ def test_default_model_restores_real_world_degradation_without_a_block_grid(tmp_
     """README §2: sample.py without --ckpt, on made-up photos degraded the Real-ESRGAN way (blur, noise, JPEG;
     degrade.py, fixed seed), beats bicubic by LPIPS and leaves no grid at its 4-pixel token edges."""
     import degrade
-    from tools.blockiness import edge_ratio, luma
+    from tools.blockiness import edge_ratio
     cache_or_skip("alexnet.safetensors", "lpips_alex_heads.safetensors")
     dirs = {d: tmp_path / d for d in ("hr", "lr", "bicubic")}
     for d in dirs.values():
@@ -209,8 +209,9 @@ def test_default_model_restores_real_world_degradation_without_a_block_grid(tmp_
     assert sample.main(["-i", str(dirs["lr"]), "-o", str(tmp_path / "sr"), "--device", "cpu"]) == 0
     sr_lpips, bic_lpips = (mean_lpips(tmp_path / d, dirs["hr"], tmp_path / f"{d}.csv") for d in ("sr", "bicubic"))
     assert sr_lpips < bic_lpips - LPIPS_GAIN
-    ratios = [edge_ratio(luma(sample.read_image(tmp_path / "sr" / f"img{i}.png")), 4) for i in range(3)]
+    ratios = [edge_ratio(evaluate.to_y255(sample.read_image(tmp_path / "sr" / f"img{i}.png")[None])[0], 4)
+              for i in range(3)]
     assert sum(ratios) / 3 < 1.2, ratios
 
 
-LPIPS_GAIN = 0.05   # the default's margin over bicubic on these three images is larger; see the test's note
+LPIPS_GAIN = 0.05   # measured on these three: 0.563 against bicubic's 0.672 (README §2: 0.626 vs 0.845 on real photos)

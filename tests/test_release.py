@@ -551,6 +551,9 @@ def test_run_dir_semantic_layer_from_config(tmp_path):
 
 # ----------------------------------------------------------------------------- sample.py flags: one line each
 
+DEMO = str(ROOT / "checkpoints" / "vosr-small-demo")   # the one-step demo student: 64-pixel crop, 8-pixel latents
+
+
 @pytest.fixture(scope="module")
 def lr_folder(tmp_path_factory):
     d = tmp_path_factory.mktemp("lr_in")
@@ -587,11 +590,11 @@ def test_tile_the_model_cannot_use(lr_folder, tmp_path, capsys):
     down to 56 with a note (as VOSRPipeline.tile_sizes rounds), an overlap of half the default tile (128, its
     config.json's sampler_defaults) is refused."""
     out = tmp_path / "o"
-    err = one_line_error(capsys, ["-i", str(lr_folder), "-o", str(out), "--tile", "7", "--device", "cpu"])
+    err = one_line_error(capsys, ["--ckpt", DEMO, "-i", str(lr_folder), "-o", str(out), "--tile", "7", "--device", "cpu"])
     assert "--tile 7: too small" in err and "at least 32" in err
-    err = one_line_error(capsys, ["-i", str(lr_folder), "-o", str(out), "--tile-overlap", "64", "--device", "cpu"])
+    err = one_line_error(capsys, ["--ckpt", DEMO, "-i", str(lr_folder), "-o", str(out), "--tile-overlap", "64", "--device", "cpu"])
     assert "--tile-overlap 64" in err and "128-pixel tile" in err
-    assert sample.main(["-i", str(lr_folder), "-o", str(out), "--tile", "60", "--device", "cpu"]) == 0
+    assert sample.main(["--ckpt", DEMO, "-i", str(lr_folder), "-o", str(out), "--tile", "60", "--device", "cpu"]) == 0
     assert "--tile 60 rounded down to 56" in capsys.readouterr().out
     assert Image.open(out / "a.png").size == (96, 80)
 
@@ -624,7 +627,7 @@ def test_user_errors_through_the_real_cli(tmp_path, lr_folder):
 def test_progress_bar_over_steps_and_tiles(lr_folder, tmp_path, capsys, monkeypatch):
     """An image that takes long shows a bar over steps × tiles, and its time; the run ends with s per image."""
     monkeypatch.setattr(sample, "PROGRESS_AFTER", 0.0)
-    assert sample.main(["-i", str(lr_folder), "-o", str(tmp_path / "o"), "--tile", "48", "--tile-overlap", "16",
+    assert sample.main(["--ckpt", DEMO, "-i", str(lr_folder), "-o", str(tmp_path / "o"), "--tile", "48", "--tile-overlap", "16",
                         "--steps", "2", "--device", "cpu"]) == 0
     captured = capsys.readouterr()
     tiles = len(sample.tile_windows(10, 6, 2, 1)) * len(sample.tile_windows(12, 6, 2, 1))   # 80×96 px, 8-px latents

@@ -209,9 +209,9 @@ def test_run_with_the_4x4_pixel_codec_samples(tmp_path, monkeypatch):
 def test_shipped_default_model_runs(tmp_path, capsys):
     """The committed default checkpoint: small enough to ship, loads strictly, and upsamples a photo-like image
     4× better than a flat guess (it is a trained model: its output must follow the input's structure)."""
-    demo = sample.DEFAULT_CKPT
-    assert (demo / "config.json").is_file() and (demo / "ema.safetensors").is_file(), f"{demo} is missing"
-    assert (demo / "ema.safetensors").stat().st_size <= 20e6
+    ckpt = sample.DEFAULT_CKPT
+    assert (ckpt / "config.json").is_file() and (ckpt / "ema.safetensors").is_file(), f"{ckpt} is missing"
+    assert (ckpt / "ema.safetensors").stat().st_size <= 20e6
     hr = make_photos(tmp_path / "hr", n=1, size=(48, 40))
     name = next(hr.iterdir()).name
     lr_dir = tmp_path / "lr"
@@ -292,9 +292,9 @@ def test_lapped_velocity_is_exact_for_a_gridless_net_and_removes_a_token_grid():
 
 def test_pipeline_lapped_setting(pixel_model):
     pipe = sample.VOSRPipeline(pixel_model, vae.PixelCodec(), None, student=False)
-    lr, kw = torch.rand(1, 3, 8, 12), dict(steps=2, generator=None, tile=0)
-    off = pipe(lr, 4.0, **{**kw, "generator": torch.Generator().manual_seed(0)})
-    on = pipe(lr, 4.0, **{**kw, "generator": torch.Generator().manual_seed(0)}, lapped="on")
+    lr = torch.rand(1, 3, 8, 12)
+    off, on = (pipe(lr, 4.0, steps=2, generator=torch.Generator().manual_seed(0), tile=0, lapped=lapped)
+               for lapped in ("off", "on"))
     assert on.shape == off.shape and 0 < (on - off).abs().mean() < 0.2
     with pytest.raises(ValueError, match="lapped"):
         pipe(lr, 4.0, steps=1, lapped="yes")

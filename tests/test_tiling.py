@@ -271,3 +271,15 @@ def test_peak_memory_depends_on_the_tile_not_the_image(tmp_path):
     print("extra peak RSS (MB):", {k: round(v / 2**20, 1) for k, v in extra.items()})
     assert extra["128/512"] < 1.5 * extra["128/256"]
     assert extra["4096/512"] > 2.5 * extra["4096/256"]
+
+
+def test_lapped_tokens_with_a_vae_shift_by_latent_pixels(tiny_vae):
+    # a VAE's token is p × p latent pixels: patch 2 is half-shifted by one latent pixel; patch 1 cannot be
+    lr = torch.rand(1, 3, 8, 8)
+    pipe = sample.VOSRPipeline(tiny_dit(4, patch_size=2), tiny_vae)
+    assert (pipe.lapped_net().cells, pipe.lapped_net().unit) == (1, 2)
+    off, on = (pipe(lr, 4.0, steps=1, generator=torch.Generator().manual_seed(0), tile=0, lapped=lapped)
+               for lapped in ("off", "on"))
+    assert on.shape == off.shape == (1, 3, 32, 32) and 0 < (on - off).abs().mean() < 0.2
+    with pytest.raises(ValueError, match="even token side"):
+        sample.VOSRPipeline(tiny_dit(4, patch_size=1), tiny_vae).lapped_net()

@@ -27,6 +27,7 @@ import dit
 import sample
 import vae
 from tools import eval_cli, reports
+from tools.cli import number
 
 
 STAGES = ("encode", "semantic", "dit", "decode")  # bicubic + codec encode, DINOv2, all Euler steps, decode
@@ -246,11 +247,11 @@ def build_parser():
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="0.5B", choices=sorted(dit.PRESETS),
                     help="DiT preset; small/tiny run the pixel codec (patch 1) and a ViT-S, for CPUs")
-    ap.add_argument("--size", type=eval_cli.number(int, 4, multiple=4), default=512,
+    ap.add_argument("--size", type=number(int, 4, multiple=4), default=512,
                     help="output side, a multiple of 4; the LR input is size/4")
-    ap.add_argument("--batch", type=eval_cli.listed(eval_cli.number(int, 1)), default=None,
+    ap.add_argument("--batch", type=eval_cli.listed(number(int, 1)), default=None,
                     help="comma list of batch sizes (default: 1,8 on CUDA, 1 on CPU)")
-    ap.add_argument("--steps", type=eval_cli.listed(eval_cli.number(int, 1)), default=None,
+    ap.add_argument("--steps", type=eval_cli.listed(number(int, 1)), default=None,
                     help="comma list of Euler step counts; 1 = the one-step student, more = the guided teacher "
                          "(default: 1,25 on CUDA, 1,4 on CPU)")
     ap.add_argument("--device", default=eval_cli.DEFAULT_DEVICE,
@@ -264,9 +265,9 @@ def build_parser():
     ap.add_argument("--compile", action="store_true", help="add rows 'compiled': --fast + torch.compile")
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. max-autotune on a GPU")
     ap.add_argument("--cuda-graphs", action="store_true", help="add rows 'graphs': compiled + CUDA graphs (CUDA only)")
-    ap.add_argument("--repeats", type=eval_cli.number(int, 1), default=None,
+    ap.add_argument("--repeats", type=number(int, 1), default=None,
                     help="timed calls per row after one warm-up (default: 3 on CUDA, 1 on CPU)")
-    ap.add_argument("--semantic-size", type=eval_cli.number(int, 14, multiple=14), default=None,
+    ap.add_argument("--semantic-size", type=number(int, 14, multiple=14), default=None,
                     help="semantic encoder input side, a multiple of the ViT patch 14 (default: 448; 112 for "
                          "small/tiny)")
     ap.add_argument("--shipped", action="store_true",

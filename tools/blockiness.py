@@ -4,11 +4,10 @@
 
 A pixel codec packs each P×P block of pixels into one token (vae.py PixelCodec), and a DiT whose tokens disagree at
 their borders leaves a mosaic: neighbouring pixels on either side of a block edge differ more than neighbours inside a
-block. For each image (luma, 0–255) this measures mean |∂| over the pixel pairs that straddle an edge of the P-grid
+block. For each image (BT.601 luma, evaluate.to_y255) this measures mean |∂| over the pixel pairs that straddle an edge of the P-grid
 (columns and rows P−1 | P, 2P−1 | 2P, …) divided by mean |∂| over all the other neighbouring pairs, x and y pooled.
 About 1 for a photo; a visible grid shows from about 1.3. Ours, a diagnostic; not in the paper.
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -16,13 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import torch
 
+from evaluate import to_y255
+from tools.cli import OneLineParser, number
 from tools.files import ImageError, find_images, read_image
-
-
-def luma(img: torch.Tensor) -> torch.Tensor:
-    """(3, H, W) in [0, 1] → (H, W) BT.601 luma in [0, 255]."""
-    r, g, b = img[0], img[1], img[2]
-    return 255.0 * (0.299 * r + 0.587 * g + 0.114 * b)
 
 
 def edge_ratio(y: torch.Tensor, period: int) -> float:
@@ -41,7 +36,7 @@ def folder_ratios(folder: Path, periods) -> tuple[dict, list[str]]:
     ratios, bad = {p: [] for p in periods}, []
     for path in find_images(folder):
         try:
-            y = luma(read_image(path))
+            y = to_y255(read_image(path)[None])[0]
         except ImageError as e:
             bad.append(f"{path}: {e}")
             continue
@@ -51,14 +46,12 @@ def folder_ratios(folder: Path, periods) -> tuple[dict, list[str]]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="blockiness.py", description=__doc__.split("\n\n")[0])
     p.add_argument("folders", nargs="+", type=Path, help="folders of images (searched recursively)")
-    p.add_argument("--period", type=int, action="append", help="block side in pixels; repeat for several "
-                   "(default: 8 and 4)")
+    p.add_argument("--period", type=number(int, 2), action="append", help="block side in pixels, at least 2; "
+                   "repeat for several (default: 8 and 4)")
     args = p.parse_args(argv)
     periods = args.period or [8, 4]
-    if any(q < 2 for q in periods):
-        p.error("--period: must be at least 2")
     print("folder".ljust(40) + "".join(f"  P={q} mean (max)".rjust(18) for q in periods) + "  images")
     for folder in args.folders:
         if not folder.is_dir():

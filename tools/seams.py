@@ -22,6 +22,7 @@ import sample
 import vae
 from bench_sample import bench_models
 from tools import eval_cli, reports
+from tools.cli import number
 from tools.files import ImageError, read_image
 
 
@@ -114,11 +115,11 @@ def build_parser():
     ap.add_argument("--image", required=True, help="an LR image larger than one tile at --scale")
     ap.add_argument("--ckpt", help="run dir (default: a random small DiT + random ViT-S, all weights non-zero)")
     ap.add_argument("--blur-half", action="store_true", help="blur the right half first (sharp | blurred)")
-    ap.add_argument("--tile", type=eval_cli.number(int, 0, low_open=True), default=256, help="tile side in output pixels")
-    ap.add_argument("--tile-overlap", type=eval_cli.number(int, 0), default=64, help="tile overlap in output pixels")
-    ap.add_argument("--scale", type=eval_cli.number(float, 0, low_open=True), default=4.0, help="SR scale factor")
-    ap.add_argument("--guidance", type=eval_cli.number(float), default=0.5, help="guidance scale s (eq. 2)")
-    ap.add_argument("--seed", type=eval_cli.number(int), default=0, help="seed of the noise (and of the random model)")
+    ap.add_argument("--tile", type=number(int, 0, low_open=True), default=256, help="tile side in output pixels")
+    ap.add_argument("--tile-overlap", type=number(int, 0), default=64, help="tile overlap in output pixels")
+    ap.add_argument("--scale", type=number(float, 0, low_open=True), default=4.0, help="SR scale factor")
+    ap.add_argument("--guidance", type=number(float), default=0.5, help="guidance scale s (eq. 2)")
+    ap.add_argument("--seed", type=number(int), default=0, help="seed of the noise (and of the random model)")
     return eval_cli.describe_defaults(ap)
 
 
