@@ -347,6 +347,28 @@ def test_checkpoint_roundtrip_and_strict_errors(tmp_path):
         release.load_release_checkpoint(fresh, bad_rope)
 
 
+def test_init_onto_another_semantic_encoder_keeps_only_its_input_layers_fresh(tmp_path):
+    """new_semantic=True (train_teacher.py --init from a teacher of another c_sem width): every weight but the
+    semantic projection's LayerNorm and first Linear comes from the file; those stay at the model's init.
+    Without it the width mismatch is an error; with it a file of the same width still loads whole."""
+    torch.manual_seed(0)
+    src = randomize(dit.build("tiny", enc_dim=16, train_grid=8), seed=3)
+    path = str(tmp_path / "teacher.safetensors")
+    dit.save_checkpoint(src, path)
+    model = dit.build("tiny", enc_dim=24, train_grid=8)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="layer_norm.weight"):
+        release.load_release_checkpoint(model, path)
+    missing = release.load_release_checkpoint(model, path, new_semantic=True)
+    fresh = {"layer_norm.weight", "layer_norm.bias", "mlp_ca.fc1.weight", "mlp_ca.fc1.bias"}
+    assert set(missing) == fresh
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, init[k] if k in fresh else src.state_dict()[k].to(v.dtype)), k
+    same = dit.build("tiny", enc_dim=16, train_grid=8)
+    assert release.load_release_checkpoint(same, path, new_semantic=True) == []
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in same.state_dict().items())
+
+
 def test_from_checkpoint_skips_the_random_init(tmp_path):
     """dit.from_checkpoint gives the same model as build + load_release_checkpoint (fp16 files are cast to
     fp32); a teacher file into a student leaves no uninitialised memory: r_embedder gets its usual init."""

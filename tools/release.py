@@ -107,20 +107,29 @@ def release_settings(folder: Path) -> dict:
     return run
 
 
-def load_release_checkpoint(model: VOSRDiT, path: str, own_rope: bool = False) -> list[str]:
+SEMANTIC_INPUT = ("layer_norm.", "mlp_ca.fc1.")  # the layers whose shape follows the semantic width enc_dim
+
+
+def load_release_checkpoint(model: VOSRDiT, path: str, own_rope: bool = False,
+                            new_semantic: bool = False) -> list[str]:
     """Load a released VOSR (or our own) .safetensors strictly; returns the missing keys.
 
     Only r_embedder.* may be missing (a teacher loaded into a student: it stays at its init, and
     contributes nothing at r = t). Any other missing key, any unexpected key, or a shape mismatch
     raises an error naming the key, both shapes and the file. The file's RoPE tables are checked
     against ours, which verifies the position convention of the release's 2-D RoPE; own_rope=True keeps the model's
-    tables instead (training on from weights of another crop size: stage 2 from stage 1).
+    tables instead (training on from weights of another crop size: stage 2 from stage 1). new_semantic=True
+    (ours: a fine-tune onto another semantic encoder) keeps the model's SEMANTIC_INPUT layers at their init
+    when the file's enc_dim differs; everything else still loads strictly.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     state, own = load_file(path, device="cpu"), model.state_dict()
     if own_rope:
         state |= {k: v for k, v in own.items() if k.startswith("feat_rope.")}
+    width = state.get("layer_norm.weight", own["layer_norm.weight"]).shape
+    if new_semantic and width != own["layer_norm.weight"].shape:
+        state = {k: v for k, v in state.items() if not k.startswith(SEMANTIC_INPUT)}
     unexpected = [k for k in state if k not in own]
     if unexpected:
         hint = " (a student checkpoint: build the model with with_r=True)" if unexpected[0].startswith("r_embedder.") else ""
@@ -130,7 +139,8 @@ def load_release_checkpoint(model: VOSRDiT, path: str, own_rope: bool = False) -
             raise ValueError(f"{path}: shape mismatch at {k!r}: checkpoint {tuple(state[k].shape)} vs model "
                              f"{tuple(v.shape)} (check preset, latent_channels, enc_dim, train_grid)")
     missing = [k for k in own if k not in state]
-    bad = [k for k in missing if not k.startswith("r_embedder.")]
+    fresh = ("r_embedder.",) + (SEMANTIC_INPUT if new_semantic else ())
+    bad = [k for k in missing if not k.startswith(fresh)]
     if bad:
         raise ValueError(f"{path}: missing key {bad[0]!r}; {len(bad)} missing in all")
     for name in ("freqs_cos", "freqs_sin"):

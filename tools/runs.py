@@ -174,7 +174,8 @@ def resume(ckpt: Path, model, ema, opt, cfg, rank: int, name: str) -> int:
 
 def init_weights(path: str, model, ema, name: str = "train_teacher.py") -> None:
     """--init: model and EMA both start from the EMA weights of a run dir (its ema.safetensors) or of a
-    weights file in the release layout; the RoPE tables follow this run's crop (stage 2 from stage 1)."""
+    weights file in the release layout; the RoPE tables follow this run's crop (stage 2 from stage 1). From a
+    teacher of another semantic encoder (ours), the semantic projection's input layers start fresh."""
     f = Path(path) / "ema.safetensors" if Path(path).is_dir() else Path(path)
     if not f.is_file():
         raise SystemExit(f"{name}: --init {path}: {f} not found")
@@ -185,7 +186,7 @@ def init_weights(path: str, model, ema, name: str = "train_teacher.py") -> None:
     if any(k.startswith("r_embedder.") for k in keys):
         raise SystemExit(f"{name}: --init {path}: {f} is a distilled student, not a teacher (it has an r embedder)")
     try:
-        release.load_release_checkpoint(model, str(f), own_rope=True)
+        release.load_release_checkpoint(model, str(f), own_rope=True, new_semantic=True)
     except ValueError as e:  # another preset or codec: the loader names the key
         raise SystemExit(f"{name}: --init {path} does not fit this model: {e}") from None
     ema.load_state_dict(model.state_dict())
