@@ -483,7 +483,8 @@ def grid(args):
     for key, lr_path, _ in pairs:
         imgs = {folder: read_image(found[folder][key]) for folder in found}  # each (3,H,W) in [0,1]
         H, W = imgs[args.hr].shape[-2:]
-        imgs[None] = F.interpolate(read_image(lr_path)[None], size=(H, W), mode="bicubic", align_corners=False)[0]  # bicubic column
+        lr = read_image(lr_path)[None]
+        imgs[None] = F.interpolate(lr, size=(H, W), mode="bicubic", align_corners=False)[0]  # the bicubic column
         rows.append([imgs[folder] for _, folder in columns])
     write_image(args.out, comparison_sheet(rows, [name for name, _ in columns]))
     print(f"wrote {args.out}")

@@ -145,7 +145,8 @@ def gaussian_window(n: int) -> torch.Tensor:
     return torch.exp(-(i - (n - 1) / 2) ** 2 / (2 * (0.1 * n) ** 2)).float()
 
 
-def blend_weights(starts: list[int], n: int, size: int, fade: int, device=None, kind: str = "linear") -> list[torch.Tensor]:
+def blend_weights(starts: list[int], n: int, size: int, fade: int, device=None,
+                  kind: str = "linear") -> list[torch.Tensor]:
     """1-D weights of the windows [s, s+n) of an axis, divided by their sum at each position so they sum to 1."""
     # linear (ours): ramps over `fade` cells at each edge shared with another window (an image edge is never
     # faded); gaussian: the release's window whatever the overlap. Tile (i, j) weighs wy[i] ⊗ wx[j].
@@ -363,10 +364,11 @@ class VOSRPipeline:
         total = (len(ts) - 1) * math.prod(len(tile_windows(n, lt, lo, align)) for n in c_str.shape[-2:])
         with tqdm(total=total, desc="steps × tiles", unit="tile", leave=False, delay=PROGRESS_AFTER,
                   disable=not progress) as bar:
-            def one_tile(zw, win, t, r):
-                bar.update()
-                return on_tile(zw, win, t, r)
-            velocity = lambda z, t, r: tiled(lambda zw, win: one_tile(zw, win, t, r), z, lt, lo, align, blend)  # noqa: E731
+            def velocity(z, t, r):
+                def one_tile(zw, win):
+                    bar.update()
+                    return on_tile(zw, win, t, r)
+                return tiled(one_tile, z, lt, lo, align, blend)
             return euler_sample(velocity, z1, ts, inplace=True)                # z_1 → z_0, in place
 
     def finish(self, z0, size, tile: int, overlap: int, ref, color_fix: str = "none"):

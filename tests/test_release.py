@@ -568,7 +568,8 @@ def lr_folder(tmp_path_factory):
     (["--shift", "nan"], "--shift"), (["--alpha", "1.5"], "--alpha"), (["--alpha", "nan"], "--alpha"),
     (["--alpha", "-0.1"], "--alpha"), (["--tile", "-1"], "--tile"), (["--tile-overlap", "-1"], "--tile-overlap"),
     (["--tile", "64", "--tile-overlap", "32"], "--tile-overlap"), (["--semantic-size", "30"], "--semantic-size"),
-    (["--vae-tile", "-8"], "--vae-tile"), (["--device", "gpu0"], "--device"), (["--color-fix", "auto"], "--color-fix"), (["--upscale", "lanczos"], "--upscale"),
+    (["--vae-tile", "-8"], "--vae-tile"), (["--device", "gpu0"], "--device"), (["--color-fix", "auto"], "--color-fix"),
+    (["--upscale", "lanczos"], "--upscale"),
 ])
 def test_out_of_range_flag_is_one_line(flags, named, lr_folder, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
@@ -592,7 +593,8 @@ def test_tile_the_model_cannot_use(lr_folder, tmp_path, capsys):
     out = tmp_path / "o"
     err = one_line_error(capsys, ["--ckpt", DEMO, "-i", str(lr_folder), "-o", str(out), "--tile", "7", "--device", "cpu"])
     assert "--tile 7: too small" in err and "at least 32" in err
-    err = one_line_error(capsys, ["--ckpt", DEMO, "-i", str(lr_folder), "-o", str(out), "--tile-overlap", "64", "--device", "cpu"])
+    err = one_line_error(capsys, ["--ckpt", DEMO, "-i", str(lr_folder), "-o", str(out), "--tile-overlap", "64",
+                                  "--device", "cpu"])
     assert "--tile-overlap 64" in err and "128-pixel tile" in err
     assert sample.main(["--ckpt", DEMO, "-i", str(lr_folder), "-o", str(out), "--tile", "60", "--device", "cpu"]) == 0
     assert "--tile 60 rounded down to 56" in capsys.readouterr().out
@@ -627,8 +629,8 @@ def test_user_errors_through_the_real_cli(tmp_path, lr_folder):
 def test_progress_bar_over_steps_and_tiles(lr_folder, tmp_path, capsys, monkeypatch):
     """An image that takes long shows a bar over steps × tiles, and its time; the run ends with s per image."""
     monkeypatch.setattr(sample, "PROGRESS_AFTER", 0.0)
-    assert sample.main(["--ckpt", DEMO, "-i", str(lr_folder), "-o", str(tmp_path / "o"), "--tile", "48", "--tile-overlap", "16",
-                        "--steps", "2", "--device", "cpu"]) == 0
+    assert sample.main(["--ckpt", DEMO, "-i", str(lr_folder), "-o", str(tmp_path / "o"), "--tile", "48",
+                        "--tile-overlap", "16", "--steps", "2", "--device", "cpu"]) == 0
     captured = capsys.readouterr()
     tiles = len(sample.tile_windows(10, 6, 2, 1)) * len(sample.tile_windows(12, 6, 2, 1))   # 80×96 px, 8-px latents
     assert tiles > 1 and f"0/{2 * tiles}" in captured.err and "steps × tiles" in captured.err

@@ -1,9 +1,13 @@
 """Robustness: every odd input is converted, every bad input gives one clear error naming the file
 while the batch goes on, and training never loses a checkpoint."""
+import importlib
+import io
 import os
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,7 +23,20 @@ from tests.test_teacher import make_photos, poison_loss
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cli(*args):
+def cli(script, *args):
+    """`python script args` in this process (sample.py and degrade.py end in sys.exit(main())): the exit code,
+    stdout and stderr as the shell sees them. A traceback would escape as an exception and fail the test."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = importlib.import_module(script.removesuffix(".py")).main([str(a) for a in args])
+        except SystemExit as e:  # what the interpreter does with it: a message goes to stderr, exit 1
+            code = e.code if e.code is None or isinstance(e.code, int) else print(e.code, file=sys.stderr) or 1
+    return SimpleNamespace(returncode=code or 0, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def process(*args):
+    """`python args` as a child process (train_teacher.py's __main__ does more than call main)."""
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                           env=os.environ | {"OMP_NUM_THREADS": "1"})
 
@@ -138,8 +155,8 @@ def test_folder_and_path_errors(tmp_path, run_dir):
     assert r.returncode != 0 and "out.txt" in r.stderr
     r = cli("sample.py", "--ckpt", tmp_path / "missing_run", "-i", img_dir, "-o", tmp_path / "o")
     assert r.returncode != 0 and "missing_run" in r.stderr
-    r = cli("train_teacher.py", "--data", img_dir, "--codec", str(tmp_path / "no_vae"), "--steps", "1",
-            "--out", tmp_path / "r", "--device", "cpu")
+    r = process("train_teacher.py", "--data", img_dir, "--codec", str(tmp_path / "no_vae"), "--steps", "1",
+                "--out", tmp_path / "r", "--device", "cpu")
     assert r.returncode != 0 and "no_vae" in r.stderr
 
 

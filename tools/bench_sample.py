@@ -187,7 +187,8 @@ def bench_shipped(cases=SHIPPED, repeats: int = 2) -> list[dict]:
         tiles = math.prod(len(sample.tile_windows(-(-n // (f * p)) * p, lt, lo, align)) for n in sr.shape[-2:])
         rows.append({"command": f"python sample.py --ckpt {ckpt} -i LR.png -o SR.png {flags}".strip(),
                      "lr": f"{w}×{h}", "sr": f"{sr.shape[-1]}×{sr.shape[-2]}", "steps": cfg.steps,
-                     "guidance": cfg.guidance if not pipe.student else "-", "tile": tile, "tiles": tiles, "load_s": load, "sample_s": times, "threads": torch.get_num_threads(),
+                     "guidance": cfg.guidance if not pipe.student else "-", "tile": tile, "tiles": tiles, "load_s": load,
+                     "sample_s": times, "threads": torch.get_num_threads(),
                      "torch": torch.__version__})
         print(shipped_table(rows[-1:]).splitlines()[1], flush=True)   # the row as soon as it is measured
     return rows
@@ -260,7 +261,8 @@ def build_parser():
                     help="comma list of fp32, bf16 (bf16 = every network under autocast, as sample.py --bf16; "
                          "default: fp32,bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--bf16", action="store_true", help="the same as --dtypes bf16")
-    ap.add_argument("--paths", type=eval_cli.listed(eval_cli.one_of("plain", "fast", "compiled", "graphs")), default=["plain", "fast"],
+    paths = eval_cli.listed(eval_cli.one_of("plain", "fast", "compiled", "graphs"))
+    ap.add_argument("--paths", type=paths, default=["plain", "fast"],
                     help="comma list: plain (no fast path), fast (sample.py --fast), compiled, graphs")
     ap.add_argument("--compile", action="store_true", help="add rows 'compiled': --fast + torch.compile")
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. max-autotune on a GPU")

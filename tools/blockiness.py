@@ -4,8 +4,9 @@
 
 A pixel codec packs each P×P block of pixels into one token (vae.py PixelCodec), and a DiT whose tokens disagree at
 their borders leaves a mosaic: neighbouring pixels on either side of a block edge differ more than neighbours inside a
-block. For each image (BT.601 luma, evaluate.to_y255) this measures mean |∂| over the pixel pairs that straddle an edge of the P-grid
-(columns and rows P−1 | P, 2P−1 | 2P, …) divided by mean |∂| over all the other neighbouring pairs, x and y pooled.
+block. For each image (BT.601 luma, evaluate.to_y255) this measures mean |∂| over the pixel pairs that straddle
+an edge of the P-grid (columns and rows P−1 | P, 2P−1 | 2P, …) divided by mean |∂| over all the other
+neighbouring pairs, x and y pooled.
 About 1 for a photo; a visible grid shows from about 1.3. Ours, a diagnostic; not in the paper.
 """
 import sys

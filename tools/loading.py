@@ -16,7 +16,7 @@ import vae
 from tools import release
 from tools.files import read_safetensors_header
 
-DEFAULT_CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "vosr-small-realworld"  # sample.py without --ckpt
+DEFAULT_CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "vosr-small-realworld-os"  # sample.py without --ckpt
 # what a run dir's config.json "sampler_defaults" may set (ours)
 SAMPLER_DEFAULTS = ("steps", "alpha", "tile", "tile_overlap", "color_fix", "upscale", "tile_blend", "vae_tile", "lapped")
 RELEASE_CONVENTIONS = dict(color_fix="adain", upscale="pil", tile_blend="gaussian")   # the release's scripts
@@ -119,7 +119,8 @@ def load_model(cfg, report=print):
             raise ValueError(f"{run['codec']}: a {codec.channels}-channel codec, but args.json's ae_type {ae} "
                              f"needs {release.RELEASE_LATENT_CHANNELS[ae]}")
         try:
-            conf = release.release_config(run["args"], codec.channels, enc_dim, with_r, shapes.get("mlp_ca.fc1.weight", (0,))[0])
+            fc1_width = shapes.get("mlp_ca.fc1.weight", (0,))[0]
+            conf = release.release_config(run["args"], codec.channels, enc_dim, with_r, fc1_width)
         except ValueError as e:
             raise ValueError(f"{ckpt / 'args.json'}: {e}") from None
         run.update(preset=conf.preset if conf.preset != "custom" else f"dim {conf.dim}, depth {conf.depth}",

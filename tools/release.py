@@ -132,7 +132,8 @@ def load_release_checkpoint(model: VOSRDiT, path: str, own_rope: bool = False,
         state = {k: v for k, v in state.items() if not k.startswith(SEMANTIC_INPUT)}
     unexpected = [k for k in state if k not in own]
     if unexpected:
-        hint = " (a student checkpoint: build the model with with_r=True)" if unexpected[0].startswith("r_embedder.") else ""
+        student = unexpected[0].startswith("r_embedder.")
+        hint = " (a student checkpoint: build the model with with_r=True)" if student else ""
         raise ValueError(f"{path}: unexpected key {unexpected[0]!r}{hint}; {len(unexpected)} unexpected in all")
     for k, v in own.items():  # model order, so the first mismatch reported is the earliest layer
         if k in state and tuple(state[k].shape) != tuple(v.shape):

@@ -72,7 +72,7 @@ def line_plot(xs, series: dict, path, title="", size=(640, 300)):
         d.line(pts, fill=(200, 30, 30), width=2)
         for p in pts:
             d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=(200, 30, 30))
-    write_image(path, torch.from_numpy(np.asarray(img)).permute(2, 0, 1).float() / 255)
+    write_image(path, torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255)
 
 
 def comparison_sheet(rows: list[list[torch.Tensor]], names: list[str]) -> torch.Tensor:

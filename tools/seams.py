@@ -90,7 +90,8 @@ def main(argv=None) -> int:
             print(f"seams.py: error: {e}", file=sys.stderr)
             return 2
         if pipe.semantic is None:
-            print(f"seams.py: note: {args.ckpt} has no semantic encoder, so every mode gives the same tiles", file=sys.stderr)
+            print(f"seams.py: note: {args.ckpt} has no semantic encoder, so every mode gives the same tiles",
+                  file=sys.stderr)
     else:  # random matrices everywhere (also the zero-initialised adaLN / output ones): c_sem reaches v
         unit = vae.PixelCodec().factor  # the RoPE grid of one tile; the sampler itself rounds odd tiles
         model, codec, semantic = bench_models("small", max(args.tile // unit, 1) * unit, "cpu")
@@ -103,7 +104,8 @@ def main(argv=None) -> int:
     rows = [tile_disagreement(pipe, lr, args.tile, args.tile_overlap, mode, args.scale, args.guidance,
                               seed=args.seed) for mode in ("global", "per-tile")]
     lines = reports.text_table([["semantic tiles", "pairs", "velocity", "tokens"],
-                                 *([r["mode"], str(r["pairs"]), f"{r['velocity']:.6f}", f"{r['tokens']:.4f}"] for r in rows)])
+                                 *([r["mode"], str(r["pairs"]), f"{r['velocity']:.6f}", f"{r['tokens']:.4f}"]
+                                   for r in rows)])
     lines[0] += "   (relative disagreement on overlaps)"
     print("\n".join(lines))
     return 0

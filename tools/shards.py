@@ -84,7 +84,8 @@ def read_units(units: list[str], report):
         def handler(e, shard=u, seen=[]):  # noqa: B006 (webdataset may call it twice for one error)
             if not seen:
                 seen.append(e)
-                report(f"skipping the rest of shard {shard}: {str(e.args[0] if e.args else type(e).__name__).split(' @ ')[0]}")
+                why = str(e.args[0] if e.args else type(e).__name__).split(" @ ")[0]
+                report(f"skipping the rest of shard {shard}: {why}")
             return True
         for s in wds.tarfile_to_samples(handler=handler)([{"url": u}]):
             ext = next((k for k in s if not k.startswith("__") and "." + k.lower() in files.IMAGE_EXTS), None)
