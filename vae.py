@@ -409,6 +409,11 @@ def load_effnet_semantic(spec: str, image_size: int = 224, layer: int | None = N
     return EffNetSemanticEncoder(net, image_size, layer, spec=spec)
 
 
+RANDOM_VIT_DIMS = {"random": 384, "random-s": 384, "random-b": 768, "random-l": 1024}  # seeded ViT-S/S/B/L
+EFFNET_SPECS = ("efficientnet-lite0", "random-efficientnet-lite0")
+BUILT_IN_SEMANTICS = ("none", *RANDOM_VIT_DIMS, *EFFNET_SPECS)  # the specs that need no weights file beside a run
+
+
 def load_semantic(spec: str, image_size: int = 448, device="cpu", seed: int = 0, layer: int | None = None,
                   dtype=torch.float32):
     """'none' -> None (callers pass zeros); 'random'/'random-b'/'random-l' -> seeded random ViT-S/B/L;
@@ -418,10 +423,10 @@ def load_semantic(spec: str, image_size: int = 448, device="cpu", seed: int = 0,
     layer: the block of c_sem; None: by depth (default_semantic_layer: 8 of 12, 17 of 24; EfficientNet: 10)."""
     if spec == "none":
         return None
-    if spec in ("efficientnet-lite0", "random-efficientnet-lite0"):
+    if spec in EFFNET_SPECS:
         return load_effnet_semantic(spec, image_size, layer, seed).to(device, dtype)
-    if spec in ("random", "random-s", "random-b", "random-l"):
-        dim = {"random": 384, "random-s": 384, "random-b": 768, "random-l": 1024}[spec]
+    if spec in RANDOM_VIT_DIMS:
+        dim = RANDOM_VIT_DIMS[spec]
         with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
             torch.manual_seed(seed)
             vit = build_dinov2(dim)

