@@ -335,6 +335,38 @@ def degrade_bicubic(hr, scale=4, resize_back=False):
     return (_resize_back(lr, hr.shape[2:]) if resize_back else lr).to(hr.dtype)
 
 
+# A light Real-ESRGAN setting (ours): the same two orders with mild blur, noise and JPEG, for the middle of a
+# mix that must also keep clean and lightly degraded photos intact (the full ranges above reach down to light
+# degradations only rarely).
+LIGHT = DegradeConfig(blur_sigma=(0.2, 1.2), blur_sigma2=(0.2, 0.8), sinc_prob=0.0, sinc_prob2=0.0,
+                      resize_prob=(0.2, 0.3, 0.5), resize_range=(0.7, 1.2), resize_prob2=(0.2, 0.3, 0.5),
+                      resize_range2=(0.8, 1.1), noise_range=(1.0, 6.0), noise_range2=(1.0, 4.0),
+                      poisson_scale_range=(0.05, 0.4), poisson_scale_range2=(0.05, 0.3),
+                      jpeg_range=(75, 95), jpeg_range2=(80, 95), final_sinc_prob=0.2)
+
+# The mix of `--degradation mix` (ours): clean bicubic ×4, light and full Real-ESRGAN, each a third of the
+# samples, so one model learns to keep what a clean photo has and to restore what a degraded one lost.
+MIX = ("bicubic", "light", "realesrgan")
+
+
+def degrade_mix(hr, scale=4, generator=None, weights=(1.0, 1.0, 1.0)):
+    """Each sample of hr (B,3,H,W) degraded by one kind of MIX, drawn per sample by `weights` → LR."""
+    _check_hr(hr, scale)
+    g = generator if generator is not None else torch.default_generator
+    kind = torch.multinomial(torch.tensor(weights, dtype=torch.float), hr.shape[0], True, generator=g)
+    h, w = hr.shape[2] // scale, hr.shape[3] // scale
+    lr = torch.empty(hr.shape[0], 3, h, w, dtype=hr.dtype)
+    for k, name in enumerate(MIX):
+        idx = (kind == k).nonzero().flatten()
+        if len(idx) == 0:
+            continue
+        if name == "bicubic":
+            lr[idx] = degrade_bicubic(hr[idx], scale)
+        else:
+            lr[idx] = degrade(hr[idx], scale, g, cfg=LIGHT if name == "light" else None)
+    return lr
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def run_folder(args):

@@ -60,7 +60,7 @@ class TrainConfig:
     light_decoder: str | None = None  # lightweight decoder .safetensors (sampling only)
     semantic: str = "random"          # c_sem (§3.2): 'none', 'random' (seeded ViT-S/14) or a DINOv2 weights file
     semantic_size: int = 224          # input side of the semantic encoder (the official release's dinov2_size: 448)
-    degradation: str = "realesrgan"   # realesrgan (second order, §4.1) | bicubic
+    degradation: str = "realesrgan"   # realesrgan (second order, §4.1) | bicubic | mix (ours)
     resize_back: str = "bicubic"      # LR → HR size before encoding: bicubic (as sample.py) | release (the release's)
     # the optimiser: appendix A.3 and Table 5 (the training recipe) — AdamW, no warm-up, constant lr
     size: int = 128                   # HR crop side (256 in stage 1, 512 in stage 2)
@@ -197,6 +197,8 @@ def make_condition(hr, cfg: TrainConfig, codec, semantic, g: torch.Generator):
     """HR (B,3,S,S) in [0,1] → z0 (B,C,S/8,S/8), c_str (same), c_sem (B,N,D) or None, LR (B,3,S/4,S/4)."""
     if cfg.degradation == "bicubic":
         lr = degrade.degrade_bicubic(hr)
+    elif cfg.degradation == "mix":
+        lr = degrade.degrade_mix(hr, generator=g)
     else:
         lr = degrade.degrade(hr, generator=g)
     if cfg.resize_back == "release":  # the official release's: a random interpolation, on 8-bit levels

