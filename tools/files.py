@@ -23,6 +23,11 @@ from safetensors.torch import load_file
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
+class UserError(Exception):
+    """A user mistake or an environment fault they can fix; one line naming it. Library code raises it, a
+    script's main prints `script.py: message` and exits non-zero: neither prints nor exits elsewhere."""
+
+
 class ImageError(Exception):
     """An image file that cannot be read or written; the message always names the file."""
 
