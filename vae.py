@@ -26,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from tools.efficientnet import (EfficientNetLite0, build_effnet_lite0, effnet_lite0_weights, effnet_state_dict,
-                                is_effnet_state_dict)
+from tools.efficientnet import (block_stride, build_effnet_lite0, create_effnet_lite0, effnet_lite0_weights,
+                                effnet_state_dict, features, flat_blocks, is_effnet_state_dict)
 from tools.files import atomic_path, read_state_dict
 
 # diffusers and timm are imported where a VAE folder, the light decoder or DINOv2 is built: together they
@@ -283,6 +283,7 @@ class SemanticEncoder(nn.Module):
         if not 0 <= layer < len(vit.blocks):
             raise ValueError(f"layer {layer} out of range for a ViT with {len(vit.blocks)} blocks")
         self.vit = _freeze(vit)
+        self.depth = len(vit.blocks)
         self.dim, self.image_size, self.layer, self.spec = vit.embed_dim, image_size, layer, spec
         self.grid = image_size // patch
         self.num_tokens = self.grid ** 2
@@ -356,19 +357,21 @@ class EffNetSemanticEncoder(nn.Module):
     Same interface as SemanticEncoder (.dim, .grid, .num_tokens, .image_size, .layer, .spec, frozen, eval);
     grid = ceil(image_size / 16) under SAME padding (14 at 224)."""
 
-    def __init__(self, net: EfficientNetLite0, image_size: int = 224, layer: int | None = None, spec: str = ""):
+    def __init__(self, net: nn.Module, image_size: int = 224, layer: int | None = None, spec: str = ""):
         super().__init__()
         layer = EFFNET_LITE0_LAYER if layer is None else layer
-        if not 0 <= layer < len(net.blocks):
-            raise ValueError(f"layer {layer} out of range for EfficientNet-Lite0's {len(net.blocks)} blocks")
+        blocks = flat_blocks(net)
+        if not 0 <= layer < len(blocks):
+            raise ValueError(f"layer {layer} out of range for EfficientNet-Lite0's {len(blocks)} blocks")
         if image_size < 16:
             raise ValueError(f"image_size {image_size} too small for EfficientNet-Lite0 (at least 16)")
         self.net = _freeze(net)
         self.image_size, self.layer, self.spec = image_size, layer, spec
-        self.dim = net.blocks[layer]._bn2.num_features
+        self.depth = len(blocks)
+        self.dim = blocks[layer].bn2.num_features if layer == 0 else blocks[layer].bn3.num_features
         self.grid = math.ceil(image_size / 2)                                    # the stride-2 stem
-        for s in net.block_strides[: layer + 1]:
-            self.grid = math.ceil(self.grid / s)                                 # SAME: ceil(n / stride)
+        for block in blocks[: layer + 1]:
+            self.grid = math.ceil(self.grid / block_stride(block))              # SAME: ceil(n / stride)
         self.num_tokens = self.grid ** 2
         self.train(False)
 
@@ -387,12 +390,12 @@ class EffNetSemanticEncoder(nn.Module):
         antialias), then the Lite normalisation."""
         x = F.interpolate(img.float(), size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
         x = (x.clamp(0, 1) - EFFNET_LITE_MEAN) / EFFNET_LITE_STD
-        return x.to(self.net._conv_stem.weight.dtype)
+        return x.to(self.net.conv_stem.weight.dtype)
 
     @torch.no_grad()
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         """img (B,3,H,W) in [0,1] (the resized-back LR image) -> tokens (B, grid², dim), row-major."""
-        x = self.net.features(self.preprocess(img), self.layer)                 # (B,C,G,G)
+        x = features(self.net, self.preprocess(img), self.layer)               # (B,C,G,G)
         return x.flatten(2).transpose(1, 2)
 
 
@@ -404,7 +407,7 @@ def load_effnet_semantic(spec: str, image_size: int = 224, layer: int | None = N
         return EffNetSemanticEncoder(build_effnet_lite0(seed), image_size, layer, spec=spec)
     path = effnet_lite0_weights() if path is None else Path(path)
     with torch.device("meta"):
-        net = EfficientNetLite0()
+        net = create_effnet_lite0()
     load_strict(net, effnet_state_dict(path), path)
     return EffNetSemanticEncoder(net, image_size, layer, spec=spec)
 

