@@ -35,10 +35,11 @@ from tqdm import tqdm
 
 import sample
 from tools import eval_cli
-from tools.files import ImageError, read_image, write_image
+from tools.files import ImageError, UserError, read_image, write_image
 from tools.image_pairs import index_images, pair_images
 from tools.metric_weights import load_niqe_params, load_pyiqa, load_weights, missing_weights, weights_not_found
-from tools.reports import comparison_sheet, format_table, line_plot, mean_row, write_csv
+from tools.reports import (KEY_COLUMNS, comparison_sheet, format_table, line_plot, mean_row,
+                           read_csv, text_table, write_csv, write_rows)
 
 
 FULL_REFERENCE = ("psnr", "ssim", "lpips", "lpips_vgg", "dists")
@@ -366,20 +367,22 @@ def build_scorers(names, crop=4, device="cpu", cache=None):
 def evaluate_pairs(pairs, scorers, progress=True):
     """Per-image metric rows [{'image': key, name: value}], and the problems met (bad files, size mismatch)."""
     rows, problems = [], []
-    for key, sr_path, hr_path in tqdm(pairs, desc="evaluating", unit="img", disable=not progress):
-        try:
-            sr, hr = read_image(sr_path)[None], read_image(hr_path)[None]  # (1,3,H,W) in [0,1]
-        except ImageError as e:
-            problems.append(str(e))
-            continue
-        if sr.shape != hr.shape:
-            problems.append(f"{sr_path}: size {sr.shape[3]}x{sr.shape[2]} does not match "
-                            f"{hr_path} ({hr.shape[3]}x{hr.shape[2]})")
-            continue
-        try:
-            rows.append({"image": key, **{name: f(sr, hr) for name, f in scorers.items()}})
-        except ValueError as e:  # e.g. too small for SSIM/NIQE
-            problems.append(f"{sr_path}: {e}")
+    # a context manager: the bar is closed before main prints its Ctrl-C line
+    with tqdm(pairs, desc="evaluating", unit="img", disable=not progress) as bar:
+        for key, sr_path, hr_path in bar:
+            try:
+                sr, hr = read_image(sr_path)[None], read_image(hr_path)[None]  # (1,3,H,W) in [0,1]
+            except ImageError as e:
+                problems.append(str(e))
+                continue
+            if sr.shape != hr.shape:
+                problems.append(f"{sr_path}: size {sr.shape[3]}x{sr.shape[2]} does not match "
+                                f"{hr_path} ({hr.shape[3]}x{hr.shape[2]})")
+                continue
+            try:
+                rows.append({"image": key, **{name: f(sr, hr) for name, f in scorers.items()}})
+            except ValueError as e:  # e.g. too small for SSIM/NIQE
+                problems.append(f"{sr_path}: {e}")
     return rows, problems
 
 
@@ -401,6 +404,18 @@ def scorers_and_pairs(args, images):
     return names, scorers, pairs, problems
 
 
+def count_scored(scored, problems, allow):
+    """'scored N of M images', or a UserError when any was skipped without --allow-skipped: a mean
+    over part of a set would read as the set's mean (ours)."""
+    total = scored + len(problems)
+    if problems and not allow:
+        raise UserError(f"{len(problems)} of {total} images skipped (listed above), so a "
+                        f"mean would be over {scored}: fix them, or pass --allow-skipped to score "
+                        "the rest")
+    skipped = f"; {len(problems)} skipped (--allow-skipped)" if problems else ""
+    return f"scored {scored} of {total} images{skipped}"
+
+
 def score(args):
     """`score` subcommand: compare an SR folder against an HR folder."""
     prepared = scorers_and_pairs(args, args.sr)
@@ -413,8 +428,10 @@ def score(args):
     if not rows:
         print(f"evaluate.py: error: no image pair could be compared ({args.sr} vs {args.hr})", file=sys.stderr)
         return 1
+    counted = count_scored(len(rows), problems + bad, args.allow_skipped)
     names = list(scorers)
     print(format_table(rows, names))
+    print(counted)
     if args.csv:
         write_csv(args.csv, rows, names)
         print(f"wrote {args.csv}")
@@ -423,16 +440,42 @@ def score(args):
 
 # ----------------------------------------------------------------------------- guidance sweep (Fig. 4)
 
+def sampled_pairs(pairs, scale):
+    """The (image, LR, HR) pairs whose files read and whose HR has the size the sampler makes of the
+    LR (round(scale · side), sample.VOSRPipeline), and a line for each other: checked up front."""
+    good, problems = [], []
+    for key, lr_path, hr_path in pairs:
+        try:
+            (h, w), (H, W) = read_image(lr_path).shape[-2:], read_image(hr_path).shape[-2:]
+        except ImageError as e:
+            problems.append(str(e))
+            continue
+        if (round(h * scale), round(w * scale)) != (H, W):
+            problems.append(f"{hr_path}: size {W}x{H} is not {scale:g} x the {w}x{h} of {lr_path}")
+        else:
+            good.append((key, lr_path, hr_path))
+    return good, problems
+
+
 def sweep(args):
-    """`sweep`: sample the LR folder at several guidance scales s (eq. 2) and score each (Fig. 4)."""
-    scales = args.guidance  # parsed by the flag's type
+    """`sweep`: sample the LR folder at each guidance scale s (eq. 2) and noise seed, score every
+    image (Fig. 4); the table is each s's mean over images and seeds; the per-image CSV has all."""
+    if args.seeds is not None and args.seed is not None:
+        raise UserError("give --seed or --seeds, not both")
+    seeds = args.seeds or [sample.SampleConfig.seed if args.seed is None else args.seed]
     prepared = scorers_and_pairs(args, args.lr)
     if isinstance(prepared, int):
         return prepared
     names, scorers, pairs, problems = prepared
-    for p in problems:
+    pairs, bad = sampled_pairs(pairs, args.scale)
+    for p in problems + bad:
         print(f"evaluate.py: skipped {p}", file=sys.stderr)
-    settings = {f.name for f in fields(sample.SampleConfig)} - {"guidance"}  # s comes from the list
+    if not pairs:
+        print(f"evaluate.py: error: no LR/HR pair to sample ({args.lr} vs {args.hr})",
+              file=sys.stderr)
+        return 1
+    counted = count_scored(len(pairs), problems + bad, args.allow_skipped)
+    settings = {f.name for f in fields(sample.SampleConfig)} - {"guidance", "seed"}  # from lists
     cfg = sample.SampleConfig(**{k: v for k, v in vars(args).items() if k in settings})
     try:
         pipe, run = sample.load_pipeline(cfg)
@@ -440,22 +483,162 @@ def sweep(args):
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
     cfg = sample.checkpoint_defaults(cfg, pipe, run)
-    table = []
-    for s in scales:
+    names = list(scorers)
+    table, per_image = [], []
+    for s in args.guidance:
         rows = []
-        for key, lr_path, hr_path in tqdm(pairs, desc=f"s={s:g}", unit="img"):
-            lr, hr = read_image(lr_path)[None], read_image(hr_path)[None]
-            sr = sample.super_resolve(pipe, lr, replace(cfg, guidance=s)).cpu()
-            if args.out:
-                write_image(Path(args.out) / f"s{s:g}" / f"{key}.png", sr[0])
-            rows.append({"image": key, **{n: f(sr, hr) for n, f in scorers.items()}})
-        table.append({"image": f"s={s:g}", **{k: v for k, v in mean_row(rows, list(scorers)).items() if k != "image"}})
-    print(format_table(table, list(scorers), max_rows=len(table), mean=False))
+        for seed in seeds:
+            with tqdm(pairs, desc=f"s={s:g} seed {seed}", unit="img") as bar:
+                for key, lr_path, hr_path in bar:
+                    lr, hr = read_image(lr_path)[None], read_image(hr_path)[None]
+                    sr = sample.super_resolve(pipe, lr, replace(cfg, guidance=s, seed=seed)).cpu()
+                    if args.out:  # one seed: OUT/s<s>/; several: OUT/s<s>/seed<n>/
+                        by_seed = f"seed{seed}" if len(seeds) > 1 else ""
+                        folder = Path(args.out) / f"s{s:g}" / by_seed
+                        write_image(folder / f"{key}.png", sr[0])
+                    rows.append({"image": key, "guidance": f"{s:g}", "seed": seed,
+                                 **{n: f(sr, hr) for n, f in scorers.items()}})
+        per_image += rows
+        table.append({**mean_row(rows, names), "image": f"s={s:g}"})
+    print(format_table(table, names, max_rows=len(table), mean=False))
+    print(f"{counted}, at {len(seeds)} noise seed(s) each: {', '.join(map(str, seeds))}")
     if args.csv:
-        write_csv(args.csv, table, list(scorers), mean=False)  # one row per s: a mean over s means nothing
+        write_csv(args.csv, table, names, mean=False)  # one row per s: a mean over s means nothing
+    if args.per_image:
+        write_csv(args.per_image, per_image, names, mean=False, keys=KEY_COLUMNS)
+        print(f"wrote {args.per_image}")
     if args.plot:
-        line_plot(scales, {n: [r[n] for r in table] for n in scorers}, args.plot, f"({Path(args.ckpt).name})")
+        line_plot(args.guidance, {n: [r[n] for r in table] for n in names}, args.plot,
+                  f"({Path(args.ckpt).name})")
         print(f"wrote {args.plot}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- paired comparison
+
+# Ours, fixed before any run was scored (docs/ablations.md, "How a result is judged"): the smallest
+# effect of interest of each metric, and which way is better. A metric without one is never a null.
+SMALLEST_EFFECT = {"lpips": 0.01, "dists": 0.005, "niqe": 0.5, "psnr": 0.1}
+LOWER_IS_BETTER = ("lpips", "lpips_vgg", "dists", "niqe")
+DIRECTIONS = ("lower", "higher", "better", "worse")
+
+
+def paired_bootstrap(diffs, resamples=10_000, seed=0, level=0.95):
+    """(mean, low, high) of per-image differences: their mean and its percentile bootstrap interval,
+    the images drawn with replacement (Efron & Tibshirani 1993, ch. 13), seeded."""
+    d = np.asarray(diffs, dtype=np.float64)
+    picks = np.random.default_rng(seed).integers(0, len(d), size=(resamples, len(d)))
+    low, high = np.percentile(d[picks].mean(axis=1), [50 * (1 - level), 50 * (1 + level)])
+    return float(d.mean()), float(low), float(high)
+
+
+def verdict(low, high, expect=None, smallest=None):
+    """docs/ablations.md's rule on an interval of b - a: 'holds' when it excludes 0 in the direction
+    `expect` ('lower' / 'higher'), a null when it lies within ± `smallest`, else inconclusive."""
+    below, above = high < 0, low > 0
+    within = smallest is not None and -smallest < low and high < smallest
+    if (expect == "lower" and below) or (expect == "higher" and above):
+        return "holds" + (" (within ± the smallest effect)" if within else "")
+    if within:
+        return "null (interval-wise)"
+    if expect is None and (below or above):
+        return "excludes 0 (no --expect)"
+    return "inconclusive at this scale" + (": reversed" if below or above else "")
+
+
+def parse_expect(text, metrics):
+    """--expect 'better' or 'lpips=lower,niqe=higher' -> {metric: 'lower' | 'higher'}."""
+    expect = {}
+    for entry in filter(None, (e.strip() for e in (text or "").split(","))):
+        metric, _, way = entry.rpartition("=")
+        if way not in DIRECTIONS or (metric and metric not in metrics):
+            raise UserError(f"--expect {entry!r}: give one of {', '.join(DIRECTIONS)}, or "
+                            f"METRIC=one of them with METRIC in {', '.join(metrics)}")
+        for m in [metric] if metric else metrics:
+            if way in ("better", "worse"):  # b better in a lower-is-better metric: b - a < 0
+                expect[m] = "lower" if (m in LOWER_IS_BETTER) == (way == "better") else "higher"
+            else:
+                expect[m] = way
+    return expect
+
+
+def row_key(row):
+    """(image, guidance, seed) of a per-image CSV row; '' for a column the file does not have."""
+    return tuple(str(row.get(k, "")) for k in KEY_COLUMNS)
+
+
+def paired_differences(a_rows, b_rows, metric):
+    """{image: b - a averaged over its seeds (and scales)}, rows paired by image, guidance and seed;
+    a UserError names the rows of one side without a partner."""
+    a, b = ({row_key(r): r[metric] for r in rows} for rows in (a_rows, b_rows))
+    for name, here, there in (("a", a, b), ("b", b, a)):
+        lone = sorted(here.keys() - there.keys())
+        if lone:
+            first = ", ".join(f"{k} {v}" for k, v in zip(KEY_COLUMNS, lone[0]) if v)
+            raise UserError(f"{len(lone)} row(s) of --{name} without a partner in the other "
+                            f"file (the first: {first}): compare the same images and seeds")
+    per_image = {}
+    for k in a:
+        per_image.setdefault(k[0], []).append(b[k] - a[k])
+    return {image: float(np.mean(v)) for image, v in per_image.items()}
+
+
+def select_guidance(rows, s, path):
+    """The rows of one guidance scale of a sweep's per-image CSV, without their guidance column."""
+    if s is None:
+        return rows
+    kept = [{k: v for k, v in r.items() if k != "guidance"} for r in rows
+            if r.get("guidance", "") != "" and float(r["guidance"]) == s]
+    if not kept:
+        raise UserError(f"{path} has no rows of guidance {s:g}")
+    return kept
+
+
+def compare(args):
+    """`compare`: per metric, b - a over the same images (and seeds) with a bootstrap 95 % interval
+    over the images, and the verdict of docs/ablations.md's rule."""
+    if args.csv and Path(args.csv).resolve() in (Path(args.a).resolve(), Path(args.b).resolve()):
+        raise UserError(f"--csv {args.csv} is one of the files compared: choose another")
+    (a_rows, a_metrics), (b_rows, b_metrics) = read_csv(args.a), read_csv(args.b)
+    a_rows = select_guidance(a_rows, args.a_guidance, args.a)
+    b_rows = select_guidance(b_rows, args.b_guidance, args.b)
+    common = [m for m in a_metrics if m in b_metrics]
+    metrics = parse_metrics(args.metrics) if args.metrics else common
+    absent = [m for m in metrics if m not in common]
+    if absent or not metrics:
+        raise UserError(f"metric(s) {', '.join(absent) or '(none)'} not in both files; both "
+                        f"have: {', '.join(common) or 'none'}")
+    expect = parse_expect(args.expect, metrics)
+    header = ["metric", "images", "mean a", "mean b", "b - a", "95 % interval", "smallest",
+              "expect", "verdict"]
+    cells, table = [], []
+    for m in metrics:
+        diffs = paired_differences(a_rows, b_rows, m)
+        if len(diffs) < 2:
+            raise UserError(f"{len(diffs)} image in common: an interval needs at least 2")
+        mean_d, low, high = paired_bootstrap(list(diffs.values()), args.resamples, args.seed)
+        judged = "not finite"  # PSNR of identical images is inf
+        if math.isfinite(low) and math.isfinite(high):
+            judged = verdict(low, high, expect.get(m), SMALLEST_EFFECT.get(m))
+        mean_a, mean_b = (float(np.mean([r[m] for r in rows])) for rows in (a_rows, b_rows))
+        smallest = SMALLEST_EFFECT.get(m, "")
+        table.append([m, len(diffs), mean_a, mean_b, mean_d, low, high, smallest, expect.get(m, ""),
+                      judged])
+        cells.append([m, str(len(diffs)), f"{mean_a:.4f}", f"{mean_b:.4f}", f"{mean_d:+.4f}",
+                      f"[{low:+.4f}, {high:+.4f}]", f"{smallest:g}" if smallest else "-",
+                      expect.get(m, "-"), judged])
+    seeds = len({r.get("seed", "") for r in a_rows})
+    print(f"b = {args.b}, a = {args.a}: b - a per image (mean over its {seeds} noise seed(s)), "
+          f"95 % percentile bootstrap over images ({args.resamples} resamples, seed {args.seed})")
+    lines = text_table([header] + cells)
+    print("\n".join([lines[0], "-" * len(lines[0]), *lines[1:]]))
+    print("the rule (docs/ablations.md): 'holds' must hold in every training seed; a null also "
+          "needs two training seeds of one arm within half the smallest effect, and the mechanism "
+          "shown active")
+    if args.csv:
+        write_rows(args.csv, ["metric", "images", "mean_a", "mean_b", "b_minus_a", "low", "high",
+                              "smallest_effect", "expect", "verdict"], table)
+        print(f"wrote {args.csv}")
     return 0
 
 
@@ -503,10 +686,18 @@ def main(argv=None):
     if isinstance(args, int):                         # no arguments, or a subcommand that moved to tools/
         return args
     try:
-        return {"score": score, "sweep": sweep, "grid": grid}[args.command](args)
+        commands = {"score": score, "sweep": sweep, "compare": compare, "grid": grid}
+        return commands[args.command](args)
+    except UserError as e:
+        print(f"evaluate.py {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except (RuntimeError, FileNotFoundError, ImageError, ValueError) as e:  # pip failed, a bad file, a bad value
         print(f"evaluate.py {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: results are written only at the end, and atomically
+        print(f"evaluate.py {args.command}: interrupted: no table or CSV written (images saved so "
+              "far are kept); run the same command again", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

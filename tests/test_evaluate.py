@@ -416,11 +416,12 @@ def test_cli_scores_folders_and_reports_problems(tmp_path):
     save(sr_dir / "wrong_size.png", textured(33, 36, 32))
     out_csv = tmp_path / "res" / "results.csv"
     r = subprocess.run([sys.executable, "evaluate.py", "--sr", str(sr_dir), "--hr", str(hr_dir),
-                        "--metrics", "psnr,ssim", "--csv", str(out_csv)],
+                        "--metrics", "psnr,ssim", "--csv", str(out_csv), "--allow-skipped"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     for name in ("only_hr.png", "only_sr.png", "wrong_size.png"):
         assert name in r.stderr
+    assert "scored 2 of 5 images; 3 skipped (--allow-skipped)" in r.stdout
     with open(out_csv) as f:
         rows = list(csv.DictReader(f))
     assert [row["image"] for row in rows] == ["a", "b", "mean"]
@@ -573,7 +574,8 @@ def test_cli_without_weights_computes_psnr_ssim_and_names_what_it_skips(tmp_path
     r = run_cli("--sr", sr_dir, "--hr", hr_dir, env={"VOSR_METRICS_CACHE": str(empty)})
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
-    header, _, row, mean = r.stdout.strip().splitlines()
+    header, _, row, mean, counted = r.stdout.strip().splitlines()
+    assert counted == "scored 1 of 1 images"
     assert header.split() == ["image", "psnr", "ssim"] and row.split()[0] == "a"
     assert float(row.split()[1]) == pytest.approx(ref_psnr(sr, hr, 4), abs=1e-4)
     assert float(row.split()[2]) == pytest.approx(ref_ssim(sr, hr, 4), abs=1e-4)
@@ -691,3 +693,304 @@ def test_sweep_with_a_broken_checkpoint_is_one_line(tmp_path, capsys):
                           "--hr", str(tmp_path / "hr"), "--guidance", "1", "--metrics", "psnr"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "bad.safetensors" in err[0]
+
+
+# ----------------------------------------------------------------------------- paired comparison
+
+def loop_bootstrap(diffs, resamples, seed, level=0.95):
+    """The percentile bootstrap of the mean written out: one resample of the images at a time (the
+    draws of numpy's (resamples, n) matrix), sorted means, linear interpolation between them."""
+    rng, n = np.random.default_rng(seed), len(diffs)
+    means = sorted(sum(diffs[i] for i in rng.integers(0, n, n)) / n for _ in range(resamples))
+
+    def quantile(q):
+        pos = q * (resamples - 1)
+        k = int(pos)
+        return means[k] + (pos - k) * (means[min(k + 1, resamples - 1)] - means[k])
+    return sum(diffs) / n, quantile((1 - level) / 2), quantile((1 + level) / 2)
+
+
+def test_paired_bootstrap_by_hand():
+    """Differences 0, 0, 0, 4: a resample's mean is k, the number of its 4 draws that picked the 4,
+    k ~ Binomial(4, 1/4). P(k = 0) = 0.316 > 2.5 %, and P(k <= 2) = 0.949 < 97.5 % < P(k <= 3) =
+    0.996: the interval is [0, 3]."""
+    assert E.paired_bootstrap([0.0, 0.0, 0.0, 4.0]) == (1.0, 0.0, 3.0)
+
+
+def test_paired_bootstrap_of_identical_sets_and_of_a_constant_shift():
+    a = np.random.default_rng(4).normal(0.5, 0.1, 25)
+    assert E.paired_bootstrap(a - a) == (0.0, 0.0, 0.0)
+    mean, low, high = E.paired_bootstrap((a + 0.0123) - a)
+    assert mean == pytest.approx(0.0123, abs=1e-12)
+    assert low == pytest.approx(0.0123, abs=1e-12) and high == pytest.approx(0.0123, abs=1e-12)
+
+
+def test_paired_bootstrap_equals_the_loop_and_is_seeded():
+    d = list(np.random.default_rng(5).standard_t(3, 17) * 0.02)
+    for seed in (0, 7):
+        got = E.paired_bootstrap(d, resamples=2000, seed=seed)
+        assert got == pytest.approx(loop_bootstrap(d, 2000, seed), abs=1e-12)
+    assert E.paired_bootstrap(d, 2000, 0) == E.paired_bootstrap(d, 2000, 0)
+    assert E.paired_bootstrap(d, 2000, 0) != E.paired_bootstrap(d, 2000, 1)
+    # and close to the normal-theory interval mean ± 1.96·sd/√n for many images
+    big = np.random.default_rng(6).normal(0.3, 1.0, 400)
+    _, low, high = E.paired_bootstrap(big)
+    half = 1.96 * big.std(ddof=1) / math.sqrt(len(big))
+    assert low == pytest.approx(big.mean() - half, abs=0.1 * half)
+    assert high == pytest.approx(big.mean() + half, abs=0.1 * half)
+
+
+@pytest.mark.parametrize("low,high,expect,smallest,label", [
+    (-0.03, -0.012, "lower", 0.01, "holds"),
+    (0.2, 0.5, "higher", 0.1, "holds"),
+    (-0.008, -0.001, "lower", 0.01, "holds (within ± the smallest effect)"),
+    (-0.006, 0.009, "lower", 0.01, "null (interval-wise)"),
+    (-0.006, 0.009, None, 0.01, "null (interval-wise)"),
+    (-0.01, 0.004, "lower", 0.01, "inconclusive at this scale"),  # touches -0.01: not inside
+    (-0.02, 0.004, "lower", 0.01, "inconclusive at this scale"),
+    (0.001, 0.02, "lower", 0.01, "inconclusive at this scale: reversed"),
+    (-0.006, 0.009, "lower", None, "inconclusive at this scale"),  # no smallest effect: no null
+    (-0.03, -0.02, None, 0.01, "excludes 0 (no --expect)"),
+])
+def test_verdict_rule(low, high, expect, smallest, label):
+    assert E.verdict(low, high, expect, smallest) == label
+
+
+def test_expect_directions():
+    metrics = ["psnr", "lpips", "niqe", "ssim"]
+    assert E.parse_expect("better", metrics) == {"psnr": "higher", "lpips": "lower",
+                                                 "niqe": "lower", "ssim": "higher"}
+    assert E.parse_expect("worse", metrics) == {"psnr": "lower", "lpips": "higher",
+                                                "niqe": "higher", "ssim": "lower"}
+    assert E.parse_expect("lpips=higher,niqe=better", metrics) == {"lpips": "higher",
+                                                                   "niqe": "lower"}
+    assert E.parse_expect(None, metrics) == {}
+    for bad in ("up", "dists=lower"):
+        with pytest.raises(E.UserError, match="--expect"):
+            E.parse_expect(bad, metrics)
+
+
+def noisy_copies(hr_dir, out_dir, sigma, seed):
+    """Each HR image plus Gaussian noise of `sigma` grey levels, saved under the same name."""
+    out_dir.mkdir()
+    g = np.random.default_rng(seed)
+    for f in sorted(hr_dir.iterdir()):
+        hr = np.asarray(Image.open(f)).astype(np.float64)
+        noisy = np.clip(hr + g.normal(0, sigma, hr.shape), 0, 255).round().astype(np.uint8)
+        save(out_dir / f.name, noisy)
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_compare_two_score_csvs_against_a_hand_computation(tmp_path, capsys):
+    """score --csv of two SR folders (noise σ 6 and σ 3 on the same HR), then compare: b - a per
+    metric, the interval that of the written-out bootstrap of the PSNR differences computed here."""
+    hr_dir = tmp_path / "hr"
+    hr_dir.mkdir()
+    for k in range(6):
+        save(hr_dir / f"im{k}.png", textured(80 + k, 24, 24))
+    noisy_copies(hr_dir, tmp_path / "a", 6, 0)
+    noisy_copies(hr_dir, tmp_path / "b", 3, 1)
+    for side in "ab":
+        assert E.main(["--sr", str(tmp_path / side), "--hr", str(hr_dir), "--metrics", "psnr,ssim",
+                       "--crop", "0", "--csv", str(tmp_path / f"{side}.csv")]) == 0
+    capsys.readouterr()
+    out = tmp_path / "cmp.csv"
+    assert E.main(["compare", "--a", str(tmp_path / "a.csv"), "--b", str(tmp_path / "b.csv"),
+                   "--expect", "better", "--resamples", "2000", "--seed", "3",
+                   "--csv", str(out)]) == 0
+    printed = capsys.readouterr().out
+    diffs = []
+    for k in range(6):
+        hr, a, b = (np.asarray(Image.open(tmp_path / d / f"im{k}.png")) for d in ("hr", "a", "b"))
+        diffs.append(ref_psnr(b, hr, 0) - ref_psnr(a, hr, 0))
+    mean, low, high = loop_bootstrap(diffs, 2000, 3)
+    rows = {r["metric"]: r for r in read_rows(out)}
+    assert list(rows) == ["psnr", "ssim"]
+    psnr = rows["psnr"]
+    assert int(psnr["images"]) == 6 and psnr["expect"] == "higher" and psnr["verdict"] == "holds"
+    for column, value in (("b_minus_a", mean), ("low", low), ("high", high)):
+        assert float(psnr[column]) == pytest.approx(value, abs=1e-5)  # score CSVs keep 6 decimals
+    assert rows["ssim"]["verdict"] == "holds" and rows["ssim"]["smallest_effect"] == ""
+    assert f"[{low:+.4f}, {high:+.4f}]" in printed and "holds" in printed
+
+
+def test_compare_pairs_images_and_noise_seeds(tmp_path, capsys):
+    """Per-image CSVs of two noise seeds (sweep --per-image's format): b - a is paired on image and
+    seed, averaged over each image's seeds, the images resampled; a row without partner: refused."""
+    g = np.random.default_rng(9)
+    lp_a, lp_b = g.uniform(0.3, 0.6, (5, 2)), g.uniform(0.3, 0.6, (5, 2))
+    keys = ("image", "guidance", "seed")
+    for name, values in (("a", lp_a), ("b", lp_b)):
+        rows = [{"image": f"im{i}", "guidance": "-0.5", "seed": seed, "lpips": values[i, seed]}
+                for seed in (1, 0) for i in range(5)]
+        rows = rows[::-1] if name == "b" else rows  # the order of the rows does not matter
+        E.write_csv(tmp_path / f"{name}.csv", rows, ["lpips"], mean=False, keys=keys)
+    assert E.main(["compare", "--a", str(tmp_path / "a.csv"), "--b", str(tmp_path / "b.csv"),
+                   "--resamples", "500", "--csv", str(tmp_path / "cmp.csv")]) == 0
+    per_image = list((np.round(lp_b, 6) - np.round(lp_a, 6)).mean(axis=1))
+    (row,) = read_rows(tmp_path / "cmp.csv")
+    assert int(row["images"]) == 5
+    got = [float(row[c]) for c in ("b_minus_a", "low", "high")]
+    assert got == pytest.approx(loop_bootstrap(per_image, 500, 0), abs=1e-9)
+    assert "mean over its 2 noise seed(s)" in capsys.readouterr().out
+
+    rows = [{**r, "lpips": float(r["lpips"])} for r in read_rows(tmp_path / "b.csv")[:-1]]
+    E.write_csv(tmp_path / "short.csv", rows, ["lpips"], mean=False, keys=keys)
+    short = ["compare", "--a", str(tmp_path / "a.csv"), "--b", str(tmp_path / "short.csv")]
+    assert E.main(short) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "evaluate.py compare: error: 1 row(s) of --a without a partner in the other file (the "
+        "first: image im0, guidance -0.5, seed 1): compare the same images and seeds"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--a", "{d}/missing.csv", "--b", "{d}/a.csv"],
+     "cannot read {d}/missing.csv: No such file or directory"),
+    (["--a", "{d}/a.csv", "--b", "{d}/notes.csv"], "{d}/notes.csv: not a per-image CSV"),
+    (["--a", "{d}/a.csv", "--b", "{d}/a.csv", "--metrics", "dists"], "dists not in both files"),
+    (["--a", "{d}/a.csv", "--b", "{d}/a.csv", "--csv", "{d}/a.csv"], "one of the files compared"),
+    (["--a", "{d}/a.csv", "--b", "{d}/a.csv", "--a-guidance", "2"], "has no rows of guidance 2"),
+])
+def test_compare_mistakes_are_one_line(tmp_path, capsys, args, message):
+    rows = [{"image": "x", "lpips": 0.5}, {"image": "y", "lpips": 0.4}]
+    E.write_csv(tmp_path / "a.csv", rows, ["lpips"])
+    (tmp_path / "notes.csv").write_text("name,value\nx,1\n")
+    before = (tmp_path / "a.csv").read_bytes()
+    assert E.main(["compare", *(a.format(d=tmp_path) for a in args)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("evaluate.py compare: error: ")
+    assert message.format(d=tmp_path) in err[0]
+    assert (tmp_path / "a.csv").read_bytes() == before
+
+
+# ----------------------------------------------------------------------------- sweep: noise seeds
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 1-step tiny teacher run (pixel codec, no semantics) and 3 LR/HR pairs (8² → 32²)."""
+    import train_teacher as tt
+    from tests.test_teacher import make_photos
+    tmp = tmp_path_factory.mktemp("sweep")
+    photos = make_photos(tmp / "photos", n=2)
+    tt.train(tt.TrainConfig(data=str(photos), out=str(tmp / "run"), preset="tiny", patch_size=1,
+                            codec="pixel", semantic="none", degradation="bicubic", size=32, batch=2,
+                            steps=1, workers=0, device="cpu"))
+    for d in ("lr", "hr"):
+        (tmp / d).mkdir()
+    for k in range(3):
+        hr = textured(90 + k, 32, 32)
+        save(tmp / "hr" / f"im{k}.png", hr)
+        lr = Image.fromarray(hr).resize((8, 8), Image.BICUBIC)
+        save(tmp / "lr" / f"im{k}.png", np.asarray(lr))
+    return tmp
+
+
+def test_sweep_samples_each_seed_and_writes_every_image(tiny_run, tmp_path, capsys):
+    """--seeds 0,1: each image once per seed and scale; the per-image CSV holds each sample's PSNR
+    (checked on the saved image), the table each scale's mean over images and seeds."""
+    out, per_image, table = tmp_path / "sr", tmp_path / "per_image.csv", tmp_path / "table.csv"
+    assert E.main(["sweep", "--ckpt", str(tiny_run / "run"), "--lr", str(tiny_run / "lr"),
+                   "--hr", str(tiny_run / "hr"), "--guidance", "0,1", "--seeds", "0,1",
+                   "--steps", "2", "--metrics", "psnr", "--device", "cpu", "--out", str(out),
+                   "--per-image", str(per_image), "--csv", str(table), "--plot", ""]) == 0
+    assert "scored 3 of 3 images, at 2 noise seed(s) each: 0, 1" in capsys.readouterr().out
+    rows = read_rows(per_image)
+    settings = [(r["guidance"], r["seed"]) for r in rows[::3]]
+    assert settings == [("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")]
+    assert sorted(r["image"] for r in rows) == sorted([f"im{k}" for k in range(3)] * 4)
+    for r in rows:
+        folder = out / f"s{r['guidance']}" / f"seed{r['seed']}"
+        sr = np.asarray(Image.open(folder / f"{r['image']}.png"))
+        hr = np.asarray(Image.open(tiny_run / "hr" / f"{r['image']}.png"))
+        assert float(r["psnr"]) == pytest.approx(ref_psnr(sr, hr, 4), abs=1e-5)
+    for s, mean in ((r["image"], float(r["psnr"])) for r in read_rows(table)):
+        values = [float(r["psnr"]) for r in rows if f"s={r['guidance']}" == s]
+        assert len(values) == 6 and mean == pytest.approx(np.mean(values), abs=1e-5)
+    seed0, seed1 = (np.asarray(Image.open(out / "s1" / f"seed{n}" / "im0.png")) for n in (0, 1))
+    assert not np.array_equal(seed0, seed1)
+
+
+def test_sweep_refuses_seed_with_seeds_and_skipped_pairs_first(tiny_run, tmp_path, capsys):
+    common = ["sweep", "--lr", str(tiny_run / "lr"), "--guidance", "1", "--metrics", "psnr",
+              "--plot", ""]
+    assert E.main([*common, "--ckpt", str(tiny_run / "run"), "--hr", str(tiny_run / "hr"),
+                   "--seed", "1", "--seeds", "0,1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "evaluate.py sweep: error: give --seed or --seeds, not both"
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    for k in range(3):  # im2's HR is not 4x its LR
+        save(hr / f"im{k}.png", textured(90 + k, 32, 32 if k < 2 else 36))
+    (tmp_path / "bad.safetensors").write_text("junk")  # never read: the pairs are refused first
+    assert E.main([*common, "--ckpt", str(tmp_path / "bad.safetensors"), "--hr", str(hr)]) == 2
+    lr2 = tiny_run / "lr" / "im2.png"
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"evaluate.py: skipped {hr / 'im2.png'}: size 36x32 is not 4 x the 8x8 of {lr2}",
+        "evaluate.py sweep: error: 1 of 3 images skipped (listed above), so a mean would be "
+        "over 2: fix them, or pass --allow-skipped to score the rest"]
+
+
+# ----------------------------------------------------------------------------- skipped, Ctrl-C
+
+def mismatched_folders(tmp_path):
+    """4 SR/HR pairs of which 3 differ in size (the SR is 36 wide, the HR 32)."""
+    sr_dir, hr_dir = tmp_path / "sr", tmp_path / "hr"
+    sr_dir.mkdir()
+    hr_dir.mkdir()
+    for k in range(4):
+        hr = textured(100 + k, 32, 32)
+        save(hr_dir / f"im{k}.png", hr)
+        save(sr_dir / f"im{k}.png", hr if k == 0 else textured(110 + k, 32, 36))
+    return sr_dir, hr_dir
+
+
+def test_score_with_skipped_pairs_exits_2_unless_allowed(tmp_path):
+    sr_dir, hr_dir = mismatched_folders(tmp_path)
+    out = tmp_path / "m.csv"
+    r = run_cli("--sr", sr_dir, "--hr", hr_dir, "--metrics", "psnr", "--csv", out)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stdout == ""
+    lines = [line for line in r.stderr.splitlines() if line.startswith("evaluate.py")]
+    named = [line.split()[2] for line in lines[:3]]
+    assert named == [f"{sr_dir / f'im{k}.png'}:" for k in (1, 2, 3)]
+    assert lines[3:] == ["evaluate.py score: error: 3 of 4 images skipped (listed above), so a "
+                         "mean would be over 1: fix them, or pass --allow-skipped to score the "
+                         "rest"]
+    assert not out.exists()
+    r = run_cli("--sr", sr_dir, "--hr", hr_dir, "--metrics", "psnr", "--csv", out,
+                "--allow-skipped")
+    assert r.returncode == 0 and "scored 1 of 4 images; 3 skipped (--allow-skipped)" in r.stdout
+    assert [row["image"] for row in read_rows(out)] == ["im0", "mean"]
+
+
+INTERRUPT = """
+import os, runpy, signal, sys
+import tools.files
+read = tools.files.read_image
+def read_then_ctrl_c(path, *args, **kwargs):
+    if path.name == "im2.png":  # a real SIGINT, as Ctrl-C sends, in the middle of the batch
+        os.kill(os.getpid(), signal.SIGINT)
+    return read(path, *args, **kwargs)
+tools.files.read_image = read_then_ctrl_c
+sys.argv = ["evaluate.py", *sys.argv[1:]]
+runpy.run_path("evaluate.py", run_name="__main__")
+"""
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
+    """A SIGINT in the middle of `score`, delivered to the real process as Ctrl-C sends it: one
+    line, exit 130, no traceback, no CSV."""
+    sr_dir, hr_dir = mismatched_folders(tmp_path)
+    out = tmp_path / "m.csv"
+    r = subprocess.run([sys.executable, "-c", INTERRUPT, "--sr", sr_dir, "--hr", hr_dir,
+                        "--metrics", "psnr", "--csv", out], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 130, r.stderr
+    assert "Traceback" not in r.stderr and "KeyboardInterrupt" not in r.stderr and r.stdout == ""
+    assert r.stderr.strip().splitlines()[-1] == (
+        "evaluate.py score: interrupted: no table or CSV written (images saved so far are kept); "
+        "run the same command again")
+    assert not out.exists()

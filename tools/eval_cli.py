@@ -1,8 +1,9 @@
 """evaluate.py's command line, and the argparse types its tools share (tools/bench_sample.py, tools/seams.py,
 tools/fetch_weights.py): range-checked numbers, comma lists, NAME=DIR columns, help that states every default.
 
-Plumbing of evaluate.py, not the paper's method. build_parser defines the score, sweep and grid subcommands;
-sweep takes sample.py's sampler flags (tools/sample_cli.py). A mistake is one line, `prog: error: message`.
+Plumbing of evaluate.py, not the paper's method. build_parser defines the score, sweep, compare and
+grid subcommands; sweep takes sample.py's sampler flags (tools/sample_cli.py). A mistake is one
+line, `prog: error: message`.
 """
 import argparse
 import sys
@@ -19,11 +20,15 @@ class EvalConfig:
     """The defaults of `score`: Table 1's metrics, a border crop of the SR scale."""
     metrics: str = "psnr,ssim,lpips,dists,niqe"  # Table 1's full-reference metrics + NIQE
     crop: int = 4                                # border crop for PSNR/SSIM = SR scale factor
+    sweep_metrics: str = "psnr,lpips,dists,niqe"  # Fig. 4's LPIPS and what to read beside it
+    resamples: int = 10_000                      # bootstrap resamples of `compare`
 
 
-SUBCOMMANDS = ("score", "sweep", "grid")
+SUBCOMMANDS = ("score", "sweep", "compare", "grid")
 MOVED = {"fetch-weights": "tools/fetch_weights.py", "bench": "tools/bench_sample.py", "seams": "tools/seams.py"}
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ALLOW_SKIPPED_HELP = ("score the pairs that can be scored when some files are unreadable, unpaired "
+                      "or of another size (without it such a run names them and exits 2)")
 CACHE_HELP = "folder of the converted metric weights (default: $VOSR_METRICS_CACHE, else ~/.cache/vosr_metrics)"
 
 
@@ -95,23 +100,50 @@ def build_parser(metric_names) -> CLIParser:
     sc.add_argument("--device", default=DEFAULT_DEVICE, help="device for LPIPS/DISTS (default: cuda if available, "
                                                              f"else cpu; here {DEFAULT_DEVICE})")
     sc.add_argument("--cache", help=CACHE_HELP)
+    sc.add_argument("--allow-skipped", action="store_true", help=ALLOW_SKIPPED_HELP)
     sw = sub.add_parser("sweep", help="guidance-scale sweep of a checkpoint (paper Fig. 4)")
     sw.add_argument("--ckpt", required=True, help="run dir of train_teacher.py / distill.py")
     sw.add_argument("--lr", required=True, help="folder of LR images")
     sw.add_argument("--hr", required=True, help="folder of HR images of the same names")
     sw.add_argument("--guidance", type=listed(number(float)), default=[-0.5, 0.0, 0.5, 1.0, 2.0],
                     help="comma list of guidance scales s (eq. 2) (default: -0.5,0,0.5,1,2)")
-    sw.add_argument("--metrics", default="psnr,lpips", help="comma list, as for score")
+    sw.add_argument("--metrics", default=EvalConfig.sweep_metrics, help="comma list, as for score")
     sample_cli.add_sampler_args(sw, sample_cli.SampleConfig())  # --steps, --alpha, --schedule, --shift, … as sample.py
+    sw.set_defaults(seed=None)  # --seed N is --seeds N; giving both is refused
+    sw.add_argument("--seeds", type=listed(number(int, 0)),
+                    help="comma list of noise seeds: every image is sampled once per seed and "
+                         "scale (default: --seed's)")
     sw.add_argument("--crop", type=number(int, 0), default=EvalConfig.crop,
                     help="border pixels ignored by PSNR/SSIM")
     sw.add_argument("--out", help="also save the SR images to OUT/s<scale>/ (default: not saved)")
     sw.add_argument("--csv", help="write the table (one row per scale) here (default: none)")
+    sw.add_argument("--per-image", help="write one row per image, scale and seed here, as "
+                                        "`compare` reads them (default: none)")
+    sw.add_argument("--allow-skipped", action="store_true", help=ALLOW_SKIPPED_HELP)
     sw.add_argument("--plot", default="sweep.png", help="PNG plot of each metric against s")
     sw.add_argument("--device", default=DEFAULT_DEVICE,
                     help=f"device of the model and the metrics (default: cuda if available, else cpu; here "
                          f"{DEFAULT_DEVICE})")
     sw.add_argument("--cache", help=CACHE_HELP)
+    cp = sub.add_parser("compare", help="paired difference of two per-image CSVs, with intervals",
+                        description="b - a per metric over the same images (and seeds): the mean "
+                                    "difference, its 95 % percentile bootstrap interval over "
+                                    "images, and the verdict of the rule in docs/ablations.md.")
+    cp.add_argument("--a", required=True, metavar="CSV",
+                    help="per-image CSV of result set a (score --csv, sweep --per-image)")
+    cp.add_argument("--b", required=True, metavar="CSV",
+                    help="per-image CSV of result set b, of the same images and seeds")
+    for side in ("a", "b"):
+        cp.add_argument(f"--{side}-guidance", type=number(float), metavar="S",
+                        help=f"only {side}'s rows of this guidance scale (default: all)")
+    cp.add_argument("--metrics", help="comma list (default: every metric both files have)")
+    cp.add_argument("--expect", help="the paper's direction of b - a: lower, higher, better or "
+                                     "worse, for every metric or as METRIC=DIRECTION,... (default: "
+                                     "none; no verdict is then 'holds')")
+    cp.add_argument("--resamples", type=number(int, 1), default=EvalConfig.resamples,
+                    help="bootstrap resamples of the images")
+    cp.add_argument("--seed", type=int, default=0, help="seed of the bootstrap's resampling")
+    cp.add_argument("--csv", help="also write the table of intervals here (default: none)")
     gr = sub.add_parser("grid", help="comparison grid: bicubic | SR folders | HR, with zoomed crops")
     gr.add_argument("--lr", required=True, help="folder of LR images")
     gr.add_argument("--hr", required=True, help="folder of HR images")
@@ -120,7 +152,7 @@ def build_parser(metric_names) -> CLIParser:
     gr.add_argument("--images", help="comma list of image names (default: the first --n)")
     gr.add_argument("--n", type=number(int, 1), default=3, help="number of images (rows)")
     gr.add_argument("--out", default="grid.png", help="output PNG")
-    for p in (ap, sc, sw, gr):
+    for p in (ap, sc, sw, cp, gr):
         describe_defaults(p)
     return ap
 

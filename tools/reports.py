@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tools.files import atomic_path, write_image
+from tools.files import UserError, atomic_path, write_image
 
 
 def mean_row(rows, names):
@@ -19,15 +19,53 @@ def mean_row(rows, names):
     return {"image": "mean", **{n: float(np.mean([r[n] for r in rows])) for n in names}}
 
 
-def write_csv(path, rows, names, mean=True):
-    """Per-image rows then (if mean) the mean row; atomic."""
+KEY_COLUMNS = ("image", "guidance", "seed")  # name a row of a per-image CSV; other columns: metrics
+
+
+def write_rows(path, header, cells):
+    """A CSV file of a header and rows of cells, written atomically (its folder created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["image", *names])
-        for r in rows + ([mean_row(rows, names)] if mean else []):
-            w.writerow([r["image"], *(f"{r[n]:.6f}" for n in names)])
+        w.writerow(header)
+        w.writerows(cells)
+
+
+def write_csv(path, rows, names, mean=True, keys=("image",)):
+    """Per-image rows (their `keys` columns, then the metrics), then (if mean) the mean; atomic."""
+    rows = rows + ([{**{k: "" for k in keys}, **mean_row(rows, names)}] if mean else [])
+    cells = [[*(r[k] for k in keys), *(f"{r[n]:.6f}" for n in names)] for r in rows]
+    write_rows(path, [*keys, *names], cells)
+
+
+def read_csv(path):
+    """The rows of a per-image CSV of write_csv as dicts (metric values as floats) and its metric
+    columns; a score CSV's closing 'mean' row left out. A UserError names a bad or missing file."""
+    path = Path(path)
+    try:
+        with open(path, newline="") as f:
+            table = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not table or "image" not in table[0]:
+        raise UserError(f"{path}: not a per-image CSV of evaluate.py (no 'image' column)")
+    header, body = table[0], [r for r in table[1:] if r]
+    if body and body[-1][header.index("image")] == "mean":
+        body = body[:-1]
+    metrics = [c for c in header if c not in KEY_COLUMNS]
+    rows = []
+    for line, cells in enumerate(body, start=2):
+        if len(cells) != len(header):
+            raise UserError(f"{path}, line {line}: {len(cells)} values for {len(header)} columns")
+        row = dict(zip(header, cells))
+        for m in metrics:
+            try:
+                row[m] = float(row[m])
+            except ValueError:
+                raise UserError(f"{path}, line {line}: {m} = {row[m]!r} is not a number") from None
+        rows.append(row)
+    return rows, metrics
 
 
 def text_table(cells: list[list[str]]) -> list[str]:
