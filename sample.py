@@ -37,7 +37,8 @@ from tools.color_fix import COLOR_FIX, color_fix_of
 from tools.fast_paths import FastPaths
 from tools.files import ImageError, find_jobs, read_image, write_image
 from tools.loading import DEFAULT_CKPT, checkpoint_defaults, load_model
-from tools.sample_cli import LAPPED, LATENT, SEMANTIC_TILES, TILE_BLEND, UPSCALE, SampleConfig
+from tools.sample_cli import (LAPPED, LATENT, SEMANTIC_TILES, TILE_BLEND, TILE_SHAPE, UPSCALE,
+                              SampleConfig)
 
 
 # ----------------------------------------------------------------------------- the sampler (paper §3.3, §3.4)
@@ -52,6 +53,11 @@ def guided_velocity(model, z, t, c_str, c_sem, guidance_scale=0.5, alpha=0.15, r
     sem = None if c_sem is None else torch.cat([c_sem, torch.zeros_like(c_sem)])  # ∅ = zero tokens
     v_cond, v_pcond = model(x, t.repeat(2), sem, None if r is None else r.repeat(2), **proj).chunk(2)
     return v_pcond + guidance_scale * (v_cond - v_pcond)
+
+
+def uses_r(model, r):
+    """r for a student with an r_embedder; None for a one-step model without (VOSR 2.0: v(z, t))."""
+    return r if getattr(model, "with_r", True) else None
 
 
 def branch_keys(model, c_sem, batch: int, guidance_scale: float = 0.5):
@@ -100,7 +106,8 @@ def sample(model, codec, semantic, lr, scale=4.0, steps=25, guidance=0.5, alpha=
     c_sem = None if semantic is None else semantic(lr_up)              # DINOv2 tokens of LR↑
     z1 = torch.randn(c_str.shape, generator=generator).to(c_str.device)   # z_1 ~ N(0, I)
     if student:      # one branch, r = the next time: the guidance was distilled in (§3.4)
-        velocity = lambda z, t, r: guided_velocity(model, z, t, c_str, c_sem, 1.0, r=r)  # noqa: E731
+        velocity = lambda z, t, r: guided_velocity(  # noqa: E731
+            model, z, t, c_str, c_sem, 1.0, r=uses_r(model, r))
     else:            # restoration-oriented guidance (eq. 2)
         velocity = lambda z, t, r: guided_velocity(model, z, t, c_str, c_sem, guidance, alpha)  # noqa: E731
     z0 = euler_sample(velocity, z1, timesteps(steps, schedule, shift))  # t: 1 → 0
@@ -309,14 +316,15 @@ class VOSRPipeline:
     def __call__(self, lr, scale=4.0, steps=25, guidance=0.5, alpha=0.15, generator=None, tile=None,
                  tile_overlap=None, color_fix="none", schedule="uniform", shift=1.0, progress=False,
                  semantic_tiles="global", upscale="torch", tile_blend="linear", vae_tile=None, latent="mean",
-                 lapped="off"):
+                 lapped="off", tile_shape="fit"):
         """sample() with tiles: LR↑ → c_str (condition) → c_sem (tile_semantics) → z_0 (denoise) → SR (finish).
         tile, tile_overlap, vae_tile (the codec's; None: tile, 0: whole) in output pixels, see tile_sizes."""
         if scale <= 0:
             raise ValueError(f"scale must be positive, got {scale}")
         for name, value, allowed in (("semantic_tiles", semantic_tiles, SEMANTIC_TILES), ("upscale", upscale, UPSCALE),
                                      ("tile_blend", tile_blend, TILE_BLEND), ("latent", latent, LATENT),
-                                     ("color_fix", color_fix, tuple(COLOR_FIX)), ("lapped", lapped, LAPPED)):
+                                     ("color_fix", color_fix, tuple(COLOR_FIX)), ("lapped", lapped, LAPPED),
+                                     ("tile_shape", tile_shape, TILE_SHAPE)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         unit = self.codec.factor * self.model.patch_size
@@ -325,11 +333,13 @@ class VOSRPipeline:
         tile, overlap = self.tile_sizes(whole if tile == 0 else tile, tile_overlap)
         vae_tile = tile if vae_tile is None else vae_tile or whole
         lr_up, c_str = self.condition(lr, scale, vae_tile, overlap, upscale, generator if latent == "sample" else None)
-        sem_of = self.tile_semantics(lr_up, tile, semantic_tiles)
+        square = tuple(c_str.shape[-2:]) if tile_shape == "square" else None
+        lt = self.latent_tiles(tile, overlap, tile_blend, square)
+        sem_of = self.tile_semantics(lr_up, lt[0] * self.codec.factor, semantic_tiles)
         ref = lr_up if color_fix != "none" else None
         del lr_up                                                      # freed unless the colour fix needs it
         z0 = self.denoise(c_str, sem_of, generator, timesteps(steps, schedule, shift), guidance, alpha,
-                          self.latent_tiles(tile, overlap, tile_blend), tile_blend, progress, lapped == "on")
+                          lt, tile_blend, progress, lapped == "on")
         return self.finish(z0, (H, W), vae_tile, overlap, ref, color_fix)
 
     def condition(self, lr, scale: float, tile: int, overlap: int, upscale: str = "torch", generator=None):
@@ -396,7 +406,7 @@ class VOSRPipeline:
                     torch.compiler.cudagraph_mark_step_begin()
                 cw = c_str[..., y:y + h, x:x + w]
                 if self.student:
-                    return guided_velocity(net, zw, t, cw, sw, 1.0, r=r, kv=kv)
+                    return guided_velocity(net, zw, t, cw, sw, 1.0, r=uses_r(self.model, r), kv=kv)
                 return guided_velocity(net, zw, t, cw, sw, guidance, alpha, kv=kv)
         return on_tile
 
@@ -413,13 +423,20 @@ class VOSRPipeline:
         tile = max(unit, (self.model.train_grid * unit if tile is None else tile) // unit * unit)
         return tile, min(tile // 8 if overlap is None else overlap, tile // 2)
 
-    def latent_tiles(self, tile: int, overlap: int, blend: str = "linear") -> tuple[int, int, int]:
+    def latent_tiles(self, tile: int, overlap: int, blend: str = "linear",
+                     square: tuple[int, int] | None = None) -> tuple[int, int, int]:
         """(tile, overlap, align) of the DiT's windows in latent pixels: linear (ours) on whole patches;
-        gaussian as the official release: overlap ≥ tile / 8, windows every tile − overlap latent pixels."""
+        gaussian as the official release: overlap ≥ tile / 8, windows every tile − overlap latent
+        pixels. square: the latent's (h, w), cut into squares as the official release does."""
         f, p = self.codec.factor, self.model.patch_size
+        lt = tile // f
+        if square is not None and max(square) > lt:
+            # the release's tiling: squares of side min(tile, short side) on whole patches, unless
+            # both sides fit one tile (then the whole latent in one pass); the overlap follows the side
+            lt = min(lt, min(square)) // p * p
         if blend == "gaussian":
-            return tile // f, max(overlap // f, tile // f // 8), 1
-        return tile // f, overlap // f, p
+            return lt, max(overlap // f, lt // 8), 1
+        return lt, min(overlap // f, lt // 2), p
 
     def autocast(self):
         """bf16 autocast of every network (codec, semantic encoder, DiT) when bf16 is on; a no-op otherwise."""
@@ -480,7 +497,7 @@ def super_resolve(pipe: VOSRPipeline, lr: torch.Tensor, cfg: SampleConfig, progr
                 cfg.tile, cfg.tile_overlap, cfg.color_fix or "none", cfg.schedule, cfg.shift, progress=progress,
                 semantic_tiles=cfg.semantic_tiles, upscale=cfg.upscale or "torch",
                 tile_blend=cfg.tile_blend or "linear", vae_tile=cfg.vae_tile, latent=cfg.latent,
-                lapped=cfg.lapped or "off")
+                lapped=cfg.lapped or "off", tile_shape=cfg.tile_shape)
 
 
 def main(argv=None) -> int:

@@ -912,6 +912,15 @@ def test_sweep_samples_each_seed_and_writes_every_image(tiny_run, tmp_path, caps
         assert len(values) == 6 and mean == pytest.approx(np.mean(values), abs=1e-5)
     seed0, seed1 = (np.asarray(Image.open(out / "s1" / f"seed{n}" / "im0.png")) for n in (0, 1))
     assert not np.array_equal(seed0, seed1)
+    # two scales of one sweep, paired on image and seed
+    assert E.main(["compare", "--a", str(per_image), "--a-guidance", "0", "--b", str(per_image),
+                   "--b-guidance", "1", "--resamples", "100",
+                   "--csv", str(tmp_path / "cmp.csv")]) == 0
+    (row,) = read_rows(tmp_path / "cmp.csv")
+    by_key = {(r["image"], r["guidance"], r["seed"]): float(r["psnr"]) for r in rows}
+    diffs = [np.mean([by_key[f"im{k}", "1", n] - by_key[f"im{k}", "0", n] for n in "01"])
+             for k in range(3)]
+    assert float(row["b_minus_a"]) == pytest.approx(np.mean(diffs), abs=1e-9)
 
 
 def test_sweep_refuses_seed_with_seeds_and_skipped_pairs_first(tiny_run, tmp_path, capsys):

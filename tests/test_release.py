@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 import dit
 import sample
 import vae
-from tools import sample_cli
+from tools import color_fix, sample_cli
 from tools.release import load_light_decoder, release_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +50,12 @@ def release_args(**kw):
                 use_swiglu=True, use_rope=True, use_rmsnorm=True, wo_shift=False, resolution=128,
                 cfg_scale=0.5, weak_cond_strength_aelq_list=[0.05, 0.25], time_dist="uniform", t_start=1.0,
                 t_end=0.0, seed=0, dinov2_size=SEM_SIZE, **kw)
+
+
+def vosr2_args(**kw):
+    """VOSR 2.0's args.json keys (RELEASE_LAYOUT "VOSR 2.0"), small dims: one step, no r embedder."""
+    return release_args(ae_type="qwen", enc_type="dinov2l", enc_dim=64, layer_dinov2b_list=[17],
+                        auxiliary_time_cond=False, distill_type="onestep", **kw)
 
 
 def official_dinov2(path, dim, depth):
@@ -154,10 +160,12 @@ def release(tmp_path_factory):
     ref["dino_l"] = official_dinov2(cache / "dinov2_vitl14_pretrain.pth", 64, depth=18)   # block 17 must exist
     ref["dit_os"] = release_dit(ckpts / "VOSR_0.5B_os", release_args(
         ae_type="sd2", ae_path="preset/ckpts/stable-diffusion-2-1-base", enc_type="dinov2b", enc_dim=64,
-        layer_dinov2b_list=[8], infer_steps=1), 4, 64, student=True)
+        layer_dinov2b_list=[8], infer_steps=1, distill_type="rcgm", auxiliary_time_cond=True), 4, 64,
+        student=True)
     ref["dit_ms"] = release_dit(ckpts / "VOSR_1.4B_ms", release_args(
         ae_type="qwen", ae_path="preset/ckpts/Qwen-Image-vae-2d", enc_type="dinov2l", enc_dim=64,
         layer_dinov2b_list=[17], infer_steps=2), 16, 64, student=False)
+    ref["dit_v2"] = release_dit(ckpts / "VOSR2", vosr2_args(), 16, 64, student=False)
     lr_dir = ckpts.parent / "lr"
     lr_dir.mkdir()
     rng = np.random.default_rng(0)
@@ -171,14 +179,18 @@ def dino_tokens(vit, up, layer):
                                      intermediates_only=True)[0]
 
 
-def adain_8bit(sr, ref):
-    """The release's adain on the clamped 8-bit output, written out: per channel, σ = sqrt(var + 1e-5)."""
+def adain_8bit(sr, ref, release=True):
+    """adain on the clamped 8-bit output, written out per channel: the release's (x − μ)/(σ + 1e-5)·
+    (σ_ref + 1e-5) + μ_ref with numpy's unbiased std, or (release=False) ours, σ = sqrt(var + 1e-5)."""
     sr = (sr.clamp(0, 1) * 255).round() / 255
     out = torch.empty_like(sr)
     for c in range(3):
-        a, b = sr[0, c], ref[0, c]
-        sa, sb = math.sqrt(a.var().item() + 1e-5), math.sqrt(b.var().item() + 1e-5)
-        out[0, c] = (a - a.mean()) / sa * sb + b.mean()
+        a, b = sr[0, c].double().numpy(), ref[0, c].double().numpy()
+        if release:
+            sa, sb = a.std(ddof=1) + 1e-5, b.std(ddof=1) + 1e-5
+        else:
+            sa, sb = math.sqrt(a.var(ddof=1) + 1e-5), math.sqrt(b.var(ddof=1) + 1e-5)
+        out[0, c] = torch.from_numpy((a - a.mean()) / sa * sb + b.mean())
     return out.clamp(0, 1)
 
 
@@ -262,6 +274,135 @@ def test_release_1_4B_teacher_through_the_cli(release, tmp_path, capsys):
     got = read_png(out / "a.png")
     assert got.shape == (1, 3, 32, 48)
     assert_same_image(got, expect)
+
+
+@torch.no_grad()
+def test_vosr2_one_step_one_branch_through_the_cli(release, tmp_path, capsys):
+    """VOSR2/ (distill_type onestep, auxiliary_time_cond false, no r_embedder): the Qwen 2-D VAE's posterior
+    mode, DINOv2-L block 17 of the PIL-bicubic LR↑, one DiT call of the full branch at t = 1 without r,
+    z0 = z1 − v, decoded, the release's adain against LR↑. The PNG equals that computation by hand."""
+    ckpts, lr_dir, ref = release
+    out = tmp_path / "out"
+    assert sample.main(["--ckpt", str(ckpts / "VOSR2"), "-i", str(lr_dir), "-o", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    for line in (f"loaded DiT {ckpts}/VOSR2/checkpoints/ema_model.safetensors (dim 64, depth 2, VOSR 2.0",
+                 f"loaded codec {ckpts}/Qwen-Image-vae-2d (16 channels", "block 17 of 18", "1 step(s)",
+                 "colour fix adain, upscale pil"):
+        assert line in printed, printed
+    q = ref["qwen"]
+    mean, std = torch.tensor(q.config.latents_mean).view(1, -1, 1, 1), torch.tensor(q.config.latents_std).view(1, -1, 1, 1)
+    up = pil_up(lr_dir / "a.png")
+    c_str = (q.encode((up * 2 - 1)[:, :, None]).latent_dist.mode()[:, :, 0] - mean) / std
+    c_sem = dino_tokens(ref["dino_l"], up, 17)
+    z1 = torch.randn(c_str.shape, generator=torch.Generator().manual_seed(0))
+    v = ref["dit_v2"](torch.cat([c_str, z1], 1), torch.ones(1), c_sem)          # one branch, t = 1, no r
+    img = (q.decode(((z1 - v) * std + mean)[:, :, None]).sample[:, :, 0].clamp(-1, 1) + 1) / 2
+    expect = (adain_8bit(img, up) * 255).round()
+    got = read_png(out / "a.png")
+    assert got.shape == (1, 3, 32, 48)
+    assert_same_image(got, expect)
+    # --guidance and --alpha have no effect on it: a note, the same image; --steps 2 is refused
+    assert sample.main(["--ckpt", str(ckpts / "VOSR2"), "-i", str(lr_dir), "-o", str(tmp_path / "g"),
+                        "--device", "cpu", "--guidance", "2", "--alpha", "0.5"]) == 0
+    assert "--guidance and --alpha ignored: VOSR 2.0 runs one branch" in capsys.readouterr().out
+    assert torch.equal(read_png(tmp_path / "g" / "a.png"), got)
+    err = one_line_error(capsys, ["--ckpt", str(ckpts / "VOSR2"), "-i", str(lr_dir), "-o", str(tmp_path / "s"),
+                                  "--device", "cpu", "--steps", "2"])
+    assert "--steps 2: VOSR 2.0 (args.json distill_type 'onestep') takes one Euler step" in err, err
+    err = one_line_error(capsys, ["--ckpt", str(ckpts / "VOSR2"), "-i", str(lr_dir), "-o", str(tmp_path / "s"),
+                                  "--device", "cpu", "--student", "0"])
+    assert "--student 0" in err and "no teacher sampling" in err, err
+
+
+@torch.no_grad()
+def test_vosr2_is_tiled_above_its_training_crop(release):
+    """Above the training crop (args.json resolution: 512 for the release, 128 here) VOSR 2.0 is tiled by
+    default: the DiT sees windows of the crop, never the whole latent."""
+    ckpts, _, _ = release
+    cfg = sample.SampleConfig(ckpt=str(ckpts / "VOSR2"), device="cpu")
+    pipe, run = sample.load_pipeline(cfg, report=lambda s: None)
+    cfg = sample.check_tiles(sample.checkpoint_defaults(cfg, pipe, run), pipe)
+    seen = []
+    on_tile = pipe.tile_velocity
+
+    def recording(*a, **kw):
+        velocity = on_tile(*a, **kw)
+
+        def one(zw, win, t, r):
+            seen.append(win)
+            return velocity(zw, win, t, r)
+        return one
+    pipe.tile_velocity = recording
+    sr = sample.super_resolve(pipe, torch.rand(1, 3, 40, 36, generator=torch.Generator().manual_seed(0)), cfg)
+    assert sr.shape == (1, 3, 160, 144) and cfg.steps == 1
+    assert len(seen) > 1 and {(h, w) for _, _, h, w in seen} == {(16, 16)}    # 128-px tiles, 8× VAE
+
+
+RELEASE_KINDS = [  # (args.json's distill_type / auxiliary_time_cond, weights with r_embedder?) → kind
+    (dict(ae_type="sd2", enc_type="dinov2b"), False, "teacher"),                              # VOSR_0.5B_ms
+    (dict(ae_type="sd2", enc_type="dinov2b", distill_type="rcgm", auxiliary_time_cond=True), True, "student"),
+    (dict(ae_type="qwen", enc_type="dinov2l", auxiliary_time_cond=False), False, "teacher"),  # VOSR_1.4B_ms
+    (dict(ae_type="qwen", enc_type="dinov2l", distill_type="rcgm"), True, "student"),         # VOSR_1.4B_os
+    (dict(ae_type="qwen", enc_type="dinov2l", distill_type="onestep", auxiliary_time_cond=False), False,
+     "onestep"),                                                                                # VOSR2
+]
+
+
+def kind_folder(ckpts, name, args, with_r):
+    """A release model folder beside the fixture's codec and DINOv2 files: args.json and a weights file
+    that has (or lacks) the r embedder's keys (only the keys are read to tell the kinds apart)."""
+    folder = ckpts / name
+    (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (folder / "args.json").write_text(json.dumps(args))
+    tensors = {"x_embedder.proj.weight": torch.zeros(1)} | ({"r_embedder.mlp.0.weight": torch.zeros(1)}
+                                                           if with_r else {})
+    save_file(tensors, str(folder / "checkpoints" / "ema_model.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize("keys,with_r,kind", RELEASE_KINDS)
+def test_release_kind_from_args_json(release, keys, with_r, kind):
+    """The five kinds (0.5B/1.4B × ms/os, VOSR 2.0) from args.json's distill_type / auxiliary_time_cond."""
+    from tools.loading import read_release_folder
+    ckpts, _, _ = release
+    args = release_args(enc_dim=64, layer_dinov2b_list=[8 if keys["enc_type"] == "dinov2b" else 17], **keys)
+    folder = kind_folder(ckpts, f"kind_{kind}_{with_r}_{len(keys)}", args, with_r)
+    run, _, _ = read_release_folder(folder, sample.SampleConfig())
+    assert run["kind"] == kind
+
+
+@pytest.mark.parametrize("change,with_r,named", [
+    (dict(distill_type="onestep", auxiliary_time_cond=False), True, "'distill_type' 'onestep' (VOSR 2.0, no r "
+     "embedder), but {w} has r_embedder.* keys"),
+    (dict(distill_type="rcgm"), False, "'distill_type' 'rcgm' (a one-step student with the r embedder), but {w} "
+     "has no r_embedder.* keys"),
+    (dict(), True, "no 'distill_type' (a teacher), but {w} has r_embedder.* keys"),
+    (dict(distill_type="rcgm", auxiliary_time_cond=False), True, "'auxiliary_time_cond' is false, but {w} has "
+     "r_embedder.* keys"),
+    (dict(auxiliary_time_cond=True), False, "'auxiliary_time_cond' is true, but {w} has no r_embedder.* keys"),
+    (dict(distill_type="onestep", auxiliary_time_cond=True), False, "'auxiliary_time_cond' true contradicts "
+     "distill_type 'onestep'"),
+    (dict(distill_type="onestep", auxiliary_time_cond="no"), False, "'auxiliary_time_cond' is 'no', expected "
+     "true or false"),
+    (dict(distill_type="meanflow"), False, "'distill_type' 'meanflow' is not one of ['onestep', 'rcgm']"),
+    (dict(distill_type="onestep", auxiliary_time_cond=False, drop="use_rope"), False, "'use_rope' missing "
+     "(VOSR 2.0's args.json"),
+    (dict(distill_type="onestep", auxiliary_time_cond=False, num_heads=3), False, "'num_heads' 3 does not "
+     "divide dim 64"),
+    (dict(distill_type="onestep", auxiliary_time_cond=False, layer_dinov2b_list=[24]), False,
+     "'layer_dinov2b_list' [24] names a block that enc_type 'dinov2l' (24 blocks) does not have"),
+])
+def test_release_kind_contradiction_is_one_line(release, tmp_path, capsys, change, with_r, named):
+    """args.json against itself or against the weights' r_embedder keys: one line naming the key, before any
+    network is built."""
+    ckpts, lr_dir, _ = release
+    drop = change.pop("drop", None)
+    args = {**release_args(ae_type="qwen", enc_type="dinov2l", enc_dim=64, layer_dinov2b_list=[17]), **change}
+    args.pop(drop, None)
+    folder = kind_folder(ckpts, f"bad_{tmp_path.name}", args, with_r)
+    err = one_line_error(capsys, ["--ckpt", str(folder), "-i", str(lr_dir), "-o", str(tmp_path / "o")])
+    assert err.startswith(f"sample.py: {folder}/args.json: "), err
+    assert named.format(w=folder / "checkpoints" / "ema_model.safetensors") in err, err
 
 
 @torch.no_grad()
@@ -388,12 +529,29 @@ def test_weights_found_as_the_release_finds_them(tmp_path):
 
 # ----------------------------------------------------------------------------- conventions
 
+def release_wavelet(sr, ref, size=None):
+    """The release's 'wavelet' fix written out with PIL, numpy and OpenCV: the 8-bit reference resized to
+    the output size with LANCZOS, both as float32 [0, 1] from 8 bits, clip(ref_low + (out − out_low)) with
+    low = GaussianBlur(σ = 5), truncated to 8 bits by a uint8 cast. sr: the output (already 8-bit)."""
+    import cv2
+    out8 = (sr[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    ref8 = Image.fromarray((ref[0] * 255).round().byte().permute(1, 2, 0).numpy())
+    ref8 = ref8.resize((out8.shape[1], out8.shape[0]), Image.LANCZOS)
+    out, r = out8.astype(np.float32) / 255, np.asarray(ref8).astype(np.float32) / 255
+    res = np.clip(cv2.GaussianBlur(r, (0, 0), 5) + (out - cv2.GaussianBlur(out, (0, 0), 5)), 0, 1)
+    return res, torch.from_numpy((res * 255).astype(np.uint8)).permute(2, 0, 1)[None].float() / 255
+
+
 def test_color_fixes_by_hand():
-    """adain and wavelet as the release computes them: on the clamped 8-bit output, against the LR↑."""
+    """The release's adain (std + 1e-5) and wavelet (one OpenCV Gaussian split) on the clamped 8-bit output
+    against the LR↑, and ours under their own names: adain-var (sqrt(var + 1e-5)), wavelet-atrous."""
     g = torch.Generator().manual_seed(0)
-    sr = torch.rand(1, 3, 9, 11, generator=g) * 1.4 - 0.2               # out of range and off the 8-bit grid
-    ref = torch.randint(0, 256, (1, 3, 9, 11), generator=g).float() / 255
+    sr = torch.rand(1, 3, 37, 43, generator=g) * 1.4 - 0.2              # out of range and off the 8-bit grid
+    ref = torch.randint(0, 256, (1, 3, 37, 43), generator=g).float() / 255
     torch.testing.assert_close(sample.color_fix_of(sr, ref, "adain"), adain_8bit(sr, ref), rtol=0, atol=1e-6)
+    torch.testing.assert_close(sample.color_fix_of(sr, ref, "adain-var"), adain_8bit(sr, ref, release=False),
+                               rtol=0, atol=1e-6)
+    assert not torch.allclose(adain_8bit(sr, ref), adain_8bit(sr, ref, release=False), rtol=0, atol=1e-6)
     q = (sr.clamp(0, 1) * 255).round() / 255
 
     def low(x):                                                     # five à-trous levels, edges replicated
@@ -404,9 +562,15 @@ def test_color_fixes_by_hand():
             x = sum(k[a, b] * p[..., a * d:a * d + x.shape[-2], b * d:b * d + x.shape[-1]]
                     for a in range(3) for b in range(3))
         return x
-    torch.testing.assert_close(sample.color_fix_of(sr, ref, "wavelet"), (q - low(q) + low(ref)).clamp(0, 1),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(sample.color_fix_of(sr, ref, "wavelet-atrous"),
+                               (q - low(q) + low(ref)).clamp(0, 1), rtol=0, atol=1e-6)
+    assert torch.equal(sample.color_fix_of(sr, ref, "wavelet"), release_wavelet(sr, ref)[1])
     assert torch.equal(sample.color_fix_of(sr, ref, "none"), sr.clamp(0, 1))
+    # a reference of another size (the release's odd sizes) is resized with LANCZOS first
+    small = ref[..., :29, :31]
+    torch.testing.assert_close(color_fix.wavelet_color_fix(q, small),
+                               torch.from_numpy(release_wavelet(q, small)[0]).permute(2, 0, 1)[None],
+                               rtol=0, atol=1e-6)
 
 
 def test_pil_upscale_is_pil_bicubic_on_8_bit():

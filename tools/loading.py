@@ -19,6 +19,7 @@ from tools.files import read_safetensors_header
 DEFAULT_CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "vosr-small-realworld-os"  # sample.py without --ckpt
 # what a run dir's config.json "sampler_defaults" may set (ours)
 SAMPLER_DEFAULTS = ("steps", "alpha", "tile", "tile_overlap", "color_fix", "upscale", "tile_blend", "vae_tile", "lapped")
+RUN_WEIGHTS = {"ema.safetensors": "the EMA weights", "ckpt.safetensors": "the training state"}  # of a run dir
 RELEASE_CONVENTIONS = dict(color_fix="adain", upscale="pil", tile_blend="gaussian")   # the release's scripts
 RELEASE_FILES = {  # ae_type / enc_type → (file beside the model folder, what it is, the flag that replaces it)
     "sd2": ("stable-diffusion-2-1-base", "the SD2.1 VAE of ae_type sd2", "--codec FOLDER"),
@@ -37,6 +38,8 @@ def read_release_folder(folder: Path, cfg) -> tuple[dict, Path, list[str]]:
         return str(folder.parent / name)
     run = {**release.release_settings(folder), **RELEASE_CONVENTIONS}
     weights, ae = release.release_weights(folder), run["args"]["ae_type"]
+    has_r = any(k.startswith("r_embedder.") for k in read_safetensors_header(weights)[0])
+    run["kind"] = release.release_kind(run["args"], has_r, folder / "args.json", weights)
     run.update(semantic_size=cfg.semantic_size or run["semantic_size"], codec=cfg.codec or beside(ae),
                semantic_layer=run["semantic_layer"] if cfg.semantic_layer is None else cfg.semantic_layer,
                light_decoder=cfg.light_decoder or (beside("sd2-light") if ae == "sd2" else None),
@@ -70,13 +73,31 @@ def describe_semantic(semantic) -> str:
     return f"{name}, block {semantic.layer} of {len(semantic.vit.blocks)}, {semantic.image_size} px"
 
 
-def checkpoint_defaults(cfg, pipe, run: dict):
+def onestep_settings(cfg, note=print):
+    """VOSR 2.0 (args.json distill_type 'onestep'): one Euler step t = 1 → 0 of one branch with full
+    conditioning. --steps above 1 is a ValueError (the model has no steps in between); --guidance
+    and --alpha get a note that they are ignored (its authors: they have no effect on it)."""
+    if cfg.steps not in (None, 1):
+        raise ValueError(f"--steps {cfg.steps}: VOSR 2.0 (args.json distill_type 'onestep') takes one "
+                         "Euler step, t = 1 → 0; leave --steps out")
+    default = type(cfg).__dataclass_fields__["guidance"].default
+    ignored = [flag for flag, given in (("--guidance", cfg.guidance != default),
+                                        ("--alpha", cfg.alpha is not None)) if given]
+    if ignored:
+        note(f"sample.py: {' and '.join(ignored)} ignored: VOSR 2.0 runs one branch with full "
+             "conditioning (no guidance, no weak condition)")
+    return replace(cfg, steps=1)
+
+
+def checkpoint_defaults(cfg, pipe, run: dict, note=print):
     """The SampleConfig cfg with the settings left to the checkpoint filled in: first a run dir's own (config.json
     "sampler_defaults", e.g. the shipped models' fastest good --tile), then 1 step for a student, 25 (a release's
     infer_steps) for a teacher; α = 0.15 (a release's mean weak_cond_strength_aelq), 0 for a run trained with
     --mode cfg (its auxiliary branch never saw c_str); the release's colour fix, LR upscaler and tile blending
     for a release folder, else none / torch / linear (pil for a run trained with --resize-back release)."""
     cfg = replace(cfg, **{k: v for k, v in run.get("sampler_defaults", {}).items() if getattr(cfg, k) is None})
+    if run.get("kind") == release.ONESTEP:
+        cfg = onestep_settings(cfg, note)
     steps = cfg.steps if cfg.steps is not None else 1 if pipe.student else run.get("infer_steps", 25)
     alpha = cfg.alpha if cfg.alpha is not None else run.get("alpha", 0.0 if run.get("mode") == "cfg" else 0.15)
     return replace(cfg, steps=steps, alpha=alpha, color_fix=cfg.color_fix or run.get("color_fix", "none"),
@@ -88,6 +109,10 @@ def load_model(cfg, report=print):
     """(DiT, codec, semantic encoder, student?, run settings) of the SampleConfig cfg's --ckpt; report gets one
     line per file loaded; a ValueError or FileNotFoundError names what cannot be used."""
     ckpt = Path(cfg.ckpt)
+    if ckpt.is_file() and ckpt.name in RUN_WEIGHTS and (ckpt.parent / "config.json").is_file():
+        report(f"sample.py: --ckpt {ckpt}: {RUN_WEIGHTS[ckpt.name]} of the run dir {ckpt.parent}: "
+               f"using the run dir (its config.json and ema.safetensors), as --ckpt {ckpt.parent}")
+        ckpt = ckpt.parent
     if ckpt.is_dir():
         official = (ckpt / "args.json").is_file() and not (ckpt / "config.json").is_file()
         run, weights, loaded = (read_release_folder if official else read_run_dir)(ckpt, cfg)
@@ -98,6 +123,9 @@ def load_model(cfg, report=print):
                    semantic_layer=cfg.semantic_layer, train_grid=32)
     else:
         raise ValueError(f"{ckpt}: checkpoint not found")
+    if run.get("kind") == release.ONESTEP and cfg.student is False:
+        raise ValueError(f"--student 0: {ckpt} is VOSR 2.0 (args.json distill_type 'onestep'), one step "
+                         "of one branch: it has no teacher sampling")
     shapes = read_safetensors_header(weights)[0]
     light = None if run.get("light_decoder") in (None, "none") else run["light_decoder"]
     codec = vae.load_codec(run["codec"], light_decoder=light, device=cfg.device)
@@ -128,9 +156,10 @@ def load_model(cfg, report=print):
     else:
         conf = dit.preset_config(run["preset"], latent_channels=codec.channels, with_r=with_r, enc_dim=enc_dim,
                                  train_grid=run["train_grid"], patch_size=run.get("patch_size", 2))
+    kind = run.get("kind", release.STUDENT if with_r else release.TEACHER)   # a run dir: its weights
     model = dit.from_checkpoint(conf, str(weights))
-    loaded.insert(0, f"DiT {weights} (dim {model.dim}, depth {model.depth}, {'one-step student' if with_r else 'teacher'})")
+    loaded.insert(0, f"DiT {weights} (dim {model.dim}, depth {model.depth}, {release.KIND_NAMES[kind]})")
     for line in loaded:
         report(f"sample.py: loaded {line}")
-    student = with_r if cfg.student is None else cfg.student
+    student = kind != release.TEACHER if cfg.student is None else cfg.student
     return model, codec, semantic, student, run

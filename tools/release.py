@@ -88,6 +88,7 @@ def release_settings(folder: Path) -> dict:
     block of layer_dinov2b_list), α (the mean of weak_cond_strength_aelq_list, 0.15) and infer_steps."""
     path = folder / "args.json"
     args = read_json(path)
+    check_args(args, path)
     ae, enc = args.get("ae_type"), args.get("enc_type")
     if ae not in RELEASE_LATENT_CHANNELS:
         raise ValueError(f"{path}: ae_type {ae!r} is not one of {sorted(RELEASE_LATENT_CHANNELS)}")
@@ -105,6 +106,82 @@ def release_settings(folder: Path) -> dict:
     if isinstance(args.get("infer_steps"), int) and args["infer_steps"] >= 1:
         run["infer_steps"] = args["infer_steps"]
     return run
+
+
+# ---------------------------------------------------------------------- which model a folder holds
+# Five kinds of release folder: VOSR_{0.5B,1.4B}_ms (teachers), VOSR_{0.5B,1.4B}_os (one-step
+# students, distill_type "rcgm", with the r embedder) and VOSR2 (VOSR 2.0: distill_type "onestep",
+# auxiliary_time_cond false, one step of one branch without r). args.json decides; the weights'
+# r_embedder.* keys must agree with it.
+
+TEACHER, STUDENT, ONESTEP = "teacher", "student", "onestep"
+DISTILL_TYPES = {"rcgm": STUDENT, "onestep": ONESTEP}   # distill_type → kind; absent, null: teacher
+KIND_NAMES = {TEACHER: "teacher", STUDENT: "one-step student",
+              ONESTEP: "VOSR 2.0, one step of one branch, no r embedder"}
+# the keys of VOSR 2.0's args.json (as community integrations that load it list them): all required
+VOSR2_KEYS = ("ae_type", "dim", "depth", "num_heads", "patch_size", "enc_type", "enc_dim",
+              "layer_dinov2b_list", "auxiliary_time_cond", "distill_type", "mlp_ratio",
+              "use_qknorm", "use_swiglu", "use_rope", "use_rmsnorm", "encdim_ratio", "resolution")
+ARG_TYPES = {**dict.fromkeys(("dim", "depth", "num_heads", "patch_size", "resolution", "enc_dim"),
+                             int),
+             **dict.fromkeys(("mlp_ratio", "encdim_ratio"), float),
+             **dict.fromkeys(("auxiliary_time_cond", *RELEASE_ARCH_FLAGS), bool)}
+DINOV2_DEPTH = {"dinov2b": 12, "dinov2l": 24}
+
+
+def _typed(v, kind) -> bool:
+    """v is a JSON boolean (kind bool), a positive number (float) or a positive whole one (int)."""
+    if kind is bool or isinstance(v, bool):
+        return kind is bool and isinstance(v, bool)
+    return isinstance(v, (int, float)) and v > 0 and (kind is float or v == int(v))
+
+
+def check_args(args: dict, path) -> None:
+    """args.json checked before anything is built: a value of the wrong type, or one contradicting
+    another, is a ValueError naming the key; VOSR 2.0's (distill_type onestep) needs VOSR2_KEYS."""
+    dt = args.get("distill_type")
+    if dt not in (None, "", "none") and dt not in DISTILL_TYPES:
+        raise ValueError(f"{path}: 'distill_type' {dt!r} is not one of {sorted(DISTILL_TYPES)} "
+                         "(or absent for a teacher)")
+    missing = [k for k in VOSR2_KEYS if k not in args] if dt == "onestep" else []
+    if missing:
+        raise ValueError(f"{path}: '{missing[0]}' missing (VOSR 2.0's args.json, distill_type "
+                         f"'onestep', has {', '.join(VOSR2_KEYS)}); {len(missing)} missing in all")
+    for key, kind in ARG_TYPES.items():
+        if key in args and not _typed(args[key], kind):
+            want = "true or false" if kind is bool else f"a positive {kind.__name__}"
+            raise ValueError(f"{path}: '{key}' is {args[key]!r}, expected {want}")
+    if dt == "onestep" and args["auxiliary_time_cond"]:
+        raise ValueError(f"{path}: 'auxiliary_time_cond' true contradicts distill_type 'onestep' "
+                         "(VOSR 2.0: one step without the r embedder)")
+    if "dim" in args and "num_heads" in args and args["dim"] % args["num_heads"]:
+        raise ValueError(f"{path}: 'num_heads' {args['num_heads']} does not divide "
+                         f"dim {args['dim']}")
+    unit = 8 * int(args.get("patch_size", 2))
+    if "resolution" in args and args["resolution"] % unit:
+        raise ValueError(f"{path}: 'resolution' {args['resolution']} is not a multiple of {unit} "
+                         "(8 × patch_size)")
+    layers, depth = args.get("layer_dinov2b_list"), DINOV2_DEPTH.get(args.get("enc_type"))
+    if depth and isinstance(layers, list) and any(isinstance(i, int) and not 0 <= i < depth
+                                                  for i in layers):
+        raise ValueError(f"{path}: 'layer_dinov2b_list' {layers} names a block that enc_type "
+                         f"{args['enc_type']!r} ({depth} blocks) does not have")
+
+
+def release_kind(args: dict, has_r: bool, path, weights) -> str:
+    """TEACHER, STUDENT or ONESTEP from args.json's distill_type and auxiliary_time_cond (check_args
+    first), cross-checked with the weights' r_embedder.* keys: a contradiction is a ValueError."""
+    kind = DISTILL_TYPES.get(args.get("distill_type"), TEACHER)
+    aux, keys = args.get("auxiliary_time_cond"), "has" if has_r else "has no"
+    if (kind == STUDENT) != has_r:
+        said = {TEACHER: "no 'distill_type' (a teacher)",
+                STUDENT: "'distill_type' 'rcgm' (a one-step student with the r embedder)",
+                ONESTEP: "'distill_type' 'onestep' (VOSR 2.0, no r embedder)"}[kind]
+        raise ValueError(f"{path}: {said}, but {weights} {keys} r_embedder.* keys")
+    if aux is not None and aux != has_r:
+        raise ValueError(f"{path}: 'auxiliary_time_cond' is {str(aux).lower()}, but {weights} "
+                         f"{keys} r_embedder.* keys")
+    return kind
 
 
 SEMANTIC_INPUT = ("layer_norm.", "mlp_ca.fc1.")  # the layers whose shape follows the semantic width enc_dim

@@ -18,6 +18,7 @@ from tools.loading import DEFAULT_CKPT
 
 SEMANTIC_TILES, UPSCALE, TILE_BLEND, LATENT, LAPPED = (
     ("global", "per-tile", "whole"), ("torch", "pil"), ("linear", "gaussian"), ("mean", "sample"), ("off", "on"))
+TILE_SHAPE = ("fit", "square")
 
 
 @dataclass
@@ -34,9 +35,10 @@ class SampleConfig:
     tile_overlap: int | None = None  # overlap between tiles in output pixels; None: tile / 8
     semantic_tiles: str = "global"   # global | per-tile | whole (VOSRPipeline.tile_semantics)
     # None below: the checkpoint's convention (the official release's for a release folder, checkpoint_defaults)
-    color_fix: str | None = None     # none | adain | wavelet
+    color_fix: str | None = None     # none | adain | wavelet (the release's) | adain-var | wavelet-atrous (ours)
     upscale: str | None = None       # torch | pil
     tile_blend: str | None = None    # linear | gaussian
+    tile_shape: str = "fit"          # fit (ours) | square (the release's: short-side squares)
     lapped: str | None = None        # off | on: (ours) sample.LappedDiT, the DiT also on half-token-shifted grids
     vae_tile: int | None = None      # tile side of the codec in output pixels; None: --tile; 0: the whole image
     latent: str = "mean"             # mean | sample: c_str from the codec posterior's mean or a sample
@@ -81,6 +83,9 @@ SAMPLER_FLAGS = {  # SampleConfig field → (argparse type, or a tuple of choice
                "cross-fade the four velocities: no grid at token edges, 4× the DiT's cost; needs an even token side "
                "(pixel codecs) (default: the run dir's config.json sampler_defaults, on for the shipped default "
                "model; off otherwise)"),
+    "tile_shape": (TILE_SHAPE, "the DiT's latent tiles: fit (ours: min(tile, side) along each axis) or square "
+                   "(the official scripts: squares of min(tile, the latent's short side), overlap at least "
+                   "side/8, unless both sides fit one tile) (default: {d.tile_shape})"),
     "vae_tile": (number(int, 0), "tile side of the codec (VAE) in output pixels (default: --tile); 0: the whole "
                  "image at once, as the official scripts"),
     "semantic_tiles": (SEMANTIC_TILES, "global: one DINOv2 token map for the whole image, each tile attends to its "
@@ -88,8 +93,10 @@ SAMPLER_FLAGS = {  # SampleConfig field → (argparse type, or a tuple of choice
                        "attends to all tokens of the whole image resized to the encoder's size (default: "
                        "{d.semantic_tiles})"),
     "color_fix": (tuple(sorted(COLOR_FIX)), "colour correction of the clamped 8-bit output against the upscaled LR: "
-                  "per-channel mean/std (adain) or low frequencies (wavelet) (default: adain for a release folder, "
-                  "as the official scripts; none otherwise)"),
+                  "the official scripts' adain (per-channel mean and std + 1e-5) and wavelet (OpenCV Gaussian "
+                  "low pass, sigma 5, truncated to 8 bits), or ours: adain-var (sqrt(var + 1e-5)), "
+                  "wavelet-atrous (5-level à-trous low pass) (default: adain for a release folder, as the "
+                  "official scripts; none otherwise)"),
     "upscale": (UPSCALE, "how the LR is resized to the output size before encoding: pil (PIL bicubic on the 8-bit "
                 "image, the official scripts) or torch (bicubic in float, what train_teacher.py's resize-back does) "
                 "(default: pil for a release folder or a run trained with --resize-back release, torch otherwise)"),
