@@ -27,6 +27,7 @@ Shipping a run as fp16 weights: tools/export.py RUN_DIR OUT_DIR.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,13 @@ class DistillConfig(TrainConfig):
 # The paper's recipe (appendix A.3 and Table 5): 50K steps, batch 32, lr 2e-5 — overridable by flags.
 # (The official release's one-step configs: 100K steps at 512².) The rest as the teacher (appendix A.3).
 DEFAULTS = dict(size=256, batch=32, steps=50_000, lr=2e-5, val_steps=1)
+# --preset: recipes of defaults; the model is always the teacher's. The CPU ones are ours: 64² crops, lr 2e-4
+# and EMA 0.99 as the distillations of docs/ablations.md and docs/small_scale.md (a few hundred steps).
+PRESETS = {
+    "paper": {k: v for k, v in DEFAULTS.items() if k != "val_steps"},
+    "tiny": dict(size=64, batch=4, steps=200, lr=2e-4, ema=0.99, ckpt_every=50),
+    "small": dict(size=64, batch=16, steps=400, lr=2e-4, ema=0.99, ckpt_every=50),
+}
 
 
 # ----------------------------------------------------------------------------- times and targets
@@ -171,21 +179,24 @@ def train_step(cfg: DistillConfig, run: tt.Run, teacher, codec, semantic, step: 
 def main(argv=None) -> dict:
     """Distil; returns {step: loss} of the steps this call ran."""
     cfg, changes = parse_cli(argv)
-    crops = tt.preflight(cfg, NAME)  # before the teacher is loaded
-    tconf, weights = runs.load_teacher_run(cfg.teacher, NAME)
-    with runs.distributed(cfg) as env:
-        torch.manual_seed(cfg.seed)
-        codec, semantic, teacher, student, ema = build_student(cfg, tconf, weights, env[2])
-        run = tt.Run(cfg, student, ema, codec, semantic, env, crops, student=True, name=NAME, changes=changes)
-        for step in run.steps():
-            loss = train_step(cfg, run, teacher, codec, semantic, step)  # draw → condition → loss, and its gradient
-            loss = run.update(loss, step)                                # step: AdamW (None: non-finite, skipped)
-            if loss is None:
-                continue
-            tt.ema_update(ema, student, min(cfg.ema, (1 + step) / (10 + step)))  # EMA, warmed up as the teacher's
-            run.log(step, loss)                                          # log.jsonl, validation, checkpoint
-        run.close()
-        return run.history
+    # one run per dir (its lock); SIGINT/SIGTERM: the current step is saved and the run stops (runs.Stopped)
+    with runs.StopSignals(Path(cfg.out), NAME) as stop, runs.locked(Path(cfg.out), NAME):
+        crops = tt.preflight(cfg, NAME)  # before the teacher is loaded
+        tconf, weights = runs.load_teacher_run(cfg.teacher, NAME)
+        with runs.distributed(cfg) as env:
+            torch.manual_seed(cfg.seed)
+            codec, semantic, teacher, student, ema = build_student(cfg, tconf, weights, env[2])
+            run = tt.Run(cfg, student, ema, codec, semantic, env, crops, student=True, name=NAME,
+                         changes=changes, stop=stop)
+            for step in run.steps():
+                loss = train_step(cfg, run, teacher, codec, semantic, step)  # draw → condition → loss, gradient
+                loss = run.update(loss, step)                                # AdamW (None: non-finite, skipped)
+                if loss is None:
+                    continue
+                tt.ema_update(ema, student, min(cfg.ema, (1 + step) / (10 + step)))  # EMA, as the teacher's
+                run.log(step, loss)                                          # log.jsonl, validation, checkpoint
+            run.close()
+            return run.history
 
 
 # ----------------------------------------------------------------------------- the models and the command line
@@ -219,12 +230,14 @@ def build_student(cfg: DistillConfig, tconf: dict, weights: Path, device):
 INHERITED = ("preset", "patch_size", "codec", "light_decoder", "semantic", "semantic_size", "degradation",
              "resize_back", "mode", "p_partial", "alpha_min", "alpha_max", "aug_mean", "aug_std")
 TRUE_DEFAULTS = (dataclasses.asdict(DistillConfig()) | DEFAULTS | {"out": "runs/student"}
-                 | {k: "the teacher's" for k in INHERITED} | {"device": "cuda if available, else cpu"})
+                 | {k: "the teacher's" for k in INHERITED} | {"preset": "paper", "device": "cuda if available, else cpu"})
+EPILOG = (cli.presets_epilog(PRESETS, header="presets (each sets these defaults; any flag given wins; the model is "
+                             "always the teacher's):") + "\n\n" + cli.DISTILL_EPILOG)
 
 
 def build_parser() -> cli.OneLineParser:
-    return cli.config_parser(DistillConfig, __doc__, TRUE_DEFAULTS, cli.DISTILL_HELP, cli.DISTILL_EPILOG, prog=NAME,
-                             choices=cli.DISTILL_CHOICES)
+    return cli.config_parser(DistillConfig, __doc__, TRUE_DEFAULTS, cli.DISTILL_HELP, EPILOG, prog=NAME,
+                             choices=cli.DISTILL_CHOICES | {"preset": tuple(PRESETS)})
 
 
 def parse_cli(argv=None, check_files: bool = True) -> tuple[DistillConfig, list]:
@@ -236,13 +249,14 @@ def parse_cli(argv=None, check_files: bool = True) -> tuple[DistillConfig, list]
     if "init" in given:
         p.error("--init: not used by distill.py (the student starts from the --teacher's weights)")
     given.setdefault("out", "runs/student")  # distill's own default, not the teacher's runs/teacher
+    recipe = PRESETS[given.pop("preset", "paper")]  # the model preset comes from the teacher, never a flag
 
     def fresh() -> DistillConfig:
         if not given.get("teacher") or not given.get("data"):
             p.error("--teacher RUN_DIR and --data DIR are required")
         tconf, _ = runs.load_teacher_run(given["teacher"], NAME)
         inherit = {k: tconf[k] for k in INHERITED if k in tconf}
-        return DistillConfig(**(inherit | DEFAULTS | {"out": "runs/student"} | given))
+        return DistillConfig(**(inherit | DEFAULTS | recipe | {"out": "runs/student"} | given))
     return cli.resolve_cli(p, DistillConfig, given, NAME, fresh, cli.DISTILL_RANGES, check_files)
 
 
@@ -251,7 +265,4 @@ def parse_args(argv=None) -> DistillConfig:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:  # Ctrl-C: the checkpoints are written atomically, the last one is whole
-        raise SystemExit(f"{NAME}: interrupted; --resume continues from the last ckpt.safetensors") from None
+    sys.exit(tt.run_main(NAME, main))  # one line and the exit status for a mistake, SIGINT or SIGTERM

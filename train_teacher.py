@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ import vae
 from sample import VOSRPipeline
 from tools import cli, files, runs
 
+NAME = "train_teacher.py"
 
 @dataclass
 class TrainConfig:
@@ -236,23 +238,25 @@ def train_step(cfg: TrainConfig, run: Run, codec, semantic, step: int) -> torch.
 def train(cfg: TrainConfig, changes=()) -> dict:
     """Train the teacher; returns {step: loss} of the steps this call ran. `changes`: what a --resume
     changed (parse_cli), recorded in config.json."""
-    crops = preflight(cfg)  # before the models are built: a refusal should not wait for DINOv2 to load
-    with runs.distributed(cfg) as env:  # torchrun's ranks; a plain run is rank 0 of 1
-        torch.manual_seed(cfg.seed)  # the same init on every rank
-        codec, semantic, model, ema = build_models(cfg, env[2])
-        if cfg.init and not (cfg.resume and (Path(cfg.out) / "ckpt.safetensors").exists()):
-            runs.init_weights(cfg.init, model, ema)
-        run = Run(cfg, model, ema, codec, semantic, env, crops, changes=changes)
-        for step in run.steps():
-            loss = train_step(cfg, run, codec, semantic, step)   # draw → condition → loss, and its gradient
-            loss = run.update(loss, step)                        # step: AdamW (None: a non-finite loss, skipped)
-            if loss is None:
-                continue
-            # EMA, with a warm-up that keeps short runs meaningful: it reaches cfg.ema after ~10/(1−ema) steps
-            ema_update(ema, model, min(cfg.ema, (1 + step) / (10 + step)))
-            run.log(step, loss)                                  # log.jsonl, validation, checkpoint
-        run.close()
-        return run.history
+    # one run per dir (its lock); SIGINT/SIGTERM: the current step is saved and the run stops (runs.Stopped)
+    with runs.StopSignals(Path(cfg.out), NAME) as stop, runs.locked(Path(cfg.out), NAME):
+        crops = preflight(cfg)  # before the models are built: a refusal should not wait for DINOv2 to load
+        with runs.distributed(cfg) as env:  # torchrun's ranks; a plain run is rank 0 of 1
+            torch.manual_seed(cfg.seed)  # the same init on every rank
+            codec, semantic, model, ema = build_models(cfg, env[2])
+            if cfg.init and not (cfg.resume and (Path(cfg.out) / "ckpt.safetensors").exists()):
+                runs.init_weights(cfg.init, model, ema)
+            run = Run(cfg, model, ema, codec, semantic, env, crops, changes=changes, stop=stop)
+            for step in run.steps():
+                loss = train_step(cfg, run, codec, semantic, step)  # draw → condition → loss, and its gradient
+                loss = run.update(loss, step)                       # step: AdamW (None: non-finite, skipped)
+                if loss is None:
+                    continue
+                # EMA, with a warm-up that keeps short runs meaningful: cfg.ema after ~10/(1−ema) steps
+                ema_update(ema, model, min(cfg.ema, (1 + step) / (10 + step)))
+                run.log(step, loss)                                 # log.jsonl, validation, checkpoint
+            run.close()
+            return run.history
 
 
 # ----------------------------------------------------------------------------- the loop's plumbing
@@ -269,13 +273,14 @@ class Run:
     data loader, the loss over ranks, non-finite losses, log.jsonl and the progress line, validation, checkpoints."""
 
     def __init__(self, cfg, model, ema, codec, semantic, env, crops, student=False, name="train_teacher.py",
-                 changes=()):
+                 changes=(), stop=None):
         self.rank, self.world, self.device = rank, world, device = env
         if cfg.batch % (world * cfg.grad_accum):
             raise SystemExit(f"{name}: --batch {cfg.batch}: must divide by world size × grad_accum = "
                              f"{world * cfg.grad_accum}")
         self.cfg, self.model, self.ema, self.codec, self.semantic = cfg, model, ema, codec, semantic
         self.student, self.name = student, name
+        self.stop = stop or runs.StopSignals(Path(cfg.out), name)  # none given: never set (no handlers)
         self.dir, ckpt = Path(cfg.out), Path(cfg.out) / "ckpt.safetensors"
         resuming = cfg.resume and ckpt.exists()
         self.val_hr = load_val(cfg, device) if rank == 0 else None
@@ -308,9 +313,20 @@ class Run:
         self.bar = tqdm(range(self.start, cfg.steps), initial=self.start, total=cfg.steps,
                         disable=rank != 0 or not self.tty, desc=name.removesuffix(".py"))
         self.history, self.bad, self.t0 = {}, 0, time.time()
+        self.saved = self.start  # the step of the last checkpoint written
 
     def steps(self):
-        return self.bar
+        """The steps to run; after each, a SIGINT/SIGTERM that any rank got saves that step and stops the run."""
+        self.stop.armed = True
+        for step in self.bar:
+            yield step
+            signum = self.stop.agreed(self.world, self.device)
+            if signum and step + 1 < self.cfg.steps:  # (a signal in the last step: the run is done anyway)
+                if self.saved != step + 1:
+                    self.checkpoint(step + 1)
+                self.close()
+                raise runs.Stopped(signum, runs.stop_line(self.name, self.dir, signum, self.saved)
+                                   if self.rank == 0 else "")
 
     def next_batch(self) -> torch.Tensor:
         return next(self.loader).to(self.device, non_blocking=True)
@@ -348,9 +364,9 @@ class Run:
         cfg, done = self.cfg, step + 1
         self.history[step] = loss
         checkpoint_now = done % cfg.ckpt_every == 0 or done == cfg.steps
-        # every rank takes part in gathering the streams' positions (a collective under torchrun)
-        streams = self.loader.state(self.world) if checkpoint_now and hasattr(self.loader, "state") else None
         if self.rank != 0:
+            if checkpoint_now:
+                self.checkpoint(done)  # a collective under torchrun: its part of it
             return
         elapsed = time.time() - self.t0
         ips = (done - self.start) * cfg.batch / elapsed
@@ -363,12 +379,22 @@ class Run:
         if done % cfg.log_every == 0 or "val_psnr" in rec:
             self.logfile.write(json.dumps(rec) + "\n")
             self.logfile.flush()
-        if not self.tty and (done % cfg.log_every == 0 or done == cfg.steps):
+        # from the first step on (a CPU step of the paper's recipe takes seconds: --log-every 10 was minutes)
+        if not self.tty and (done % cfg.log_every == 0 or done in (self.start + 1, cfg.steps)):
             print(runs.progress_line(self.name, done, cfg.steps, loss, (done - self.start) / elapsed), flush=True)
-        if checkpoint_now:
+        if checkpoint_now:  # last: a run killed before it has logged past its checkpoint (runs.trim_log)
+            self.checkpoint(done)
+
+    def checkpoint(self, done: int) -> None:
+        """ckpt.safetensors and ema.safetensors of step `done` (rank 0 writes; every rank calls this)."""
+        # every rank takes part in gathering the streams' positions (a collective under torchrun)
+        streams = self.loader.state(self.world) if hasattr(self.loader, "state") else None
+        if self.rank == 0:
             runs.save_checkpoint(self.dir, self.model, self.ema, self.opt, done, streams)
+        self.saved = done
 
     def close(self) -> None:
+        self.bar.close()
         if self.logfile:
             self.logfile.close()
 
@@ -430,7 +456,10 @@ def load_val(cfg: TrainConfig, device) -> torch.Tensor | None:
             continue
         if min(img.shape[-2:]) >= cfg.size:
             crops.append(files.center_crop(img, cfg.size))
-    return torch.stack(crops).to(device) if crops else None
+    if not crops:  # else a run without validation, not a word
+        raise files.UserError(f"--val-data {cfg.val_data}: none of its first 8 images can be read and is at "
+                              f"least --size {cfg.size} px on its shorter side")
+    return torch.stack(crops).to(device)
 
 
 # ----------------------------------------------------------------------------- data: a folder (streams: tools/shards)
@@ -454,6 +483,10 @@ class HRCrops(torch.utils.data.Dataset):
         self.cache: dict[int, torch.Tensor] | None = {} if cache else None
         self.name = name
         self.check_readable(root, name)
+        if os.environ.get("RANK", "0") == "0":  # torchrun: once, not once per rank
+            n = len(self.files) - len(self.bad)
+            few = " (very few: the model will learn these images, not super-resolution in general)"
+            print(f"{name}: --data {root}: {n} training image{'s' if n > 1 else ''}{few if n < 10 else ''}")
 
     def check_readable(self, root: str, name: str) -> None:
         """Decode files in order until one reads, here in the main process: a folder of only broken images
@@ -568,10 +601,29 @@ def parse_args(argv=None) -> TrainConfig:
     return parse_cli(argv, check_files=False)[0]
 
 
-if __name__ == "__main__":
-    cfg, changes = parse_cli()
+def run_main(name: str, work) -> int:
+    """A training script's command line: `work()` parses and trains. A user's mistake (files.UserError), a
+    stop by SIGINT or SIGTERM (runs.Stopped: the current step saved) or a Ctrl-C before the run began end
+    it with one line on stderr and the exit status: 2, 128 + the signal (130, 143), 130."""
     try:
-        train(cfg, changes)
-    except KeyboardInterrupt:  # Ctrl-C: the checkpoints are written atomically, the last one is whole
-        raise SystemExit(f"train_teacher.py: interrupted; --resume continues from {cfg.out}/ckpt.safetensors "
-                         f"(written every --ckpt-every {cfg.ckpt_every} steps)") from None
+        work()
+    except files.UserError as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        return 2
+    except runs.Stopped as e:
+        if str(e):  # rank 0 says it; the other ranks stop quietly
+            print(f"{name}: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:  # before train() took the signals over: nothing was written
+        print(f"{name}: interrupted before the run began; nothing written", file=sys.stderr)
+        return 130
+    return 0
+
+
+def main(argv=None) -> int:
+    """python train_teacher.py ...: the exit status (run_main)."""
+    return run_main(NAME, lambda: train(*parse_cli(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

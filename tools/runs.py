@@ -3,7 +3,8 @@
 A run dir holds config.json, ckpt.safetensors (model, EMA, optimiser, step and, for streamed data, each data
 stream's position), ema.safetensors and log.jsonl. Here: checking it before a run starts (never overwrite a
 run silently), --overwrite, checkpoints written atomically and read back for --resume, --init from another
-run's EMA weights, the teacher run a student distils, torchrun's ranks, and the progress line.
+run's EMA weights, the teacher run a student distils, torchrun's ranks, the progress line, the lock that
+keeps one run per dir (locked), and SIGINT/SIGTERM saving the current step before the run stops (StopSignals).
 tools/export.py writes its files with these helpers too.
 """
 from __future__ import annotations
@@ -12,7 +13,11 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
+import socket
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -61,6 +66,8 @@ def check_run_dir(cfg, name: str) -> None:
         refuse_existing_run(run, found, name)
     if cfg.val_data and not Path(cfg.val_data).exists():
         raise SystemExit(f"{name}: --val-data {cfg.val_data}: not found")
+    if cfg.val_data and not files.find_images(cfg.val_data):  # else a run without validation, not a word
+        raise files.UserError(f"--val-data {cfg.val_data}: no images ({', '.join(files.IMAGE_EXTS)}) found")
 
 
 def refuse_existing_run(run: Path, found: list, name: str):
@@ -247,3 +254,194 @@ def progress_line(name: str, done: int, steps: int, loss: float, steps_per_s: fl
     """The line printed every --log-every steps when stderr is not a terminal (no progress bar there)."""
     eta = time.strftime("%H:%M:%S", time.gmtime((steps - done) / max(steps_per_s, 1e-9)))
     return f"{name}: step {done}/{steps} loss {loss:.4f} {steps_per_s:.2f} steps/s ETA {eta}"
+
+
+# ----------------------------------------------------------------------------- one run per dir (ours)
+
+LOCK = "run.lock"
+
+
+@contextlib.contextmanager
+def locked(run: Path, name: str):
+    """The run dir, locked while this run writes to it: `run.lock` (pid, host, start time), created with
+    O_EXCL so that of two runs started together exactly one gets it; another run is refused naming the
+    holder; a lock whose process is gone (same host) is taken over with a note. The lock goes on every exit
+    (a SIGKILL leaves it: the next run on this host takes it over), and so do the folders this run made,
+    if nothing else was written to them. Under torchrun rank 0 holds it for all ranks."""
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    if run.exists() and not run.is_dir():
+        raise files.UserError(f"--out {run} is a file, not a folder")
+    made = [p for p in (run, *run.parents) if not p.exists()]  # deepest first
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise files.UserError(f"--out {run}: cannot create the folder ({e.strerror})") from None
+    mine = _take_lock(run / LOCK, name)
+    try:
+        yield
+    finally:
+        if _read_lock(run / LOCK) == mine:
+            (run / LOCK).unlink(missing_ok=True)
+        for folder in made:
+            try:
+                folder.rmdir()  # only if empty: a refused run leaves no folder behind
+            except OSError:
+                break
+
+
+def _take_lock(lock: Path, name: str) -> dict:
+    """Create `lock` holding this process (or take over a stale one); UserError naming a live holder."""
+    mine = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    for _ in range(3):  # a lock released or taken over meanwhile: look again
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            holder = _read_lock(lock)
+            if holder is None and lock.exists():  # perhaps being written this instant: look once more
+                time.sleep(0.2)
+                holder = _read_lock(lock)
+            if holder is None and lock.exists():
+                raise files.UserError(f"--out {lock.parent} is locked by another run ({lock} cannot be read); "
+                                      f"if no run uses this folder, delete {lock}") from None
+            if holder is not None and not _stale(holder):
+                raise files.UserError(_held_line(lock, holder)) from None
+            if holder is not None:
+                print(f"{name}: --out {lock.parent}: taking over the lock of pid {holder['pid']} on "
+                      f"{holder['host']} (started {holder['started']}): that process is gone")
+                _set_aside(lock, holder)
+            continue
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(mine))
+        except BaseException:  # a signal or a full disk between create and write: no half lock left
+            lock.unlink(missing_ok=True)
+            raise
+        return mine
+    raise files.UserError(f"--out {lock.parent}: other runs keep taking its lock {lock}; start one at a time")
+
+
+def _read_lock(lock: Path) -> dict | None:
+    """The holder written in a lock file; None if it is gone, empty or unreadable."""
+    try:
+        holder = json.loads(lock.read_text())
+        return holder if isinstance(holder, dict) and {"pid", "host", "started"} <= holder.keys() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _held_line(lock: Path, holder: dict) -> str:
+    """The one line for a run dir another run holds."""
+    line = (f"--out {lock.parent} is in use by another run: pid {holder['pid']} on {holder['host']}, started "
+            f"{holder['started']}; wait for it to end or choose another --out")
+    if holder["host"] != socket.gethostname():  # its pid cannot be looked up from here
+        line += f" (if that run is no longer running, delete {lock})"
+    return line
+
+
+def _stale(holder: dict) -> bool:
+    """A lock of this host whose process is gone, or whose pid now belongs to a later process."""
+    if holder["host"] != socket.gethostname():
+        return False
+    pid = int(holder["pid"])
+    if pid == os.getpid():
+        return True  # this process did not take it: a pid reused (a restarted container)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        pass
+    started = _process_start(pid)
+    return started is not None and "time" in holder and started > float(holder["time"]) + 2
+
+
+def _process_start(pid: int) -> float | None:
+    """When process `pid` started (Unix time, from /proc); None where there is no /proc."""
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _set_aside(lock: Path, holder: dict) -> None:
+    """Remove a stale lock; if another run replaced it first, put that run's lock back."""
+    aside = lock.with_name(f".{lock.name}.{uuid.uuid4().hex[:8]}.stale")
+    try:
+        os.rename(lock, aside)
+    except FileNotFoundError:
+        return
+    if _read_lock(aside) != holder:
+        with contextlib.suppress(OSError):
+            os.link(aside, lock)
+    aside.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- SIGINT and SIGTERM (ours)
+
+class Stopped(Exception):
+    """A run stopped by SIGINT or SIGTERM; the message is the line to print (empty on ranks other than 0),
+    `code` the exit status: 128 + the signal, the shell's convention (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int, line: str):
+        super().__init__(line)
+        self.code = 128 + signum
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (what schedulers send before they kill a job: SLURM's --signal, torchrun
+    passing on its own). Before the steps begin they stop the run at once (Stopped: nothing to save yet).
+    Once armed, the first one only sets a flag: the current step ends, every rank agrees (all-reduce MAX),
+    the checkpoint of that step is written and the run stops. Later ones are ignored, so nothing cuts the
+    save short (torchrun also passes on the Ctrl-C its workers already got from the terminal)."""
+
+    def __init__(self, run: Path, name: str):
+        self.run, self.name, self.pid = run, name, os.getpid()
+        self.armed, self.signum, self.old = False, 0, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.old[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self.old.items():
+            signal.signal(sig, old)
+
+    def handle(self, signum, frame):
+        if os.getpid() != self.pid:  # a forked DataLoader worker: the main process decides
+            return
+        if not self.armed:
+            raise Stopped(signum, stop_line(self.name, self.run, signum))
+        self.signum = self.signum or signum
+
+    def agreed(self, world: int, device) -> int:
+        """The signal that stops the run after this step (0: none), the same on every rank."""
+        if world == 1:
+            return self.signum
+        flag = torch.tensor([self.signum], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag)
+
+
+def stop_line(name: str, run: Path, signum: int, saved: int | None = None) -> str:
+    """What a stopped run says: the checkpoint it saved (at step `saved`), or the one it left as it was, or
+    that there is none; and how to go on. It names a checkpoint only where one exists."""
+    why, ckpt = f"stopped by {signal.Signals(signum).name}", run / "ckpt.safetensors"
+    again = f"continue with --resume (python {name} --out {run} --resume)"
+    if saved is not None:
+        return f"{why} after step {saved}: saved {ckpt}; {again}"
+    try:
+        step = files.read_safetensors_header(ckpt)[1]["step"]
+    except (OSError, ValueError, KeyError):
+        step = None
+    if step is not None:
+        return f"{why} before its first step: nothing new saved, {ckpt} (step {step}) is as it was; {again}"
+    start = "with --resume (it starts at step 0)" if (run / "config.json").is_file() else "the same way"
+    return f"{why} before its first step: no checkpoint was saved, nothing to resume; start it again {start}"
