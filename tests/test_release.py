@@ -780,6 +780,41 @@ def test_broken_ckpt_is_one_line(tmp_path, lr_folder, capsys):
     assert f"{tmp_path}/nothing: checkpoint not found" in one_line_error(capsys, argv(tmp_path / "nothing"))
 
 
+def test_ckpt_file_of_a_run_dir_uses_the_run_dir(tmp_path, lr_folder, capsys):
+    """--ckpt RUN/ema.safetensors or RUN/ckpt.safetensors (model, EMA, optimiser: train_teacher.py's) with a
+    config.json beside it: a note, then the run dir's model and settings; the same PNG as --ckpt RUN."""
+    import shutil
+    from safetensors.torch import load_file
+    run = tmp_path / "run"
+    shutil.copytree(DEMO, run)
+    ema = load_file(str(run / "ema.safetensors"))
+    save_file({**{k: v + 1 for k, v in ema.items()}, **{f"ema.{k}": v for k, v in ema.items()},
+               "opt.step": torch.zeros(1)}, str(run / "ckpt.safetensors"))
+    argv = ["-i", str(lr_folder), "--device", "cpu", "--steps", "1"]
+    assert sample.main(["--ckpt", str(run), "-o", str(tmp_path / "dir"), *argv]) == 0
+    want = read_png(tmp_path / "dir" / "a.png")
+    for name, what in (("ema.safetensors", "the EMA weights"), ("ckpt.safetensors", "the training state")):
+        out = tmp_path / name
+        assert sample.main(["--ckpt", str(run / name), "-o", str(out), *argv]) == 0, capsys.readouterr().err
+        assert (f"sample.py: --ckpt {run / name}: {what} of the run dir {run}: using the run dir (its "
+                f"config.json and ema.safetensors), as --ckpt {run}") in capsys.readouterr().out
+        assert torch.equal(read_png(out / "a.png"), want)
+
+
+@pytest.mark.parametrize("fix", ["adain", "adain-var", "wavelet", "wavelet-atrous"])
+def test_one_pixel_colour_fix_is_the_lr_colour(tmp_path, capsys, recwarn, fix):
+    """A 1×1 image at --scale 1: one pixel has no spread (the unbiased std of one value is NaN); each colour
+    fix gives the LR↑'s colour (a one-pixel image is all low frequency), no NaN, no warning."""
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (1, 1), (200, 40, 90)).save(tmp_path / "in" / "p.png")
+    assert sample.main(["--ckpt", DEMO, "-i", str(tmp_path / "in"), "-o", str(tmp_path / "o"), "--scale", "1",
+                        "--color-fix", fix, "--device", "cpu"]) == 0, capsys.readouterr().err
+    got = np.asarray(Image.open(tmp_path / "o" / "p.png")).astype(int)
+    assert got.shape == (1, 1, 3)
+    assert np.abs(got[0, 0] - [200, 40, 90]).max() <= (1 if fix == "wavelet" else 0), got   # wavelet truncates
+    assert not [w for w in recwarn if "degrees of freedom" in str(w.message)]
+
+
 def test_user_errors_through_the_real_cli(tmp_path, lr_folder):
     """The same one line from `python sample.py` itself: exit 2, no traceback."""
     (tmp_path / "x.safetensors").write_text("hello")
