@@ -283,8 +283,9 @@ def niqe_block_features(block):
 def niqe(y, mu_pris, cov_pris, window, block=96):
     """NIQE of a (H,W) Y image on 0..255: Mahalanobis-like distance of its patch-feature MVG to the pristine MVG."""
     nh, nw = y.shape[0] // block, y.shape[1] // block
-    if nh == 0 or nw == 0:
-        raise ValueError(f"NIQE needs at least {block}x{block} pixels, got {y.shape}")
+    if nh * nw < 2:  # the feature covariance needs two blocks (one gives NaN, as in BasicSR)
+        raise ValueError(f"NIQE needs at least two {block}x{block} blocks ({block}x{2 * block} "
+                         f"pixels), got {y.shape[1]}x{y.shape[0]}")
     img = np.asarray(y, dtype=np.float64)[:nh * block, :nw * block]
     feats = []
     for scale in (1, 2):
@@ -298,7 +299,11 @@ def niqe(y, mu_pris, cov_pris, window, block=96):
             img = imresize_half(img / 255) * 255
     feats = np.concatenate([np.array(f) for f in feats], axis=1)  # (n_blocks, 36)
     mu_dist = np.nanmean(feats, axis=0)
-    cov_dist = np.cov(feats[~np.isnan(feats).any(axis=1)], rowvar=False)
+    finite = feats[~np.isnan(feats).any(axis=1)]
+    if len(finite) < 2:
+        raise ValueError(f"NIQE: {len(finite)} of {len(feats)} blocks have finite features "
+                         "(a flat image?)")
+    cov_dist = np.cov(finite, rowvar=False)
     d = mu_pris - mu_dist
     return float(np.sqrt(d @ np.linalg.pinv((cov_pris + cov_dist) / 2) @ d.T).squeeze())
 

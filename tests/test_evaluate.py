@@ -361,10 +361,14 @@ def test_aggd_fit_recovers_known_distributions(kind):
     assert l == pytest.approx(bl, rel=0.02) and r == pytest.approx(br, rel=0.02)
 
 
-def test_niqe_needs_one_block():
-    params = {"mu_pris_param": np.zeros((1, 36)), "cov_pris_param": np.eye(36), "gaussian_window": np.ones((7, 7)) / 49}
-    with pytest.raises(ValueError, match="96x96"):
-        E.niqe_y(textured(0, 90, 200), params)
+def test_niqe_needs_two_blocks():
+    """The feature covariance needs two 96x96 blocks: one block (or none) is refused by name."""
+    params = {"mu_pris_param": np.zeros((1, 36)), "cov_pris_param": np.eye(36),
+              "gaussian_window": np.ones((7, 7)) / 49}
+    for h, w in ((90, 200), (100, 100), (100, 191)):
+        with pytest.raises(ValueError, match="two 96x96 blocks"):
+            E.niqe_y(textured(0, h, w), params)
+    assert math.isfinite(E.niqe_y(textured(0, 100, 192), params))
 
 
 @pytest.fixture
@@ -1003,3 +1007,22 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
         "evaluate.py score: interrupted: no table or CSV written (images saved so far are kept); "
         "run the same command again")
     assert not out.exists()
+
+
+def test_default_metrics_include_niqe_when_its_weights_are_here(tmp_path):
+    """With the converted weights in the cache, `score` without --metrics computes NIQE too: the
+    per-image CSV's value is niqe_y of the SR file with the cached pristine model."""
+    cache_or_skip("alexnet.safetensors", "vgg16.safetensors", "lpips_alex_heads.safetensors",
+                  "dists_alpha_beta.safetensors", "niqe_pris_params.safetensors")
+    sr_dir, hr_dir = tmp_path / "sr", tmp_path / "hr"
+    hr = textured(71, 100, 200)  # NIQE takes two 96x96 blocks at least
+    sr = np.clip(hr + np.random.default_rng(2).normal(0, 5, hr.shape), 0, 255).round()
+    for d, img in ((hr_dir, hr), (sr_dir, sr.astype(np.uint8))):
+        d.mkdir()
+        save(d / "a.png", img)
+    r = run_cli("--sr", sr_dir, "--hr", hr_dir, "--csv", tmp_path / "m.csv", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    (row, _) = read_rows(tmp_path / "m.csv")
+    assert list(row) == ["image", "psnr", "ssim", "lpips", "dists", "niqe"]
+    expected = E.niqe_y(np.array(Image.open(sr_dir / "a.png")), E.load_niqe_params())
+    assert float(row["niqe"]) == pytest.approx(expected, abs=1e-5)
