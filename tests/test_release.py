@@ -53,7 +53,7 @@ def release_args(**kw):
 
 
 def vosr2_args(**kw):
-    """VOSR 2.0's args.json keys (RELEASE_LAYOUT "VOSR 2.0"), small dims: one step, no r embedder."""
+    """VOSR 2.0's args.json keys (as published), small dims: one step, no r embedder."""
     return release_args(ae_type="qwen", enc_type="dinov2l", enc_dim=64, layer_dinov2b_list=[17],
                         auxiliary_time_cond=False, distill_type="onestep", **kw)
 
@@ -160,8 +160,8 @@ def release(tmp_path_factory):
     ref["dino_l"] = official_dinov2(cache / "dinov2_vitl14_pretrain.pth", 64, depth=18)   # block 17 must exist
     ref["dit_os"] = release_dit(ckpts / "VOSR_0.5B_os", release_args(
         ae_type="sd2", ae_path="preset/ckpts/stable-diffusion-2-1-base", enc_type="dinov2b", enc_dim=64,
-        layer_dinov2b_list=[8], infer_steps=1, distill_type="rcgm", auxiliary_time_cond=True), 4, 64,
-        student=True)
+        layer_dinov2b_list=[8], infer_steps=1, distill_type="rcgm", auxiliary_time_cond=True),
+        4, 64, student=True)
     ref["dit_ms"] = release_dit(ckpts / "VOSR_1.4B_ms", release_args(
         ae_type="qwen", ae_path="preset/ckpts/Qwen-Image-vae-2d", enc_type="dinov2l", enc_dim=64,
         layer_dinov2b_list=[17], infer_steps=2), 16, 64, student=False)
@@ -180,8 +180,8 @@ def dino_tokens(vit, up, layer):
 
 
 def adain_8bit(sr, ref, release=True):
-    """adain on the clamped 8-bit output, written out per channel: the release's (x − μ)/(σ + 1e-5)·
-    (σ_ref + 1e-5) + μ_ref with numpy's unbiased std, or (release=False) ours, σ = sqrt(var + 1e-5)."""
+    """adain on the clamped 8-bit output, written out per channel: the release's (x − μ)/(σ + 1e-5)
+    ·(σ_ref + 1e-5) + μ_ref with numpy's unbiased std, or (release=False) ours, sqrt(var + eps)."""
     sr = (sr.clamp(0, 1) * 255).round() / 255
     out = torch.empty_like(sr)
     for c in range(3):
@@ -278,46 +278,47 @@ def test_release_1_4B_teacher_through_the_cli(release, tmp_path, capsys):
 
 @torch.no_grad()
 def test_vosr2_one_step_one_branch_through_the_cli(release, tmp_path, capsys):
-    """VOSR2/ (distill_type onestep, auxiliary_time_cond false, no r_embedder): the Qwen 2-D VAE's posterior
-    mode, DINOv2-L block 17 of the PIL-bicubic LR↑, one DiT call of the full branch at t = 1 without r,
-    z0 = z1 − v, decoded, the release's adain against LR↑. The PNG equals that computation by hand."""
+    """VOSR2/ (distill_type onestep, auxiliary_time_cond false, no r_embedder): the Qwen 2-D VAE's
+    posterior mode, DINOv2-L block 17 of the PIL-bicubic LR↑, one DiT call of the full branch at
+    t = 1 without r, z0 = z1 − v, decoded, the release's adain against LR↑: the PNG equals it by
+    hand."""
     ckpts, lr_dir, ref = release
-    out = tmp_path / "out"
-    assert sample.main(["--ckpt", str(ckpts / "VOSR2"), "-i", str(lr_dir), "-o", str(out), "--device", "cpu"]) == 0
+    out, model = tmp_path / "out", str(ckpts / "VOSR2")
+    assert sample.main(["--ckpt", model, "-i", str(lr_dir), "-o", str(out), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
-    for line in (f"loaded DiT {ckpts}/VOSR2/checkpoints/ema_model.safetensors (dim 64, depth 2, VOSR 2.0",
-                 f"loaded codec {ckpts}/Qwen-Image-vae-2d (16 channels", "block 17 of 18", "1 step(s)",
+    for line in (f"loaded DiT {model}/checkpoints/ema_model.safetensors (dim 64, depth 2, VOSR 2.0",
+                 f"loaded codec {ckpts}/Qwen-Image-vae-2d (16 channels", "block 17 of 18",
+                 "VOSR2 (tiny, VOSR 2.0, student, 1 step(s), guidance 1,",
                  "colour fix adain, upscale pil"):
         assert line in printed, printed
     q = ref["qwen"]
-    mean, std = torch.tensor(q.config.latents_mean).view(1, -1, 1, 1), torch.tensor(q.config.latents_std).view(1, -1, 1, 1)
+    mean = torch.tensor(q.config.latents_mean).view(1, -1, 1, 1)
+    std = torch.tensor(q.config.latents_std).view(1, -1, 1, 1)
     up = pil_up(lr_dir / "a.png")
     c_str = (q.encode((up * 2 - 1)[:, :, None]).latent_dist.mode()[:, :, 0] - mean) / std
     c_sem = dino_tokens(ref["dino_l"], up, 17)
     z1 = torch.randn(c_str.shape, generator=torch.Generator().manual_seed(0))
-    v = ref["dit_v2"](torch.cat([c_str, z1], 1), torch.ones(1), c_sem)          # one branch, t = 1, no r
+    v = ref["dit_v2"](torch.cat([c_str, z1], 1), torch.ones(1), c_sem)    # one branch, t = 1, no r
     img = (q.decode(((z1 - v) * std + mean)[:, :, None]).sample[:, :, 0].clamp(-1, 1) + 1) / 2
     expect = (adain_8bit(img, up) * 255).round()
     got = read_png(out / "a.png")
     assert got.shape == (1, 3, 32, 48)
     assert_same_image(got, expect)
     # --guidance and --alpha have no effect on it: a note, the same image; --steps 2 is refused
-    assert sample.main(["--ckpt", str(ckpts / "VOSR2"), "-i", str(lr_dir), "-o", str(tmp_path / "g"),
-                        "--device", "cpu", "--guidance", "2", "--alpha", "0.5"]) == 0
+    argv = ["--ckpt", model, "-i", str(lr_dir), "--device", "cpu"]
+    assert sample.main([*argv, "-o", str(tmp_path / "g"), "--guidance", "2", "--alpha", "0.5"]) == 0
     assert "--guidance and --alpha ignored: VOSR 2.0 runs one branch" in capsys.readouterr().out
     assert torch.equal(read_png(tmp_path / "g" / "a.png"), got)
-    err = one_line_error(capsys, ["--ckpt", str(ckpts / "VOSR2"), "-i", str(lr_dir), "-o", str(tmp_path / "s"),
-                                  "--device", "cpu", "--steps", "2"])
+    err = one_line_error(capsys, [*argv, "-o", str(tmp_path / "s"), "--steps", "2"])
     assert "--steps 2: VOSR 2.0 (args.json distill_type 'onestep') takes one Euler step" in err, err
-    err = one_line_error(capsys, ["--ckpt", str(ckpts / "VOSR2"), "-i", str(lr_dir), "-o", str(tmp_path / "s"),
-                                  "--device", "cpu", "--student", "0"])
+    err = one_line_error(capsys, [*argv, "-o", str(tmp_path / "s"), "--student", "0"])
     assert "--student 0" in err and "no teacher sampling" in err, err
 
 
 @torch.no_grad()
 def test_vosr2_is_tiled_above_its_training_crop(release):
-    """Above the training crop (args.json resolution: 512 for the release, 128 here) VOSR 2.0 is tiled by
-    default: the DiT sees windows of the crop, never the whole latent."""
+    """Above the training crop (args.json resolution: 512 for the release, 128 here) VOSR 2.0 is
+    tiled by default: the DiT sees windows of the crop, never the whole latent."""
     ckpts, _, _ = release
     cfg = sample.SampleConfig(ckpt=str(ckpts / "VOSR2"), device="cpu")
     pipe, run = sample.load_pipeline(cfg, report=lambda s: None)
@@ -333,74 +334,84 @@ def test_vosr2_is_tiled_above_its_training_crop(release):
             return velocity(zw, win, t, r)
         return one
     pipe.tile_velocity = recording
-    sr = sample.super_resolve(pipe, torch.rand(1, 3, 40, 36, generator=torch.Generator().manual_seed(0)), cfg)
+    lr = torch.rand(1, 3, 40, 36, generator=torch.Generator().manual_seed(0))
+    sr = sample.super_resolve(pipe, lr, cfg)
     assert sr.shape == (1, 3, 160, 144) and cfg.steps == 1
     assert len(seen) > 1 and {(h, w) for _, _, h, w in seen} == {(16, 16)}    # 128-px tiles, 8× VAE
 
 
-RELEASE_KINDS = [  # (args.json's distill_type / auxiliary_time_cond, weights with r_embedder?) → kind
-    (dict(ae_type="sd2", enc_type="dinov2b"), False, "teacher"),                              # VOSR_0.5B_ms
-    (dict(ae_type="sd2", enc_type="dinov2b", distill_type="rcgm", auxiliary_time_cond=True), True, "student"),
-    (dict(ae_type="qwen", enc_type="dinov2l", auxiliary_time_cond=False), False, "teacher"),  # VOSR_1.4B_ms
-    (dict(ae_type="qwen", enc_type="dinov2l", distill_type="rcgm"), True, "student"),         # VOSR_1.4B_os
-    (dict(ae_type="qwen", enc_type="dinov2l", distill_type="onestep", auxiliary_time_cond=False), False,
-     "onestep"),                                                                                # VOSR2
+QWEN_L, SD_B = dict(ae_type="qwen", enc_type="dinov2l"), dict(ae_type="sd2", enc_type="dinov2b")
+# (args.json keys, weights with r_embedder?) → kind, of VOSR_0.5B_ms, _os, VOSR_1.4B_ms, _os, VOSR2
+RELEASE_KINDS = [
+    (SD_B, False, "teacher"),
+    ({**SD_B, "distill_type": "rcgm", "auxiliary_time_cond": True}, True, "student"),
+    ({**QWEN_L, "auxiliary_time_cond": False}, False, "teacher"),
+    ({**QWEN_L, "distill_type": "rcgm"}, True, "student"),
+    ({**QWEN_L, "distill_type": "onestep", "auxiliary_time_cond": False}, False, "onestep"),
 ]
 
 
 def kind_folder(ckpts, name, args, with_r):
-    """A release model folder beside the fixture's codec and DINOv2 files: args.json and a weights file
-    that has (or lacks) the r embedder's keys (only the keys are read to tell the kinds apart)."""
+    """A release model folder beside the fixture's codec and DINOv2 files: args.json and a weights
+    file that has (or lacks) the r embedder's keys (only the keys tell the kinds apart)."""
     folder = ckpts / name
     (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
     (folder / "args.json").write_text(json.dumps(args))
-    tensors = {"x_embedder.proj.weight": torch.zeros(1)} | ({"r_embedder.mlp.0.weight": torch.zeros(1)}
-                                                           if with_r else {})
+    tensors = {"x_embedder.proj.weight": torch.zeros(1)}
+    if with_r:
+        tensors["r_embedder.mlp.0.weight"] = torch.zeros(1)
     save_file(tensors, str(folder / "checkpoints" / "ema_model.safetensors"))
     return folder
 
 
 @pytest.mark.parametrize("keys,with_r,kind", RELEASE_KINDS)
 def test_release_kind_from_args_json(release, keys, with_r, kind):
-    """The five kinds (0.5B/1.4B × ms/os, VOSR 2.0) from args.json's distill_type / auxiliary_time_cond."""
+    """The five kinds (0.5B/1.4B × ms/os, VOSR 2.0) from args.json's distill_type and
+    auxiliary_time_cond."""
     from tools.loading import read_release_folder
     ckpts, _, _ = release
-    args = release_args(enc_dim=64, layer_dinov2b_list=[8 if keys["enc_type"] == "dinov2b" else 17], **keys)
+    layer = 8 if keys["enc_type"] == "dinov2b" else 17
+    args = release_args(enc_dim=64, layer_dinov2b_list=[layer], **keys)
     folder = kind_folder(ckpts, f"kind_{kind}_{with_r}_{len(keys)}", args, with_r)
     run, _, _ = read_release_folder(folder, sample.SampleConfig())
     assert run["kind"] == kind
 
 
+ONESTEP = dict(distill_type="onestep", auxiliary_time_cond=False)
+
+
 @pytest.mark.parametrize("change,with_r,named", [
-    (dict(distill_type="onestep", auxiliary_time_cond=False), True, "'distill_type' 'onestep' (VOSR 2.0, no r "
-     "embedder), but {w} has r_embedder.* keys"),
-    (dict(distill_type="rcgm"), False, "'distill_type' 'rcgm' (a one-step student with the r embedder), but {w} "
-     "has no r_embedder.* keys"),
+    (ONESTEP, True,
+     "'distill_type' 'onestep' (VOSR 2.0, no r embedder), but {w} has r_embedder.* keys"),
+    (dict(distill_type="rcgm"), False,
+     "'distill_type' 'rcgm' (a one-step student with the r embedder), but {w} has no r_embedder"),
     (dict(), True, "no 'distill_type' (a teacher), but {w} has r_embedder.* keys"),
-    (dict(distill_type="rcgm", auxiliary_time_cond=False), True, "'auxiliary_time_cond' is false, but {w} has "
-     "r_embedder.* keys"),
-    (dict(auxiliary_time_cond=True), False, "'auxiliary_time_cond' is true, but {w} has no r_embedder.* keys"),
-    (dict(distill_type="onestep", auxiliary_time_cond=True), False, "'auxiliary_time_cond' true contradicts "
-     "distill_type 'onestep'"),
-    (dict(distill_type="onestep", auxiliary_time_cond="no"), False, "'auxiliary_time_cond' is 'no', expected "
-     "true or false"),
-    (dict(distill_type="meanflow"), False, "'distill_type' 'meanflow' is not one of ['onestep', 'rcgm']"),
-    (dict(distill_type="onestep", auxiliary_time_cond=False, drop="use_rope"), False, "'use_rope' missing "
-     "(VOSR 2.0's args.json"),
-    (dict(distill_type="onestep", auxiliary_time_cond=False, num_heads=3), False, "'num_heads' 3 does not "
-     "divide dim 64"),
-    (dict(distill_type="onestep", auxiliary_time_cond=False, layer_dinov2b_list=[24]), False,
+    (dict(distill_type="rcgm", auxiliary_time_cond=False), True,
+     "'auxiliary_time_cond' is false, but {w} has r_embedder.* keys"),
+    (dict(auxiliary_time_cond=True), False,
+     "'auxiliary_time_cond' is true, but {w} has no r_embedder.* keys"),
+    ({**ONESTEP, "auxiliary_time_cond": True}, False,
+     "'auxiliary_time_cond' true contradicts distill_type 'onestep'"),
+    ({**ONESTEP, "auxiliary_time_cond": "no"}, False,
+     "'auxiliary_time_cond' is 'no', expected true or false"),
+    (dict(distill_type="meanflow"), False,
+     "'distill_type' 'meanflow' is not one of ['onestep', 'rcgm']"),
+    ({**ONESTEP, "drop": "use_rope"}, False, "'use_rope' missing (VOSR 2.0's args.json"),
+    ({**ONESTEP, "num_heads": 3}, False, "'num_heads' 3 does not divide dim 64"),
+    ({**ONESTEP, "layer_dinov2b_list": [24]}, False,
      "'layer_dinov2b_list' [24] names a block that enc_type 'dinov2l' (24 blocks) does not have"),
 ])
 def test_release_kind_contradiction_is_one_line(release, tmp_path, capsys, change, with_r, named):
-    """args.json against itself or against the weights' r_embedder keys: one line naming the key, before any
-    network is built."""
+    """args.json against itself or against the weights' r_embedder keys: one line naming the key,
+    before any network is built."""
     ckpts, lr_dir, _ = release
+    change = dict(change)
     drop = change.pop("drop", None)
-    args = {**release_args(ae_type="qwen", enc_type="dinov2l", enc_dim=64, layer_dinov2b_list=[17]), **change}
+    args = {**release_args(**QWEN_L, enc_dim=64, layer_dinov2b_list=[17]), **change}
     args.pop(drop, None)
     folder = kind_folder(ckpts, f"bad_{tmp_path.name}", args, with_r)
-    err = one_line_error(capsys, ["--ckpt", str(folder), "-i", str(lr_dir), "-o", str(tmp_path / "o")])
+    argv = ["--ckpt", str(folder), "-i", str(lr_dir), "-o", str(tmp_path / "o")]
+    err = one_line_error(capsys, argv)
     assert err.startswith(f"sample.py: {folder}/args.json: "), err
     assert named.format(w=folder / "checkpoints" / "ema_model.safetensors") in err, err
 
@@ -529,10 +540,11 @@ def test_weights_found_as_the_release_finds_them(tmp_path):
 
 # ----------------------------------------------------------------------------- conventions
 
-def release_wavelet(sr, ref, size=None):
-    """The release's 'wavelet' fix written out with PIL, numpy and OpenCV: the 8-bit reference resized to
-    the output size with LANCZOS, both as float32 [0, 1] from 8 bits, clip(ref_low + (out − out_low)) with
-    low = GaussianBlur(σ = 5), truncated to 8 bits by a uint8 cast. sr: the output (already 8-bit)."""
+def release_wavelet(sr, ref):
+    """The release's 'wavelet' fix written out with PIL, numpy and OpenCV: the 8-bit reference
+    resized to the output size with LANCZOS, both as float32 [0, 1] from 8 bits,
+    clip(ref_low + (out − out_low)), low = GaussianBlur(σ = 5), then truncated to 8 bits by a
+    uint8 cast: (the float result, the 8-bit one)."""
     import cv2
     out8 = (sr[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
     ref8 = Image.fromarray((ref[0] * 255).round().byte().permute(1, 2, 0).numpy())
@@ -543,15 +555,17 @@ def release_wavelet(sr, ref, size=None):
 
 
 def test_color_fixes_by_hand():
-    """The release's adain (std + 1e-5) and wavelet (one OpenCV Gaussian split) on the clamped 8-bit output
-    against the LR↑, and ours under their own names: adain-var (sqrt(var + 1e-5)), wavelet-atrous."""
+    """The release's adain (std + 1e-5) and wavelet (one OpenCV Gaussian split) on the clamped
+    8-bit output against the LR↑, and ours by their own names: adain-var (sqrt(var + 1e-5)) and
+    wavelet-atrous."""
     g = torch.Generator().manual_seed(0)
-    sr = torch.rand(1, 3, 37, 43, generator=g) * 1.4 - 0.2              # out of range and off the 8-bit grid
+    sr = torch.rand(1, 3, 37, 43, generator=g) * 1.4 - 0.2        # out of range, off the 8-bit grid
     ref = torch.randint(0, 256, (1, 3, 37, 43), generator=g).float() / 255
-    torch.testing.assert_close(sample.color_fix_of(sr, ref, "adain"), adain_8bit(sr, ref), rtol=0, atol=1e-6)
-    torch.testing.assert_close(sample.color_fix_of(sr, ref, "adain-var"), adain_8bit(sr, ref, release=False),
-                               rtol=0, atol=1e-6)
-    assert not torch.allclose(adain_8bit(sr, ref), adain_8bit(sr, ref, release=False), rtol=0, atol=1e-6)
+    ours = adain_8bit(sr, ref, release=False)
+    torch.testing.assert_close(sample.color_fix_of(sr, ref, "adain"), adain_8bit(sr, ref), rtol=0,
+                               atol=1e-6)
+    torch.testing.assert_close(sample.color_fix_of(sr, ref, "adain-var"), ours, rtol=0, atol=1e-6)
+    assert not torch.allclose(adain_8bit(sr, ref), ours, rtol=0, atol=1e-6)
     q = (sr.clamp(0, 1) * 255).round() / 255
 
     def low(x):                                                     # five à-trous levels, edges replicated
@@ -568,9 +582,8 @@ def test_color_fixes_by_hand():
     assert torch.equal(sample.color_fix_of(sr, ref, "none"), sr.clamp(0, 1))
     # a reference of another size (the release's odd sizes) is resized with LANCZOS first
     small = ref[..., :29, :31]
-    torch.testing.assert_close(color_fix.wavelet_color_fix(q, small),
-                               torch.from_numpy(release_wavelet(q, small)[0]).permute(2, 0, 1)[None],
-                               rtol=0, atol=1e-6)
+    want = torch.from_numpy(release_wavelet(q, small)[0]).permute(2, 0, 1)[None]
+    torch.testing.assert_close(color_fix.wavelet_color_fix(q, small), want, rtol=0, atol=1e-6)
 
 
 def test_pil_upscale_is_pil_bicubic_on_8_bit():
@@ -781,8 +794,8 @@ def test_broken_ckpt_is_one_line(tmp_path, lr_folder, capsys):
 
 
 def test_ckpt_file_of_a_run_dir_uses_the_run_dir(tmp_path, lr_folder, capsys):
-    """--ckpt RUN/ema.safetensors or RUN/ckpt.safetensors (model, EMA, optimiser: train_teacher.py's) with a
-    config.json beside it: a note, then the run dir's model and settings; the same PNG as --ckpt RUN."""
+    """--ckpt RUN/ema.safetensors or RUN/ckpt.safetensors (model, EMA, optimiser) with a config.json
+    beside it: a note, then the run dir's model and settings; the same PNG as --ckpt RUN."""
     import shutil
     from safetensors.torch import load_file
     run = tmp_path / "run"
@@ -793,25 +806,30 @@ def test_ckpt_file_of_a_run_dir_uses_the_run_dir(tmp_path, lr_folder, capsys):
     argv = ["-i", str(lr_folder), "--device", "cpu", "--steps", "1"]
     assert sample.main(["--ckpt", str(run), "-o", str(tmp_path / "dir"), *argv]) == 0
     want = read_png(tmp_path / "dir" / "a.png")
-    for name, what in (("ema.safetensors", "the EMA weights"), ("ckpt.safetensors", "the training state")):
+    for name, what in (("ema.safetensors", "the EMA weights"),
+                       ("ckpt.safetensors", "the training state")):
         out = tmp_path / name
-        assert sample.main(["--ckpt", str(run / name), "-o", str(out), *argv]) == 0, capsys.readouterr().err
-        assert (f"sample.py: --ckpt {run / name}: {what} of the run dir {run}: using the run dir (its "
-                f"config.json and ema.safetensors), as --ckpt {run}") in capsys.readouterr().out
+        code = sample.main(["--ckpt", str(run / name), "-o", str(out), *argv])
+        assert code == 0, capsys.readouterr().err
+        note = (f"sample.py: --ckpt {run / name}: {what} of the run dir {run}: using the run dir "
+                f"(its config.json and ema.safetensors), as --ckpt {run}")
+        assert note in capsys.readouterr().out
         assert torch.equal(read_png(out / "a.png"), want)
 
 
 @pytest.mark.parametrize("fix", ["adain", "adain-var", "wavelet", "wavelet-atrous"])
 def test_one_pixel_colour_fix_is_the_lr_colour(tmp_path, capsys, recwarn, fix):
-    """A 1×1 image at --scale 1: one pixel has no spread (the unbiased std of one value is NaN); each colour
-    fix gives the LR↑'s colour (a one-pixel image is all low frequency), no NaN, no warning."""
+    """A 1×1 image at --scale 1: one pixel has no spread (the unbiased std of one value is NaN);
+    each colour fix gives the LR↑'s colour (one pixel is all low frequency), no NaN, no warning."""
     (tmp_path / "in").mkdir()
     Image.new("RGB", (1, 1), (200, 40, 90)).save(tmp_path / "in" / "p.png")
-    assert sample.main(["--ckpt", DEMO, "-i", str(tmp_path / "in"), "-o", str(tmp_path / "o"), "--scale", "1",
-                        "--color-fix", fix, "--device", "cpu"]) == 0, capsys.readouterr().err
+    code = sample.main(["--ckpt", DEMO, "-i", str(tmp_path / "in"), "-o", str(tmp_path / "o"),
+                        "--scale", "1", "--color-fix", fix, "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
     got = np.asarray(Image.open(tmp_path / "o" / "p.png")).astype(int)
     assert got.shape == (1, 1, 3)
-    assert np.abs(got[0, 0] - [200, 40, 90]).max() <= (1 if fix == "wavelet" else 0), got   # wavelet truncates
+    off = np.abs(got[0, 0] - [200, 40, 90]).max()
+    assert off <= (1 if fix == "wavelet" else 0), got             # the release's wavelet truncates
     assert not [w for w in recwarn if "degrees of freedom" in str(w.message)]
 
 

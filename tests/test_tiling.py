@@ -171,9 +171,10 @@ def test_tiled_pipeline_equals_untiled_for_a_pointwise_model():
 
 
 def release_square_tiles(h, w, tile, overlap, patch):
-    """The release's DiT tiles (y, x, side, side) of an h×w latent, written out from its description: the
-    whole latent when both sides fit the tile, else squares of side min(tile, short side) on whole patches,
-    overlap at least side/8, a window every side − overlap, the last one flush with the end."""
+    """The release's DiT tiles (y, x, side, side) of an h×w latent, written out from its
+    description: the whole latent when both sides fit the tile, else squares of side min(tile,
+    short side) on whole patches, overlap at least side/8, a window every side − overlap, the last
+    one flush with the end."""
     if h <= tile and w <= tile:
         return {(0, 0, h, w)}
     side = min(tile, h, w) // patch * patch
@@ -200,23 +201,26 @@ def recorded_windows(pipe):
     return seen
 
 
-@pytest.mark.parametrize("lr_size,tile,overlap", [((24, 100), 128, None), ((40, 70), 256, None), ((50, 30), 256, None),
-                                                  ((24, 40), 64, None), ((40, 40), 64, None), ((24, 100), 256, 0)])
+@pytest.mark.parametrize("lr_size,tile,overlap", [
+    ((24, 100), 128, None), ((40, 70), 256, None), ((50, 30), 256, None), ((24, 40), 64, None),
+    ((40, 40), 64, None), ((24, 100), 256, 0)])
 def test_square_tiles_where_the_release_puts_them(lr_size, tile, overlap):
-    """--tile-shape square: the DiT's windows are the release's, for wide, tall, fitting and square latents
-    (pixel codec: 8 pixels per latent pixel, patch 2; overlap tile/8 by default)."""
+    """--tile-shape square: the DiT's windows are the release's, for wide, tall, fitting and square
+    latents (pixel codec: 8 pixels per latent pixel, patch 2; overlap tile/8 by default)."""
     pipe = sample.VOSRPipeline(PointwiseDiT(192), vae.PixelCodec(), None)
     seen = recorded_windows(pipe)
     lr = torch.rand(1, 3, *lr_size, generator=torch.Generator().manual_seed(0))
-    sr = pipe(lr, 4.0, steps=1, generator=torch.Generator().manual_seed(0), tile=tile, tile_overlap=overlap,
-              tile_blend="gaussian", tile_shape="square")
-    h, w = (-(-4 * n // 16) * 2 for n in lr_size)                     # latent: output padded to 16 px, / 8
+    sr = pipe(lr, 4.0, steps=1, generator=torch.Generator().manual_seed(0), tile=tile,
+              tile_overlap=overlap, tile_blend="gaussian", tile_shape="square")
+    h, w = (-(-4 * n // 16) * 2 for n in lr_size)              # latent: output padded to 16 px, / 8
+    pixels = tile // 8 if overlap is None else overlap
+    want = release_square_tiles(h, w, tile // 8, pixels // 8, 2)
     assert sr.shape[-2:] == (4 * lr_size[0], 4 * lr_size[1])
-    want = release_square_tiles(h, w, tile // 8, (tile // 8 if overlap is None else overlap) // 8, 2)
     assert len(seen) == len(set(seen)) and set(seen) == want
-    if lr_size == (24, 100) and overlap is None:                                           # ours (fit) cuts 12×16 windows there
+    if lr_size == (24, 100) and overlap is None:               # ours (fit) cuts 12×16 windows there
         seen.clear()
-        pipe(lr, 4.0, steps=1, generator=torch.Generator().manual_seed(0), tile=tile, tile_blend="gaussian")
+        pipe(lr, 4.0, steps=1, generator=torch.Generator().manual_seed(0), tile=tile,
+             tile_blend="gaussian")
         assert {win[2:] for win in seen} == {(12, 16)}
 
 

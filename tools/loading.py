@@ -19,7 +19,7 @@ from tools.files import read_safetensors_header
 DEFAULT_CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "vosr-small-realworld-os"  # sample.py without --ckpt
 # what a run dir's config.json "sampler_defaults" may set (ours)
 SAMPLER_DEFAULTS = ("steps", "alpha", "tile", "tile_overlap", "color_fix", "upscale", "tile_blend", "vae_tile", "lapped")
-RUN_WEIGHTS = {"ema.safetensors": "the EMA weights", "ckpt.safetensors": "the training state"}  # of a run dir
+RUN_WEIGHTS = {"ema.safetensors": "the EMA weights", "ckpt.safetensors": "the training state"}
 RELEASE_CONVENTIONS = dict(color_fix="adain", upscale="pil", tile_blend="gaussian")   # the release's scripts
 RELEASE_FILES = {  # ae_type / enc_type → (file beside the model folder, what it is, the flag that replaces it)
     "sd2": ("stable-diffusion-2-1-base", "the SD2.1 VAE of ae_type sd2", "--codec FOLDER"),
@@ -75,18 +75,18 @@ def describe_semantic(semantic) -> str:
 
 def onestep_settings(cfg, note=print):
     """VOSR 2.0 (args.json distill_type 'onestep'): one Euler step t = 1 → 0 of one branch with full
-    conditioning. --steps above 1 is a ValueError (the model has no steps in between); --guidance
-    and --alpha get a note that they are ignored (its authors: they have no effect on it)."""
+    conditioning (guidance 1 in eq. 2). --steps above 1 is a ValueError (the model has no steps in
+    between); --guidance and --alpha get a note that they are ignored (its authors: no effect)."""
     if cfg.steps not in (None, 1):
-        raise ValueError(f"--steps {cfg.steps}: VOSR 2.0 (args.json distill_type 'onestep') takes one "
-                         "Euler step, t = 1 → 0; leave --steps out")
+        raise ValueError(f"--steps {cfg.steps}: VOSR 2.0 (args.json distill_type 'onestep') takes "
+                         "one Euler step, t = 1 → 0; leave --steps out")
     default = type(cfg).__dataclass_fields__["guidance"].default
     ignored = [flag for flag, given in (("--guidance", cfg.guidance != default),
                                         ("--alpha", cfg.alpha is not None)) if given]
     if ignored:
         note(f"sample.py: {' and '.join(ignored)} ignored: VOSR 2.0 runs one branch with full "
              "conditioning (no guidance, no weak condition)")
-    return replace(cfg, steps=1)
+    return replace(cfg, steps=1, guidance=1.0)
 
 
 def checkpoint_defaults(cfg, pipe, run: dict, note=print):
@@ -94,7 +94,8 @@ def checkpoint_defaults(cfg, pipe, run: dict, note=print):
     "sampler_defaults", e.g. the shipped models' fastest good --tile), then 1 step for a student, 25 (a release's
     infer_steps) for a teacher; α = 0.15 (a release's mean weak_cond_strength_aelq), 0 for a run trained with
     --mode cfg (its auxiliary branch never saw c_str); the release's colour fix, LR upscaler and tile blending
-    for a release folder, else none / torch / linear (pil for a run trained with --resize-back release)."""
+    for a release folder, else none / torch / linear (pil for a run trained with --resize-back
+    release); VOSR 2.0's one step of one branch (onestep_settings)."""
     cfg = replace(cfg, **{k: v for k, v in run.get("sampler_defaults", {}).items() if getattr(cfg, k) is None})
     if run.get("kind") == release.ONESTEP:
         cfg = onestep_settings(cfg, note)
@@ -124,8 +125,8 @@ def load_model(cfg, report=print):
     else:
         raise ValueError(f"{ckpt}: checkpoint not found")
     if run.get("kind") == release.ONESTEP and cfg.student is False:
-        raise ValueError(f"--student 0: {ckpt} is VOSR 2.0 (args.json distill_type 'onestep'), one step "
-                         "of one branch: it has no teacher sampling")
+        raise ValueError(f"--student 0: {ckpt} is VOSR 2.0 (args.json distill_type 'onestep'), "
+                         "one step of one branch: it has no teacher sampling")
     shapes = read_safetensors_header(weights)[0]
     light = None if run.get("light_decoder") in (None, "none") else run["light_decoder"]
     codec = vae.load_codec(run["codec"], light_decoder=light, device=cfg.device)
@@ -153,12 +154,15 @@ def load_model(cfg, report=print):
             raise ValueError(f"{ckpt / 'args.json'}: {e}") from None
         run.update(preset=conf.preset if conf.preset != "custom" else f"dim {conf.dim}, depth {conf.depth}",
                    train_grid=conf.train_grid)
+        if run["kind"] == release.ONESTEP:
+            run["preset"] += ", VOSR 2.0"
     else:
         conf = dit.preset_config(run["preset"], latent_channels=codec.channels, with_r=with_r, enc_dim=enc_dim,
                                  train_grid=run["train_grid"], patch_size=run.get("patch_size", 2))
-    kind = run.get("kind", release.STUDENT if with_r else release.TEACHER)   # a run dir: its weights
+    kind = run.get("kind", release.STUDENT if with_r else release.TEACHER)  # a run dir: its weights
     model = dit.from_checkpoint(conf, str(weights))
-    loaded.insert(0, f"DiT {weights} (dim {model.dim}, depth {model.depth}, {release.KIND_NAMES[kind]})")
+    what = release.KIND_NAMES[kind]
+    loaded.insert(0, f"DiT {weights} (dim {model.dim}, depth {model.depth}, {what})")
     for line in loaded:
         report(f"sample.py: loaded {line}")
     student = kind != release.TEACHER if cfg.student is None else cfg.student

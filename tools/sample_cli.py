@@ -35,7 +35,7 @@ class SampleConfig:
     tile_overlap: int | None = None  # overlap between tiles in output pixels; None: tile / 8
     semantic_tiles: str = "global"   # global | per-tile | whole (VOSRPipeline.tile_semantics)
     # None below: the checkpoint's convention (the official release's for a release folder, checkpoint_defaults)
-    color_fix: str | None = None     # none | adain | wavelet (the release's) | adain-var | wavelet-atrous (ours)
+    color_fix: str | None = None     # none | adain | wavelet (release) | adain-var | wavelet-atrous
     upscale: str | None = None       # torch | pil
     tile_blend: str | None = None    # linear | gaussian
     tile_shape: str = "fit"          # fit (ours) | square (the release's: short-side squares)
@@ -83,9 +83,10 @@ SAMPLER_FLAGS = {  # SampleConfig field → (argparse type, or a tuple of choice
                "cross-fade the four velocities: no grid at token edges, 4× the DiT's cost; needs an even token side "
                "(pixel codecs) (default: the run dir's config.json sampler_defaults, on for the shipped default "
                "model; off otherwise)"),
-    "tile_shape": (TILE_SHAPE, "the DiT's latent tiles: fit (ours: min(tile, side) along each axis) or square "
-                   "(the official scripts: squares of min(tile, the latent's short side), overlap at least "
-                   "side/8, unless both sides fit one tile) (default: {d.tile_shape})"),
+    "tile_shape": (TILE_SHAPE, "the DiT's latent tiles: fit (ours: min(tile, side) along each "
+                   "axis) or square (the official scripts: squares of min(tile, the latent's short "
+                   "side), overlap at least side/8, unless both sides fit one tile) "
+                   "(default: {d.tile_shape})"),
     "vae_tile": (number(int, 0), "tile side of the codec (VAE) in output pixels (default: --tile); 0: the whole "
                  "image at once, as the official scripts"),
     "semantic_tiles": (SEMANTIC_TILES, "global: one DINOv2 token map for the whole image, each tile attends to its "
@@ -93,10 +94,10 @@ SAMPLER_FLAGS = {  # SampleConfig field → (argparse type, or a tuple of choice
                        "attends to all tokens of the whole image resized to the encoder's size (default: "
                        "{d.semantic_tiles})"),
     "color_fix": (tuple(sorted(COLOR_FIX)), "colour correction of the clamped 8-bit output against the upscaled LR: "
-                  "the official scripts' adain (per-channel mean and std + 1e-5) and wavelet (OpenCV Gaussian "
-                  "low pass, sigma 5, truncated to 8 bits), or ours: adain-var (sqrt(var + 1e-5)), "
-                  "wavelet-atrous (5-level à-trous low pass) (default: adain for a release folder, as the "
-                  "official scripts; none otherwise)"),
+                  "the official scripts' adain (per-channel mean and std + 1e-5) and wavelet "
+                  "(OpenCV Gaussian low pass, sigma 5, truncated to 8 bits), or ours: adain-var "
+                  "(sqrt(var + 1e-5)), wavelet-atrous (5-level à-trous low pass) (default: adain "
+                  "for a release folder, as the official scripts; none otherwise)"),
     "upscale": (UPSCALE, "how the LR is resized to the output size before encoding: pil (PIL bicubic on the 8-bit "
                 "image, the official scripts) or torch (bicubic in float, what train_teacher.py's resize-back does) "
                 "(default: pil for a release folder or a run trained with --resize-back release, torch otherwise)"),
@@ -136,8 +137,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--device", default=d.device, help=f"torch device (default: {d.device})")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the codec, semantic encoder and DiT")
     p.add_argument("--student", type=int, choices=[0, 1], default=None,
-                   help="force teacher (0) / student (1) sampling (default: from the checkpoint: a student has "
-                        "r_embedder weights)")
+                   help="force teacher (0) / student (1) sampling (default: from the checkpoint: "
+                        "a release folder's args.json distill_type, a run dir's r_embedder weights)")
     g = p.add_argument_group("model files (a run dir records these in config.json, a release folder has them "
                              "beside it; given here, they win)")
     g.add_argument("--preset", default=d.preset, choices=sorted(dit.PRESETS),
