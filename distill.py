@@ -54,8 +54,8 @@ class DistillConfig(TrainConfig):
 # The paper's recipe (appendix A.3 and Table 5): 50K steps, batch 32, lr 2e-5 — overridable by flags.
 # (The official release's one-step configs: 100K steps at 512².) The rest as the teacher (appendix A.3).
 DEFAULTS = dict(size=256, batch=32, steps=50_000, lr=2e-5, val_steps=1)
-# --preset: recipes of defaults; the model is always the teacher's. The CPU ones are ours: 64² crops, lr 2e-4
-# and EMA 0.99 as the distillations of docs/ablations.md and docs/small_scale.md (a few hundred steps).
+# --preset: recipes of defaults; the model is always the teacher's. The CPU ones are ours: 64²
+# crops, lr 2e-4 and EMA 0.99 as the distillations of docs/ablations.md and docs/small_scale.md.
 PRESETS = {
     "paper": {k: v for k, v in DEFAULTS.items() if k != "val_steps"},
     "tiny": dict(size=64, batch=4, steps=200, lr=2e-4, ema=0.99, ckpt_every=50),
@@ -179,7 +179,7 @@ def train_step(cfg: DistillConfig, run: tt.Run, teacher, codec, semantic, step: 
 def main(argv=None) -> dict:
     """Distil; returns {step: loss} of the steps this call ran."""
     cfg, changes = parse_cli(argv)
-    # one run per dir (its lock); SIGINT/SIGTERM: the current step is saved and the run stops (runs.Stopped)
+    # one run per dir (its lock); SIGINT/SIGTERM: the step is saved and the run stops (runs.Stopped)
     with runs.StopSignals(Path(cfg.out), NAME) as stop, runs.locked(Path(cfg.out), NAME):
         crops = tt.preflight(cfg, NAME)  # before the teacher is loaded
         tconf, weights = runs.load_teacher_run(cfg.teacher, NAME)
@@ -189,12 +189,14 @@ def main(argv=None) -> dict:
             run = tt.Run(cfg, student, ema, codec, semantic, env, crops, student=True, name=NAME,
                          changes=changes, stop=stop)
             for step in run.steps():
-                loss = train_step(cfg, run, teacher, codec, semantic, step)  # draw → condition → loss, gradient
-                loss = run.update(loss, step)                                # AdamW (None: non-finite, skipped)
+                # draw → condition → loss, and its gradient
+                loss = train_step(cfg, run, teacher, codec, semantic, step)
+                loss = run.update(loss, step)  # step: AdamW (None: non-finite, skipped)
                 if loss is None:
                     continue
-                tt.ema_update(ema, student, min(cfg.ema, (1 + step) / (10 + step)))  # EMA, as the teacher's
-                run.log(step, loss)                                          # log.jsonl, validation, checkpoint
+                # EMA, warmed up as the teacher's
+                tt.ema_update(ema, student, min(cfg.ema, (1 + step) / (10 + step)))
+                run.log(step, loss)  # log.jsonl, validation, checkpoint
             run.close()
             return run.history
 
@@ -230,14 +232,15 @@ def build_student(cfg: DistillConfig, tconf: dict, weights: Path, device):
 INHERITED = ("preset", "patch_size", "codec", "light_decoder", "semantic", "semantic_size", "degradation",
              "resize_back", "mode", "p_partial", "alpha_min", "alpha_max", "aug_mean", "aug_std")
 TRUE_DEFAULTS = (dataclasses.asdict(DistillConfig()) | DEFAULTS | {"out": "runs/student"}
-                 | {k: "the teacher's" for k in INHERITED} | {"preset": "paper", "device": "cuda if available, else cpu"})
-EPILOG = (cli.presets_epilog(PRESETS, header="presets (each sets these defaults; any flag given wins; the model is "
-                             "always the teacher's):") + "\n\n" + cli.DISTILL_EPILOG)
+                 | {k: "the teacher's" for k in INHERITED}
+                 | {"preset": "paper", "device": "cuda if available, else cpu"})
+EPILOG = (cli.presets_epilog(PRESETS, header=cli.PRESETS_HEADER.replace(
+    "):", "; the model is always the teacher's):")) + "\n\n" + cli.DISTILL_EPILOG)
 
 
 def build_parser() -> cli.OneLineParser:
-    return cli.config_parser(DistillConfig, __doc__, TRUE_DEFAULTS, cli.DISTILL_HELP, EPILOG, prog=NAME,
-                             choices=cli.DISTILL_CHOICES | {"preset": tuple(PRESETS)})
+    return cli.config_parser(DistillConfig, __doc__, TRUE_DEFAULTS, cli.DISTILL_HELP, EPILOG,
+                             prog=NAME, choices=cli.DISTILL_CHOICES | {"preset": tuple(PRESETS)})
 
 
 def parse_cli(argv=None, check_files: bool = True) -> tuple[DistillConfig, list]:
@@ -249,7 +252,7 @@ def parse_cli(argv=None, check_files: bool = True) -> tuple[DistillConfig, list]
     if "init" in given:
         p.error("--init: not used by distill.py (the student starts from the --teacher's weights)")
     given.setdefault("out", "runs/student")  # distill's own default, not the teacher's runs/teacher
-    recipe = PRESETS[given.pop("preset", "paper")]  # the model preset comes from the teacher, never a flag
+    recipe = PRESETS[given.pop("preset", "paper")]  # the model preset: always the teacher's
 
     def fresh() -> DistillConfig:
         if not given.get("teacher") or not given.get("data"):
@@ -265,4 +268,4 @@ def parse_args(argv=None) -> DistillConfig:
 
 
 if __name__ == "__main__":
-    sys.exit(tt.run_main(NAME, main))  # one line and the exit status for a mistake, SIGINT or SIGTERM
+    sys.exit(tt.run_main(NAME, main))  # one line and the exit status: a mistake, SIGINT, SIGTERM

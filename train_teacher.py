@@ -238,9 +238,9 @@ def train_step(cfg: TrainConfig, run: Run, codec, semantic, step: int) -> torch.
 def train(cfg: TrainConfig, changes=()) -> dict:
     """Train the teacher; returns {step: loss} of the steps this call ran. `changes`: what a --resume
     changed (parse_cli), recorded in config.json."""
-    # one run per dir (its lock); SIGINT/SIGTERM: the current step is saved and the run stops (runs.Stopped)
+    # one run per dir (its lock); SIGINT/SIGTERM: the step is saved and the run stops (runs.Stopped)
     with runs.StopSignals(Path(cfg.out), NAME) as stop, runs.locked(Path(cfg.out), NAME):
-        crops = preflight(cfg)  # before the models are built: a refusal should not wait for DINOv2 to load
+        crops = preflight(cfg)  # before the models are built: a refusal need not wait for DINOv2
         with runs.distributed(cfg) as env:  # torchrun's ranks; a plain run is rank 0 of 1
             torch.manual_seed(cfg.seed)  # the same init on every rank
             codec, semantic, model, ema = build_models(cfg, env[2])
@@ -248,13 +248,14 @@ def train(cfg: TrainConfig, changes=()) -> dict:
                 runs.init_weights(cfg.init, model, ema)
             run = Run(cfg, model, ema, codec, semantic, env, crops, changes=changes, stop=stop)
             for step in run.steps():
-                loss = train_step(cfg, run, codec, semantic, step)  # draw → condition → loss, and its gradient
-                loss = run.update(loss, step)                       # step: AdamW (None: non-finite, skipped)
+                # draw → condition → loss, and its gradient
+                loss = train_step(cfg, run, codec, semantic, step)
+                loss = run.update(loss, step)  # step: AdamW (None: a non-finite loss, skipped)
                 if loss is None:
                     continue
-                # EMA, with a warm-up that keeps short runs meaningful: cfg.ema after ~10/(1−ema) steps
+                # EMA, warmed up so short runs mean something: cfg.ema after ~10/(1−ema) steps
                 ema_update(ema, model, min(cfg.ema, (1 + step) / (10 + step)))
-                run.log(step, loss)                                 # log.jsonl, validation, checkpoint
+                run.log(step, loss)  # log.jsonl, validation, checkpoint
             run.close()
             return run.history
 
@@ -280,7 +281,7 @@ class Run:
                              f"{world * cfg.grad_accum}")
         self.cfg, self.model, self.ema, self.codec, self.semantic = cfg, model, ema, codec, semantic
         self.student, self.name = student, name
-        self.stop = stop or runs.StopSignals(Path(cfg.out), name)  # none given: never set (no handlers)
+        self.stop = stop or runs.StopSignals(Path(cfg.out), name)  # none given: never set
         self.dir, ckpt = Path(cfg.out), Path(cfg.out) / "ckpt.safetensors"
         resuming = cfg.resume and ckpt.exists()
         self.val_hr = load_val(cfg, device) if rank == 0 else None
@@ -316,12 +317,12 @@ class Run:
         self.saved = self.start  # the step of the last checkpoint written
 
     def steps(self):
-        """The steps to run; after each, a SIGINT/SIGTERM that any rank got saves that step and stops the run."""
+        """The steps to run; after each, a SIGINT/SIGTERM any rank got saves that step and stops."""
         self.stop.armed = True
         for step in self.bar:
             yield step
             signum = self.stop.agreed(self.world, self.device)
-            if signum and step + 1 < self.cfg.steps:  # (a signal in the last step: the run is done anyway)
+            if signum and step + 1 < self.cfg.steps:  # (in the last step: the run is done anyway)
                 if self.saved != step + 1:
                     self.checkpoint(step + 1)
                 self.close()
@@ -379,14 +380,14 @@ class Run:
         if done % cfg.log_every == 0 or "val_psnr" in rec:
             self.logfile.write(json.dumps(rec) + "\n")
             self.logfile.flush()
-        # from the first step on (a CPU step of the paper's recipe takes seconds: --log-every 10 was minutes)
+        # from the first step on (a CPU step of the paper's recipe takes seconds: 10 are minutes)
         if not self.tty and (done % cfg.log_every == 0 or done in (self.start + 1, cfg.steps)):
             print(runs.progress_line(self.name, done, cfg.steps, loss, (done - self.start) / elapsed), flush=True)
-        if checkpoint_now:  # last: a run killed before it has logged past its checkpoint (runs.trim_log)
+        if checkpoint_now:  # last: a run killed before it logged past it (runs.trim_log)
             self.checkpoint(done)
 
     def checkpoint(self, done: int) -> None:
-        """ckpt.safetensors and ema.safetensors of step `done` (rank 0 writes; every rank calls this)."""
+        """ckpt.safetensors and ema.safetensors of step `done` (rank 0 writes; every rank calls)."""
         # every rank takes part in gathering the streams' positions (a collective under torchrun)
         streams = self.loader.state(self.world) if hasattr(self.loader, "state") else None
         if self.rank == 0:
@@ -457,8 +458,8 @@ def load_val(cfg: TrainConfig, device) -> torch.Tensor | None:
         if min(img.shape[-2:]) >= cfg.size:
             crops.append(files.center_crop(img, cfg.size))
     if not crops:  # else a run without validation, not a word
-        raise files.UserError(f"--val-data {cfg.val_data}: none of its first 8 images can be read and is at "
-                              f"least --size {cfg.size} px on its shorter side")
+        raise files.UserError(f"--val-data {cfg.val_data}: none of its first 8 images can be read "
+                              f"and is at least --size {cfg.size} px on its shorter side")
     return torch.stack(crops).to(device)
 
 
@@ -486,7 +487,8 @@ class HRCrops(torch.utils.data.Dataset):
         if os.environ.get("RANK", "0") == "0":  # torchrun: once, not once per rank
             n = len(self.files) - len(self.bad)
             few = " (very few: the model will learn these images, not super-resolution in general)"
-            print(f"{name}: --data {root}: {n} training image{'s' if n > 1 else ''}{few if n < 10 else ''}")
+            print(f"{name}: --data {root}: {n} training image{'s' if n > 1 else ''}"
+                  + (few if n < 10 else ""))
 
     def check_readable(self, root: str, name: str) -> None:
         """Decode files in order until one reads, here in the main process: a folder of only broken images
@@ -602,9 +604,10 @@ def parse_args(argv=None) -> TrainConfig:
 
 
 def run_main(name: str, work) -> int:
-    """A training script's command line: `work()` parses and trains. A user's mistake (files.UserError), a
-    stop by SIGINT or SIGTERM (runs.Stopped: the current step saved) or a Ctrl-C before the run began end
-    it with one line on stderr and the exit status: 2, 128 + the signal (130, 143), 130."""
+    """A training script's command line: `work()` parses and trains. A user's mistake (UserError),
+    a stop by SIGINT or SIGTERM (runs.Stopped: the current step saved) or a Ctrl-C before the run
+    began end it with one line on stderr and the exit status: 2, 128 + the signal (130, 143),
+    130."""
     try:
         work()
     except files.UserError as e:

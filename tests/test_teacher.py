@@ -144,18 +144,18 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
 
 
 def test_sigterm_mid_run_saves_the_step_and_resume_equals_an_uninterrupted_run(tmp_path):
-    """A real train_teacher.py gets SIGTERM in the middle of its run: it saves the step it was in and exits
-    143 with one line naming the checkpoint; --resume then ends with the weights, EMA, optimiser and log of
-    an uninterrupted run, bit for bit."""
+    """A real train_teacher.py gets SIGTERM in the middle of its run: it saves the step it was in
+    and exits 143 with one line naming the checkpoint; --resume then ends with the weights, EMA,
+    optimiser and log of an uninterrupted run, bit for bit."""
     photos = make_photos(tmp_path / "photos", n=3, size=(40, 40))
     steps = 60
-    args = ["--data", str(photos), "--preset", "tiny", "--codec", "pixel", "--semantic", "none", "--degradation",
-            "bicubic", "--size", "32", "--batch", "2", "--workers", "0", "--device", "cpu", "--steps", str(steps),
-            "--log-every", "1", "--ckpt-every", "1000"]
-    run = tmp_path / "run"
+    args = ["--data", str(photos), "--preset", "tiny", "--codec", "pixel", "--semantic", "none",
+            "--degradation", "bicubic", "--size", "32", "--batch", "2", "--workers", "0",
+            "--device", "cpu", "--steps", str(steps), "--log-every", "1", "--ckpt-every", "1000"]
+    run, script = tmp_path / "run", str(ROOT / "train_teacher.py")
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train_teacher.py"), *args, "--out", str(run)], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, script, *args, "--out", str(run)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:  # mid-run: after its second step
         if f" step 2/{steps} " in line:
             proc.send_signal(signal.SIGTERM)
@@ -165,28 +165,28 @@ def test_sigterm_mid_run_saves_the_step_and_resume_equals_an_uninterrupted_run(t
     lines = [line for line in err.splitlines() if ": warning: " not in line]
     assert len(lines) == 1 and "Traceback" not in err, err
     saved = int(files.read_safetensors_header(run / "ckpt.safetensors")[1]["step"])
-    assert 2 <= saved < steps  # stopped in the middle: no --ckpt-every checkpoint before the last step
-    assert lines[0] == (f"train_teacher.py: stopped by SIGTERM after step {saved}: saved {run / 'ckpt.safetensors'}; "
-                        f"continue with --resume (python train_teacher.py --out {run} --resume)")
+    assert 2 <= saved < steps  # stopped mid-run: --ckpt-every saves nothing before the last step
+    assert lines[0] == (f"train_teacher.py: stopped by SIGTERM after step {saved}: saved "
+                        f"{run / 'ckpt.safetensors'}; continue with --resume "
+                        f"(python train_teacher.py --out {run} --resume)")
     assert not (run / runs.LOCK).exists()
-    r = subprocess.run([sys.executable, str(ROOT / "train_teacher.py"), "--out", str(run), "--resume"], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, script, "--out", str(run), "--resume"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and f"resumed {run} at step {saved}" in r.stdout, r.stderr
     # the uninterrupted run, in this process on one thread as the CLIs
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cfg, _ = tt.parse_cli(args + ["--out", str(tmp_path / "ref")])
-        tt.train(cfg)
+        tt.train(tt.parse_cli(args + ["--out", str(tmp_path / "ref")])[0])
     finally:
         torch.set_num_threads(threads)
-    a, b = (load_file(str(d / "ckpt.safetensors")) for d in (tmp_path / "ref", run))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ea, eb = (load_file(str(d / "ema.safetensors")) for d in (tmp_path / "ref", run))
-    assert all(torch.equal(ea[k], eb[k]) for k in ea)
-    logs = [[json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()] for d in (tmp_path / "ref", run)]
-    assert [rec["step"] for rec in logs[1]] == list(range(1, steps + 1))
-    assert [rec["loss"] for rec in logs[0]] == [rec["loss"] for rec in logs[1]]
+    for name in ("ckpt.safetensors", "ema.safetensors"):
+        a, b = (load_file(str(d / name)) for d in (tmp_path / "ref", run))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    ref, resumed = ([json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
+                    for d in (tmp_path / "ref", run))
+    assert [rec["step"] for rec in resumed] == list(range(1, steps + 1))
+    assert [rec["loss"] for rec in ref] == [rec["loss"] for rec in resumed]
 
 
 def test_resume_uses_the_learning_rate_given_now(tmp_path):

@@ -137,14 +137,18 @@ def test_resume_drops_logged_steps_past_the_checkpoint(runs, tmp_path):
     assert all(rec["loss"] != 9.0 for rec in recs)  # steps 3 and 4 are the resumed run's
 
 
-# ----------------------------------------------------------------------------- SIGINT, SIGTERM and the run-dir lock
+# --------------------------------------------------------------- SIGINT, SIGTERM, the run-dir lock
+
+def popen(script, *args):
+    return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ | {"OMP_NUM_THREADS": "1"})
+
 
 def test_sigint_mid_distillation_saves_the_step_and_names_that_checkpoint(runs, tmp_path):
     out = tmp_path / "st"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "distill.py"), "--teacher", runs["teacher"], "--data",
-                             runs["photos"], "--out", out, *TINY[-8:], "--steps", "300", "--log-every", "100"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ | {"OMP_NUM_THREADS": "1"})
+    proc = popen("distill.py", "--teacher", runs["teacher"], "--data", runs["photos"], "--out", out,
+                 *TINY[-8:], "--steps", "300", "--log-every", "100")
     for line in proc.stdout:
         if " step 1/300 " in line:  # a progress line from the first step, whatever --log-every
             proc.send_signal(signal.SIGINT)
@@ -156,12 +160,14 @@ def test_sigint_mid_distillation_saves_the_step_and_names_that_checkpoint(runs, 
     assert r.returncode == 130
     step = files.read_safetensors_header(out / "ckpt.safetensors")[1]["step"]
     assert f"after step {step}: " in line and int(step) < 300
-    assert sorted(p.name for p in out.iterdir()) == ["ckpt.safetensors", "config.json", "ema.safetensors", "log.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.safetensors", "config.json",
+                                                     "ema.safetensors", "log.jsonl"]
 
 
-def test_a_stop_before_the_first_step_names_a_checkpoint_only_if_one_exists(runs, tmp_path, monkeypatch, capsys):
-    """SIGINT while the student is being built: nothing to save. A new run says there is nothing to resume;
-    a resumed one names its checkpoint, left as it was."""
+def test_a_stop_before_the_first_step_names_a_checkpoint_only_if_one_exists(runs, tmp_path,
+                                                                             monkeypatch, capsys):
+    """SIGINT while the student is being built: nothing to save. A new run says there is nothing
+    to resume; a resumed one names its checkpoint, left as it was."""
     real = distill.build_student
 
     def interrupted(*a):
@@ -170,24 +176,27 @@ def test_a_stop_before_the_first_step_names_a_checkpoint_only_if_one_exists(runs
 
     monkeypatch.setattr(distill, "build_student", interrupted)
     out = tmp_path / "st"
-    args = ["--teacher", str(runs["teacher"]), "--data", str(runs["photos"]), "--out", str(out), *TINY[-8:]]
-    assert tt.run_main("distill.py", lambda: distill.main(args + ["--steps", "1"])) == 130
-    err = capsys.readouterr().err.strip()
-    assert err == ("distill.py: stopped by SIGINT before its first step: no checkpoint was saved, nothing to "
-                   "resume; start it again the same way"), err
+    args = ["--teacher", str(runs["teacher"]), "--data", str(runs["photos"]), "--out", str(out),
+            *TINY[-8:], "--steps", "1"]
+    assert tt.run_main("distill.py", lambda: distill.main(args)) == 130
+    assert capsys.readouterr().err.strip() == (
+        "distill.py: stopped by SIGINT before its first step: no checkpoint was saved, nothing to "
+        "resume; start it again the same way")
     assert not out.exists()  # the folder it made, empty, is gone
     run = copy_run(runs, tmp_path, "student")
     before = digest(run)
-    assert tt.run_main("distill.py", lambda: distill.main(["--out", str(run), "--resume", "--steps", "2"])) == 130
-    err = capsys.readouterr().err.strip()
-    assert err == (f"distill.py: stopped by SIGINT before its first step: nothing new saved, {run}/ckpt.safetensors "
-                   f"(step 1) is as it was; continue with --resume (python distill.py --out {run} --resume)"), err
+    args = ["--out", str(run), "--resume", "--steps", "2"]
+    assert tt.run_main("distill.py", lambda: distill.main(args)) == 130
+    assert capsys.readouterr().err.strip() == (
+        f"distill.py: stopped by SIGINT before its first step: nothing new saved, "
+        f"{run}/ckpt.safetensors (step 1) is as it was; continue with --resume "
+        f"(python distill.py --out {run} --resume)")
     assert digest(run) == before
 
 
 def test_a_signal_while_saving_does_not_cut_the_save_short(runs, tmp_path, monkeypatch):
-    """SIGTERM in step 2, then Ctrl-C twice while its checkpoint is written: the save completes, the run
-    stops after step 2 with the first signal's status, and the checkpoint is whole."""
+    """SIGTERM in step 2, then Ctrl-C twice while its checkpoint is written: the save completes,
+    the run stops after step 2 with the first signal's status, and the checkpoint is whole."""
     real_step, real_save = tt.train_step, tt.runs.save_checkpoint
 
     def step(cfg, run, codec, semantic, k):
@@ -208,54 +217,57 @@ def test_a_signal_while_saving_does_not_cut_the_save_short(runs, tmp_path, monke
     with pytest.raises(tt.runs.Stopped) as e:
         tt.train(cfg)
     assert e.value.code == 143 and "stopped by SIGTERM after step 2: saved " in str(e.value)
-    sd = load_file(str(out / "ckpt.safetensors"))
     assert files.read_safetensors_header(out / "ckpt.safetensors")[1]["step"] == "2"
-    assert any(k.startswith("optim.") for k in sd) and load_file(str(out / "ema.safetensors"))
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # given back
+    assert any(k.startswith("optim.") for k in load_file(str(out / "ckpt.safetensors")))
+    assert load_file(str(out / "ema.safetensors"))
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
 
 
 def lock_of(pid: int, started="2026-01-02 03:04:05 UTC") -> str:
-    return json.dumps({"pid": pid, "host": socket.gethostname(), "time": time.time(), "started": started})
+    return json.dumps({"pid": pid, "host": socket.gethostname(), "time": time.time(),
+                       "started": started})
 
 
 def test_a_locked_run_dir_is_refused_naming_the_holder(runs, tmp_path):
-    """A run dir that a live process holds: another run is refused (even with --overwrite) naming the
-    holder, and every file stays byte-identical."""
+    """A run dir that a live process holds: another run is refused (even with --overwrite) naming
+    the holder, and every file stays byte-identical."""
     run = copy_run(runs, tmp_path)
-    (run / "run.lock").write_text(lock_of(os.getpid(), "2026-12-07 10:11:12 UTC"))  # this test's process: alive
+    host, pid = socket.gethostname(), os.getpid()  # this test's process: alive
+    (run / "run.lock").write_text(lock_of(pid, "2026-12-07 10:11:12 UTC"))
     before = digest(run)
     for extra in (["--overwrite"], ["--resume", "--steps", "3"]):
         r = cli("train_teacher.py", "--data", runs["photos"], "--out", run, *TINY, *extra)
-        line = refused(r, f"--out {run} is in use by another run: pid {os.getpid()} on {socket.gethostname()}, "
-                          "started 2026-12-07 10:11:12 UTC; wait for it to end or choose another --out")
+        line = refused(r, f"--out {run} is in use by another run: pid {pid} on {host}, started "
+                          "2026-12-07 10:11:12 UTC; wait for it to end or choose another --out")
         assert r.returncode == 2 and line.startswith("train_teacher.py: ")
         assert digest(run) == before
 
 
 def test_two_runs_started_together_on_one_dir(runs, tmp_path):
     out = tmp_path / "run"
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "train_teacher.py"), "--data", str(runs["photos"]),
-                               "--out", str(out), *TINY, "--steps", "20", "--log-every", "1"], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=os.environ | {"OMP_NUM_THREADS": "1"}) for _ in range(2)]
+    procs = [popen("train_teacher.py", "--data", runs["photos"], "--out", out, *TINY,
+                   "--steps", "20", "--log-every", "1") for _ in range(2)]
     done = [(p.communicate(timeout=300)[1], p.returncode) for p in procs]
     assert sorted(code == 0 for _, code in done) == [False, True], done
     err = next(err for err, code in done if code != 0)
-    # refused by the lock; or, had it started after the first had ended, by the finished run in --out
-    assert "Traceback" not in err and ("is in use by another run: pid " in err or "already holds a run" in err)
-    recs = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
-    assert recs == list(range(1, 21)) and not (out / "run.lock").exists()
+    # refused by the lock; or, had it started after the first had ended, by the run in --out
+    assert "Traceback" not in err
+    assert "is in use by another run: pid " in err or "already holds a run" in err
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 21)) and not (out / "run.lock").exists()
 
 
 def test_a_stale_lock_is_taken_over_with_a_note(runs, tmp_path):
     run = copy_run(runs, tmp_path)
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True)
     pid = int(gone.stdout)  # a process that has ended
     (run / "run.lock").write_text(lock_of(pid))
     r = cli("train_teacher.py", "--out", run, "--resume", "--steps", "3", "--device", "cpu")
     assert r.returncode == 0, r.stderr
-    assert (f"train_teacher.py: --out {run}: taking over the lock of pid {pid} on {socket.gethostname()} "
-            "(started 2026-01-02 03:04:05 UTC): that process is gone") in r.stdout
+    assert (f"train_teacher.py: --out {run}: taking over the lock of pid {pid} on "
+            f"{socket.gethostname()} (started 2026-01-02 03:04:05 UTC): that process is gone"
+            ) in r.stdout
     assert files.read_safetensors_header(run / "ckpt.safetensors")[1]["step"] == "3"
     assert not (run / "run.lock").exists()
 
@@ -266,38 +278,39 @@ def test_an_empty_val_data_folder_is_refused(runs, tmp_path):
     empty, out = tmp_path / "val", tmp_path / "run"
     empty.mkdir()
     (empty / "notes.txt").write_text("no images here")
-    line = refused(cli("train_teacher.py", "--data", runs["photos"], "--val-data", empty, "--out", out, *TINY,
-                       "--steps", "1"), f"--val-data {empty}: no images (.png")
-    assert line.startswith("train_teacher.py: ")
+    r = cli("train_teacher.py", "--data", runs["photos"], "--val-data", empty, "--out", out, *TINY,
+            "--steps", "1")
+    assert refused(r, f"--val-data {empty}: no images (.png").startswith("train_teacher.py: ")
     assert not out.exists()
 
 
 def test_val_data_of_only_too_small_images_is_refused(runs, tmp_path, capsys):
     small, out = make_photos(tmp_path / "val", n=2, size=(16, 16)), tmp_path / "run"
-    assert tt.main(["--data", str(runs["photos"]), "--val-data", str(small), "--out", str(out), *TINY,
-                    "--steps", "1"]) == 2
+    assert tt.main(["--data", str(runs["photos"]), "--val-data", str(small), "--out", str(out),
+                    *TINY, "--steps", "1"]) == 2
     assert capsys.readouterr().err.strip().endswith(
-        f"train_teacher.py: --val-data {small}: none of its first 8 images can be read and is at least --size 32 px "
-        "on its shorter side")
+        f"train_teacher.py: --val-data {small}: none of its first 8 images can be read and is at "
+        "least --size 32 px on its shorter side")
     assert not out.exists()
 
 
 def test_the_count_of_training_images_is_printed(tmp_path, capsys):
     one = make_photos(tmp_path / "one", n=1, size=(40, 40))
     assert tt.main(["--data", str(one), "--out", str(tmp_path / "run"), *TINY, "--steps", "1"]) == 0
-    assert (f"train_teacher.py: --data {one}: 1 training image (very few: the model will learn these images, "
-            "not super-resolution in general)") in capsys.readouterr().out
+    assert (f"train_teacher.py: --data {one}: 1 training image (very few: the model will learn "
+            "these images, not super-resolution in general)") in capsys.readouterr().out
 
 
 def test_distill_presets_set_their_recipe_and_the_model_stays_the_teachers(runs):
+    base = ["--teacher", str(runs["teacher"]), "--data", "x"]
     for name, recipe in distill.PRESETS.items():
-        cfg = distill.parse_args(["--teacher", str(runs["teacher"]), "--data", "x", "--preset", name])
+        cfg = distill.parse_args(base + ["--preset", name])
         assert cfg.preset == "tiny" and cfg.patch_size == 1  # the teacher's model
         assert all(getattr(cfg, k) == v for k, v in recipe.items()), name
-    cfg = distill.parse_args(["--teacher", str(runs["teacher"]), "--data", "x", "--preset", "small", "--steps", "7"])
+    cfg = distill.parse_args(base + ["--preset", "small", "--steps", "7"])
     assert (cfg.steps, cfg.batch) == (7, 16)  # a flag given wins
-    assert distill.parse_args(["--teacher", str(runs["teacher"]), "--data", "x"]).size == 256  # paper's
-    r = cli("distill.py", "--teacher", runs["teacher"], "--data", runs["photos"], "--preset", "0.5B")
+    assert distill.parse_args(base).size == 256  # the paper's
+    r = cli("distill.py", *base[:3], runs["photos"], "--preset", "0.5B")
     refused(r, "--preset", "invalid choice: '0.5B'", "tiny", "small")
 
 

@@ -133,8 +133,8 @@ DISTILL_HELP = HELP | {
              "release's one-step models used 0.1); none: α ~ U[alpha_min, alpha_max] per sample",
     "steps": "train until this step (with --resume: the total)",
     "val_steps": "sampling steps of the validation samples (the student's)",
-    "preset": "recipe of training defaults (listed below; the defaults shown here are paper's); the model "
-              "is always the teacher's",
+    "preset": "recipe of training defaults (listed below; the defaults shown here are paper's); "
+              "the model is always the teacher's",
     "init": "not used by distill.py: the student starts from the teacher's weights",
 }
 DISTILL_CHOICES = CHOICES | {"method": ("rc", "shortcut")}
@@ -156,16 +156,21 @@ def flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def presets_epilog(presets: dict, models=None, header: str = "presets (each sets these defaults; any flag "
-                   "given wins):") -> str:
-    """--help's epilog of a training script: what each preset sets; train_teacher.py's, then the bare
-    dit.py models."""
-    lines = "\n".join(f"  {k:<12} " + ", ".join(flag(f) if v is True else f"{flag(f)} {_show(v)}"
-                                               for f, v in d.items() if f != "preset")
-                      + (f" (model {d['preset']})" if "preset" in d else "") for k, d in presets.items())
+PRESETS_HEADER = "presets (each sets these defaults; any flag given wins):"
+
+
+def presets_epilog(presets: dict, models=None, header: str = PRESETS_HEADER) -> str:
+    """--help's epilog of a training script: what each preset sets; train_teacher.py's, then the
+    bare dit.py models."""
+    rows = []
+    for k, d in presets.items():
+        sets = ", ".join(flag(f) if v is True else f"{flag(f)} {_show(v)}"
+                         for f, v in d.items() if f != "preset")
+        rows.append(f"  {k:<12} {sets}" + (f" (model {d['preset']})" if "preset" in d else ""))
+    text = header + "\n" + "\n".join(rows)
     if models is None:
-        return f"{header}\n{lines}"
-    return (f"{header}\n{lines}\n  any of {', '.join(sorted(models))}: that dit.py model with the flags' "
+        return text
+    return (f"{text}\n  any of {', '.join(sorted(models))}: that dit.py model with the flags' "
             "defaults\n\nthroughput benchmark (no training): python tools/bench_train.py --help")
 
 

@@ -3,8 +3,9 @@
 A run dir holds config.json, ckpt.safetensors (model, EMA, optimiser, step and, for streamed data, each data
 stream's position), ema.safetensors and log.jsonl. Here: checking it before a run starts (never overwrite a
 run silently), --overwrite, checkpoints written atomically and read back for --resume, --init from another
-run's EMA weights, the teacher run a student distils, torchrun's ranks, the progress line, the lock that
-keeps one run per dir (locked), and SIGINT/SIGTERM saving the current step before the run stops (StopSignals).
+run's EMA weights, the teacher run a student distils, torchrun's ranks, the progress line, the
+lock that keeps one run per dir (locked), and SIGINT/SIGTERM saving the current step before the run
+stops (StopSignals).
 tools/export.py writes its files with these helpers too.
 """
 from __future__ import annotations
@@ -66,8 +67,9 @@ def check_run_dir(cfg, name: str) -> None:
         refuse_existing_run(run, found, name)
     if cfg.val_data and not Path(cfg.val_data).exists():
         raise SystemExit(f"{name}: --val-data {cfg.val_data}: not found")
-    if cfg.val_data and not files.find_images(cfg.val_data):  # else a run without validation, not a word
-        raise files.UserError(f"--val-data {cfg.val_data}: no images ({', '.join(files.IMAGE_EXTS)}) found")
+    if cfg.val_data and not files.find_images(cfg.val_data):  # else a run without validation
+        exts = ", ".join(files.IMAGE_EXTS)
+        raise files.UserError(f"--val-data {cfg.val_data}: no images ({exts}) found")
 
 
 def refuse_existing_run(run: Path, found: list, name: str):
@@ -256,18 +258,18 @@ def progress_line(name: str, done: int, steps: int, loss: float, steps_per_s: fl
     return f"{name}: step {done}/{steps} loss {loss:.4f} {steps_per_s:.2f} steps/s ETA {eta}"
 
 
-# ----------------------------------------------------------------------------- one run per dir (ours)
+# ------------------------------------------------------------------------- one run per dir (ours)
 
 LOCK = "run.lock"
 
 
 @contextlib.contextmanager
 def locked(run: Path, name: str):
-    """The run dir, locked while this run writes to it: `run.lock` (pid, host, start time), created with
-    O_EXCL so that of two runs started together exactly one gets it; another run is refused naming the
-    holder; a lock whose process is gone (same host) is taken over with a note. The lock goes on every exit
-    (a SIGKILL leaves it: the next run on this host takes it over), and so do the folders this run made,
-    if nothing else was written to them. Under torchrun rank 0 holds it for all ranks."""
+    """The run dir, locked while this run writes to it: `run.lock` (pid, host, start time), created
+    with O_EXCL so that of two runs started together exactly one gets it; another run is refused
+    naming the holder; a lock whose process is gone (same host) is taken over with a note. The lock
+    goes on every exit (a SIGKILL leaves it: the next run on this host takes it over), and so do the
+    folders this run made, if nothing else was written to them. Under torchrun rank 0 holds it."""
     if os.environ.get("RANK", "0") != "0":
         yield
         return
@@ -292,7 +294,7 @@ def locked(run: Path, name: str):
 
 
 def _take_lock(lock: Path, name: str) -> dict:
-    """Create `lock` holding this process (or take over a stale one); UserError naming a live holder."""
+    """Create `lock` holding this process (or take over a stale one); UserError naming a holder."""
     mine = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     for _ in range(3):  # a lock released or taken over meanwhile: look again
@@ -300,42 +302,46 @@ def _take_lock(lock: Path, name: str) -> dict:
             fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             holder = _read_lock(lock)
-            if holder is None and lock.exists():  # perhaps being written this instant: look once more
+            if holder is None and lock.exists():  # perhaps being written this instant: once more
                 time.sleep(0.2)
                 holder = _read_lock(lock)
             if holder is None and lock.exists():
-                raise files.UserError(f"--out {lock.parent} is locked by another run ({lock} cannot be read); "
-                                      f"if no run uses this folder, delete {lock}") from None
+                raise files.UserError(f"--out {lock.parent} is locked by another run ({lock} "
+                                      "cannot be read); if no run uses this folder, delete "
+                                      f"{lock}") from None
             if holder is not None and not _stale(holder):
                 raise files.UserError(_held_line(lock, holder)) from None
             if holder is not None:
-                print(f"{name}: --out {lock.parent}: taking over the lock of pid {holder['pid']} on "
-                      f"{holder['host']} (started {holder['started']}): that process is gone")
+                print(f"{name}: --out {lock.parent}: taking over the lock of pid {holder['pid']} "
+                      f"on {holder['host']} (started {holder['started']}): that process is gone")
                 _set_aside(lock, holder)
             continue
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(json.dumps(mine))
-        except BaseException:  # a signal or a full disk between create and write: no half lock left
+        except BaseException:  # a signal or a full disk between create and write: no half lock
             lock.unlink(missing_ok=True)
             raise
         return mine
-    raise files.UserError(f"--out {lock.parent}: other runs keep taking its lock {lock}; start one at a time")
+    raise files.UserError(f"--out {lock.parent}: other runs keep taking its lock {lock}; "
+                          "start one at a time")
 
 
 def _read_lock(lock: Path) -> dict | None:
     """The holder written in a lock file; None if it is gone, empty or unreadable."""
     try:
         holder = json.loads(lock.read_text())
-        return holder if isinstance(holder, dict) and {"pid", "host", "started"} <= holder.keys() else None
     except (OSError, ValueError):
         return None
+    ok = isinstance(holder, dict) and {"pid", "host", "started"} <= holder.keys()
+    return holder if ok else None
 
 
 def _held_line(lock: Path, holder: dict) -> str:
     """The one line for a run dir another run holds."""
-    line = (f"--out {lock.parent} is in use by another run: pid {holder['pid']} on {holder['host']}, started "
-            f"{holder['started']}; wait for it to end or choose another --out")
+    line = (f"--out {lock.parent} is in use by another run: pid {holder['pid']} on "
+            f"{holder['host']}, started {holder['started']}; "
+            "wait for it to end or choose another --out")
     if holder["host"] != socket.gethostname():  # its pid cannot be looked up from here
         line += f" (if that run is no longer running, delete {lock})"
     return line
@@ -361,7 +367,8 @@ def _stale(holder: dict) -> bool:
 def _process_start(pid: int) -> float | None:
     """When process `pid` started (Unix time, from /proc); None where there is no /proc."""
     try:
-        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime: ticks since boot
         boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
                     if line.startswith("btime "))
         return boot + ticks / os.sysconf("SC_CLK_TCK")
@@ -382,11 +389,12 @@ def _set_aside(lock: Path, holder: dict) -> None:
     aside.unlink(missing_ok=True)
 
 
-# ----------------------------------------------------------------------------- SIGINT and SIGTERM (ours)
+# --------------------------------------------------------------------- SIGINT and SIGTERM (ours)
 
 class Stopped(Exception):
-    """A run stopped by SIGINT or SIGTERM; the message is the line to print (empty on ranks other than 0),
-    `code` the exit status: 128 + the signal, the shell's convention (130 for SIGINT, 143 for SIGTERM)."""
+    """A run stopped by SIGINT or SIGTERM; the message is the line to print (empty on ranks other
+    than 0), `code` the exit status: 128 + the signal as shells report it (130 SIGINT, 143 SIGTERM),
+    so a job script or scheduler reads it as "ended by that signal"."""
 
     def __init__(self, signum: int, line: str):
         super().__init__(line)
@@ -394,18 +402,19 @@ class Stopped(Exception):
 
 
 class StopSignals:
-    """SIGINT (Ctrl-C) and SIGTERM (what schedulers send before they kill a job: SLURM's --signal, torchrun
-    passing on its own). Before the steps begin they stop the run at once (Stopped: nothing to save yet).
-    Once armed, the first one only sets a flag: the current step ends, every rank agrees (all-reduce MAX),
-    the checkpoint of that step is written and the run stops. Later ones are ignored, so nothing cuts the
-    save short (torchrun also passes on the Ctrl-C its workers already got from the terminal)."""
+    """SIGINT (Ctrl-C) and SIGTERM (what schedulers send before they kill a job: SLURM's --signal,
+    torchrun passing on its own). Before the steps begin they stop the run at once (Stopped: nothing
+    to save yet). Once armed, the first one only sets a flag: the current step ends, every rank
+    agrees (all-reduce MAX), the checkpoint of that step is written and the run stops. Later ones
+    are ignored, so nothing cuts the save short (and torchrun passes on a Ctrl-C that its workers
+    already got from the terminal)."""
 
     def __init__(self, run: Path, name: str):
         self.run, self.name, self.pid = run, name, os.getpid()
         self.armed, self.signum, self.old = False, 0, {}
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+        if threading.current_thread() is threading.main_thread():  # handlers only go there
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.old[sig] = signal.signal(sig, self.handle)
         return self
@@ -431,8 +440,8 @@ class StopSignals:
 
 
 def stop_line(name: str, run: Path, signum: int, saved: int | None = None) -> str:
-    """What a stopped run says: the checkpoint it saved (at step `saved`), or the one it left as it was, or
-    that there is none; and how to go on. It names a checkpoint only where one exists."""
+    """What a stopped run says: the checkpoint it saved (at step `saved`), or the one it left as it
+    was, or that there is none; and how to go on. It names a checkpoint only where one exists."""
     why, ckpt = f"stopped by {signal.Signals(signum).name}", run / "ckpt.safetensors"
     again = f"continue with --resume (python {name} --out {run} --resume)"
     if saved is not None:
@@ -442,6 +451,9 @@ def stop_line(name: str, run: Path, signum: int, saved: int | None = None) -> st
     except (OSError, ValueError, KeyError):
         step = None
     if step is not None:
-        return f"{why} before its first step: nothing new saved, {ckpt} (step {step}) is as it was; {again}"
-    start = "with --resume (it starts at step 0)" if (run / "config.json").is_file() else "the same way"
-    return f"{why} before its first step: no checkpoint was saved, nothing to resume; start it again {start}"
+        return (f"{why} before its first step: nothing new saved, {ckpt} (step {step}) is as it "
+                f"was; {again}")
+    made = (run / "config.json").is_file()  # written before the steps: a new start needs --resume
+    how = "with --resume (it starts at step 0)" if made else "the same way"
+    return (f"{why} before its first step: no checkpoint was saved, nothing to resume; "
+            f"start it again {how}")
