@@ -445,9 +445,10 @@ def score(args):
 
 # ----------------------------------------------------------------------------- guidance sweep (Fig. 4)
 
-def sampled_pairs(pairs, scale):
+def sampled_pairs(pairs, scale, niqe=False):
     """The (image, LR, HR) pairs whose files read and whose HR has the size the sampler makes of the
-    LR (round(scale · side), sample.VOSRPipeline), and a line for each other: checked up front."""
+    LR (round(scale · side), sample.VOSRPipeline) -- and NIQE's two blocks, if `niqe` -- and a line
+    for each other: checked before any sampling."""
     good, problems = [], []
     for key, lr_path, hr_path in pairs:
         try:
@@ -457,6 +458,9 @@ def sampled_pairs(pairs, scale):
             continue
         if (round(h * scale), round(w * scale)) != (H, W):
             problems.append(f"{hr_path}: size {W}x{H} is not {scale:g} x the {w}x{h} of {lr_path}")
+        elif niqe and (H // 96) * (W // 96) < 2:
+            problems.append(f"{hr_path}: {W}x{H} is too small for NIQE (two 96x96 blocks); leave "
+                            "niqe out of --metrics")
         else:
             good.append((key, lr_path, hr_path))
     return good, problems
@@ -472,7 +476,7 @@ def sweep(args):
     if isinstance(prepared, int):
         return prepared
     names, scorers, pairs, problems = prepared
-    pairs, bad = sampled_pairs(pairs, args.scale)
+    pairs, bad = sampled_pairs(pairs, args.scale, niqe="niqe" in scorers)
     for p in problems + bad:
         print(f"evaluate.py: skipped {p}", file=sys.stderr)
     if not pairs:

@@ -947,6 +947,19 @@ def test_sweep_refuses_seed_with_seeds_and_skipped_pairs_first(tiny_run, tmp_pat
         "over 2: fix them, or pass --allow-skipped to score the rest"]
 
 
+def test_sweep_checks_niqe_sizes_before_sampling(tiny_run, tmp_path, capsys):
+    """NIQE needs two 96x96 blocks: 32x32 HR images are refused before the checkpoint is read."""
+    cache_or_skip("niqe_pris_params.safetensors")
+    (tmp_path / "bad.safetensors").write_text("junk")  # never read
+    lr, hr = tiny_run / "lr", tiny_run / "hr"
+    assert E.main(["sweep", "--ckpt", str(tmp_path / "bad.safetensors"), "--lr", str(lr),
+                   "--hr", str(hr), "--guidance", "1", "--metrics", "psnr,niqe", "--plot", ""]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"evaluate.py: skipped {hr / f'im{k}.png'}: 32x32 is too small for NIQE (two "
+                   "96x96 blocks); leave niqe out of --metrics" for k in range(3)] + [
+                   f"evaluate.py: error: no LR/HR pair to sample ({lr} vs {hr})"]
+
+
 # ----------------------------------------------------------------------------- skipped, Ctrl-C
 
 def mismatched_folders(tmp_path):
