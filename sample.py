@@ -18,6 +18,8 @@ tile reads the tokens under it, so neighbours agree.
     python sample.py --ckpt preset/ckpts/VOSR_0.5B_os -i LR_DIR -o OUT_DIR     (an official release model;
         its conventions become the defaults: PIL upscale, adain colour fix, Gaussian tile blending;
         docs/official_checkpoints.md)
+    python sample.py --ckpt preset/ckpts/VOSR2 -i LR_DIR -o OUT_DIR            (VOSR 2.0: one Euler step
+        of one branch, no r; its args.json says so)
 """
 from __future__ import annotations
 

@@ -315,6 +315,19 @@ def test_vosr2_one_step_one_branch_through_the_cli(release, tmp_path, capsys):
     assert "--student 0" in err and "no teacher sampling" in err, err
 
 
+def test_ckpt_weights_file_of_a_release_folder_uses_the_folder(release, tmp_path, capsys):
+    """--ckpt preset/ckpts/VOSR2/checkpoints/ema_model.safetensors: a note, then the folder's args.json
+    (not a bare file of the default preset): the same PNG as --ckpt preset/ckpts/VOSR2."""
+    ckpts, lr_dir, _ = release
+    weights = ckpts / "VOSR2" / "checkpoints" / "ema_model.safetensors"
+    argv = ["-i", str(lr_dir), "--device", "cpu"]
+    assert sample.main(["--ckpt", str(ckpts / "VOSR2"), "-o", str(tmp_path / "dir"), *argv]) == 0
+    assert sample.main(["--ckpt", str(weights), "-o", str(tmp_path / "file"), *argv]) == 0
+    assert (f"sample.py: --ckpt {weights}: the weights of the release model folder {ckpts / 'VOSR2'}: "
+            f"using the folder (its args.json), as --ckpt {ckpts / 'VOSR2'}") in capsys.readouterr().out
+    assert torch.equal(read_png(tmp_path / "file" / "a.png"), read_png(tmp_path / "dir" / "a.png"))
+
+
 @torch.no_grad()
 def test_vosr2_is_tiled_above_its_training_crop(release):
     """Above the training crop (args.json resolution: 512 for the release, 128 here) VOSR 2.0 is

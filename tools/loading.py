@@ -106,6 +106,21 @@ def checkpoint_defaults(cfg, pipe, run: dict, note=print):
                    tile_blend=cfg.tile_blend or run.get("tile_blend", "linear"), lapped=cfg.lapped or "off")
 
 
+def release_folder_of(weights: Path) -> Path | None:
+    """The release model folder (args.json, no config.json) whose weights file is `weights` (found as
+    release_weights finds them: beside args.json or in its clean_weights/ or checkpoints/), or None."""
+    if not weights.is_file() or weights.suffix != ".safetensors":
+        return None
+    for folder in (weights.parent, weights.parent.parent):
+        if (folder / "args.json").is_file() and not (folder / "config.json").is_file():
+            try:
+                if release.release_weights(folder).resolve() == weights.resolve():
+                    return folder
+            except ValueError:
+                return None
+    return None
+
+
 def load_model(cfg, report=print):
     """(DiT, codec, semantic encoder, student?, run settings) of the SampleConfig cfg's --ckpt; report gets one
     line per file loaded; a ValueError or FileNotFoundError names what cannot be used."""
@@ -114,6 +129,11 @@ def load_model(cfg, report=print):
         report(f"sample.py: --ckpt {ckpt}: {RUN_WEIGHTS[ckpt.name]} of the run dir {ckpt.parent}: "
                f"using the run dir (its config.json and ema.safetensors), as --ckpt {ckpt.parent}")
         ckpt = ckpt.parent
+    folder = release_folder_of(ckpt)
+    if folder is not None:
+        report(f"sample.py: --ckpt {ckpt}: the weights of the release model folder {folder}: using "
+               f"the folder (its args.json), as --ckpt {folder}")
+        ckpt = folder
     if ckpt.is_dir():
         official = (ckpt / "args.json").is_file() and not (ckpt / "config.json").is_file()
         run, weights, loaded = (read_release_folder if official else read_run_dir)(ckpt, cfg)
