@@ -354,6 +354,43 @@ def test_vosr2_is_tiled_above_its_training_crop(release):
 
 
 QWEN_L, SD_B = dict(ae_type="qwen", enc_type="dinov2l"), dict(ae_type="sd2", enc_type="dinov2b")
+@torch.no_grad()
+def test_vosr2_tiled_as_released(release, tmp_path):
+    """--semantic-tiles per-tile --vae-tile 0 --tile-shape square: the release's tiled run, written out
+    by hand on a 48×160 output (latent 6×20, 128-px tiles = 16 latent pixels): the VAE on the whole image,
+    one noise field, the DiT on 6×6 squares every 4 latent pixels (overlap 2 = tile/8) plus one flush
+    with the end, DINOv2 on each square's LR↑ crop, velocities blended with the Gaussian window
+    (σ = 0.1 × side), one Euler step."""
+    ckpts, _, ref = release
+    (tmp_path / "in").mkdir()
+    rng = np.random.default_rng(5)
+    Image.fromarray(rng.integers(0, 256, (12, 40, 3), dtype=np.uint8)).save(tmp_path / "in" / "w.png")
+    assert sample.main(["--ckpt", str(ckpts / "VOSR2"), "-i", str(tmp_path / "in"), "-o",
+                        str(tmp_path / "out"), "--device", "cpu", "--semantic-tiles", "per-tile",
+                        "--vae-tile", "0", "--tile-shape", "square"]) == 0
+    q, m = ref["qwen"], ref["dit_v2"]
+    mean = torch.tensor(q.config.latents_mean).view(1, -1, 1, 1)
+    std = torch.tensor(q.config.latents_std).view(1, -1, 1, 1)
+    up = pil_up(tmp_path / "in" / "w.png")                                   # (1, 3, 48, 160)
+    c_str = (q.encode((up * 2 - 1)[:, :, None]).latent_dist.mode()[:, :, 0] - mean) / std
+    z1 = torch.randn(c_str.shape, generator=torch.Generator().manual_seed(0))
+    assert c_str.shape[-2:] == (6, 20)
+    i = torch.arange(6, dtype=torch.float64)
+    g = torch.exp(-(i - 2.5) ** 2 / (2 * 0.6 ** 2)).float()
+    num, den = torch.zeros_like(z1), torch.zeros(6, 20)
+    for x in (0, 4, 8, 12, 14):
+        tokens = dino_tokens(ref["dino_l"], up[..., :, 8 * x:8 * x + 48], 17)
+        v = m(torch.cat([c_str, z1], 1)[..., x:x + 6], torch.ones(1), tokens)
+        num[..., x:x + 6] += v * (g[:, None] * g)
+        den[:, x:x + 6] += g[:, None] * g
+    z0 = z1 - num / den
+    img = (q.decode((z0 * std + mean)[:, :, None]).sample[:, :, 0].clamp(-1, 1) + 1) / 2
+    expect = (adain_8bit(img, up) * 255).round()
+    got = read_png(tmp_path / "out" / "w.png")
+    assert got.shape == (1, 3, 48, 160)
+    assert_same_image(got, expect)
+
+
 # (args.json keys, weights with r_embedder?) → kind, of VOSR_0.5B_ms, _os, VOSR_1.4B_ms, _os, VOSR2
 RELEASE_KINDS = [
     (SD_B, False, "teacher"),
