@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from tools.cli import OneLineParser
+from tools import files
 from tools.files import ImageError, center_crop, contact_sheet, find_jobs, read_image, write_image
 from tools.jpeg import jpeg
 
@@ -378,6 +379,21 @@ def run_folder(args):
     except OSError as e:  # missing input, no images, output is a file or inside the input
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+    def pair(dst):  # the files of one job: hr/ and lr/ under the output folder
+        return [out / "hr" / dst.relative_to(out), out / "lr" / dst.relative_to(out)]
+    sheet_path = out / "contact_sheet.png"
+    existing = files.existing_outputs(jobs, pair) + ([sheet_path] if sheet_path.exists() else [])
+    try:   # (ours) earlier pairs are never replaced silently, an unwritable output is said before the work
+        jobs, kept = files.keep_existing(jobs, existing, args.overwrite, args.skip_existing, pair)
+        for folder in sorted({f.parent for _, dst in jobs for f in pair(dst)} | {out}):
+            files.probe_output_folder(folder)
+    except files.UserError as e:
+        print(f"degrade.py: {e}", file=sys.stderr)
+        return 2
+    if not jobs:
+        print(f"degrade.py: all {len(kept)} pair(s) are in {out} already; nothing to do")
+        return 0
     device, gen = torch.device(args.device), torch.Generator().manual_seed(args.seed)
     fn = degrade if args.mode == "realesrgan" else (lambda x, scale, generator: degrade_bicubic(x, scale))
     pending, sheet, done, lr_sizes = {}, [], [], set()
@@ -393,30 +409,42 @@ def run_folder(args):
                 sheet.append((hr, lr))
         done.extend(names)
 
-    for path, name in tqdm([(src, dst.relative_to(out)) for src, dst in jobs], desc="degrade", unit="img"):
-        try:
-            img = read_image(path)
-            side = min(args.crop, img.shape[1], img.shape[2]) // args.scale * args.scale
-            if side < args.scale:
-                raise ImageError(f"{path}: {img.shape[2]}×{img.shape[1]} is too small for scale {args.scale}")
-        except ImageError as e:
-            tqdm.write(f"skipped: {e}", file=sys.stderr)
-            continue
-        if side < args.crop:
-            tqdm.write(f"note: {path} is {img.shape[2]}×{img.shape[1]}, smaller than --crop {args.crop}; "
-                       f"cropping {side}×{side}", file=sys.stderr)
-        pending.setdefault(side, []).append((name, center_crop(img, side)))
-        if len(pending[side]) >= args.batch:             # batches of equal-size crops
+    try:
+        for path, name in tqdm([(src, dst.relative_to(out)) for src, dst in jobs], desc="degrade", unit="img",
+                               disable=None):   # None: a bar on a terminal, none in a log
+            try:
+                img = read_image(path)
+                side = min(args.crop, img.shape[1], img.shape[2]) // args.scale * args.scale
+                if side < args.scale:
+                    raise ImageError(f"{path}: {img.shape[2]}×{img.shape[1]} is too small for scale "
+                                     f"{args.scale}")
+            except ImageError as e:
+                tqdm.write(f"skipped: {e}", file=sys.stderr)
+                continue
+            if side < args.crop:
+                tqdm.write(f"note: {path} is {img.shape[2]}×{img.shape[1]}, smaller than --crop {args.crop}; "
+                           f"cropping {side}×{side}", file=sys.stderr)
+            pending.setdefault(side, []).append((name, center_crop(img, side)))
+            if len(pending[side]) >= args.batch:             # batches of equal-size crops
+                flush(side)
+        for side in list(pending):
             flush(side)
-    for side in list(pending):
-        flush(side)
+        if done:
+            write_image(out / "contact_sheet.png", contact_sheet(sheet))
+    except KeyboardInterrupt:   # Ctrl-C: what is written and how to go on (a pair is whole or not there)
+        print(f"degrade.py: interrupted: {len(done)} of {len(jobs)} pair(s) written to {out} ({len(kept)} kept "
+              "from before); run the same command with --skip-existing to do the rest", file=sys.stderr)
+        return 130
+    except files.WriteError as e:   # a full disk: the next ones would fail too; the pairs written are kept
+        print(f"degrade.py: {e}; {len(done)} of {len(jobs)} pair(s) written to {out} are kept; "
+              "run the same command with --skip-existing to do the rest", file=sys.stderr)
+        return 1
     if not done:
         print(f"error: none of the {len(jobs)} files could be processed", file=sys.stderr)
         return 1
-    write_image(out / "contact_sheet.png", contact_sheet(sheet))
     sizes = ", ".join(f"{h}×{w}" for h, w in sorted(lr_sizes))
     print(f"wrote {len(done)} HR/LR pairs (LR {sizes}) to {out}; skipped {len(jobs) - len(done)} file(s); "
-          f"contact sheet: {out / 'contact_sheet.png'}")
+          f"kept {len(kept)} existing pair(s); contact sheet: {out / 'contact_sheet.png'}")
     return 0
 
 
@@ -432,6 +460,12 @@ def main(argv=None):
     ap.add_argument("--mode", choices=("realesrgan", "bicubic"), default="realesrgan",
                     help="realesrgan: the second-order pipeline (default); bicubic: classic antialiased ×1/scale")
     ap.add_argument("--batch", type=int, default=8, help="images per batch (default 8)")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace pairs that already exist in the output folder (default: refuse to start)")
+    g.add_argument("--skip-existing", action="store_true",
+                   help="keep the pairs already in the output folder and make only the missing ones (they get "
+                        "draws of their own, not those an uninterrupted run would have given them)")
     args = ap.parse_args(argv)
     if args.scale < 1 or args.batch < 1:
         ap.error("--scale and --batch must be positive")

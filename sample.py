@@ -34,10 +34,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import vae
-from tools import sample_cli
+from tools import precision, sample_cli
 from tools.color_fix import COLOR_FIX, color_fix_of
 from tools.fast_paths import FastPaths
-from tools.files import ImageError, find_jobs, read_image, write_image
+from tools.files import (ImageError, UserError, WriteError, existing_outputs, find_jobs, keep_existing,
+                         probe_output_folder, read_image, write_image)
 from tools.loading import DEFAULT_CKPT, checkpoint_defaults, load_model
 from tools.sample_cli import (LAPPED, LATENT, SEMANTIC_TILES, TILE_BLEND, TILE_SHAPE, UPSCALE,
                               SampleConfig)
@@ -309,9 +310,10 @@ class VOSRPipeline:
     """`sample` on overlapping tiles: LR (B,3,h,w) in [0,1] → SR (B,3,round(S·h),round(S·w)) in [0,1]."""
 
     def __init__(self, model, codec, semantic=None, student: bool = False, device="cpu", bf16=False,
-                 fast: FastPaths | None = None):
+                 fast: FastPaths | None = None, dtype: torch.dtype | None = None):
         self.model, self.codec, self.semantic = model.eval(), codec, semantic
-        self.student, self.device, self.bf16 = student, torch.device(device), bf16
+        self.student, self.device = student, torch.device(device)
+        self.dtype = dtype or (torch.bfloat16 if bf16 else torch.float32)   # of the networks (autocast)
         self.enable(fast or FastPaths())
 
     @torch.no_grad()
@@ -350,8 +352,9 @@ class VOSRPipeline:
         H, W = round(lr.shape[-2] * scale), round(lr.shape[-1] * scale)
         lr_up, unit = upscale_lr(lr, (H, W), upscale), self.codec.factor * self.model.patch_size
         with self.autocast():
-            return lr_up, tiled_encode(self.codec, lr_up, (H + -H % unit, W + -W % unit), tile, overlap,
-                                       self.encode, generator).float()
+            c_str = tiled_encode(self.codec, lr_up, (H + -H % unit, W + -W % unit), tile, overlap,
+                                 self.encode, generator).float()
+        return lr_up, precision.finite(c_str, "codec encoder (c_str)", self.dtype)
 
     def tile_semantics(self, lr_up: torch.Tensor, tile: int, mode: str = "global"):
         """c_sem of each tile: a function (y, x, h, w) in output pixels → (B, N, dim), or None."""
@@ -359,14 +362,16 @@ class VOSRPipeline:
         # as a tile-by-tile run of the release's code would; whole: all tokens of the whole image
         if self.semantic is None:
             return lambda *win: None
+        stage = "semantic encoder (c_sem)"
         with self.autocast():
             if mode == "whole":
-                c_sem = self.semantic(lr_up)
+                c_sem = precision.finite(self.semantic(lr_up), stage, self.dtype)
                 return lambda *win: c_sem
             if mode == "global":
-                tmap = semantic_token_map(self.semantic, lr_up, tile, tile // 2)
+                tmap = precision.finite(semantic_token_map(self.semantic, lr_up, tile, tile // 2), stage, self.dtype)
                 return lambda y, x, h, w: crop_tokens(tmap, y, x, tuple(lr_up.shape[-2:]), self.semantic.grid)
-        return functools.lru_cache(None)(lambda y, x, h, w: self.semantic(lr_up[..., y:y + h, x:x + w]))
+        return functools.lru_cache(None)(
+            lambda y, x, h, w: precision.finite(self.semantic(lr_up[..., y:y + h, x:x + w]), stage, self.dtype))
 
     def denoise(self, c_str, sem_of, generator, ts, guidance, alpha, latent_tiles, blend="linear", progress=False,
                 lapped=False):
@@ -381,13 +386,16 @@ class VOSRPipeline:
                     bar.update()
                     return on_tile(zw, win, t, r)
                 return tiled(one_tile, z, lt, lo, align, blend)
-            return euler_sample(velocity, z1, ts, inplace=True)                # z_1 → z_0, in place
+            z0 = euler_sample(velocity, z1, ts, inplace=True)                  # z_1 → z_0, in place
+        # a NaN or inf of any step's velocity stays in z_0: one check per image, no sync per step
+        return precision.finite(z0, "DiT (velocity)", self.dtype)
 
     def finish(self, z0, size, tile: int, overlap: int, ref, color_fix: str = "none"):
         """z_0 → SR in [0,1]: decoded tile by tile, then the colour fix against LR↑."""
         with self.autocast():
             sr = tiled_decode(self.codec, z0, size, tile, overlap, self.decode).add_(1).div_(2)
-            return color_fix_of(sr, ref, color_fix)
+            sr = precision.finite(sr, "codec decoder (image)", self.dtype)
+            return precision.finite(color_fix_of(sr, ref, color_fix), f"{color_fix} colour fix", self.dtype)
 
     def tile_velocity(self, c_str, sem_of, guidance: float, alpha: float, lapped: bool = False):
         """v of one latent window, (z_window, (y, x, h, w) in latent pixels, t, r) → velocity: the teacher's
@@ -441,8 +449,17 @@ class VOSRPipeline:
         return lt, min(overlap // f, lt // 2), p
 
     def autocast(self):
-        """bf16 autocast of every network (codec, semantic encoder, DiT) when bf16 is on; a no-op otherwise."""
-        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16)
+        """Autocast of every network (codec, semantic encoder, DiT) to self.dtype; a no-op for fp32."""
+        return torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32)
+
+    @property
+    def bf16(self) -> bool:
+        """Whether the networks run in bf16 (setting it: bf16 or fp32), as sample.py --bf16."""
+        return self.dtype == torch.bfloat16
+
+    @bf16.setter
+    def bf16(self, on: bool):
+        self.dtype = torch.bfloat16 if on else torch.float32
 
     def enable(self, fast: FastPaths):
         """Use these fast paths from now on (tools/fast_paths.py; channels_last converts the codec in place)."""
@@ -465,7 +482,8 @@ def load_pipeline(cfg: SampleConfig, report=print) -> tuple[VOSRPipeline, dict]:
     if default:   # its config.json note says what it is; the first sentence is enough here
         report(f"sample.py: no --ckpt given: using the shipped default model {DEFAULT_CKPT} "
                f"({run.get('note', 'no note').split('. ')[0].rstrip('.')}; README §2)")
-    return VOSRPipeline(model.to(cfg.device), codec, semantic, student, cfg.device, cfg.bf16), run
+    dtype = precision.DTYPES[cfg.dtype or ("bf16" if cfg.bf16 else precision.default_dtype(cfg.device))]
+    return VOSRPipeline(model.to(cfg.device), codec, semantic, student, cfg.device, dtype=dtype), run
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -502,13 +520,50 @@ def super_resolve(pipe: VOSRPipeline, lr: torch.Tensor, cfg: SampleConfig, progr
                 lapped=cfg.lapped or "off", tile_shape=cfg.tile_shape)
 
 
+class Tally:
+    """What a batch did so far: the one-line summary, and what to tell the user when it is stopped."""
+
+    def __init__(self, output: str):
+        self.output, self.total, self.written, self.skipped, self.failed, self.seconds = output, 0, 0, 0, 0, 0.0
+
+    def summary(self) -> str:
+        """'wrote 3 image(s), skipped 1 existing, 1 failed, 0.52 s per image'."""
+        per = f", {self.seconds / self.written:.2f} s per image" if self.written else ""
+        return f"wrote {self.written} image(s), skipped {self.skipped} existing, {self.failed} failed{per}"
+
+    def stopped(self) -> str:
+        """What was finished when the batch stopped, and how to go on."""
+        if not self.total:
+            return "no image was started"
+        return (f"{self.written} of {self.total} image(s) written to {self.output} ({self.skipped} kept from "
+                "before); run the same command with --skip-existing to do the rest")
+
+
 def main(argv=None) -> int:
+    """sample.py: exit 0 when every image was written, 1 when any failed, 2 for a mistake found before any
+    work, 130 on Ctrl-C; each is one line on stderr, never a traceback."""
     cfg = parse_args(argv)
+    tally = Tally(cfg.output)
+    try:
+        return run_batch(cfg, tally)
+    except UserError as e:                        # found before any image: a bad output, existing outputs
+        print(f"sample.py: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:                     # (ours) Ctrl-C: say what is done and how to continue
+        print(f"sample.py: interrupted: {tally.stopped()}", file=sys.stderr)
+        return 130
+
+
+def run_batch(cfg: SampleConfig, tally: Tally) -> int:
+    """Check the outputs, load the model, super-resolve every job; a UserError for what is wrong before."""
     try:
         jobs = find_jobs(cfg.input, cfg.output)   # refuses an output that would overwrite or re-read an input
     except OSError as e:
-        print(f"sample.py: {e}", file=sys.stderr)
-        return 2
+        raise UserError(e) from None
+    todo, kept = keep_existing(jobs, existing_outputs(jobs), cfg.overwrite, cfg.skip_existing)
+    for folder in sorted({dst.parent for _, dst in todo}):
+        probe_output_folder(folder)               # a read-only or uncreatable output: said before the work
+    tally.skipped = len(kept)
     try:
         pipe, run = load_pipeline(cfg)
         pipe.enable(FastPaths.from_config(cfg))
@@ -516,30 +571,41 @@ def main(argv=None) -> int:
         if cfg.lapped == "on":
             pipe.lapped_net()                     # a model whose tokens cannot be half-shifted: say so now
     except (OSError, ValueError) as e:            # a missing or unusable file, a setting the model cannot use
-        print(f"sample.py: {(str(e).strip().splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
-        return 2
+        raise UserError((str(e).strip().splitlines() or [type(e).__name__])[0]) from None
+    dtype = precision.name_of(pipe.dtype)
     print(f"sample.py: {cfg.ckpt} ({run['preset']}, {'student' if pipe.student else 'teacher'}, "
           f"{cfg.steps} step(s), guidance {cfg.guidance:g}, colour fix {cfg.color_fix}, upscale {cfg.upscale}, "
-          f"tile blend {cfg.tile_blend}, lapped {cfg.lapped}), {len(jobs)} image(s) → {cfg.output}")
-    failed, seconds = 0, 0.0
-    for src, dst in tqdm(jobs, desc="images", disable=len(jobs) < 2):
-        try:
-            lr = read_image(src)[None]
-        except ImageError as e:
-            print(f"sample.py: skipped {e}", file=sys.stderr)
-            failed += 1
-            continue
-        start = time.perf_counter()
-        sr = super_resolve(pipe, lr, cfg, progress=True)[0]
-        write_image(dst, sr)
-        took = time.perf_counter() - start
-        seconds += took
-        if took > PROGRESS_AFTER:                 # worth a line: the bar over steps × tiles was shown
-            tqdm.write(f"sample.py: {dst} ({sr.shape[-1]}×{sr.shape[-2]}) in {took:.1f} s")
-    done = len(jobs) - failed
-    print(f"sample.py: wrote {done} image(s), {failed} failed{f', {seconds / done:.2f} s per image' if done else ''}")
-    return 1 if failed == len(jobs) else 0
-
+          f"tile blend {cfg.tile_blend}, lapped {cfg.lapped}), {len(todo)} image(s) → {cfg.output}"
+          f"{f' ({len(kept)} kept from before)' if kept else ''}")
+    print(f"sample.py: device {pipe.device}, dtype {dtype} (the default on {pipe.device.type}: "
+          f"{precision.default_dtype(pipe.device)}, docs/precision.md)")
+    warning = precision.dtype_warning(pipe.device, dtype)
+    if warning:
+        print(f"sample.py: {warning}", file=sys.stderr)
+    tally.total = len(todo)
+    with tqdm(todo, desc="images", disable=True if len(todo) < 2 else None) as bar:   # None: on a terminal
+        for src, dst in bar:
+            try:
+                lr = read_image(src)[None]
+                start = time.perf_counter()
+                sr = super_resolve(pipe, lr, cfg, progress=True)[0]
+            except (ImageError, precision.NonFiniteError) as e:   # this image only: the batch goes on
+                tqdm.write(f"sample.py: failed {src}: {e}", file=sys.stderr)
+                tally.failed += 1
+                continue
+            try:
+                write_image(dst, sr)
+            except WriteError as e:               # a full disk: the next ones would fail too
+                bar.close()
+                print(f"sample.py: {e}; {tally.stopped()}", file=sys.stderr)
+                return 1
+            tally.written += 1
+            took = time.perf_counter() - start
+            tally.seconds += took
+            if took > PROGRESS_AFTER:             # worth a line: the bar over steps × tiles was shown
+                tqdm.write(f"sample.py: {dst} ({sr.shape[-1]}×{sr.shape[-2]}) in {took:.1f} s")
+    print(f"sample.py: {tally.summary()}")
+    return 1 if tally.failed else 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -102,7 +102,8 @@ def test_bad_inputs_name_the_file_and_the_batch_goes_on(tmp_path, run_dir):
     Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)).save(full)
     (d / "truncated.png").write_bytes(full.read_bytes()[:200])
     r = cli("sample.py", "--ckpt", run_dir, "-i", d, "-o", tmp_path / "out", "--steps", "1", "--device", "cpu")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 1, r.stderr                       # the batch went on, and the exit says some failed
+    assert "3 failed" in r.stdout
     for name in ("zero.png", "text.jpg", "truncated.png"):
         assert name in r.stderr
     assert (tmp_path / "out" / "good.png").exists()
@@ -138,7 +139,7 @@ def test_permission_denied_is_named_and_the_batch_goes_on(tmp_path, run_dir, mon
                         "--device", "cpu"])
     err = capsys.readouterr().err
     assert "locked.png" in err and "Permission denied" in err
-    assert code == 0 and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ok.png"]
+    assert code == 1 and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ok.png"]
 
 
 def test_folder_and_path_errors(tmp_path, run_dir):
@@ -267,3 +268,229 @@ def test_written_files_have_the_usual_permissions(tmp_path):
     runs.save_atomic({"w": torch.zeros(2)}, tmp_path / "w.safetensors")       # safetensors alone makes 0600
     for name in ("x.png", "w.safetensors"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~files._UMASK, name
+
+
+# ----------------------------------------------------------------------------- outputs, write errors, Ctrl-C
+
+def small_inputs(folder: Path, n: int = 3, size=(8, 6)) -> Path:
+    """n distinct small RGB images a.png, b.png, … in folder."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(n)
+    for i in range(n):
+        arr = (rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)
+        Image.fromarray(arr).save(folder / f"{chr(97 + i)}.png")
+    return folder
+
+
+def tmp_files(folder: Path) -> list:
+    """Hidden in-flight files (atomic_path's .name.xxxx.tmp, the folder probe) left under folder."""
+    return [p for p in folder.rglob(".*") if p.is_file()]
+
+
+def test_existing_outputs_are_refused_kept_or_replaced(tmp_path, run_dir):
+    d = small_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    sample = ("sample.py", "--ckpt", run_dir, "-i", d, "-o", out, "--steps", "1")
+    assert cli(*sample).returncode == 0
+    (out / "a.png").write_bytes(b"an earlier result")            # not even an image: it must stay as it is
+    (out / "c.png").unlink()                                      # c was not finished
+    before = snapshot(tmp_path)
+    r = cli(*sample)                                               # neither flag: refused before any work
+    one_line_error(r, out / "a.png", "2 output file(s)", "--skip-existing", "--overwrite")
+    assert "loaded" not in r.stdout and snapshot(tmp_path) == before
+    r = cli(*sample, "--skip-existing")                            # continues: only c is computed
+    assert r.returncode == 0, r.stderr
+    assert "wrote 1 image(s), skipped 2 existing, 0 failed" in r.stdout
+    assert (out / "a.png").read_bytes() == b"an earlier result" and (out / "b.png").read_bytes() == before[
+        Path("out/b.png")]
+    assert Image.open(out / "c.png").size == (32, 24)
+    r = cli(*sample, "--overwrite")                                # asked for: replaced
+    assert r.returncode == 0 and "wrote 3 image(s), skipped 0 existing" in r.stdout
+    assert Image.open(out / "a.png").size == (32, 24)
+    one_line_error(cli(*sample, "--overwrite", "--skip-existing"), "--skip-existing")
+
+
+def test_an_existing_output_file_is_not_replaced(tmp_path, run_dir):
+    d = small_inputs(tmp_path / "in", n=1)
+    precious = tmp_path / "precious.png"
+    precious.write_bytes(b"not an output of ours")
+    one_line_error(cli("sample.py", "--ckpt", run_dir, "-i", d / "a.png", "-o", precious, "--steps", "1"),
+                   precious, "1 output file(s)")
+    assert precious.read_bytes() == b"not an output of ours"
+
+
+def test_degrade_keeps_existing_pairs(tmp_path):
+    d = small_inputs(tmp_path / "in", n=3, size=(8, 8))
+    out = tmp_path / "pairs"
+    degrade = ("degrade.py", "-i", d, "-o", out, "--crop", "8", "--mode", "bicubic")
+    assert cli(*degrade).returncode == 0
+    (out / "hr" / "a.png").write_bytes(b"earlier")
+    (out / "lr" / "c.png").unlink()                                # c's pair is half there: it is made again
+    before = snapshot(tmp_path)
+    r = cli(*degrade)
+    one_line_error(r, "degrade.py", out / "hr" / "a.png", "--skip-existing")
+    assert snapshot(tmp_path) == before
+    r = cli(*degrade, "--skip-existing")
+    assert r.returncode == 0, r.stderr
+    assert "wrote 1 HR/LR pairs" in r.stdout and "kept 2 existing pair(s)" in r.stdout
+    assert (out / "hr" / "a.png").read_bytes() == b"earlier" and (out / "lr" / "c.png").is_file()
+    assert cli(*degrade, "--overwrite").returncode == 0
+    assert (out / "hr" / "a.png").read_bytes() != b"earlier"
+
+
+@pytest.mark.parametrize("script", ["sample.py", "degrade.py"])
+def test_unwritable_output_is_one_line_before_any_work(tmp_path, run_dir, monkeypatch, script):
+    """An output under a file, a folder that cannot be created, a read-only folder: one line naming the path
+    and the reason before anything is computed. As root chmod does not deny, so the read-only file system and
+    the refused mkdir are os-level errors raised by monkeypatched open() and Path.mkdir."""
+    import builtins
+    import errno
+    d = small_inputs(tmp_path / "in", n=1, size=(8, 8))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    args = ["--ckpt", run_dir, "--steps", "1"] if script == "sample.py" else ["--crop", "8", "--mode", "bicubic"]
+    r = cli(script, "-i", d, "-o", blocker / "out", *args)
+    one_line_error(r, blocker, "is a file, not a folder")
+    assert "loaded" not in r.stdout
+
+    real_open, real_mkdir, ro = builtins.open, Path.mkdir, tmp_path / "readonly"
+    ro.mkdir()
+
+    def read_only_open(file, mode="r", *a, **k):
+        if Path(str(file)).parent.is_relative_to(ro) and any(c in mode for c in "wax"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(file))
+        return real_open(file, mode, *a, **k)
+
+    def refused_mkdir(self, *a, **k):
+        if self.is_relative_to(tmp_path / "denied"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real_mkdir(self, *a, **k)
+    monkeypatch.setattr(builtins, "open", read_only_open)
+    monkeypatch.setattr(Path, "mkdir", refused_mkdir)
+    r = cli(script, "-i", d, "-o", ro, *args)
+    one_line_error(r, ro, "Read-only file system")
+    assert "loaded" not in r.stdout and not list(ro.iterdir())
+    r = cli(script, "-i", d, "-o", tmp_path / "denied" / "out", *args)
+    one_line_error(r, tmp_path / "denied" / "out", "Permission denied", "cannot create")
+    assert not (tmp_path / "denied").exists()
+
+
+def full_disk_after(monkeypatch, n_ok: int):
+    """PIL saves fail with ENOSPC after n_ok successful saves, having written half a file first."""
+    import errno
+    real_save, calls = Image.Image.save, []
+
+    def save(self, fp, *a, **k):
+        calls.append(fp)
+        if len(calls) > n_ok:
+            Path(fp).write_bytes(b"half a PNG")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(self, fp, *a, **k)
+    monkeypatch.setattr(Image.Image, "save", save)
+
+
+def test_full_disk_mid_batch_keeps_what_was_written(tmp_path, run_dir, monkeypatch):
+    d = small_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    full_disk_after(monkeypatch, 1)
+    r = cli("sample.py", "--ckpt", run_dir, "-i", d, "-o", out, "--steps", "1")
+    one_line_error(r, out / "b.png", "No space left on device", "1 of 3 image(s) written", "--skip-existing")
+    assert sorted(p.name for p in out.iterdir()) == ["a.png"] and Image.open(out / "a.png").size == (32, 24)
+    monkeypatch.undo()
+    r = cli("sample.py", "--ckpt", run_dir, "-i", d, "-o", out, "--steps", "1", "--skip-existing")
+    assert r.returncode == 0 and "wrote 2 image(s), skipped 1 existing" in r.stdout
+
+    pairs = tmp_path / "pairs"
+    full_disk_after(monkeypatch, 3)                                # a's hr and lr, b's hr
+    r = cli("degrade.py", "-i", d, "-o", pairs, "--crop", "4", "--mode", "bicubic", "--batch", "1")
+    one_line_error(r, pairs / "lr" / "b.png", "No space left on device", "1 of 3 pair(s)")
+    assert sorted(str(p.relative_to(pairs)) for p in pairs.rglob("*.png")) == ["hr/a.png", "hr/b.png", "lr/a.png"]
+    assert not tmp_files(tmp_path)                                 # no half file anywhere
+
+
+def interrupt_on_call(monkeypatch, module, name: str, n: int):
+    """module.name raises KeyboardInterrupt (what Ctrl-C raises) on its n-th call."""
+    real, calls = getattr(module, name), []
+
+    def wrapper(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(module, name, wrapper)
+
+
+def test_ctrl_c_is_one_line_and_skip_existing_continues(tmp_path, run_dir, monkeypatch):
+    import degrade
+    import sample
+    d = small_inputs(tmp_path / "in", n=4)
+    out = tmp_path / "out"
+    interrupt_on_call(monkeypatch, sample, "super_resolve", 3)
+    r = cli("sample.py", "--ckpt", run_dir, "-i", d, "-o", out, "--steps", "1")
+    assert r.returncode == 130
+    one_line_error(r, "interrupted", f"2 of 4 image(s) written to {out}", "--skip-existing")
+    done = snapshot(out)
+    assert sorted(map(str, done)) == ["a.png", "b.png"] and not tmp_files(tmp_path)
+    monkeypatch.undo()
+    r = cli("sample.py", "--ckpt", run_dir, "-i", d, "-o", out, "--steps", "1", "--skip-existing")
+    assert r.returncode == 0 and "wrote 2 image(s), skipped 2 existing" in r.stdout
+    assert all(snapshot(out)[k] == v for k, v in done.items())     # the finished ones untouched
+
+    pairs = tmp_path / "pairs"
+    interrupt_on_call(monkeypatch, degrade, "write_image", 4)       # b's lr: b's pair is half written
+    r = cli("degrade.py", "-i", d, "-o", pairs, "--crop", "4", "--mode", "bicubic", "--batch", "1")
+    assert r.returncode == 130
+    one_line_error(r, "interrupted", "1 of 4 pair(s)", "--skip-existing")
+    monkeypatch.undo()
+    r = cli("degrade.py", "-i", d, "-o", pairs, "--crop", "4", "--mode", "bicubic", "--skip-existing")
+    assert r.returncode == 0 and "wrote 3 HR/LR pairs" in r.stdout and "kept 1 existing" in r.stdout
+    assert len(list(pairs.rglob("*.png"))) == 9 and not tmp_files(tmp_path)
+
+
+def test_a_real_sigint_stops_sample_with_one_line(tmp_path, run_dir):
+    """Ctrl-C as the terminal sends it: SIGINT to a running sample.py, once its first image is written."""
+    import signal
+    import time
+    d = small_inputs(tmp_path / "in", n=26, size=(16, 16))
+    out = tmp_path / "out"
+    child = subprocess.Popen([sys.executable, "sample.py", "--ckpt", str(run_dir), "-i", str(d), "-o", str(out),
+                              "--steps", "1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=os.environ | {"OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not (out / "a.png").exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    child.send_signal(signal.SIGINT)
+    stdout, stderr = child.communicate(timeout=120)
+    written = len(list(out.glob("*.png")))
+    assert child.returncode == 130 and written < 26, (child.returncode, stderr)
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert f"interrupted: {written} of 26 image(s) written" in last and "--skip-existing" in last
+    assert not tmp_files(tmp_path)
+
+
+@pytest.mark.parametrize("stage, patch, dtype", [
+    ("codec encoder (c_str)", "encode", "fp32"), ("DiT (velocity)", "forward", "bf16"),
+    ("codec decoder (image)", "decode", "fp32")])
+def test_a_nan_out_of_a_stage_is_one_line_and_the_batch_goes_on(tmp_path, run_dir, monkeypatch, stage, patch,
+                                                                  dtype):
+    """A NaN planted in one stage for the first image: that image fails with one line naming the stage and the
+    format, no black image is written, the next image is, and the exit is 1."""
+    import vae
+    owner = dit.VOSRDiT if patch == "forward" else vae.PixelCodec
+    real, calls = getattr(owner, patch), []
+
+    def poisoned(self, *a, **k):
+        calls.append(1)
+        out = real(self, *a, **k)
+        return out * float("nan") if len(calls) == 1 else out
+    monkeypatch.setattr(owner, patch, poisoned)
+    d = small_inputs(tmp_path / "in", n=2)
+    out = tmp_path / "out"
+    r = cli("sample.py", "--ckpt", run_dir, "-i", d, "-o", out, "--steps", "1", "--dtype", dtype)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert len(lines) == 1 and stage in lines[0] and str(d / "a.png") in lines[0], r.stderr
+    assert (f"in {dtype}: re-run with --dtype fp32" if dtype != "fp32" else "in fp32: not a rounding") in lines[0]
+    assert sorted(p.name for p in out.iterdir()) == ["b.png"] and "wrote 1 image(s), skipped 0 existing, 1 failed" \
+        in r.stdout

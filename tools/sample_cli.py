@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 import dit
+from tools import precision
 from tools.cli import OneLineParser, number
 from tools.color_fix import COLOR_FIX
 from tools.loading import DEFAULT_CKPT
@@ -44,8 +45,11 @@ class SampleConfig:
     latent: str = "mean"             # mean | sample: c_str from the codec posterior's mean or a sample
     schedule: str = "uniform"        # uniform | cosine
     shift: float = 1.0               # (ours) SD3 time shift of the schedule; > 1: larger last steps
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    bf16: bool = False
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"   # the command line's auto resolves to this
+    dtype: str | None = None         # fp32 | bf16 | fp16 of the networks; None: the device's (tools/precision.py)
+    bf16: bool = False               # --bf16: the same as dtype "bf16"
+    overwrite: bool = False          # replace existing output files
+    skip_existing: bool = False      # keep existing output files and do not compute their images again
     # what a run dir records in config.json and a release folder in args.json; given explicitly, they win
     preset: str = "0.5B"             # bare .safetensors only
     codec: str | None = None         # 'pixel', 'pixel4' (ours) or a diffusers VAE folder; bare file: 'pixel'
@@ -134,8 +138,19 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                         f"faithful; a student ignores it (default: {d.guidance:g}; the official scripts' "
                         "argparse default is 2, their README recommends 0.5)")
     add_sampler_args(p, d)
-    p.add_argument("--device", default=d.device, help=f"torch device (default: {d.device})")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the codec, semantic encoder and DiT")
+    p.add_argument("--device", default="auto",
+                   help="torch device (cpu, cuda, cuda:1, mps) or auto: CUDA, else Apple MPS, else the CPU "
+                        "(default: auto)")
+    p.add_argument("--dtype", choices=tuple(precision.DTYPES), default=None,
+                   help="number format of the codec, semantic encoder and DiT (autocast; the sampler itself "
+                        "stays fp32): fp32, bf16 or fp16; errors and speed of each in docs/precision.md "
+                        "(default: fp32 on every device, the fastest accurate choice measured)")
+    p.add_argument("--bf16", action="store_true", help="the same as --dtype bf16")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--overwrite", action="store_true", help="replace output files that already exist "
+                   "(default: refuse to start when any exists)")
+    g.add_argument("--skip-existing", action="store_true", help="keep output files that already exist and "
+                   "compute only the missing ones: continues a batch that was stopped")
     p.add_argument("--student", type=int, choices=[0, 1], default=None,
                    help="force teacher (0) / student (1) sampling (default: from the checkpoint: "
                         "a release folder's args.json distill_type, a run dir's r_embedder weights)")
@@ -175,7 +190,7 @@ def parse_args(argv=None, description: str | None = None) -> SampleConfig:
     if a.tile and a.tile_overlap is not None and 2 * a.tile_overlap >= a.tile:
         p.error(f"argument --tile-overlap: must be below tile/2 = {a.tile / 2:g}, got {a.tile_overlap}")
     try:
-        device = torch.device(a.device)
+        device = precision.resolve_device(a.device)
     except RuntimeError:
         p.error(f"argument --device: {a.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)")
     available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
@@ -184,5 +199,10 @@ def parse_args(argv=None, description: str | None = None) -> SampleConfig:
                 f"{device.type.upper() if device.type == 'cuda' else device.type}")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         p.error(f"argument --device: {a.device} asked for, but there are {torch.cuda.device_count()} CUDA device(s)")
+    if a.bf16 and a.dtype not in (None, "bf16"):
+        p.error(f"argument --bf16: is --dtype bf16, but --dtype {a.dtype} was given too: give one")
+    a.device = str(device)
+    a.dtype = "bf16" if a.bf16 else a.dtype or precision.default_dtype(device)
+    a.bf16 = a.dtype == "bf16"
     a.student = None if a.student is None else bool(a.student)
     return SampleConfig(**vars(a))
