@@ -476,7 +476,7 @@ def sweep(args):
     if isinstance(prepared, int):
         return prepared
     names, scorers, pairs, problems = prepared
-    pairs, bad = sampled_pairs(pairs, args.scale, niqe="niqe" in scorers)
+    pairs, bad = sampled_pairs(pairs[:args.n], args.scale, niqe="niqe" in scorers)
     for p in problems + bad:
         print(f"evaluate.py: skipped {p}", file=sys.stderr)
     if not pairs:

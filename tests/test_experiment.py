@@ -7,6 +7,7 @@ import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,11 +61,11 @@ def test_fig4_runs_into_one_folder_and_continues_where_it_stopped(tiny_run, tmp_
     out = tmp_path / "fig4"
     flags = ["fig4", "--out", str(out), "--teacher", str(tiny_run / "run"), "--val-lr",
              str(tiny_run / "lr"), "--val-hr", str(tiny_run / "hr"), "--sample-steps", "2",
-             "--metrics", "psnr"]
+             "--check-steps", "3", "--check-images", "2", "--metrics", "psnr"]
     assert X.main(flags) == 0
-    assert ran == ["sweep"] + ["compare"] * 4
+    assert ran == ["sweep"] + ["compare"] * 4 + ["sweep"] * 2
     commands = (out / "commands.sh").read_text().splitlines()
-    assert len(commands) == 5 and commands[0].startswith("python evaluate.py sweep --ckpt")
+    assert len(commands) == 7 and commands[0].startswith("python evaluate.py sweep --ckpt")
     rows = read_rows(out / "intervals.csv")
     assert [r["comparison"] for r in rows] == ["s-0.5_vs_s1", "s0_vs_s1", "s0.5_vs_s1", "s2_vs_s1"]
     for r in rows:  # the collected table is each comparison's own
@@ -72,7 +73,17 @@ def test_fig4_runs_into_one_folder_and_continues_where_it_stopped(tiny_run, tmp_
         assert {k: v for k, v in r.items() if k != "comparison"} == own
         assert r["metric"] == "psnr" and r["expect"] == ("higher" if r["comparison"] == "s2_vs_s1"
                                                          else "lower")
-    assert len((out / "log.txt").read_text().splitlines()) == 5
+    assert len((out / "log.txt").read_text().splitlines()) == 7
+    orders = []
+    for n in (2, 3):  # the two check sweeps, on the first 2 photos
+        table = read_rows(out / f"check_{n}steps.sweep.csv")
+        assert len(read_rows(out / f"check_{n}steps.images.csv")) == 5 * 2 * 2
+        values = np.array([float(r["psnr"]) for r in table])
+        orders.append([table[i]["image"][2:] for i in np.argsort(values, kind="stable")])
+    same = "the same order" if orders[0] == orders[1] else "another order"
+    assert (out / "rank_check.txt").read_text() == (
+        f"psnr: s by rising value at 2 steps {' < '.join(orders[0])}; at 3 steps "
+        f"{' < '.join(orders[1])}: {same}\n")
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "log.txt"}
 
     ran.clear()
@@ -80,7 +91,7 @@ def test_fig4_runs_into_one_folder_and_continues_where_it_stopped(tiny_run, tmp_
     assert X.main(flags) == 0
     assert ran == ["compare"]
     printed = capsys.readouterr().out
-    assert printed.count("done earlier, skipped") == 4
+    assert printed.count("done earlier, skipped") == 6
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "log.txt"}
     assert after == before
 

@@ -120,6 +120,8 @@ def build_parser(metric_names) -> CLIParser:
     sw.add_argument("--per-image", help="write one row per image, scale and seed here, as "
                                         "`compare` reads them (default: none)")
     sw.add_argument("--allow-skipped", action="store_true", help=ALLOW_SKIPPED_HELP)
+    sw.add_argument("--n", type=number(int, 1),
+                    help="only the first N image pairs, by name (default: all)")
     sw.add_argument("--plot", default="sweep.png", help="PNG plot of each metric against s")
     sw.add_argument("--device", default=DEFAULT_DEVICE,
                     help=f"device of the model and the metrics (default: cuda if available, else cpu; here "

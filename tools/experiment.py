@@ -41,6 +41,8 @@ class Recipe:
     device: str = "cpu"
     metrics: str = "psnr,lpips,dists,niqe"
     sample_steps: int = 8                               # teachers' Euler steps (the paper: 25)
+    check_steps: int = 25                               # fig4: sample_steps ranks s as 25 do?
+    check_images: int = 10
     teacher_steps: int = 600
     distill_steps: int = 400
     batch: int = 16
@@ -64,12 +66,12 @@ class Step:
     outputs: list = field(default_factory=list)
 
 
-def sweep_step(name, ckpt, out, r, guidance, steps):
+def sweep_step(name, ckpt, out, r, guidance, steps, *flags):
     """evaluate.py sweep of one checkpoint at two noise seeds, with its per-image CSV."""
     argv = ["evaluate.py", "sweep", "--ckpt", ckpt, "--lr", r.val_lr, "--hr", r.val_hr,
             "--steps", str(steps), "--lapped", "off", "--guidance", guidance, "--seeds", "0,1",
             "--metrics", r.metrics, "--device", r.device, "--per-image", f"{out}/{name}.images.csv",
-            "--csv", f"{out}/{name}.sweep.csv", "--plot", f"{out}/{name}.png"]
+            "--csv", f"{out}/{name}.sweep.csv", "--plot", f"{out}/{name}.png", *flags]
     return Step(f"sweep_{name}", argv, [f"{out}/{name}.images.csv"])
 
 
@@ -95,14 +97,44 @@ def expected(r, direction, metrics=FIG4_METRICS):
     return ",".join(f"{m}={direction}" for m in chosen) or None
 
 
+FIG4_SCALES = "-0.5,0,0.5,1,2"
+
+
 def fig4(r, out):
-    """The guidance sweep of the real-world teacher (inference only), each s against s = 1."""
-    steps = [sweep_step("teacher", r.teacher, out, r, "-0.5,0,0.5,1,2", r.sample_steps)]
+    """The guidance sweep of the real-world teacher (inference only), each s against s = 1; and on
+    the first check_images photos, sweeps at sample_steps and check_steps (fig4_rank_check)."""
+    steps = [sweep_step("teacher", r.teacher, out, r, FIG4_SCALES, r.sample_steps)]
     images = f"{out}/teacher.images.csv"
     for s in ("-0.5", "0", "0.5", "2"):
         expect = expected(r, "higher" if float(s) > 1 else "lower")
         steps.append(compare_step(f"s{s}_vs_s1", images, images, out, expect, "1", s))
+    if r.check_steps != r.sample_steps:
+        for n in (r.sample_steps, r.check_steps):
+            steps.append(sweep_step(f"check_{n}steps", r.teacher, out, r, FIG4_SCALES, n,
+                                    "--n", str(r.check_images)))
     return steps
+
+
+def scale_order(path, metric):
+    """The guidance scales of a sweep's table (--csv) from the lowest `metric` to the highest."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [r["image"].removeprefix("s=") for r in sorted(rows, key=lambda r: float(r[metric]))]
+
+
+def fig4_rank_check(r, out):
+    """Lines saying, per metric, whether the sweep at sample_steps orders the scales as the one at
+    check_steps does, on the same photos."""
+    if r.check_steps == r.sample_steps:
+        return []
+    tables = [Path(out) / f"check_{n}steps.sweep.csv" for n in (r.sample_steps, r.check_steps)]
+    lines = []
+    for m in r.metrics.split(","):
+        fast, slow = (scale_order(t, m) for t in tables)
+        verdict = "the same order" if fast == slow else "another order"
+        lines.append(f"{m}: s by rising value at {r.sample_steps} steps {' < '.join(fast)}; at "
+                     f"{r.check_steps} steps {' < '.join(slow)}: {verdict}")
+    return lines
 
 
 def teacher_arm(name, r, out, seed, *flags):
@@ -178,6 +210,7 @@ def table1(r, out):
 
 
 EXPERIMENTS = {"fig4": fig4, "table4": table4, "table5": table5, "table1": table1}
+REPORTS = {"fig4": ("rank_check.txt", fig4_rank_check)}  # a summary written after the last step
 
 
 def plan(name, recipe, out):
@@ -252,6 +285,13 @@ def run(name, recipe, out, dry_run=False, log=print):
                             "same command again to continue from it")
         marker.touch()
         collect_intervals(out, steps)
+    if name in REPORTS:
+        file, report = REPORTS[name]
+        lines = report(recipe, out)
+        with atomic_path(Path(out) / file) as tmp:
+            tmp.write_text("".join(line + "\n" for line in lines))
+        for line in lines:
+            log(line)
     log(f"{name}: all {len(steps)} steps done; the intervals are in {Path(out) / 'intervals.csv'}")
     return 0
 
