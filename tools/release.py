@@ -130,9 +130,11 @@ DINOV2_DEPTH = {"dinov2b": 12, "dinov2l": 24}
 
 
 def _typed(v, kind) -> bool:
-    """v is a JSON boolean (kind bool), a positive number (float) or a positive whole one (int)."""
-    if kind is bool or isinstance(v, bool):
-        return kind is bool and isinstance(v, bool)
+    """v is a JSON boolean or 0/1 (kind bool), a positive number (float) or a positive whole one (int)."""
+    if kind is bool:
+        return isinstance(v, bool) or v in (0, 1) and isinstance(v, int)
+    if isinstance(v, bool):
+        return False
     return isinstance(v, (int, float)) and v > 0 and (kind is float or v == int(v))
 
 
