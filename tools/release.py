@@ -130,7 +130,7 @@ DINOV2_DEPTH = {"dinov2b": 12, "dinov2l": 24}
 
 
 def _typed(v, kind) -> bool:
-    """v is a boolean or 0/1 (kind bool), a positive number (float) or a positive whole one (int)."""
+    """v is a boolean or 0/1 (kind bool), a positive number (float), a positive whole one (int)."""
     if kind is bool:
         return isinstance(v, bool) or v in (0, 1) and isinstance(v, int)
     if isinstance(v, bool):
