@@ -276,6 +276,57 @@ def test_ddp_two_processes_match_one(tmp_path):
     assert differ < 0.01, differ
 
 
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """torchrun with 2 gloo ranks; SIGTERM goes to rank 1 only: both stop after the same step (rank
+    0 would otherwise wait in the next step's all-reduce), and rank 0 saves it and says so."""
+    photos = make_photos(tmp_path / "photos", n=3, size=(40, 40))
+    run, steps = tmp_path / "run", 200
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         f"--master_port={port}", str(ROOT / "train_teacher.py"), "--data", str(photos),
+         "--out", str(run), "--preset", "tiny", "--codec", "pixel", "--semantic", "none",
+         "--degradation", "bicubic", "--size", "32",
+         "--batch", "4", "--steps", str(steps), "--workers", "0", "--log-every", "1",
+         "--ckpt-every", "1000", "--device", "cpu"],
+        cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if f" step 2/{steps} " in line:
+            break
+    rank1 = [pid for pid in children(proc.pid) if b"\0RANK=1\0" in b"\0" + environ(pid)]
+    assert len(rank1) == 1
+    os.kill(rank1[0], signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    saved = int(files.read_safetensors_header(run / "ckpt.safetensors")[1]["step"])
+    assert 2 <= saved < steps, err
+    assert (f"train_teacher.py: stopped by SIGTERM after step {saved}: saved "
+            f"{run / 'ckpt.safetensors'}; continue with --resume") in err
+    logged = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, saved + 1))  # rank 0 went no further
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def environ(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return b""
+
+
 def test_dit_flops_formula_matches_flop_counter(monkeypatch):
     from torch.utils.flop_counter import FlopCounterMode
     import dit

@@ -426,8 +426,9 @@ class StopSignals:
     def handle(self, signum, frame):
         if os.getpid() != self.pid:  # a forked DataLoader worker: the main process decides
             return
-        if not self.armed:
-            raise Stopped(signum, stop_line(self.name, self.run, signum))
+        if not self.armed:  # (under torchrun rank 0 says it, once)
+            rank0 = os.environ.get("RANK", "0") == "0"
+            raise Stopped(signum, stop_line(self.name, self.run, signum) if rank0 else "")
         self.signum = self.signum or signum
 
     def agreed(self, world: int, device) -> int:
