@@ -77,7 +77,7 @@ def test_fig4_runs_into_one_folder_and_continues_where_it_stopped(tiny_run, tmp_
     orders = []
     for n in (2, 3):  # the two check sweeps, on the first 2 photos
         table = read_rows(out / f"check_{n}steps.sweep.csv")
-        assert len(read_rows(out / f"check_{n}steps.images.csv")) == 5 * 2 * 2
+        assert len(read_rows(out / f"check_{n}steps.images.csv")) == 5 * 2  # scales x photos
         values = np.array([float(r["psnr"]) for r in table])
         orders.append([table[i]["image"][2:] for i in np.argsort(values, kind="stable")])
     same = "the same order" if orders[0] == orders[1] else "another order"

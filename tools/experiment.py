@@ -66,10 +66,10 @@ class Step:
     outputs: list = field(default_factory=list)
 
 
-def sweep_step(name, ckpt, out, r, guidance, steps, *flags):
-    """evaluate.py sweep of one checkpoint at two noise seeds, with its per-image CSV."""
+def sweep_step(name, ckpt, out, r, guidance, steps, *flags, seeds="0,1"):
+    """evaluate.py sweep of one checkpoint (two noise seeds), with its per-image CSV."""
     argv = ["evaluate.py", "sweep", "--ckpt", ckpt, "--lr", r.val_lr, "--hr", r.val_hr,
-            "--steps", str(steps), "--lapped", "off", "--guidance", guidance, "--seeds", "0,1",
+            "--steps", str(steps), "--lapped", "off", "--guidance", guidance, "--seeds", seeds,
             "--metrics", r.metrics, "--device", r.device, "--per-image", f"{out}/{name}.images.csv",
             "--csv", f"{out}/{name}.sweep.csv", "--plot", f"{out}/{name}.png", *flags]
     return Step(f"sweep_{name}", argv, [f"{out}/{name}.images.csv"])
@@ -111,7 +111,7 @@ def fig4(r, out):
     if r.check_steps != r.sample_steps:
         for n in (r.sample_steps, r.check_steps):
             steps.append(sweep_step(f"check_{n}steps", r.teacher, out, r, FIG4_SCALES, n,
-                                    "--n", str(r.check_images)))
+                                    "--n", str(r.check_images), seeds="0"))
     return steps
 
 
