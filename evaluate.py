@@ -26,6 +26,7 @@ import sys
 from dataclasses import fields, replace
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -532,13 +533,20 @@ LOWER_IS_BETTER = ("lpips", "lpips_vgg", "dists", "niqe")
 DIRECTIONS = ("lower", "higher", "better", "worse")
 
 
+class Interval(NamedTuple):
+    """A mean difference and its confidence interval."""
+    mean: float
+    low: float
+    high: float
+
+
 def paired_bootstrap(diffs, resamples=10_000, seed=0, level=0.95):
-    """(mean, low, high) of per-image differences: their mean and its percentile bootstrap interval,
-    the images drawn with replacement (Efron & Tibshirani 1993, ch. 13), seeded."""
+    """The mean of per-image differences and its percentile bootstrap interval, the images drawn
+    with replacement (Efron & Tibshirani 1993, ch. 13), seeded."""
     d = np.asarray(diffs, dtype=np.float64)
     picks = np.random.default_rng(seed).integers(0, len(d), size=(resamples, len(d)))
     low, high = np.percentile(d[picks].mean(axis=1), [50 * (1 - level), 50 * (1 + level)])
-    return float(d.mean()), float(low), float(high)
+    return Interval(float(d.mean()), float(low), float(high))
 
 
 def verdict(low, high, expect=None, smallest=None):
@@ -625,16 +633,15 @@ def compare(args):
         diffs = paired_differences(a_rows, b_rows, m)
         if len(diffs) < 2:
             raise UserError(f"{len(diffs)} image in common: an interval needs at least 2")
-        mean_d, low, high = paired_bootstrap(list(diffs.values()), args.resamples, args.seed)
+        ci = paired_bootstrap(list(diffs.values()), args.resamples, args.seed)
         judged = "not finite"  # PSNR of identical images is inf
-        if math.isfinite(low) and math.isfinite(high):
-            judged = verdict(low, high, expect.get(m), SMALLEST_EFFECT.get(m))
+        if math.isfinite(ci.low) and math.isfinite(ci.high):
+            judged = verdict(ci.low, ci.high, expect.get(m), SMALLEST_EFFECT.get(m))
         mean_a, mean_b = (float(np.mean([r[m] for r in rows])) for rows in (a_rows, b_rows))
         smallest = SMALLEST_EFFECT.get(m, "")
-        table.append([m, len(diffs), mean_a, mean_b, mean_d, low, high, smallest, expect.get(m, ""),
-                      judged])
-        cells.append([m, str(len(diffs)), f"{mean_a:.4f}", f"{mean_b:.4f}", f"{mean_d:+.4f}",
-                      f"[{low:+.4f}, {high:+.4f}]", f"{smallest:g}" if smallest else "-",
+        table.append([m, len(diffs), mean_a, mean_b, *ci, smallest, expect.get(m, ""), judged])
+        cells.append([m, str(len(diffs)), f"{mean_a:.4f}", f"{mean_b:.4f}", f"{ci.mean:+.4f}",
+                      f"[{ci.low:+.4f}, {ci.high:+.4f}]", f"{smallest:g}" if smallest else "-",
                       expect.get(m, "-"), judged])
     seeds = len({r.get("seed", "") for r in a_rows})
     print(f"b = {args.b}, a = {args.a}: b - a per image (mean over its {seeds} noise seed(s)), "

@@ -724,9 +724,7 @@ def test_paired_bootstrap_by_hand():
 def test_paired_bootstrap_of_identical_sets_and_of_a_constant_shift():
     a = np.random.default_rng(4).normal(0.5, 0.1, 25)
     assert E.paired_bootstrap(a - a) == (0.0, 0.0, 0.0)
-    mean, low, high = E.paired_bootstrap((a + 0.0123) - a)
-    assert mean == pytest.approx(0.0123, abs=1e-12)
-    assert low == pytest.approx(0.0123, abs=1e-12) and high == pytest.approx(0.0123, abs=1e-12)
+    assert E.paired_bootstrap((a + 0.0123) - a) == pytest.approx((0.0123,) * 3, abs=1e-12)
 
 
 def test_paired_bootstrap_equals_the_loop_and_is_seeded():
@@ -738,10 +736,10 @@ def test_paired_bootstrap_equals_the_loop_and_is_seeded():
     assert E.paired_bootstrap(d, 2000, 0) != E.paired_bootstrap(d, 2000, 1)
     # and close to the normal-theory interval mean ± 1.96·sd/√n for many images
     big = np.random.default_rng(6).normal(0.3, 1.0, 400)
-    _, low, high = E.paired_bootstrap(big)
+    ci = E.paired_bootstrap(big)
     half = 1.96 * big.std(ddof=1) / math.sqrt(len(big))
-    assert low == pytest.approx(big.mean() - half, abs=0.1 * half)
-    assert high == pytest.approx(big.mean() + half, abs=0.1 * half)
+    assert ci.low == pytest.approx(big.mean() - half, abs=0.1 * half)
+    assert ci.high == pytest.approx(big.mean() + half, abs=0.1 * half)
 
 
 @pytest.mark.parametrize("low,high,expect,smallest,label", [
@@ -809,17 +807,17 @@ def test_compare_two_score_csvs_against_a_hand_computation(tmp_path, capsys):
     printed = capsys.readouterr().out
     diffs = []
     for k in range(6):
-        hr, a, b = (np.asarray(Image.open(tmp_path / d / f"im{k}.png")) for d in ("hr", "a", "b"))
-        diffs.append(ref_psnr(b, hr, 0) - ref_psnr(a, hr, 0))
-    mean, low, high = loop_bootstrap(diffs, 2000, 3)
+        img = {d: np.asarray(Image.open(tmp_path / d / f"im{k}.png")) for d in ("hr", "a", "b")}
+        diffs.append(ref_psnr(img["b"], img["hr"], 0) - ref_psnr(img["a"], img["hr"], 0))
+    expected = dict(zip(("b_minus_a", "low", "high"), loop_bootstrap(diffs, 2000, 3)))
     rows = {r["metric"]: r for r in read_rows(out)}
     assert list(rows) == ["psnr", "ssim"]
     psnr = rows["psnr"]
     assert int(psnr["images"]) == 6 and psnr["expect"] == "higher" and psnr["verdict"] == "holds"
-    for column, value in (("b_minus_a", mean), ("low", low), ("high", high)):
+    for column, value in expected.items():
         assert float(psnr[column]) == pytest.approx(value, abs=1e-5)  # score CSVs keep 6 decimals
     assert rows["ssim"]["verdict"] == "holds" and rows["ssim"]["smallest_effect"] == ""
-    assert f"[{low:+.4f}, {high:+.4f}]" in printed and "holds" in printed
+    assert f"[{expected['low']:+.4f}, {expected['high']:+.4f}]" in printed and "holds" in printed
 
 
 def test_compare_pairs_images_and_noise_seeds(tmp_path, capsys):
@@ -896,7 +894,8 @@ def tiny_run(tmp_path_factory):
 def test_sweep_samples_each_seed_and_writes_every_image(tiny_run, tmp_path, capsys):
     """--seeds 0,1: each image once per seed and scale; the per-image CSV holds each sample's PSNR
     (checked on the saved image), the table each scale's mean over images and seeds."""
-    out, per_image, table = tmp_path / "sr", tmp_path / "per_image.csv", tmp_path / "table.csv"
+    out = tmp_path / "sr"
+    per_image, table = tmp_path / "per_image.csv", tmp_path / "table.csv"
     assert E.main(["sweep", "--ckpt", str(tiny_run / "run"), "--lr", str(tiny_run / "lr"),
                    "--hr", str(tiny_run / "hr"), "--guidance", "0,1", "--seeds", "0,1",
                    "--steps", "2", "--metrics", "psnr", "--device", "cpu", "--out", str(out),
