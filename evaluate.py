@@ -17,7 +17,13 @@ PSNR and SSIM need no weights: before the fetch they are computed and the others
     python tools/fetch_weights.py [--cache DIR]                                               # once
     python evaluate.py --sr OUT_DIR --hr HR_DIR [--metrics psnr,ssim,lpips,dists,niqe] [--csv results.csv]
     python evaluate.py sweep --ckpt RUN --lr LR_DIR --hr HR_DIR --guidance -0.5,0,0.5,1,2   # Fig. 4
+        [--seeds 0,1] [--per-image images.csv]
+    python evaluate.py compare --a A.csv --b B.csv [--expect better]  # b - a, bootstrap intervals
     python evaluate.py grid --lr LR_DIR --hr HR_DIR --sr teacher=DIR --sr student=DIR      # comparison PNG
+
+`compare` pairs two per-image CSVs (same images, same noise seeds) and judges b - a by the rule at
+the top of docs/ablations.md (SMALLEST_EFFECT, verdict); `score` and `sweep` exit 2 when they skip an
+image, unless --allow-skipped.
 
 The sampler's latency benchmark and the tiling diagnostic are tools/bench_sample.py and tools/seams.py.
 """
