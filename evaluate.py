@@ -22,8 +22,8 @@ PSNR and SSIM need no weights: before the fetch they are computed and the others
     python evaluate.py grid --lr LR_DIR --hr HR_DIR --sr teacher=DIR --sr student=DIR      # comparison PNG
 
 `compare` pairs two per-image CSVs (same images, same noise seeds) and judges b - a by the rule at
-the top of docs/ablations.md (SMALLEST_EFFECT, verdict); `score` and `sweep` exit 2 when they skip an
-image, unless --allow-skipped.
+the top of docs/ablations.md (SMALLEST_EFFECT, verdict); `score` and `sweep` exit 2 when they skip
+an image, unless --allow-skipped.
 
 The sampler's latency benchmark and the tiling diagnostic are tools/bench_sample.py and tools/seams.py.
 """
