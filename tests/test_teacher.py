@@ -143,7 +143,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert full[0] != full[3]  # the model actually trains
 
 
-def test_sigterm_mid_run_saves_the_step_and_resume_equals_an_uninterrupted_run(tmp_path):
+def test_sigterm_mid_run_saves_the_step_and_resume_equals_an_uninterrupted_run(tmp_path, capsys):
     """A real train_teacher.py gets SIGTERM in the middle of its run: it saves the step it was in
     and exits 143 with one line naming the checkpoint; --resume then ends with the weights, EMA,
     optimiser and log of an uninterrupted run, bit for bit."""
@@ -170,13 +170,13 @@ def test_sigterm_mid_run_saves_the_step_and_resume_equals_an_uninterrupted_run(t
                         f"{run / 'ckpt.safetensors'}; continue with --resume "
                         f"(python train_teacher.py --out {run} --resume)")
     assert not (run / runs.LOCK).exists()
-    r = subprocess.run([sys.executable, script, "--out", str(run), "--resume"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and f"resumed {run} at step {saved}" in r.stdout, r.stderr
-    # the uninterrupted run, in this process on one thread as the CLIs
+    capsys.readouterr()
+    # --resume, and the uninterrupted run, in this process on one thread as the CLI
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        assert tt.main(["--out", str(run), "--resume"]) == 0
+        assert f"resumed {run} at step {saved}" in capsys.readouterr().out
         tt.train(tt.parse_cli(args + ["--out", str(tmp_path / "ref")])[0])
     finally:
         torch.set_num_threads(threads)

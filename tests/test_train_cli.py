@@ -228,18 +228,18 @@ def lock_of(pid: int, started="2026-01-02 03:04:05 UTC") -> str:
                        "started": started})
 
 
-def test_a_locked_run_dir_is_refused_naming_the_holder(runs, tmp_path):
-    """A run dir that a live process holds: another run is refused (even with --overwrite) naming
-    the holder, and every file stays byte-identical."""
+def test_a_locked_run_dir_is_refused_naming_the_holder(runs, tmp_path, capsys):
+    """A run dir that a live process holds (pid 1, there on every Linux host): another run is
+    refused, even with --overwrite, naming the holder, and every file stays byte-identical."""
     run = copy_run(runs, tmp_path)
-    host, pid = socket.gethostname(), os.getpid()  # this test's process: alive
-    (run / "run.lock").write_text(lock_of(pid, "2026-12-07 10:11:12 UTC"))
+    (run / "run.lock").write_text(lock_of(1, "2026-12-07 10:11:12 UTC"))
     before = digest(run)
     for extra in (["--overwrite"], ["--resume", "--steps", "3"]):
-        r = cli("train_teacher.py", "--data", runs["photos"], "--out", run, *TINY, *extra)
-        line = refused(r, f"--out {run} is in use by another run: pid {pid} on {host}, started "
-                          "2026-12-07 10:11:12 UTC; wait for it to end or choose another --out")
-        assert r.returncode == 2 and line.startswith("train_teacher.py: ")
+        assert tt.main(["--data", str(runs["photos"]), "--out", str(run), *TINY, *extra]) == 2
+        assert capsys.readouterr().err == (
+            f"train_teacher.py: --out {run} is in use by another run: pid 1 on "
+            f"{socket.gethostname()}, started 2026-12-07 10:11:12 UTC; wait for it to end or "
+            "choose another --out\n")
         assert digest(run) == before
 
 
@@ -257,30 +257,30 @@ def test_two_runs_started_together_on_one_dir(runs, tmp_path):
     assert steps == list(range(1, 21)) and not (out / "run.lock").exists()
 
 
-def test_a_stale_lock_is_taken_over_with_a_note(runs, tmp_path):
+def test_a_stale_lock_is_taken_over_with_a_note(runs, tmp_path, capsys):
     run = copy_run(runs, tmp_path)
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True)
     pid = int(gone.stdout)  # a process that has ended
     (run / "run.lock").write_text(lock_of(pid))
-    r = cli("train_teacher.py", "--out", run, "--resume", "--steps", "3", "--device", "cpu")
-    assert r.returncode == 0, r.stderr
+    assert tt.main(["--out", str(run), "--resume", "--steps", "3", "--device", "cpu"]) == 0
     assert (f"train_teacher.py: --out {run}: taking over the lock of pid {pid} on "
             f"{socket.gethostname()} (started 2026-01-02 03:04:05 UTC): that process is gone"
-            ) in r.stdout
+            ) in capsys.readouterr().out
     assert files.read_safetensors_header(run / "ckpt.safetensors")[1]["step"] == "3"
     assert not (run / "run.lock").exists()
 
 
 # ----------------------------------------------------------------------------- surprising inputs
 
-def test_an_empty_val_data_folder_is_refused(runs, tmp_path):
+def test_an_empty_val_data_folder_is_refused(runs, tmp_path, capsys):
     empty, out = tmp_path / "val", tmp_path / "run"
     empty.mkdir()
     (empty / "notes.txt").write_text("no images here")
-    r = cli("train_teacher.py", "--data", runs["photos"], "--val-data", empty, "--out", out, *TINY,
-            "--steps", "1")
-    assert refused(r, f"--val-data {empty}: no images (.png").startswith("train_teacher.py: ")
+    assert tt.main(["--data", str(runs["photos"]), "--val-data", str(empty), "--out", str(out),
+                    *TINY, "--steps", "1"]) == 2
+    assert capsys.readouterr().err == (f"train_teacher.py: --val-data {empty}: no images "
+                                       f"({', '.join(files.IMAGE_EXTS)}) found\n")
     assert not out.exists()
 
 
@@ -301,7 +301,7 @@ def test_the_count_of_training_images_is_printed(tmp_path, capsys):
             "these images, not super-resolution in general)") in capsys.readouterr().out
 
 
-def test_distill_presets_set_their_recipe_and_the_model_stays_the_teachers(runs):
+def test_distill_presets_set_their_recipe_and_the_model_stays_the_teachers(runs, capsys):
     base = ["--teacher", str(runs["teacher"]), "--data", "x"]
     for name, recipe in distill.PRESETS.items():
         cfg = distill.parse_args(base + ["--preset", name])
@@ -310,8 +310,10 @@ def test_distill_presets_set_their_recipe_and_the_model_stays_the_teachers(runs)
     cfg = distill.parse_args(base + ["--preset", "small", "--steps", "7"])
     assert (cfg.steps, cfg.batch) == (7, 16)  # a flag given wins
     assert distill.parse_args(base).size == 256  # the paper's
-    r = cli("distill.py", *base[:3], runs["photos"], "--preset", "0.5B")
-    refused(r, "--preset", "invalid choice: '0.5B'", "tiny", "small")
+    with pytest.raises(SystemExit) as e:
+        distill.parse_args(base + ["--preset", "0.5B"])
+    assert e.value.code == 2
+    assert "--preset: invalid choice: '0.5B' (choose from" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- flag values and paths
