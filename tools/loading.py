@@ -70,7 +70,7 @@ def read_run_dir(folder: Path, cfg) -> tuple[dict, Path, list[str]]:
 def describe_semantic(semantic) -> str:
     """e.g. 'ViT-B, block 8 of 12, 448 px': what sample.py reports it loaded."""
     name = {384: "ViT-S", 768: "ViT-B", 1024: "ViT-L"}.get(semantic.dim, f"{semantic.dim}-wide ViT")
-    return f"{name}, block {semantic.layer} of {len(semantic.vit.blocks)}, {semantic.image_size} px"
+    return f"{name}, block {semantic.layer} of {semantic.depth}, {semantic.image_size} px"
 
 
 def onestep_settings(cfg, note=print):
