@@ -564,6 +564,9 @@ def run_batch(cfg: SampleConfig, tally: Tally) -> int:
     for folder in sorted({dst.parent for _, dst in todo}):
         probe_output_folder(folder)               # a read-only or uncreatable output: said before the work
     tally.skipped = len(kept)
+    if not todo:                                  # --skip-existing on a finished batch: no model to load
+        print(f"sample.py: all {len(kept)} output(s) are in {cfg.output} already; {tally.summary()}")
+        return 0
     try:
         pipe, run = load_pipeline(cfg)
         pipe.enable(FastPaths.from_config(cfg))
