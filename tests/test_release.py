@@ -336,17 +336,8 @@ def test_vosr2_is_tiled_above_its_training_crop(release):
     cfg = sample.SampleConfig(ckpt=str(ckpts / "VOSR2"), device="cpu")
     pipe, run = sample.load_pipeline(cfg, report=lambda s: None)
     cfg = sample.check_tiles(sample.checkpoint_defaults(cfg, pipe, run), pipe)
-    seen = []
-    on_tile = pipe.tile_velocity
-
-    def recording(*a, **kw):
-        velocity = on_tile(*a, **kw)
-
-        def one(zw, win, t, r):
-            seen.append(win)
-            return velocity(zw, win, t, r)
-        return one
-    pipe.tile_velocity = recording
+    from tests.test_tiling import recorded_windows
+    seen = recorded_windows(pipe)
     lr = torch.rand(1, 3, 40, 36, generator=torch.Generator().manual_seed(0))
     sr = sample.super_resolve(pipe, lr, cfg)
     assert sr.shape == (1, 3, 160, 144) and cfg.steps == 1
