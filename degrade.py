@@ -384,7 +384,8 @@ def run_folder(args):
         return [out / "hr" / dst.relative_to(out), out / "lr" / dst.relative_to(out)]
     sheet_path = out / "contact_sheet.png"
     existing = files.existing_outputs(jobs, pair) + ([sheet_path] if sheet_path.exists() else [])
-    try:   # (ours) earlier pairs are never replaced silently, an unwritable output is said before the work
+    # (ours) earlier pairs are never replaced silently, an unwritable output is said before the work
+    try:
         jobs, kept = files.keep_existing(jobs, existing, args.overwrite, args.skip_existing, pair)
         for folder in sorted({f.parent for _, dst in jobs for f in pair(dst)} | {out}):
             files.probe_output_folder(folder)
@@ -410,20 +411,20 @@ def run_folder(args):
         done.extend(names)
 
     try:
-        for path, name in tqdm([(src, dst.relative_to(out)) for src, dst in jobs], desc="degrade", unit="img",
-                               disable=None):   # None: a bar on a terminal, none in a log
+        named = [(src, dst.relative_to(out)) for src, dst in jobs]
+        for path, name in tqdm(named, desc="degrade", unit="img", disable=None):   # None: on a tty
             try:
                 img = read_image(path)
                 side = min(args.crop, img.shape[1], img.shape[2]) // args.scale * args.scale
                 if side < args.scale:
-                    raise ImageError(f"{path}: {img.shape[2]}×{img.shape[1]} is too small for scale "
-                                     f"{args.scale}")
+                    raise ImageError(f"{path}: {img.shape[2]}×{img.shape[1]} is too small for "
+                                     f"scale {args.scale}")
             except ImageError as e:
                 tqdm.write(f"skipped: {e}", file=sys.stderr)
                 continue
             if side < args.crop:
-                tqdm.write(f"note: {path} is {img.shape[2]}×{img.shape[1]}, smaller than --crop {args.crop}; "
-                           f"cropping {side}×{side}", file=sys.stderr)
+                tqdm.write(f"note: {path} is {img.shape[2]}×{img.shape[1]}, smaller than --crop "
+                           f"{args.crop}; cropping {side}×{side}", file=sys.stderr)
             pending.setdefault(side, []).append((name, center_crop(img, side)))
             if len(pending[side]) >= args.batch:             # batches of equal-size crops
                 flush(side)
@@ -431,11 +432,12 @@ def run_folder(args):
             flush(side)
         if done:
             write_image(out / "contact_sheet.png", contact_sheet(sheet))
-    except KeyboardInterrupt:   # Ctrl-C: what is written and how to go on (a pair is whole or not there)
-        print(f"degrade.py: interrupted: {len(done)} of {len(jobs)} pair(s) written to {out} ({len(kept)} kept "
-              "from before); run the same command with --skip-existing to do the rest", file=sys.stderr)
+    except KeyboardInterrupt:   # Ctrl-C: what is written, how to go on (a pair is whole or absent)
+        print(f"degrade.py: interrupted: {len(done)} of {len(jobs)} pair(s) written to {out} "
+              f"({len(kept)} kept from before); run the same command with --skip-existing to do "
+              "the rest", file=sys.stderr)
         return 130
-    except files.WriteError as e:   # a full disk: the next ones would fail too; the pairs written are kept
+    except files.WriteError as e:   # a full disk: the next would fail too; keep what is written
         print(f"degrade.py: {e}; {len(done)} of {len(jobs)} pair(s) written to {out} are kept; "
               "run the same command with --skip-existing to do the rest", file=sys.stderr)
         return 1
@@ -443,8 +445,8 @@ def run_folder(args):
         print(f"error: none of the {len(jobs)} files could be processed", file=sys.stderr)
         return 1
     sizes = ", ".join(f"{h}×{w}" for h, w in sorted(lr_sizes))
-    print(f"wrote {len(done)} HR/LR pairs (LR {sizes}) to {out}; skipped {len(jobs) - len(done)} file(s); "
-          f"kept {len(kept)} existing pair(s); contact sheet: {out / 'contact_sheet.png'}")
+    print(f"wrote {len(done)} HR/LR pairs (LR {sizes}) to {out}; skipped {len(jobs) - len(done)} "
+          f"file(s); kept {len(kept)} existing pair(s); contact sheet: {out / 'contact_sheet.png'}")
     return 0
 
 
@@ -462,10 +464,12 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8, help="images per batch (default 8)")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--overwrite", action="store_true",
-                   help="replace pairs that already exist in the output folder (default: refuse to start)")
+                   help="replace pairs that already exist in the output folder (default: refuse to "
+                        "start)")
     g.add_argument("--skip-existing", action="store_true",
-                   help="keep the pairs already in the output folder and make only the missing ones (they get "
-                        "draws of their own, not those an uninterrupted run would have given them)")
+                   help="keep the pairs already in the output folder and make only the missing "
+                        "ones (they get draws of their own, not those an uninterrupted run would "
+                        "have given them)")
     args = ap.parse_args(argv)
     if args.scale < 1 or args.batch < 1:
         ap.error("--scale and --batch must be positive")

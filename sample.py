@@ -37,8 +37,8 @@ import vae
 from tools import precision, sample_cli
 from tools.color_fix import COLOR_FIX, color_fix_of
 from tools.fast_paths import FastPaths
-from tools.files import (ImageError, UserError, WriteError, existing_outputs, find_jobs, keep_existing,
-                         probe_output_folder, read_image, write_image)
+from tools.files import (ImageError, UserError, WriteError, existing_outputs, find_jobs,
+                         keep_existing, probe_output_folder, read_image, write_image)
 from tools.loading import DEFAULT_CKPT, checkpoint_defaults, load_model
 from tools.sample_cli import (LAPPED, LATENT, SEMANTIC_TILES, TILE_BLEND, TILE_SHAPE, UPSCALE,
                               SampleConfig)
@@ -313,7 +313,7 @@ class VOSRPipeline:
                  fast: FastPaths | None = None, dtype: torch.dtype | None = None):
         self.model, self.codec, self.semantic = model.eval(), codec, semantic
         self.student, self.device = student, torch.device(device)
-        self.dtype = dtype or (torch.bfloat16 if bf16 else torch.float32)   # of the networks (autocast)
+        self.dtype = dtype or (torch.bfloat16 if bf16 else torch.float32)   # autocast's format
         self.enable(fast or FastPaths())
 
     @torch.no_grad()
@@ -368,10 +368,11 @@ class VOSRPipeline:
                 c_sem = precision.finite(self.semantic(lr_up), stage, self.dtype)
                 return lambda *win: c_sem
             if mode == "global":
-                tmap = precision.finite(semantic_token_map(self.semantic, lr_up, tile, tile // 2), stage, self.dtype)
+                tmap = precision.finite(semantic_token_map(self.semantic, lr_up, tile, tile // 2),
+                                        stage, self.dtype)
                 return lambda y, x, h, w: crop_tokens(tmap, y, x, tuple(lr_up.shape[-2:]), self.semantic.grid)
-        return functools.lru_cache(None)(
-            lambda y, x, h, w: precision.finite(self.semantic(lr_up[..., y:y + h, x:x + w]), stage, self.dtype))
+        return functools.lru_cache(None)(lambda y, x, h, w: precision.finite(
+            self.semantic(lr_up[..., y:y + h, x:x + w]), stage, self.dtype))
 
     def denoise(self, c_str, sem_of, generator, ts, guidance, alpha, latent_tiles, blend="linear", progress=False,
                 lapped=False):
@@ -395,7 +396,8 @@ class VOSRPipeline:
         with self.autocast():
             sr = tiled_decode(self.codec, z0, size, tile, overlap, self.decode).add_(1).div_(2)
             sr = precision.finite(sr, "codec decoder (image)", self.dtype)
-            return precision.finite(color_fix_of(sr, ref, color_fix), f"{color_fix} colour fix", self.dtype)
+            return precision.finite(color_fix_of(sr, ref, color_fix), f"{color_fix} colour fix",
+                                    self.dtype)
 
     def tile_velocity(self, c_str, sem_of, guidance: float, alpha: float, lapped: bool = False):
         """v of one latent window, (z_window, (y, x, h, w) in latent pixels, t, r) → velocity: the teacher's
@@ -449,7 +451,7 @@ class VOSRPipeline:
         return lt, min(overlap // f, lt // 2), p
 
     def autocast(self):
-        """Autocast of every network (codec, semantic encoder, DiT) to self.dtype; a no-op for fp32."""
+        """Autocast of every network (codec, semantic encoder, DiT) to self.dtype; none for fp32."""
         return torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32)
 
     @property
@@ -482,8 +484,10 @@ def load_pipeline(cfg: SampleConfig, report=print) -> tuple[VOSRPipeline, dict]:
     if default:   # its config.json note says what it is; the first sentence is enough here
         report(f"sample.py: no --ckpt given: using the shipped default model {DEFAULT_CKPT} "
                f"({run.get('note', 'no note').split('. ')[0].rstrip('.')}; README §2)")
-    dtype = precision.DTYPES[cfg.dtype or ("bf16" if cfg.bf16 else precision.default_dtype(cfg.device))]
-    return VOSRPipeline(model.to(cfg.device), codec, semantic, student, cfg.device, dtype=dtype), run
+    name = cfg.dtype or ("bf16" if cfg.bf16 else precision.default_dtype(cfg.device))
+    pipe = VOSRPipeline(model.to(cfg.device), codec, semantic, student, cfg.device,
+                        dtype=precision.DTYPES[name])
+    return pipe, run
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -521,51 +525,56 @@ def super_resolve(pipe: VOSRPipeline, lr: torch.Tensor, cfg: SampleConfig, progr
 
 
 class Tally:
-    """What a batch did so far: the one-line summary, and what to tell the user when it is stopped."""
+    """What a batch did so far: the one-line summary, and what to say when it is stopped."""
 
     def __init__(self, output: str):
-        self.output, self.total, self.written, self.skipped, self.failed, self.seconds = output, 0, 0, 0, 0, 0.0
+        self.output, self.seconds = output, 0.0
+        self.total = self.written = self.skipped = self.failed = 0
 
     def summary(self) -> str:
         """'wrote 3 image(s), skipped 1 existing, 1 failed, 0.52 s per image'."""
         per = f", {self.seconds / self.written:.2f} s per image" if self.written else ""
-        return f"wrote {self.written} image(s), skipped {self.skipped} existing, {self.failed} failed{per}"
+        return (f"wrote {self.written} image(s), skipped {self.skipped} existing, "
+                f"{self.failed} failed{per}")
 
     def stopped(self) -> str:
         """What was finished when the batch stopped, and how to go on."""
         if not self.total:
             return "no image was started"
-        return (f"{self.written} of {self.total} image(s) written to {self.output} ({self.skipped} kept from "
-                "before); run the same command with --skip-existing to do the rest")
+        return (f"{self.written} of {self.total} image(s) written to {self.output} "
+                f"({self.skipped} kept from before); run the same command with --skip-existing "
+                "to do the rest")
 
 
 def main(argv=None) -> int:
-    """sample.py: exit 0 when every image was written, 1 when any failed, 2 for a mistake found before any
-    work, 130 on Ctrl-C; each is one line on stderr, never a traceback."""
+    """sample.py: exit 0 when every image was written, 1 when any failed, 2 for a mistake found
+    before any work, 130 on Ctrl-C; each is one line on stderr, never a traceback."""
     cfg = parse_args(argv)
     tally = Tally(cfg.output)
     try:
         return run_batch(cfg, tally)
-    except UserError as e:                        # found before any image: a bad output, existing outputs
+    except UserError as e:                        # before any image: a bad or an existing output
         print(f"sample.py: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:                     # (ours) Ctrl-C: say what is done and how to continue
+    except KeyboardInterrupt:                     # (ours) Ctrl-C: what is done, how to continue
         print(f"sample.py: interrupted: {tally.stopped()}", file=sys.stderr)
         return 130
 
 
 def run_batch(cfg: SampleConfig, tally: Tally) -> int:
-    """Check the outputs, load the model, super-resolve every job; a UserError for what is wrong before."""
+    """Check the outputs, load the model, super-resolve every job; a UserError for what is wrong
+    before."""
     try:
         jobs = find_jobs(cfg.input, cfg.output)   # refuses an output that would overwrite or re-read an input
     except OSError as e:
         raise UserError(e) from None
     todo, kept = keep_existing(jobs, existing_outputs(jobs), cfg.overwrite, cfg.skip_existing)
     for folder in sorted({dst.parent for _, dst in todo}):
-        probe_output_folder(folder)               # a read-only or uncreatable output: said before the work
+        probe_output_folder(folder)               # read-only or uncreatable: said before the work
     tally.skipped = len(kept)
-    if not todo:                                  # --skip-existing on a finished batch: no model to load
-        print(f"sample.py: all {len(kept)} output(s) are in {cfg.output} already; {tally.summary()}")
+    if not todo:                                  # --skip-existing, a finished batch: load nothing
+        print(f"sample.py: all {len(kept)} output(s) are in {cfg.output} already; "
+              f"{tally.summary()}")
         return 0
     try:
         pipe, run = load_pipeline(cfg)
@@ -586,13 +595,14 @@ def run_batch(cfg: SampleConfig, tally: Tally) -> int:
     if warning:
         print(f"sample.py: {warning}", file=sys.stderr)
     tally.total = len(todo)
-    with tqdm(todo, desc="images", disable=True if len(todo) < 2 else None) as bar:   # None: on a terminal
+    # disable None: a bar on a terminal, none in a log
+    with tqdm(todo, desc="images", disable=True if len(todo) < 2 else None) as bar:
         for src, dst in bar:
             try:
                 lr = read_image(src)[None]
                 start = time.perf_counter()
                 sr = super_resolve(pipe, lr, cfg, progress=True)[0]
-            except (ImageError, precision.NonFiniteError) as e:   # this image only: the batch goes on
+            except (ImageError, precision.NonFiniteError) as e:   # this image only; the rest go on
                 tqdm.write(f"sample.py: failed {src}: {e}", file=sys.stderr)
                 tally.failed += 1
                 continue
@@ -605,7 +615,7 @@ def run_batch(cfg: SampleConfig, tally: Tally) -> int:
             tally.written += 1
             took = time.perf_counter() - start
             tally.seconds += took
-            if took > PROGRESS_AFTER:             # worth a line: the bar over steps × tiles was shown
+            if took > PROGRESS_AFTER:             # worth a line: the steps × tiles bar was shown
                 tqdm.write(f"sample.py: {dst} ({sr.shape[-1]}×{sr.shape[-2]}) in {took:.1f} s")
     print(f"sample.py: {tally.summary()}")
     return 1 if tally.failed else 0

@@ -102,7 +102,8 @@ def test_bad_inputs_name_the_file_and_the_batch_goes_on(tmp_path, run_dir):
     Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)).save(full)
     (d / "truncated.png").write_bytes(full.read_bytes()[:200])
     r = cli("sample.py", "--ckpt", run_dir, "-i", d, "-o", tmp_path / "out", "--steps", "1", "--device", "cpu")
-    assert r.returncode == 1, r.stderr                       # the batch went on, and the exit says some failed
+    # the batch went on, and the exit says some failed
+    assert r.returncode == 1, r.stderr
     assert "3 failed" in r.stdout
     for name in ("zero.png", "text.jpg", "truncated.png"):
         assert name in r.stderr
@@ -270,7 +271,7 @@ def test_written_files_have_the_usual_permissions(tmp_path):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~files._UMASK, name
 
 
-# ----------------------------------------------------------------------------- outputs, write errors, Ctrl-C
+# ------------------------------------------------------------------ outputs, write errors, Ctrl-C
 
 def small_inputs(folder: Path, n: int = 3, size=(8, 6)) -> Path:
     """n distinct small RGB images a.png, b.png, … in folder."""
@@ -292,17 +293,19 @@ def test_existing_outputs_are_refused_kept_or_replaced(tmp_path, run_dir):
     out = tmp_path / "out"
     sample = ("sample.py", "--ckpt", run_dir, "-i", d, "-o", out, "--steps", "1")
     assert cli(*sample).returncode == 0
-    (out / "a.png").write_bytes(b"an earlier result")            # not even an image: it must stay as it is
+    # not even an image: it must stay as it is
+    (out / "a.png").write_bytes(b"an earlier result")
     (out / "c.png").unlink()                                      # c was not finished
     before = snapshot(tmp_path)
-    r = cli(*sample)                                               # neither flag: refused before any work
+    # neither flag: refused before any work
+    r = cli(*sample)
     one_line_error(r, out / "a.png", "2 output file(s)", "--skip-existing", "--overwrite")
     assert "loaded" not in r.stdout and snapshot(tmp_path) == before
     r = cli(*sample, "--skip-existing")                            # continues: only c is computed
     assert r.returncode == 0, r.stderr
     assert "wrote 1 image(s), skipped 2 existing, 0 failed" in r.stdout
-    assert (out / "a.png").read_bytes() == b"an earlier result" and (out / "b.png").read_bytes() == before[
-        Path("out/b.png")]
+    assert (out / "a.png").read_bytes() == b"an earlier result"
+    assert (out / "b.png").read_bytes() == before[Path("out/b.png")]
     assert Image.open(out / "c.png").size == (32, 24)
     r = cli(*sample, "--overwrite")                                # asked for: replaced
     assert r.returncode == 0 and "wrote 3 image(s), skipped 0 existing" in r.stdout
@@ -314,8 +317,8 @@ def test_an_existing_output_file_is_not_replaced(tmp_path, run_dir):
     d = small_inputs(tmp_path / "in", n=1)
     precious = tmp_path / "precious.png"
     precious.write_bytes(b"not an output of ours")
-    one_line_error(cli("sample.py", "--ckpt", run_dir, "-i", d / "a.png", "-o", precious, "--steps", "1"),
-                   precious, "1 output file(s)")
+    r = cli("sample.py", "--ckpt", run_dir, "-i", d / "a.png", "-o", precious, "--steps", "1")
+    one_line_error(r, precious, "1 output file(s)")
     assert precious.read_bytes() == b"not an output of ours"
 
 
@@ -325,7 +328,8 @@ def test_degrade_keeps_existing_pairs(tmp_path):
     degrade = ("degrade.py", "-i", d, "-o", out, "--crop", "8", "--mode", "bicubic")
     assert cli(*degrade).returncode == 0
     (out / "hr" / "a.png").write_bytes(b"earlier")
-    (out / "lr" / "c.png").unlink()                                # c's pair is half there: it is made again
+    # c's pair is half there: it is made again
+    (out / "lr" / "c.png").unlink()
     before = snapshot(tmp_path)
     r = cli(*degrade)
     one_line_error(r, "degrade.py", out / "hr" / "a.png", "--skip-existing")
@@ -340,15 +344,17 @@ def test_degrade_keeps_existing_pairs(tmp_path):
 
 @pytest.mark.parametrize("script", ["sample.py", "degrade.py"])
 def test_unwritable_output_is_one_line_before_any_work(tmp_path, run_dir, monkeypatch, script):
-    """An output under a file, a folder that cannot be created, a read-only folder: one line naming the path
-    and the reason before anything is computed. As root chmod does not deny, so the read-only file system and
-    the refused mkdir are os-level errors raised by monkeypatched open() and Path.mkdir."""
+    """An output under a file, a folder that cannot be created, a read-only folder: one line
+    naming the path and the reason before anything is computed. As root chmod does not deny, so
+    the read-only file system and the refused mkdir are OS errors from a monkeypatched open() and
+    Path.mkdir."""
     import builtins
     import errno
     d = small_inputs(tmp_path / "in", n=1, size=(8, 8))
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    args = ["--ckpt", run_dir, "--steps", "1"] if script == "sample.py" else ["--crop", "8", "--mode", "bicubic"]
+    args = (["--ckpt", run_dir, "--steps", "1"] if script == "sample.py"
+            else ["--crop", "8", "--mode", "bicubic"])
     r = cli(script, "-i", d, "-o", blocker / "out", *args)
     one_line_error(r, blocker, "is a file, not a folder")
     assert "loaded" not in r.stdout
@@ -394,8 +400,10 @@ def test_full_disk_mid_batch_keeps_what_was_written(tmp_path, run_dir, monkeypat
     out = tmp_path / "out"
     full_disk_after(monkeypatch, 1)
     r = cli("sample.py", "--ckpt", run_dir, "-i", d, "-o", out, "--steps", "1")
-    one_line_error(r, out / "b.png", "No space left on device", "1 of 3 image(s) written", "--skip-existing")
-    assert sorted(p.name for p in out.iterdir()) == ["a.png"] and Image.open(out / "a.png").size == (32, 24)
+    one_line_error(r, out / "b.png", "No space left on device", "1 of 3 image(s) written",
+                   "--skip-existing")
+    assert sorted(p.name for p in out.iterdir()) == ["a.png"]
+    assert Image.open(out / "a.png").size == (32, 24)
     monkeypatch.undo()
     r = cli("sample.py", "--ckpt", run_dir, "-i", d, "-o", out, "--steps", "1", "--skip-existing")
     assert r.returncode == 0 and "wrote 2 image(s), skipped 1 existing" in r.stdout
@@ -404,7 +412,8 @@ def test_full_disk_mid_batch_keeps_what_was_written(tmp_path, run_dir, monkeypat
     full_disk_after(monkeypatch, 3)                                # a's hr and lr, b's hr
     r = cli("degrade.py", "-i", d, "-o", pairs, "--crop", "4", "--mode", "bicubic", "--batch", "1")
     one_line_error(r, pairs / "lr" / "b.png", "No space left on device", "1 of 3 pair(s)")
-    assert sorted(str(p.relative_to(pairs)) for p in pairs.rglob("*.png")) == ["hr/a.png", "hr/b.png", "lr/a.png"]
+    written = sorted(str(p.relative_to(pairs)) for p in pairs.rglob("*.png"))
+    assert written == ["hr/a.png", "hr/b.png", "lr/a.png"]
     assert not tmp_files(tmp_path)                                 # no half file anywhere
 
 
@@ -437,24 +446,27 @@ def test_ctrl_c_is_one_line_and_skip_existing_continues(tmp_path, run_dir, monke
     assert all(snapshot(out)[k] == v for k, v in done.items())     # the finished ones untouched
 
     pairs = tmp_path / "pairs"
-    interrupt_on_call(monkeypatch, degrade, "write_image", 4)       # b's lr: b's pair is half written
+    # b's lr: b's pair is half written
+    interrupt_on_call(monkeypatch, degrade, "write_image", 4)
     r = cli("degrade.py", "-i", d, "-o", pairs, "--crop", "4", "--mode", "bicubic", "--batch", "1")
     assert r.returncode == 130
     one_line_error(r, "interrupted", "1 of 4 pair(s)", "--skip-existing")
     monkeypatch.undo()
-    r = cli("degrade.py", "-i", d, "-o", pairs, "--crop", "4", "--mode", "bicubic", "--skip-existing")
+    r = cli("degrade.py", "-i", d, "-o", pairs, "--crop", "4", "--mode", "bicubic",
+            "--skip-existing")
     assert r.returncode == 0 and "wrote 3 HR/LR pairs" in r.stdout and "kept 1 existing" in r.stdout
     assert len(list(pairs.rglob("*.png"))) == 9 and not tmp_files(tmp_path)
 
 
 def test_a_real_sigint_stops_sample_with_one_line(tmp_path, run_dir):
-    """Ctrl-C as the terminal sends it: SIGINT to a running sample.py, once its first image is written."""
+    """Ctrl-C as a terminal sends it: SIGINT to a running sample.py once an image is written."""
     import signal
     import time
     d = small_inputs(tmp_path / "in", n=26, size=(16, 16))
     out = tmp_path / "out"
-    child = subprocess.Popen([sys.executable, "sample.py", "--ckpt", str(run_dir), "-i", str(d), "-o", str(out),
-                              "--steps", "1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    child = subprocess.Popen([sys.executable, "sample.py", "--ckpt", str(run_dir), "-i", str(d),
+                              "-o", str(out), "--steps", "1"], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
                              env=os.environ | {"OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 120
     while not (out / "a.png").exists() and child.poll() is None and time.monotonic() < deadline:
@@ -472,10 +484,10 @@ def test_a_real_sigint_stops_sample_with_one_line(tmp_path, run_dir):
 @pytest.mark.parametrize("stage, patch, dtype", [
     ("codec encoder (c_str)", "encode", "fp32"), ("DiT (velocity)", "forward", "bf16"),
     ("codec decoder (image)", "decode", "fp32")])
-def test_a_nan_out_of_a_stage_is_one_line_and_the_batch_goes_on(tmp_path, run_dir, monkeypatch, stage, patch,
-                                                                  dtype):
-    """A NaN planted in one stage for the first image: that image fails with one line naming the stage and the
-    format, no black image is written, the next image is, and the exit is 1."""
+def test_a_nan_out_of_a_stage_is_one_line_and_the_batch_goes_on(tmp_path, run_dir, monkeypatch,
+                                                                  stage, patch, dtype):
+    """A NaN planted in one stage for the first image: that image fails with one line naming the
+    stage and the format, no black image is written, the next image is, and the exit is 1."""
     import vae
     owner = dit.VOSRDiT if patch == "forward" else vae.PixelCodec
     real, calls = getattr(owner, patch), []
@@ -491,6 +503,7 @@ def test_a_nan_out_of_a_stage_is_one_line_and_the_batch_goes_on(tmp_path, run_di
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert len(lines) == 1 and stage in lines[0] and str(d / "a.png") in lines[0], r.stderr
-    assert (f"in {dtype}: re-run with --dtype fp32" if dtype != "fp32" else "in fp32: not a rounding") in lines[0]
-    assert sorted(p.name for p in out.iterdir()) == ["b.png"] and "wrote 1 image(s), skipped 0 existing, 1 failed" \
-        in r.stdout
+    hint = f"in {dtype}: re-run with --dtype fp32" if dtype != "fp32" else "in fp32: not a rounding"
+    assert hint in lines[0]
+    assert sorted(p.name for p in out.iterdir()) == ["b.png"]
+    assert "wrote 1 image(s), skipped 0 existing, 1 failed" in r.stdout

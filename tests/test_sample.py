@@ -173,7 +173,8 @@ def test_cli_end_to_end_with_bad_file(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--ckpt", str(run), "-i", str(lr_dir),
                         "-o", str(out), "--steps", "2", "--device", "cpu", "--color-fix", "wavelet"],
                        cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 1, r.stderr                       # one image failed: the others are written
+    # one image failed: the others are written
+    assert r.returncode == 1, r.stderr
     assert "broken.png" in r.stderr and "wrote 2 image(s), skipped 0 existing, 1 failed" in r.stdout
     assert Image.open(out / "a.png").size == (40, 28)
     assert Image.open(out / "b.png").size == (36, 36)

@@ -1,9 +1,9 @@
 """Image and file I/O shared by every script (ours, not the paper's method).
 
 Finding the input images of a CLI and naming its outputs (find_images, find_jobs), reading any image file
-into a (3, H, W) float tensor and writing one atomically (read_image, write_image, atomic_path), outputs
-that exist and output folders that cannot be written (keep_existing, probe_output_folder), the centre
-crop and HR | LR contact sheet of degrade.py, and reading weight files: a state dict (read_state_dict) or
+into a (3, H, W) float tensor and writing one atomically (read_image, write_image, atomic_path),
+outputs that exist and output folders that cannot be written (keep_existing, probe_output_folder), the
+centre crop and HR | LR contact sheet of degrade.py, and reading weight files: a state dict (read_state_dict) or
 only a .safetensors header (read_safetensors_header). Used by the stage files, tools/ and the tests.
 """
 import contextlib
@@ -34,11 +34,11 @@ class ImageError(Exception):
 
 
 class WriteError(ImageError, UserError):
-    """An output that cannot be written (a full disk, a read-only or forbidden folder): names the path and why."""
+    """An output that cannot be written (full disk, read-only or forbidden folder): the path and why."""
 
 
 def reason_of(e: OSError) -> str:
-    """'No space left on device' of an OSError, without the temp file name that str(e) would append."""
+    """'No space left on device' of an OSError, without the temp file name str(e) would append."""
     return e.strerror or str(e) or type(e).__name__
 
 
@@ -159,20 +159,24 @@ def write_image(path, img):
 
 
 def existing_outputs(jobs, outputs_of=None) -> list[Path]:
-    """The output files of (input, output) `jobs` that already exist; outputs_of(output) lists a job's files
-    when it writes more than one (degrade.py: hr/ and lr/)."""
-    return [f for _, dst in jobs for f in (outputs_of(dst) if outputs_of else [dst]) if Path(f).exists()]
+    """The output files of (input, output) `jobs` that already exist; outputs_of(output) lists a job's
+    files when it writes more than one (degrade.py: hr/ and lr/)."""
+    return [f for _, dst in jobs for f in (outputs_of(dst) if outputs_of else [dst])
+            if Path(f).exists()]
 
 
 def keep_existing(jobs, existing: list, overwrite: bool, skip_existing: bool, outputs_of=None):
-    """(jobs to run, jobs skipped): existing outputs are refused with a UserError naming the first and the
-    count unless --overwrite (all run) or --skip-existing (a job whose every output exists is skipped)."""
-    # (ours) a re-run into a folder of earlier results, or -o naming a file, must not replace them silently
+    """(jobs to run, jobs skipped): existing outputs are refused with a UserError naming the first and
+    the count unless --overwrite (all run) or --skip-existing (a job whose outputs all exist is
+    skipped)."""
+    # (ours) a re-run into a folder of earlier results, or -o naming a file, must not replace them
+    # silently
     if not existing or overwrite:
         return list(jobs), []
     if not skip_existing:
-        raise UserError(f"{len(existing)} output file(s) already exist, the first {existing[0]}: add "
-                        "--skip-existing to continue where a run stopped, or --overwrite to replace them")
+        raise UserError(f"{len(existing)} output file(s) already exist, the first {existing[0]}: "
+                        "add --skip-existing to continue where a run stopped, or --overwrite to "
+                        "replace them")
     done, todo, skipped = {Path(f) for f in existing}, [], []
     for job in jobs:
         finished = all(Path(f) in done for f in (outputs_of(job[1]) if outputs_of else [job[1]]))
@@ -181,8 +185,9 @@ def keep_existing(jobs, existing: list, overwrite: bool, skip_existing: bool, ou
 
 
 def probe_output_folder(folder) -> Path:
-    """Create `folder` (and its parents) and write and delete a hidden file in it, before any work: a UserError
-    names the folder and why it cannot be written (read-only, no permission, a file in the way)."""
+    """Create `folder` (and its parents) and write and delete a hidden file in it, before any work: a
+    UserError names the folder and why it cannot be written (read-only, no permission, a file in the
+    way)."""
     folder = Path(folder)
     for parent in [folder, *folder.parents]:
         if parent.exists() and not parent.is_dir():

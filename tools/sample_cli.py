@@ -45,11 +45,11 @@ class SampleConfig:
     latent: str = "mean"             # mean | sample: c_str from the codec posterior's mean or a sample
     schedule: str = "uniform"        # uniform | cosine
     shift: float = 1.0               # (ours) SD3 time shift of the schedule; > 1: larger last steps
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"   # the command line's auto resolves to this
-    dtype: str | None = None         # fp32 | bf16 | fp16 of the networks; None: the device's (tools/precision.py)
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"   # --device auto resolves to it
+    dtype: str | None = None         # fp32 | bf16 | fp16; None: precision.default_dtype
     bf16: bool = False               # --bf16: the same as dtype "bf16"
     overwrite: bool = False          # replace existing output files
-    skip_existing: bool = False      # keep existing output files and do not compute their images again
+    skip_existing: bool = False      # keep existing outputs, compute only the missing ones
     # what a run dir records in config.json and a release folder in args.json; given explicitly, they win
     preset: str = "0.5B"             # bare .safetensors only
     codec: str | None = None         # 'pixel', 'pixel4' (ours) or a diffusers VAE folder; bare file: 'pixel'
@@ -139,18 +139,20 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                         "argparse default is 2, their README recommends 0.5)")
     add_sampler_args(p, d)
     p.add_argument("--device", default="auto",
-                   help="torch device (cpu, cuda, cuda:1, mps) or auto: CUDA, else Apple MPS, else the CPU "
-                        "(default: auto)")
+                   help="torch device (cpu, cuda, cuda:1, mps) or auto: CUDA, else Apple MPS, else "
+                        "the CPU (default: auto)")
     p.add_argument("--dtype", choices=tuple(precision.DTYPES), default=None,
-                   help="number format of the codec, semantic encoder and DiT (autocast; the sampler itself "
-                        "stays fp32): fp32, bf16 or fp16; errors and speed of each in docs/precision.md "
-                        "(default: fp32 on every device, the fastest accurate choice measured)")
+                   help="number format of the codec, semantic encoder and DiT (autocast; the "
+                        "sampler itself stays fp32): fp32, bf16 or fp16; each one's error and speed "
+                        "in docs/precision.md (default: fp32, on every device: bf16 measured no "
+                        "faster on a CPU)")
     p.add_argument("--bf16", action="store_true", help="the same as --dtype bf16")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--overwrite", action="store_true", help="replace output files that already exist "
-                   "(default: refuse to start when any exists)")
-    g.add_argument("--skip-existing", action="store_true", help="keep output files that already exist and "
-                   "compute only the missing ones: continues a batch that was stopped")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace output files that already exist (default: refuse to start)")
+    g.add_argument("--skip-existing", action="store_true",
+                   help="keep output files that already exist and compute only the missing ones: "
+                        "continues a batch that was stopped")
     p.add_argument("--student", type=int, choices=[0, 1], default=None,
                    help="force teacher (0) / student (1) sampling (default: from the checkpoint: "
                         "a release folder's args.json distill_type, a run dir's r_embedder weights)")
