@@ -30,7 +30,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # scripts' format
 DEFAULT_DTYPE = {"cpu": "fp32", "cuda": "fp32", "mps": "fp32"}
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")   # /proc/cpuinfo flags: bf16 computed in hardware
-EMULATED_BF16_SLOWDOWN = 21   # bf16 / fp32 time per image on a CPU without them (docs/precision.md)
+# bf16 / fp32 time per image where bf16 is emulated: this CPU limited to AVX2, a user's CPU without
+# AVX-512 BF16 (docs/precision.md)
+EMULATED_BF16_SLOWDOWN = (4, 21)
 
 
 class NonFiniteError(UserError):
@@ -84,10 +86,10 @@ def dtype_warning(device, dtype: str) -> str | None:
     """A one-line warning when this format is known to be slow on this device, else None."""
     if torch.device(device).type != "cpu" or dtype != "bf16" or native_bf16() is not False:
         return None
+    low, high = EMULATED_BF16_SLOWDOWN
     return (f"warning: this CPU has no native bf16 (no {' or '.join(NATIVE_BF16_FLAGS)} in "
-            "/proc/cpuinfo): --dtype bf16 is emulated here, about "
-            f"{EMULATED_BF16_SLOWDOWN}x slower than fp32 on such a CPU (docs/precision.md); "
-            "--dtype fp32 is faster")
+            f"/proc/cpuinfo): --dtype bf16 is emulated here, measured {low}x to {high}x slower "
+            "than fp32 on such CPUs (docs/precision.md); --dtype fp32 is faster")
 
 
 # ----------------------------------------------------------- the table (python -m tools.precision)
