@@ -603,7 +603,8 @@ def run_batch(cfg: SampleConfig, tally: Tally) -> int:
                 start = time.perf_counter()
                 sr = super_resolve(pipe, lr, cfg, progress=True)[0]
             except (ImageError, precision.NonFiniteError) as e:   # this image only; the rest go on
-                tqdm.write(f"sample.py: failed {src}: {e}", file=sys.stderr)
+                named = e if isinstance(e, ImageError) else f"{src}: {e}"   # ImageError names it
+                tqdm.write(f"sample.py: failed {named}", file=sys.stderr)
                 tally.failed += 1
                 continue
             try:
