@@ -108,7 +108,7 @@ def randomize(module: torch.nn.Module, seed: int = 1, std: float = 0.05) -> torc
     return module
 
 
-def random_release_pipeline(kind: str, depth: int | None = None):
+def random_release_pipeline(kind: str, depth: int | None = None, device="cpu"):
     """(VOSRPipeline, its settings) with random weights of a release's shapes: '0.5B' (VOSR_0.5B_os:
     SD2.1 VAE + light decoder, DINOv2-B block 8, the 0.5B DiT with r) or '2.0' (VOSR 2.0: Qwen-Image
     VAE, DINOv2-L block 17, the 1.4B DiT without r); depth: fewer DiT blocks (CPU memory, time)."""
@@ -132,17 +132,19 @@ def random_release_pipeline(kind: str, depth: int | None = None):
                                 with_r=with_r, train_grid=16, **extra)).eval()
     # one Euler step of one branch: the 0.5B student with r = 0; VOSR 2.0 has no r, and guidance 1
     # is its one branch v(cat[c_str, z_1], t = 1, c_sem) (sample.guided_velocity)
-    cfg = SampleConfig(device="cpu", steps=1, guidance=1.0, color_fix="none", upscale="pil", tile=0,
-                       vae_tile=0, semantic_tiles="whole", lapped="off", tile_blend="linear")
-    return sample.VOSRPipeline(model, codec.eval(), semantic, student=with_r), cfg
+    cfg = SampleConfig(device=str(device), steps=1, guidance=1.0, color_fix="none",
+                       upscale="pil", tile=0, vae_tile=0, semantic_tiles="whole", lapped="off",
+                       tile_blend="linear")
+    return sample.VOSRPipeline(model.to(device), codec.eval().to(device), semantic.to(device),
+                               student=with_r, device=device), cfg
 
 
-def shipped_pipeline():
+def shipped_pipeline(device="cpu"):
     """(VOSRPipeline, its settings) of the shipped default model (sample.py without --ckpt)."""
     import sample
     from tools.loading import checkpoint_defaults
     from tools.sample_cli import SampleConfig
-    cfg = SampleConfig(device="cpu")
+    cfg = SampleConfig(device=str(device))
     pipe, run = sample.load_pipeline(cfg, report=print)
     return pipe, sample.check_tiles(checkpoint_defaults(cfg, pipe, run), pipe)
 
@@ -172,9 +174,9 @@ def stage_outputs(pipe, lr: torch.Tensor, cfg, dtype: torch.dtype, ref: dict | N
     and the pipeline's 8-bit image in that dtype."""
     import sample
     pipe.dtype = dtype
-    H, W = lr.shape[-2] * 4, lr.shape[-1] * 4
+    dev, H, W = pipe.device, lr.shape[-2] * 4, lr.shape[-1] * 4
     unit = pipe.codec.factor * pipe.model.patch_size
-    up = sample.upscale_lr(lr, (H, W), cfg.upscale or "torch")
+    up = sample.upscale_lr(lr, (H, W), cfg.upscale or "torch").to(dev)
     padded = sample.reflect_crop(up, 0, 0, H + -H % unit, W + -W % unit)
     out = {}
     with pipe.autocast():
@@ -182,8 +184,8 @@ def stage_outputs(pipe, lr: torch.Tensor, cfg, dtype: torch.dtype, ref: dict | N
         out["c_sem"] = pipe.semantic(up).float() if pipe.semantic is not None else None
     c_str = (ref or out)["c_str"]
     c_sem = (ref or out)["c_sem"]
-    z1 = torch.randn(c_str.shape, generator=torch.Generator().manual_seed(0))
-    t, r = torch.ones(1), torch.zeros(1)
+    z1 = torch.randn(c_str.shape, generator=torch.Generator().manual_seed(0)).to(dev)
+    t, r = torch.ones(1, device=dev), torch.zeros(1, device=dev)
     with pipe.autocast():
         if pipe.student:
             v = sample.guided_velocity(pipe.model, z1, t, c_str, c_sem, 1.0, r=r)
@@ -194,11 +196,11 @@ def stage_outputs(pipe, lr: torch.Tensor, cfg, dtype: torch.dtype, ref: dict | N
         z0 = z1 - (ref or out)["velocity"]                 # one Euler step from t = 1 to 0
         out["decoded"] = pipe.codec.decode(z0).float().add(1).div(2).clamp(0, 1)
     try:
-        out["image"] = (sample.super_resolve(pipe, lr, cfg).clamp(0, 1) * 255).round()
+        out["image"] = (sample.super_resolve(pipe, lr, cfg).clamp(0, 1) * 255).round().cpu()
     except NonFiniteError:
         out["image"] = torch.full((1, 3, H, W), float("nan"))
     pipe.dtype = torch.float32
-    return out
+    return {k: None if v is None else v.cpu() for k, v in out.items()}
 
 
 def seconds(pipe, lr, cfg, dtype: torch.dtype) -> float:
@@ -210,6 +212,8 @@ def seconds(pipe, lr, cfg, dtype: torch.dtype) -> float:
         sample.super_resolve(pipe, lr, cfg)
     except NonFiniteError:
         pass
+    if pipe.device.type == "cuda":                     # the kernels it queued are part of its time
+        torch.cuda.synchronize(pipe.device)
     pipe.dtype = torch.float32
     return time.perf_counter() - start
 
@@ -262,24 +266,25 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default="bf16,fp16", help="compared with fp32 (default: bf16,fp16)")
     p.add_argument("--repeats", type=int, default=2,
                    help="timed runs per format; the fastest counts (default: 2)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default: auto)")
     p.add_argument("--depth", type=int, default=None,
                    help="DiT blocks of the random models (default: the release's, 28 and 36)")
     a = p.parse_args(argv)
     dtypes = a.dtypes.split(",")
     if any(d not in DTYPES for d in dtypes):
         p.error(f"--dtypes: each of {', '.join(DTYPES)}")
-    start, rows = time.perf_counter(), []
+    start, rows, device = time.perf_counter(), [], resolve_device(a.device)
     for name in a.only.split(","):
         if name == "shipped":
-            pipe, cfg = shipped_pipeline()
+            pipe, cfg = shipped_pipeline(device)
         elif name in ("0.5B", "2.0"):
-            pipe, cfg = random_release_pipeline(name, a.depth)
+            pipe, cfg = random_release_pipeline(name, a.depth, device)
         else:
             p.error(f"--only: {name!r} is not one of shipped, 0.5B, 2.0")
         rows += compare(name, pipe, cfg, a.size, dtypes, a.repeats)
         print(table([r for r in rows if r["model"] == name]), flush=True)
     print(f"\npython -m tools.precision {' '.join(argv if argv is not None else sys.argv[1:])}: "
-          f"{time.perf_counter() - start:.0f} s on {torch.get_num_threads()} thread(s)\n")
+          f"{time.perf_counter() - start:.0f} s on {device}, {torch.get_num_threads()} thread(s)\n")
     print(table(rows))
     return 0
 
