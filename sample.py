@@ -621,5 +621,6 @@ def run_batch(cfg: SampleConfig, tally: Tally) -> int:
     print(f"sample.py: {tally.summary()}")
     return 1 if tally.failed else 0
 
+
 if __name__ == "__main__":
     sys.exit(main())
