@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import vae
-from tools import precision, sample_cli
+from tools import dtypes, sample_cli
 from tools.color_fix import COLOR_FIX, color_fix_of
 from tools.fast_paths import FastPaths
 from tools.files import (ImageError, UserError, WriteError, existing_outputs, find_jobs,
@@ -354,7 +354,7 @@ class VOSRPipeline:
         with self.autocast():
             c_str = tiled_encode(self.codec, lr_up, (H + -H % unit, W + -W % unit), tile, overlap,
                                  self.encode, generator).float()
-        return lr_up, precision.finite(c_str, "codec encoder (c_str)", self.dtype)
+        return lr_up, dtypes.finite(c_str, "codec encoder (c_str)", self.dtype)
 
     def tile_semantics(self, lr_up: torch.Tensor, tile: int, mode: str = "global"):
         """c_sem of each tile: a function (y, x, h, w) in output pixels → (B, N, dim), or None."""
@@ -365,13 +365,13 @@ class VOSRPipeline:
         stage = "semantic encoder (c_sem)"
         with self.autocast():
             if mode == "whole":
-                c_sem = precision.finite(self.semantic(lr_up), stage, self.dtype)
+                c_sem = dtypes.finite(self.semantic(lr_up), stage, self.dtype)
                 return lambda *win: c_sem
             if mode == "global":
-                tmap = precision.finite(semantic_token_map(self.semantic, lr_up, tile, tile // 2),
+                tmap = dtypes.finite(semantic_token_map(self.semantic, lr_up, tile, tile // 2),
                                         stage, self.dtype)
                 return lambda y, x, h, w: crop_tokens(tmap, y, x, tuple(lr_up.shape[-2:]), self.semantic.grid)
-        return functools.lru_cache(None)(lambda y, x, h, w: precision.finite(
+        return functools.lru_cache(None)(lambda y, x, h, w: dtypes.finite(
             self.semantic(lr_up[..., y:y + h, x:x + w]), stage, self.dtype))
 
     def denoise(self, c_str, sem_of, generator, ts, guidance, alpha, latent_tiles, blend="linear", progress=False,
@@ -389,14 +389,14 @@ class VOSRPipeline:
                 return tiled(one_tile, z, lt, lo, align, blend)
             z0 = euler_sample(velocity, z1, ts, inplace=True)                  # z_1 → z_0, in place
         # a NaN or inf of any step's velocity stays in z_0: one check per image, no sync per step
-        return precision.finite(z0, "DiT (velocity)", self.dtype)
+        return dtypes.finite(z0, "DiT (velocity)", self.dtype)
 
     def finish(self, z0, size, tile: int, overlap: int, ref, color_fix: str = "none"):
         """z_0 → SR in [0,1]: decoded tile by tile, then the colour fix against LR↑."""
         with self.autocast():
             sr = tiled_decode(self.codec, z0, size, tile, overlap, self.decode).add_(1).div_(2)
-            sr = precision.finite(sr, "codec decoder (image)", self.dtype)
-            return precision.finite(color_fix_of(sr, ref, color_fix), f"{color_fix} colour fix",
+            sr = dtypes.finite(sr, "codec decoder (image)", self.dtype)
+            return dtypes.finite(color_fix_of(sr, ref, color_fix), f"{color_fix} colour fix",
                                     self.dtype)
 
     def tile_velocity(self, c_str, sem_of, guidance: float, alpha: float, lapped: bool = False):
@@ -484,9 +484,9 @@ def load_pipeline(cfg: SampleConfig, report=print) -> tuple[VOSRPipeline, dict]:
     if default:   # its config.json note says what it is; the first sentence is enough here
         report(f"sample.py: no --ckpt given: using the shipped default model {DEFAULT_CKPT} "
                f"({run.get('note', 'no note').split('. ')[0].rstrip('.')}; README §2)")
-    name = cfg.dtype or ("bf16" if cfg.bf16 else precision.default_dtype(cfg.device))
+    name = cfg.dtype or ("bf16" if cfg.bf16 else dtypes.default_dtype(cfg.device))
     pipe = VOSRPipeline(model.to(cfg.device), codec, semantic, student, cfg.device,
-                        dtype=precision.DTYPES[name])
+                        dtype=dtypes.DTYPES[name])
     return pipe, run
 
 
@@ -584,14 +584,14 @@ def run_batch(cfg: SampleConfig, tally: Tally) -> int:
             pipe.lapped_net()                     # a model whose tokens cannot be half-shifted: say so now
     except (OSError, ValueError) as e:            # a missing or unusable file, a setting the model cannot use
         raise UserError((str(e).strip().splitlines() or [type(e).__name__])[0]) from None
-    dtype = precision.name_of(pipe.dtype)
+    dtype = dtypes.name_of(pipe.dtype)
     print(f"sample.py: {cfg.ckpt} ({run['preset']}, {'student' if pipe.student else 'teacher'}, "
           f"{cfg.steps} step(s), guidance {cfg.guidance:g}, colour fix {cfg.color_fix}, upscale {cfg.upscale}, "
           f"tile blend {cfg.tile_blend}, lapped {cfg.lapped}), {len(todo)} image(s) → {cfg.output}"
           f"{f' ({len(kept)} kept from before)' if kept else ''}")
     print(f"sample.py: device {pipe.device}, dtype {dtype} (the default on {pipe.device.type}: "
-          f"{precision.default_dtype(pipe.device)}, docs/precision.md)")
-    warning = precision.dtype_warning(pipe.device, dtype)
+          f"{dtypes.default_dtype(pipe.device)}, docs/precision.md)")
+    warning = dtypes.dtype_warning(pipe.device, dtype)
     if warning:
         print(f"sample.py: {warning}", file=sys.stderr)
     tally.total = len(todo)
@@ -602,7 +602,7 @@ def run_batch(cfg: SampleConfig, tally: Tally) -> int:
                 lr = read_image(src)[None]
                 start = time.perf_counter()
                 sr = super_resolve(pipe, lr, cfg, progress=True)[0]
-            except (ImageError, precision.NonFiniteError) as e:   # this image only; the rest go on
+            except (ImageError, dtypes.NonFiniteError) as e:   # this image only; the rest go on
                 named = e if isinstance(e, ImageError) else f"{src}: {e}"   # ImageError names it
                 tqdm.write(f"sample.py: failed {named}", file=sys.stderr)
                 tally.failed += 1

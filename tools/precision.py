@@ -1,13 +1,6 @@
-"""Which device and number format sample.py runs in (--device, --dtype), and each format's error.
+"""The precision table of sample.py's number formats (--dtype; tools/dtypes.py): each against fp32.
 
     python -m tools.precision [--size 16] [--only shipped,0.5B,2.0]   # docs/precision.md
-
-Ours, not the paper's method: the official scripts run fp32 only; the paper times its model in FP16
-(§4). --dtype bf16 / fp16 runs every network of the pipeline (codec, semantic encoder, DiT) under
-torch.autocast; the sampler's own arithmetic (Euler updates, tile blending, colour fix) stays fp32.
-The default per device is the format measured fastest at a small error (DEFAULT_DTYPE,
-docs/precision.md). A NaN or inf out of a stage is a NonFiniteError naming the stage and the format
-(finite), never a black image.
 
 The script runs each format against fp32 on the shipped default model and on random-weight models of
 the release's 0.5B shapes (SD2.1 VAE + light decoder + DINOv2-B) and VOSR 2.0's (Qwen VAE +
@@ -18,78 +11,9 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
-
 import torch
 
-from tools.files import UserError
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# measured on CPU (docs/precision.md): bf16 autocast was not faster than fp32 even with native
-# bf16, and fp16 was slower; no GPU was measured here, so CUDA and MPS keep fp32, the official
-# scripts' format
-DEFAULT_DTYPE = {"cpu": "fp32", "cuda": "fp32", "mps": "fp32"}
-NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")   # /proc/cpuinfo flags: bf16 computed in hardware
-# bf16 / fp32 time per image where bf16 is emulated: this CPU limited to AVX2, a user's CPU without
-# AVX-512 BF16 (docs/precision.md)
-EMULATED_BF16_SLOWDOWN = (4, 21)
-
-
-class NonFiniteError(UserError):
-    """A NaN or inf out of a stage of the pipeline: names the stage and the number format."""
-
-
-def name_of(dtype: torch.dtype) -> str:
-    """'fp32', 'bf16' or 'fp16' of a torch dtype."""
-    return next(k for k, v in DTYPES.items() if v == dtype)
-
-
-def finite(x: torch.Tensor, stage: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """x, or a NonFiniteError naming the stage and the format when it holds a NaN or an inf."""
-    # (ours) a NaN becomes 0 when cast to 8 bits: without this check it is a black image and exit 0
-    if bool(torch.isfinite(x).all()):
-        return x
-    if dtype == torch.float32:
-        raise NonFiniteError(f"non-finite values (NaN or inf) out of the {stage} in fp32: not a "
-                             "rounding problem of a lower precision; check the model files and the "
-                             "input")
-    raise NonFiniteError(f"non-finite values (NaN or inf) out of the {stage} in {name_of(dtype)}: "
-                         "re-run with --dtype fp32")
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto': CUDA, else Apple MPS, else the CPU; any other name as torch.device(name)."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def default_dtype(device) -> str:
-    """The format sample.py runs in on this device when --dtype is not given (DEFAULT_DTYPE)."""
-    return DEFAULT_DTYPE.get(torch.device(device).type, "fp32")
-
-
-def native_bf16() -> bool | None:
-    """Whether this CPU computes bf16 in hardware (NATIVE_BF16_FLAGS in /proc/cpuinfo), or None."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return None
-    return any(f in flags for f in NATIVE_BF16_FLAGS)
-
-
-def dtype_warning(device, dtype: str) -> str | None:
-    """A one-line warning when this format is known to be slow on this device, else None."""
-    if torch.device(device).type != "cpu" or dtype != "bf16" or native_bf16() is not False:
-        return None
-    low, high = EMULATED_BF16_SLOWDOWN
-    return (f"warning: this CPU has no native bf16 (no {' or '.join(NATIVE_BF16_FLAGS)} in "
-            f"/proc/cpuinfo): --dtype bf16 is emulated here, measured {low}x to {high}x slower "
-            "than fp32 on such CPUs (docs/precision.md); --dtype fp32 is faster")
+from tools.dtypes import DTYPES, NonFiniteError, resolve_device
 
 
 # ----------------------------------------------------------- the table (python -m tools.precision)

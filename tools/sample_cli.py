@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 import dit
-from tools import precision
+from tools import dtypes
 from tools.cli import OneLineParser, number
 from tools.color_fix import COLOR_FIX
 from tools.loading import DEFAULT_CKPT
@@ -46,7 +46,7 @@ class SampleConfig:
     schedule: str = "uniform"        # uniform | cosine
     shift: float = 1.0               # (ours) SD3 time shift of the schedule; > 1: larger last steps
     device: str = "cuda" if torch.cuda.is_available() else "cpu"   # --device auto resolves to it
-    dtype: str | None = None         # fp32 | bf16 | fp16; None: precision.default_dtype
+    dtype: str | None = None         # fp32 | bf16 | fp16; None: dtypes.default_dtype
     bf16: bool = False               # --bf16: the same as dtype "bf16"
     overwrite: bool = False          # replace existing output files
     skip_existing: bool = False      # keep existing outputs, compute only the missing ones
@@ -141,7 +141,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto",
                    help="torch device (cpu, cuda, cuda:1, mps) or auto: CUDA, else Apple MPS, else "
                         "the CPU (default: auto)")
-    p.add_argument("--dtype", choices=tuple(precision.DTYPES), default=None,
+    p.add_argument("--dtype", choices=tuple(dtypes.DTYPES), default=None,
                    help="number format of the codec, semantic encoder and DiT (autocast; the "
                         "sampler itself stays fp32): fp32, bf16 or fp16; each one's error and speed "
                         "in docs/precision.md (default: fp32, on every device: bf16 measured no "
@@ -192,7 +192,7 @@ def parse_args(argv=None, description: str | None = None) -> SampleConfig:
     if a.tile and a.tile_overlap is not None and 2 * a.tile_overlap >= a.tile:
         p.error(f"argument --tile-overlap: must be below tile/2 = {a.tile / 2:g}, got {a.tile_overlap}")
     try:
-        device = precision.resolve_device(a.device)
+        device = dtypes.resolve_device(a.device)
     except RuntimeError:
         p.error(f"argument --device: {a.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)")
     available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
@@ -204,7 +204,7 @@ def parse_args(argv=None, description: str | None = None) -> SampleConfig:
     if a.bf16 and a.dtype not in (None, "bf16"):
         p.error(f"argument --bf16: is --dtype bf16, but --dtype {a.dtype} was given too: give one")
     a.device = str(device)
-    a.dtype = "bf16" if a.bf16 else a.dtype or precision.default_dtype(device)
+    a.dtype = "bf16" if a.bf16 else a.dtype or dtypes.default_dtype(device)
     a.bf16 = a.dtype == "bf16"
     a.student = None if a.student is None else bool(a.student)
     return SampleConfig(**vars(a))
