@@ -9,7 +9,6 @@ wheel, whose key names (the `efficientnet-lite-pytorch` package's) timm_key maps
 import importlib.util
 from pathlib import Path
 
-import timm
 import torch
 import torch.nn as nn
 
@@ -72,6 +71,7 @@ def effnet_state_dict(path: Path) -> dict:
 
 def create_effnet_lite0() -> nn.Module:
     """timm's EfficientNet-Lite0 (randomly initialised)."""
+    import timm   # here, not at the top: the pixel-codec CLIs start without timm's seconds of imports
     return timm.create_model("tf_efficientnet_lite0", pretrained=False)
 
 
