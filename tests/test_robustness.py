@@ -507,3 +507,32 @@ def test_a_nan_out_of_a_stage_is_one_line_and_the_batch_goes_on(tmp_path, run_di
     assert hint in lines[0]
     assert sorted(p.name for p in out.iterdir()) == ["b.png"]
     assert "wrote 1 image(s), skipped 0 existing, 1 failed" in r.stdout
+
+
+TOOL_SCRIPTS = ("export", "make_shards", "fetch_weights", "blockiness", "seams")
+
+
+@pytest.mark.parametrize("name", TOOL_SCRIPTS)
+def test_ctrl_c_in_a_tool_script_is_one_line_and_130(name, capsys, monkeypatch):
+    """Each tools/ script's entry point goes through cli.run_script: a Ctrl-C inside its main is one
+    line naming the script and exit 130, no traceback."""
+    import runpy
+    from tools import cli
+
+    def interrupted_main():
+        raise KeyboardInterrupt
+
+    seen = []
+    real = cli.run_script
+
+    def spy(main, prog):
+        seen.append(prog)
+        return real(interrupted_main, prog)
+    monkeypatch.setattr(cli, "run_script", spy)
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", "--help"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"),
+                       run_name="__main__")
+    err = capsys.readouterr().err
+    assert seen == [f"{name}.py"] and e.value.code == 130
+    assert err.count("\n") == 1 and err.startswith(f"{name}.py: interrupted") and "Traceback" not in err

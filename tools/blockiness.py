@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import torch
 
 from evaluate import to_y255
-from tools.cli import OneLineParser, number
+from tools.cli import OneLineParser, number, run_script
 from tools.files import ImageError, find_images, read_image
 
 
@@ -71,4 +71,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main, "blockiness.py"))

@@ -287,3 +287,14 @@ def resolve_cli(p, config_cls, given: dict, name: str, fresh, ranges: dict, chec
     if check_files:
         check_paths(cfg, name)
     return cfg, changes
+
+
+def run_script(main, prog: str) -> int:
+    """main()'s exit status; Ctrl-C is one line and 130 (128 + SIGINT), never a traceback. The scripts
+    that use it write their files atomically, so what was written is whole and nothing half-written stays."""
+    try:
+        return main() or 0
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted (Ctrl-C): the files written so far are complete, an unfinished one "
+              "was not kept; run the same command again", file=sys.stderr)
+        return 130

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import vae
 
-from tools.cli import OneLineParser
+from tools.cli import OneLineParser, run_script
 from tools.files import read_safetensors_header
 from tools.runs import save_atomic, write_json
 
@@ -70,4 +70,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main, "export.py"))

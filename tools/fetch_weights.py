@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 import evaluate
 from tools import eval_cli, metric_weights
+from tools.cli import run_script
 from tools.files import atomic_path
 
 
@@ -146,4 +147,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main, "fetch_weights.py"))

@@ -20,6 +20,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from tools import files
+from tools.cli import run_script
 
 
 def sample_keys(folders: list[Path]) -> list[tuple[Path, str]]:
@@ -91,4 +92,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main, "make_shards.py"))

@@ -22,7 +22,7 @@ import sample
 import vae
 from bench_sample import bench_models
 from tools import eval_cli, reports
-from tools.cli import number
+from tools.cli import number, run_script
 from tools.files import ImageError, read_image
 
 
@@ -126,4 +126,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main, "seams.py"))
