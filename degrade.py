@@ -356,7 +356,7 @@ def degrade_mix(hr, scale=4, generator=None, weights=(1.0, 1.0, 1.0)):
     g = generator if generator is not None else torch.default_generator
     kind = torch.multinomial(torch.tensor(weights, dtype=torch.float), hr.shape[0], True, generator=g)
     h, w = hr.shape[2] // scale, hr.shape[3] // scale
-    lr = torch.empty(hr.shape[0], 3, h, w, dtype=hr.dtype)
+    lr = hr.new_empty(hr.shape[0], 3, h, w)
     for k, name in enumerate(MIX):
         idx = (kind == k).nonzero().flatten()
         if len(idx) == 0:

@@ -389,3 +389,21 @@ def test_cli_pairs_bad_files_and_exit_codes(tmp_path, capsys):
     (tmp_path / "file_out").write_text("x")
     assert D.main(["-i", str(src), "-o", str(tmp_path / "file_out")]) == 2
     assert "file_out" in capsys.readouterr().err
+
+
+def test_mix_gives_each_sample_one_kind_of_degradation():
+    """--degradation mix: a sample drawn as clean is exactly degrade_bicubic of it; weights pick the kind;
+    LIGHT is milder than the full degradation (closer to the bicubic LR); a seed reproduces the batch."""
+    hr = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    clean = D.degrade_bicubic(hr)
+
+    def mix(weights, seed=1):
+        return D.degrade_mix(hr, generator=torch.Generator().manual_seed(seed), weights=weights)
+    torch.testing.assert_close(mix((1, 0, 0)), clean, rtol=0, atol=0)
+    light, full = mix((0, 1, 0)), mix((0, 0, 1))
+    assert (light - clean).abs().mean() < (full - clean).abs().mean()
+    assert not torch.equal(light, clean)
+    torch.testing.assert_close(mix((1, 1, 1)), mix((1, 1, 1)), rtol=0, atol=0)
+    both = mix((1, 0, 1), seed=3)
+    is_clean = [torch.equal(both[i], clean[i]) for i in range(len(hr))]
+    assert any(is_clean) and not all(is_clean)
