@@ -18,23 +18,23 @@ def _std(flat: torch.Tensor) -> torch.Tensor:
     return flat.std(-1, correction=1 if flat.shape[-1] > 1 else 0)
 
 
+def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each channel's mean and unbiased std, shaped to broadcast over (B, C, H, W)."""
+    flat = x.flatten(2)
+    return flat.mean(-1)[..., None, None], _std(flat)[..., None, None]
+
+
 def adain_color_fix(sr: torch.Tensor, ref: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """The release's adain, per channel: (sr − μ_sr)/(σ_sr + eps)·(σ_ref + eps) + μ_ref, σ the
     unbiased std."""
-    def stats(x):
-        flat = x.flatten(2)
-        return flat.mean(-1)[..., None, None], _std(flat)[..., None, None]
-    (mu_s, sd_s), (mu_r, sd_r) = stats(sr), stats(ref)
+    (mu_s, sd_s), (mu_r, sd_r) = _moments(sr), _moments(ref)
     return (sr - mu_s) / (sd_s + eps) * (sd_r + eps) + mu_r
 
 
 def adain_var_color_fix(sr: torch.Tensor, ref: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """(ours) adain with σ = sqrt(unbiased variance + eps): (sr − μ_sr)/σ_sr · σ_ref + μ_ref."""
-    def stats(x):
-        flat = x.flatten(2)
-        return flat.mean(-1)[..., None, None], (_std(flat) ** 2 + eps).sqrt()[..., None, None]
-    (mu_s, sd_s), (mu_r, sd_r) = stats(sr), stats(ref)
-    return (sr - mu_s) / sd_s * sd_r + mu_r
+    (mu_s, sd_s), (mu_r, sd_r) = _moments(sr), _moments(ref)
+    return (sr - mu_s) / (sd_s ** 2 + eps).sqrt() * (sd_r ** 2 + eps).sqrt() + mu_r
 
 
 def _low_pass(x: torch.Tensor, levels: int = 5) -> torch.Tensor:
