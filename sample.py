@@ -454,15 +454,6 @@ class VOSRPipeline:
         """Autocast of every network (codec, semantic encoder, DiT) to self.dtype; none for fp32."""
         return torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32)
 
-    @property
-    def bf16(self) -> bool:
-        """Whether the networks run in bf16 (setting it: bf16 or fp32), as sample.py --bf16."""
-        return self.dtype == torch.bfloat16
-
-    @bf16.setter
-    def bf16(self, on: bool):
-        self.dtype = torch.bfloat16 if on else torch.float32
-
     def enable(self, fast: FastPaths):
         """Use these fast paths from now on (tools/fast_paths.py; channels_last converts the codec in place)."""
         self.net, self.encode, self.decode = fast.apply(self.model, self.codec, self.device)  # what runs

@@ -26,6 +26,7 @@ import torch
 import dit
 import sample
 import vae
+from tools.dtypes import DTYPES  # noqa: E402
 from tools import eval_cli, reports
 from tools.cli import number
 
@@ -123,7 +124,7 @@ def bench(preset="0.5B", size=512, batches=(1,), steps=(1,), dtypes=("fp32",), p
     for path in sorted(paths, key=list(path_fast).index):  # plain first: channels_last converts the codec
         pipe = sample.VOSRPipeline(model, codec, semantic, device=dev, fast=path_fast[path])
         for dtype in dtypes:
-            pipe.bf16 = dtype == "bf16"  # every network under bf16 autocast, as sample.py --bf16
+            pipe.dtype = DTYPES[dtype]  # every network under autocast, as sample.py --dtype
             for batch in batches:
                 lr = torch.rand(batch, 3, size // 4, size // 4, generator=torch.Generator().manual_seed(0))
                 for n in steps:
