@@ -26,9 +26,9 @@ import torch
 import dit
 import sample
 import vae
-from tools.dtypes import DTYPES  # noqa: E402
 from tools import eval_cli, reports
 from tools.cli import number
+from tools.dtypes import DTYPES
 
 
 STAGES = ("encode", "semantic", "dit", "decode")  # bicubic + codec encode, DINOv2, all Euler steps, decode
