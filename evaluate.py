@@ -667,9 +667,13 @@ def compare(args):
 # ----------------------------------------------------------------------------- comparison grid
 
 def grid(args):
-    """`grid`: rows of bicubic | each --sr folder | HR for a few images, each with a 4× zoomed crop."""
-    columns = [("bicubic", None)] + list(args.sr) + [("HR", args.hr)]
-    pairs, _ = pair_images(args.lr, args.hr)
+    """`grid`: rows of bicubic | each --sr folder | HR for a few images, each with a 4× zoomed crop;
+    without --hr (inputs that have none) the first --sr folder sets each row's size."""
+    if args.hr is None and not args.sr:
+        raise UserError("grid without --hr needs at least one --sr NAME=DIR")
+    reference = args.hr or args.sr[0][1]
+    columns = [("bicubic", None)] + list(args.sr) + ([("HR", args.hr)] if args.hr else [])
+    pairs, _ = pair_images(args.lr, reference)
     pairs = [p for p in pairs if not args.images or p[0] in args.images.split(",")]
     # each image column's files, keyed by name as `score` pairs them (the HR column is one of them)
     found = {folder: index_images(folder)[0] for _, folder in columns[1:]}
@@ -687,7 +691,7 @@ def grid(args):
     rows = []
     for key, lr_path, _ in pairs:
         imgs = {folder: read_image(found[folder][key]) for folder in found}  # each (3,H,W) in [0,1]
-        H, W = imgs[args.hr].shape[-2:]
+        H, W = imgs[reference].shape[-2:]
         lr = read_image(lr_path)[None]
         imgs[None] = F.interpolate(lr, size=(H, W), mode="bicubic", align_corners=False)[0]  # the bicubic column
         rows.append([imgs[folder] for _, folder in columns])

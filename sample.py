@@ -71,17 +71,28 @@ def branch_keys(model, c_sem, batch: int, guidance_scale: float = 0.5):
     return model.project_semantics(sem, 2 * batch)
 
 
-def timesteps(n: int, schedule: str = "uniform", shift: float = 1.0) -> torch.Tensor:
-    """t_0 = 1 > t_1 > … > t_n = 0, uniform or cos(π/2 · i/n), then (ours) SD3's shift t ← σt / (1 + (σ − 1)t)."""
+def timesteps(n: int, schedule: str = "uniform", shift: float = 1.0, start: float = 1.0) -> torch.Tensor:
+    """t_0 = start > t_1 > … > t_n = 0: uniform or cos(π/2 · i/n), (ours) SD3's shift
+    t ← σt / (1 + (σ − 1)t), then scaled to begin at `start` (1: the paper's)."""
     # σ > 1 spends more steps at high noise and makes the last ones larger; an Euler step to t = 0 lands on
     # the model's mean estimate of z_0, so a larger last step invents less detail: higher PSNR, softer texture
     if shift <= 0:
         raise ValueError(f"shift must be positive, got {shift}")
     i = torch.arange(n + 1, dtype=torch.float64) / n
     t = 1 - i if schedule == "uniform" else torch.cos(math.pi / 2 * i)
-    t = shift * t / (1 + (shift - 1) * t)
+    t = start * shift * t / (1 + (shift - 1) * t)
     t[-1] = 0.0
     return t.float()
+
+
+def start_latent(c_str: torch.Tensor, z1: torch.Tensor, start: float = 1.0) -> torch.Tensor:
+    """z at t = start: the noise z_1 at 1 (the paper); below 1 (ours, SDEdit-style) the LR↑ latent
+    noised to that time, z_t = (1 − t)·c_str + t·z_1 (eq. 1 with c_str in place of z_0)."""
+    # c_str lives in z_0's space (the codec's latent of LR↑), so the sampler refines the upscale
+    # instead of drawing a new image from noise: lower starts keep more of the input
+    if start == 1.0:
+        return z1
+    return z1.mul_(start).add_(c_str, alpha=1 - start)
 
 
 @torch.no_grad()
@@ -98,7 +109,8 @@ def euler_sample(velocity, z1: torch.Tensor, ts: torch.Tensor, progress: bool = 
 
 @torch.no_grad()
 def sample(model, codec, semantic, lr, scale=4.0, steps=25, guidance=0.5, alpha=0.15, generator=None,
-           student=False, schedule="uniform", shift=1.0, upscale="torch", latent="mean", color_fix="none"):
+           student=False, schedule="uniform", shift=1.0, upscale="torch", latent="mean", color_fix="none",
+           start=1.0):
     """LR (B,3,h,w) in [0,1] → SR (B,3,round(scale·h),round(scale·w)) in [0,1], every network on the whole image."""
     H, W = round(lr.shape[-2] * scale), round(lr.shape[-1] * scale)
     unit = codec.factor * model.patch_size                             # output pixels per DiT token
@@ -108,12 +120,13 @@ def sample(model, codec, semantic, lr, scale=4.0, steps=25, guidance=0.5, alpha=
     c_str = codec.encode(padded * 2 - 1, generator=posterior, mode=posterior is None).float()
     c_sem = None if semantic is None else semantic(lr_up)              # DINOv2 tokens of LR↑
     z1 = torch.randn(c_str.shape, generator=generator).to(c_str.device)   # z_1 ~ N(0, I)
+    z = start_latent(c_str, z1, start)                                   # z_1, or (ours) z_start
     if student:      # one branch, r = the next time: the guidance was distilled in (§3.4)
         velocity = lambda z, t, r: guided_velocity(  # noqa: E731
             model, z, t, c_str, c_sem, 1.0, r=uses_r(model, r))
     else:            # restoration-oriented guidance (eq. 2)
         velocity = lambda z, t, r: guided_velocity(model, z, t, c_str, c_sem, guidance, alpha)  # noqa: E731
-    z0 = euler_sample(velocity, z1, timesteps(steps, schedule, shift))  # t: 1 → 0
+    z0 = euler_sample(velocity, z, timesteps(steps, schedule, shift, start))  # t: 1 → 0
     sr = codec.decode(z0).float()[..., :H, :W].add(1).div(2)           # [-1, 1] → [0, 1], padding cropped
     return color_fix_of(sr, lr_up, color_fix)
 
@@ -320,7 +333,7 @@ class VOSRPipeline:
     def __call__(self, lr, scale=4.0, steps=25, guidance=0.5, alpha=0.15, generator=None, tile=None,
                  tile_overlap=None, color_fix="none", schedule="uniform", shift=1.0, progress=False,
                  semantic_tiles="global", upscale="torch", tile_blend="linear", vae_tile=None, latent="mean",
-                 lapped="off", tile_shape="fit"):
+                 lapped="off", tile_shape="fit", start=1.0):
         """sample() with tiles: LR↑ → c_str (condition) → c_sem (tile_semantics) → z_0 (denoise) → SR (finish).
         tile, tile_overlap, vae_tile (the codec's; None: tile, 0: whole) in output pixels, see tile_sizes."""
         if scale <= 0:
@@ -342,7 +355,9 @@ class VOSRPipeline:
         sem_of = self.tile_semantics(lr_up, lt[0] * self.codec.factor, semantic_tiles)
         ref = lr_up if color_fix != "none" else None
         del lr_up                                                      # freed unless the colour fix needs it
-        z0 = self.denoise(c_str, sem_of, generator, timesteps(steps, schedule, shift), guidance, alpha,
+        if not 0 < start <= 1:
+            raise ValueError(f"start must be in (0, 1], got {start}")
+        z0 = self.denoise(c_str, sem_of, generator, timesteps(steps, schedule, shift, start), guidance, alpha,
                           lt, tile_blend, progress, lapped == "on")
         return self.finish(z0, (H, W), vae_tile, overlap, ref, color_fix)
 
@@ -376,8 +391,10 @@ class VOSRPipeline:
 
     def denoise(self, c_str, sem_of, generator, ts, guidance, alpha, latent_tiles, blend="linear", progress=False,
                 lapped=False):
-        """z_1 ~ N(0, I) drawn once for the whole latent → z_0 by guided Euler (eq. 2), the DiT on latent tiles."""
+        """z_1 ~ N(0, I) drawn once for the whole latent → z_0 by guided Euler (eq. 2), the DiT on latent tiles;
+        ts[0] < 1 starts from the noised LR↑ latent (start_latent)."""
         z1 = torch.randn(c_str.shape, generator=generator, dtype=torch.float32).to(self.device)
+        z1 = start_latent(c_str, z1, float(ts[0]))
         on_tile, (lt, lo, align) = self.tile_velocity(c_str, sem_of, guidance, alpha, lapped), latent_tiles
         total = (len(ts) - 1) * math.prod(len(tile_windows(n, lt, lo, align)) for n in c_str.shape[-2:])
         with tqdm(total=total, desc="steps × tiles", unit="tile", leave=False, delay=PROGRESS_AFTER,
@@ -512,7 +529,7 @@ def super_resolve(pipe: VOSRPipeline, lr: torch.Tensor, cfg: SampleConfig, progr
                 cfg.tile, cfg.tile_overlap, cfg.color_fix or "none", cfg.schedule, cfg.shift, progress=progress,
                 semantic_tiles=cfg.semantic_tiles, upscale=cfg.upscale or "torch",
                 tile_blend=cfg.tile_blend or "linear", vae_tile=cfg.vae_tile, latent=cfg.latent,
-                lapped=cfg.lapped or "off", tile_shape=cfg.tile_shape)
+                lapped=cfg.lapped or "off", tile_shape=cfg.tile_shape, start=cfg.start or 1.0)
 
 
 class Tally:
@@ -578,7 +595,7 @@ def run_batch(cfg: SampleConfig, tally: Tally) -> int:
     dtype = dtypes.name_of(pipe.dtype)
     print(f"sample.py: {cfg.ckpt} ({run['preset']}, {'student' if pipe.student else 'teacher'}, "
           f"{cfg.steps} step(s), guidance {cfg.guidance:g}, colour fix {cfg.color_fix}, upscale {cfg.upscale}, "
-          f"tile blend {cfg.tile_blend}, lapped {cfg.lapped}), {len(todo)} image(s) → {cfg.output}"
+          f"tile blend {cfg.tile_blend}, lapped {cfg.lapped}, start {cfg.start:g}), {len(todo)} image(s) → {cfg.output}"
           f"{f' ({len(kept)} kept from before)' if kept else ''}")
     print(f"sample.py: device {pipe.device}, dtype {dtype} (the default on {pipe.device.type}: "
           f"{dtypes.default_dtype(pipe.device)}, docs/precision.md)")

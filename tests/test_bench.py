@@ -129,13 +129,13 @@ def test_stage_timer_accumulates():
 
 def test_bench_times_the_shipped_checkpoints(tmp_path, capsys):
     out = tmp_path / "s.json"
-    assert bench_sample.main(["--case", "checkpoints/vosr-small-demo 24x16 --tile 64", "--case",
-                              "checkpoints/vosr-small-demo 24x16 --tile 0", "--repeats", "2", "--bench-json", str(out)]) == 0
+    assert bench_sample.main(["--case", "checkpoints/vosr-small-photo 24x16 --tile 64", "--case",
+                              "checkpoints/vosr-small-photo 24x16 --tile 0", "--repeats", "2", "--bench-json", str(out)]) == 0
     row, whole = json.loads(out.read_text())
-    assert (whole["tile"], whole["tiles"]) == (104, 1)                    # --tile 0: one window
+    assert (whole["tile"], whole["tiles"]) == (100, 1)                    # --tile 0: one window
     assert (row["lr"], row["sr"], row["steps"], row["tile"]) == ("24×16", "96×64", 1, 64)
-    # 96×64 px = 12×8 tokens of 8 px; 64-px tiles of 8 tokens, overlap 1 token: 2 × 1 windows
-    assert row["tiles"] == len(sample.tile_windows(12, 8, 1, 1)) * len(sample.tile_windows(8, 8, 1, 1)) == 2
+    # 96×64 px = 24×16 tokens of 4 px; 64-px tiles of 16 tokens, overlap 2 tokens: 2 × 1 windows
+    assert row["tiles"] == len(sample.tile_windows(24, 16, 2, 1)) * len(sample.tile_windows(16, 16, 2, 1)) == 2
     assert len(row["sample_s"]) == 2 and min(row["sample_s"]) > 0
     printed = capsys.readouterr().out
-    assert "python sample.py --ckpt checkpoints/vosr-small-demo -i LR.png -o SR.png --tile 64" in printed
+    assert "python sample.py --ckpt checkpoints/vosr-small-photo -i LR.png -o SR.png --tile 64" in printed

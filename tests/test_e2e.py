@@ -21,9 +21,9 @@ from tests.test_robustness import cli
 from tests.test_teacher import make_photos
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO, TEACHER = ROOT / "checkpoints" / "vosr-small-demo", ROOT / "checkpoints" / "vosr-small-teacher"
+TEACHER = ROOT / "checkpoints" / "vosr-small-teacher"          # the bicubic teacher
 REALWORLD = ROOT / "checkpoints" / "vosr-small-realworld"      # the real-world teacher
-REALWORLD_OS = ROOT / "checkpoints" / "vosr-small-realworld-os"  # its one-step student: sample.py's default
+PHOTO = ROOT / "checkpoints" / "vosr-small-photo"              # the mixed-degradation student: the default
 
 
 def run(*args):
@@ -143,8 +143,8 @@ def downscale_x4(u8):
     return to_u8(F.interpolate(from_u8(u8), scale_factor=0.25, mode="bicubic", align_corners=False, antialias=True))
 
 
-SHIPPED = [pytest.param(DEMO, [], id="demo"), pytest.param(TEACHER, ["--steps", "1"], id="teacher-1-step"),
-           pytest.param(REALWORLD, [], id="realworld"), pytest.param(REALWORLD_OS, [], id="realworld-os")]
+SHIPPED = [pytest.param(PHOTO, [], id="photo"), pytest.param(TEACHER, ["--steps", "1"], id="teacher-1-step"),
+           pytest.param(REALWORLD, [], id="realworld")]
 
 
 @pytest.mark.parametrize("ckpt,flags", SHIPPED)
@@ -165,7 +165,7 @@ def test_shipped_model_output_comes_from_its_weights(ckpt, flags):
 
 def test_shipped_models_beat_bicubic_on_the_readme_metric(tmp_path):
     """sample.py then evaluate.py on 3 made-up 128² photos (×4 bicubic LR), each model against bicubic.
-    README: the demo is sharper than bicubic by LPIPS but below it in PSNR. The teacher's README claim is PSNR
+    README: the default keeps bicubic's PSNR within 0.5 dB and is sharper by LPIPS. The teacher's README claim is PSNR
     above bicubic at --steps 1; on these images it holds on some (these three: +0.4 dB) and not on others
     (12 seeds: mean -0.02 dB), so this test asks it not to lose more than 0.5 dB, and to beat bicubic by LPIPS,
     which it does on every one of the 12 (by 0.09 on average)."""
@@ -178,19 +178,19 @@ def test_shipped_models_beat_bicubic_on_the_readme_metric(tmp_path):
         lr = downscale_x4(hr)
         for d, img in (("hr", hr), ("lr", lr), ("bicubic", bicubic_x4(lr))):
             Image.fromarray(img).save(dirs[d] / f"img{seed}.png")
-    assert sample.main(["--ckpt", str(DEMO), "-i", str(dirs["lr"]), "-o", str(tmp_path / "demo"), "--device", "cpu"]) == 0
+    assert sample.main(["-i", str(dirs["lr"]), "-o", str(tmp_path / "photo"), "--device", "cpu"]) == 0
     assert sample.main(["--ckpt", str(TEACHER), "-i", str(dirs["lr"]), "-o", str(tmp_path / "teacher"),
                         "--steps", "1", "--device", "cpu"]) == 0
     mean = {}
-    for name in ("bicubic", "demo", "teacher"):
+    for name in ("bicubic", "photo", "teacher"):
         out_csv = tmp_path / f"{name}.csv"
         assert evaluate.main(["--sr", str(tmp_path / name), "--hr", str(dirs["hr"]), "--metrics", "psnr,lpips",
                               "--csv", str(out_csv), "--device", "cpu"]) == 0
         rows = list(csv.DictReader(open(out_csv)))
         assert [r["image"] for r in rows] == ["img0", "img1", "img2", "mean"]
         mean[name] = {m: float(rows[-1][m]) for m in ("psnr", "lpips")}
-    bic, demo, teacher = mean["bicubic"], mean["demo"], mean["teacher"]
-    assert demo["lpips"] < bic["lpips"] - 0.02 and demo["psnr"] < bic["psnr"]
+    bic, photo, teacher = mean["bicubic"], mean["photo"], mean["teacher"]
+    assert photo["lpips"] < bic["lpips"] - 0.05 and photo["psnr"] > bic["psnr"] - 0.5
     assert teacher["lpips"] < bic["lpips"] - 0.05 and teacher["psnr"] > bic["psnr"] - 0.5
 
 
@@ -223,4 +223,4 @@ def test_default_model_restores_real_world_degradation_without_a_block_grid(tmp_
     assert sum(ratios) / 3 < 1.2, ratios
 
 
-LPIPS_GAIN = 0.05   # measured on these three: 0.628 against bicubic's 0.780 (README §2: 0.563 vs 0.845 on real photos)
+LPIPS_GAIN = 0.05   # on these three the default scored 0.640 against bicubic's 0.780

@@ -769,7 +769,7 @@ def test_run_dir_semantic_layer_from_config(tmp_path):
 
 # ----------------------------------------------------------------------------- sample.py flags: one line each
 
-DEMO = str(ROOT / "checkpoints" / "vosr-small-demo")   # the one-step demo student: 64-pixel crop, 8-pixel latents
+PHOTO = str(ROOT / "checkpoints" / "vosr-small-photo")   # the default one-step student: 64-pixel crop, 4-pixel latents
 
 
 @pytest.fixture(scope="module")
@@ -805,17 +805,17 @@ def test_cuda_device_without_cuda_is_one_line(lr_folder, tmp_path, capsys):
 
 
 def test_tile_the_model_cannot_use(lr_folder, tmp_path, capsys):
-    """The demo model (64-pixel training crop, 8-pixel patches): --tile 7 is refused, --tile 60 is rounded
-    down to 56 with a note (as VOSRPipeline.tile_sizes rounds), an overlap of half the default tile (128, its
-    config.json's sampler_defaults) is refused."""
+    """The default model (64-pixel training crop, 4-pixel patches): --tile 7 is refused, --tile 62 is
+    rounded down to 60 with a note (as VOSRPipeline.tile_sizes rounds), an overlap of half the default
+    tile (64, its training crop) is refused."""
     out = tmp_path / "o"
-    err = one_line_error(capsys, ["--ckpt", DEMO, "-i", str(lr_folder), "-o", str(out), "--tile", "7", "--device", "cpu"])
+    err = one_line_error(capsys, ["--ckpt", PHOTO, "-i", str(lr_folder), "-o", str(out), "--tile", "7", "--device", "cpu"])
     assert "--tile 7: too small" in err and "at least 32" in err
-    err = one_line_error(capsys, ["--ckpt", DEMO, "-i", str(lr_folder), "-o", str(out), "--tile-overlap", "64",
+    err = one_line_error(capsys, ["--ckpt", PHOTO, "-i", str(lr_folder), "-o", str(out), "--tile-overlap", "32",
                                   "--device", "cpu"])
-    assert "--tile-overlap 64" in err and "128-pixel tile" in err
-    assert sample.main(["--ckpt", DEMO, "-i", str(lr_folder), "-o", str(out), "--tile", "60", "--device", "cpu"]) == 0
-    assert "--tile 60 rounded down to 56" in capsys.readouterr().out
+    assert "--tile-overlap 32" in err and "64-pixel tile" in err
+    assert sample.main(["--ckpt", PHOTO, "-i", str(lr_folder), "-o", str(out), "--tile", "62", "--device", "cpu"]) == 0
+    assert "--tile 62 rounded down to 60" in capsys.readouterr().out
     assert Image.open(out / "a.png").size == (96, 80)
 
 
@@ -840,7 +840,7 @@ def test_ckpt_file_of_a_run_dir_uses_the_run_dir(tmp_path, lr_folder, capsys):
     import shutil
     from safetensors.torch import load_file
     run = tmp_path / "run"
-    shutil.copytree(DEMO, run)
+    shutil.copytree(PHOTO, run)
     ema = load_file(str(run / "ema.safetensors"))
     save_file({**{k: v + 1 for k, v in ema.items()}, **{f"ema.{k}": v for k, v in ema.items()},
                "opt.step": torch.zeros(1)}, str(run / "ckpt.safetensors"))
@@ -864,7 +864,7 @@ def test_one_pixel_colour_fix_is_the_lr_colour(tmp_path, capsys, recwarn, fix):
     each colour fix gives the LR↑'s colour (one pixel is all low frequency), no NaN, no warning."""
     (tmp_path / "in").mkdir()
     Image.new("RGB", (1, 1), (200, 40, 90)).save(tmp_path / "in" / "p.png")
-    code = sample.main(["--ckpt", DEMO, "-i", str(tmp_path / "in"), "-o", str(tmp_path / "o"),
+    code = sample.main(["--ckpt", PHOTO, "-i", str(tmp_path / "in"), "-o", str(tmp_path / "o"),
                         "--scale", "1", "--color-fix", fix, "--device", "cpu"])
     assert code == 0, capsys.readouterr().err
     got = np.asarray(Image.open(tmp_path / "o" / "p.png")).astype(int)
@@ -887,10 +887,10 @@ def test_user_errors_through_the_real_cli(tmp_path, lr_folder):
 def test_progress_bar_over_steps_and_tiles(lr_folder, tmp_path, capsys, monkeypatch):
     """An image that takes long shows a bar over steps × tiles, and its time; the run ends with s per image."""
     monkeypatch.setattr(sample, "PROGRESS_AFTER", 0.0)
-    assert sample.main(["--ckpt", DEMO, "-i", str(lr_folder), "-o", str(tmp_path / "o"), "--tile", "48",
+    assert sample.main(["--ckpt", PHOTO, "-i", str(lr_folder), "-o", str(tmp_path / "o"), "--tile", "48",
                         "--tile-overlap", "16", "--steps", "2", "--device", "cpu"]) == 0
     captured = capsys.readouterr()
-    tiles = len(sample.tile_windows(10, 6, 2, 1)) * len(sample.tile_windows(12, 6, 2, 1))   # 80×96 px, 8-px latents
+    tiles = len(sample.tile_windows(20, 12, 4, 1)) * len(sample.tile_windows(24, 12, 4, 1))  # 80×96 px, 4-px latents
     assert tiles > 1 and f"0/{2 * tiles}" in captured.err and "steps × tiles" in captured.err
     assert "s per image" in captured.out and f"{tmp_path / 'o' / 'a.png'} (96×80) in " in captured.out
 

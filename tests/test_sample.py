@@ -48,6 +48,30 @@ def test_timestep_shift():
         assert torch.allclose(back.float(), sample.timesteps(9, sch), atol=1e-6)
     with pytest.raises(ValueError, match="shift"):
         sample.timesteps(4, "uniform", 0.0)
+    # start (ours): the schedule scaled to begin there, by hand
+    assert torch.allclose(sample.timesteps(4, start=0.5), torch.tensor([0.5, 0.375, 0.25, 0.125, 0]))
+
+
+def test_start_below_one_refines_the_noised_upscale():
+    """start t0 < 1 (ours, SDEdit-style): one student step from z_t0 = (1 − t0)·c_str + t0·z_1 to 0,
+    against the same step written out by hand; start 1 is the paper's draw from noise."""
+    codec = vae.PixelCodec()
+    model = tiny_dit(codec.channels, with_r=True)
+    lr = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    pipe = sample.VOSRPipeline(model, codec, None, student=True)
+    got = pipe(lr, 4.0, steps=1, generator=torch.Generator().manual_seed(0), tile=0, start=0.4)
+    c_str = torch.nn.functional.interpolate(lr, size=(32, 32), mode="bicubic").clamp(0, 1) * 2 - 1
+    c_str = torch.nn.functional.pixel_unshuffle(c_str, 8)            # the pixel codec: 8×8 blocks
+    z1 = torch.randn(c_str.shape, generator=torch.Generator().manual_seed(0))
+    z = 0.6 * c_str + 0.4 * z1
+    with torch.no_grad():
+        v = model(torch.cat([c_str, z], 1), torch.full((1,), 0.4), None, torch.zeros(1))
+    want = torch.nn.functional.pixel_shuffle(z - 0.4 * v, 8).add(1).div(2).clamp(0, 1)
+    assert torch.allclose(got, want, atol=1e-5)
+    paper = pipe(lr, 4.0, steps=1, generator=torch.Generator().manual_seed(0), tile=0)
+    assert (paper - got).abs().mean() > 0.01
+    with pytest.raises(ValueError, match="start"):
+        pipe(lr, 4.0, steps=1, tile=0, start=0.0)
 
 
 @pytest.mark.parametrize("flag,value", [("--scale", "0"), ("--shift", "-1"), ("--tile", "-1"), ("--tile-overlap", "-1")])
@@ -127,7 +151,7 @@ def test_untiled_pipeline_is_the_plain_sample(student):
     model = tiny_dit(vae.PixelCodec().channels, enc_dim=semantic.dim, with_r=student)
     lr = torch.rand(1, 3, 7, 9, generator=torch.Generator().manual_seed(3))  # ×4 = 28×36: padded to 32×48
     kw = dict(steps=3, guidance=0.3, alpha=0.2, schedule="cosine", shift=2.0, upscale="pil", latent="sample",
-              color_fix="adain")
+              color_fix="adain", start=0.7)
     want = sample.sample(model, vae.PixelCodec(), semantic, lr, 4.0, generator=torch.Generator().manual_seed(0),
                          student=student, **kw)
     pipe = sample.VOSRPipeline(model, vae.PixelCodec(), semantic, student)
@@ -204,7 +228,7 @@ def test_run_with_the_4x4_pixel_codec_samples(tmp_path, monkeypatch):
     monkeypatch.setattr(sample, "timesteps", lambda *a: seen.append(a) or real(*a))
     assert sample.main(["--ckpt", str(run), "-i", str(lr_dir), "-o", str(tmp_path / "shifted"), "--steps", "3",
                         "--schedule", "cosine", "--shift", "2.5", "--device", "cpu"]) == 0
-    assert seen == [(3, "cosine", 2.5)]
+    assert seen == [(3, "cosine", 2.5, 1.0)]
 
 
 def test_shipped_default_model_runs(tmp_path, capsys):
@@ -253,8 +277,7 @@ def test_tile_default_is_read_from_the_checkpoint(tmp_path, capsys):
 
 
 # None: no sampler_defaults tile, the 64-pixel training crop
-SHIPPED_TILE = {"vosr-small-demo": 128, "vosr-small-teacher": None, "vosr-small-realworld": None,
-                "vosr-small-realworld-os": None}
+SHIPPED_TILE = {"vosr-small-photo": None, "vosr-small-teacher": None, "vosr-small-realworld": None}
 
 
 def replace_tile(cfg, tile):

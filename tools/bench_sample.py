@@ -142,7 +142,7 @@ def bench(preset="0.5B", size=512, batches=(1,), steps=(1,), dtypes=("fp32",), p
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = (  # (checkpoint, LR width × height, sample.py flags): the two shipped models at their target sizes
     ("checkpoints/vosr-small-teacher", (120, 80), ""),
-    ("checkpoints/vosr-small-demo", (480, 320), ""),
+    ("checkpoints/vosr-small-photo", (480, 320), ""),
 )
 
 

@@ -148,7 +148,8 @@ def build_parser(metric_names) -> CLIParser:
     cp.add_argument("--csv", help="also write the table of intervals here (default: none)")
     gr = sub.add_parser("grid", help="comparison grid: bicubic | SR folders | HR, with zoomed crops")
     gr.add_argument("--lr", required=True, help="folder of LR images")
-    gr.add_argument("--hr", required=True, help="folder of HR images")
+    gr.add_argument("--hr", help="folder of HR images (default: none: photos upscaled as they are, "
+                                 "no HR column; the first --sr folder gives the size)")
     gr.add_argument("--sr", type=column, action="append", default=[], metavar="NAME=DIR",
                     help="a column of SR images, repeatable (default: none, only bicubic and HR)")
     gr.add_argument("--images", help="comma list of image names (default: the first --n)")

@@ -1,6 +1,6 @@
 """Export a run's EMA weights (a teacher or a student) as fp16 + the config keys sample.py needs.
 
-    python tools/export.py RUN_DIR OUT_DIR [--note TEXT] [--overwrite]
+    python tools/export.py RUN_DIR OUT_DIR [--note TEXT] [--sampler-defaults JSON] [--overwrite]
 
 OUT_DIR gets ema.safetensors (fp16) and config.json: a small, shippable model that
 `sample.py --ckpt OUT_DIR` runs and `train_teacher.py --init OUT_DIR` can start from.
@@ -19,6 +19,7 @@ import vae
 
 from tools.cli import OneLineParser, run_script
 from tools.files import read_safetensors_header
+from tools.loading import SAMPLER_DEFAULTS
 from tools.runs import save_atomic, write_json
 
 NAME = "export.py"
@@ -29,7 +30,8 @@ EXPORT_KEYS = ("preset", "patch_size", "codec", "light_decoder", "semantic", "se
                "tile_blend", "size", "teacher", "method", "omega", "steps", "batch", "lr", "ema")
 
 
-def export_run(run_dir: str, out_dir: str, note: str = "", overwrite: bool = False) -> Path:
+def export_run(run_dir: str, out_dir: str, note: str = "", overwrite: bool = False,
+               sampler_defaults: dict | None = None) -> Path:
     """A run's EMA weights (teacher or student) as fp16 safetensors + the config keys sample.py needs: a
     small, shippable model, which train_teacher.py --init can also start from."""
     src, out = Path(run_dir), Path(out_dir)
@@ -54,6 +56,8 @@ def export_run(run_dir: str, out_dir: str, note: str = "", overwrite: bool = Fal
     save_atomic(state, out / "ema.safetensors")
     # unset (None) values are left out: sample.py's default stands in for them (α: 0.15)
     keep = {k: conf[k] for k in EXPORT_KEYS if conf.get(k) is not None} | ({"note": note} if note else {})
+    if sampler_defaults:              # the settings sample.py uses for this model unless given
+        keep["sampler_defaults"] = sampler_defaults
     write_json(keep, out / "config.json")
     return out
 
@@ -63,9 +67,19 @@ def main(argv=None) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run dir of train_teacher.py or distill.py")
     p.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write (ema.safetensors, config.json)")
     p.add_argument("--note", default="", help="a line saved in config.json, e.g. what the model is")
+    p.add_argument("--sampler-defaults", default=None, metavar="JSON",
+                   help="the sample.py settings this model runs with unless given, a JSON object of "
+                        f"some of {', '.join(SAMPLER_DEFAULTS)}, e.g. '{{\"lapped\": \"on\"}}' "
+                        "(default: none)")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in OUT_DIR")
     a = p.parse_args(argv)
-    out = export_run(a.run_dir, a.out_dir, a.note, a.overwrite)
+    try:
+        defaults = json.loads(a.sampler_defaults) if a.sampler_defaults else None
+    except json.JSONDecodeError as e:
+        p.error(f"argument --sampler-defaults: not JSON ({e})")
+    if defaults is not None and (not isinstance(defaults, dict) or not set(defaults) <= set(SAMPLER_DEFAULTS)):
+        p.error(f"argument --sampler-defaults: a JSON object of some of {', '.join(SAMPLER_DEFAULTS)}")
+    out = export_run(a.run_dir, a.out_dir, a.note, a.overwrite, defaults)
     print(f"{NAME}: wrote {out}/ema.safetensors ({(out / 'ema.safetensors').stat().st_size / 1e6:.1f} MB, fp16)")
 
 

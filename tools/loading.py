@@ -16,9 +16,10 @@ import vae
 from tools import release
 from tools.files import read_safetensors_header
 
-DEFAULT_CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "vosr-small-realworld-os"  # sample.py without --ckpt
+DEFAULT_CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "vosr-small-photo"  # sample.py without --ckpt
 # what a run dir's config.json "sampler_defaults" may set (ours)
-SAMPLER_DEFAULTS = ("steps", "alpha", "tile", "tile_overlap", "color_fix", "upscale", "tile_blend", "vae_tile", "lapped")
+SAMPLER_DEFAULTS = ("steps", "alpha", "tile", "tile_overlap", "color_fix", "upscale", "tile_blend", "vae_tile", "lapped",
+                    "start")
 RUN_WEIGHTS = {"ema.safetensors": "the EMA weights", "ckpt.safetensors": "the training state"}
 RELEASE_CONVENTIONS = dict(color_fix="adain", upscale="pil", tile_blend="gaussian")   # the release's scripts
 RELEASE_FILES = {  # ae_type / enc_type → (file beside the model folder, what it is, the flag that replaces it)
@@ -103,7 +104,8 @@ def checkpoint_defaults(cfg, pipe, run: dict, note=print):
     alpha = cfg.alpha if cfg.alpha is not None else run.get("alpha", 0.0 if run.get("mode") == "cfg" else 0.15)
     return replace(cfg, steps=steps, alpha=alpha, color_fix=cfg.color_fix or run.get("color_fix", "none"),
                    upscale=cfg.upscale or run.get("upscale", "pil" if run.get("resize_back") == "release" else "torch"),
-                   tile_blend=cfg.tile_blend or run.get("tile_blend", "linear"), lapped=cfg.lapped or "off")
+                   tile_blend=cfg.tile_blend or run.get("tile_blend", "linear"), lapped=cfg.lapped or "off",
+                   start=cfg.start if cfg.start is not None else 1.0)
 
 
 def release_folder_of(weights: Path) -> Path | None:

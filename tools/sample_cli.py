@@ -45,6 +45,7 @@ class SampleConfig:
     latent: str = "mean"             # mean | sample: c_str from the codec posterior's mean or a sample
     schedule: str = "uniform"        # uniform | cosine
     shift: float = 1.0               # (ours) SD3 time shift of the schedule; > 1: larger last steps
+    start: float | None = None       # (ours) first time of the sampler; < 1 starts from the noised LR↑
     device: str = "cuda" if torch.cuda.is_available() else "cpu"   # --device auto resolves to it
     dtype: str | None = None         # fp32 | bf16 | fp16; None: dtypes.default_dtype
     bf16: bool = False               # --bf16: the same as dtype "bf16"
@@ -112,6 +113,10 @@ SAMPLER_FLAGS = {  # SampleConfig field → (argparse type, or a tuple of choice
     "shift": (number(float, 0, low_open=True), "time shift σ of the schedule, above 0, t ← σt / (1 + (σ − 1)t) "
               "(SD3); 1 = none; σ > 1 ends on larger steps, which follow the model's mean: higher PSNR, softer "
               "detail (default: {d.shift:g})"),
+    "start": (number(float, 0, 1, low_open=True), "(ours) fidelity: the time the sampler starts at, in "
+              "(0, 1]; 1 starts from noise (the paper); below 1 from the upscaled LR noised to that "
+              "time (SDEdit-style), so lower keeps more of the input and invents less (default: the "
+              "run dir's config.json sampler_defaults, 0.4 for the shipped default model; 1 otherwise)"),
 }
 
 
