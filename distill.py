@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import dit
 import vae
 import train_teacher as tt
-from tools import cli, release, runs
+from tools import cli, runs
 from train_teacher import TrainConfig, build_conditions, draw_teacher, interpolate
 
 
@@ -217,12 +217,12 @@ def build_student(cfg: DistillConfig, tconf: dict, weights: Path, device):
               patch_size=tconf.get("patch_size", 2))
     teacher = dit.build(cfg.preset, **kw)
     try:
-        release.load_release_checkpoint(teacher, weights)
+        dit.load_release_checkpoint(teacher, weights)
     except ValueError as e:  # missing keys, another preset: the loader names the key and the file
         raise SystemExit(f"{NAME}: --teacher {cfg.teacher}: {e}") from None
     teacher = teacher.to(device).requires_grad_(False).eval()
     student = dit.build(cfg.preset, with_r=True, grad_ckpt=cfg.grad_ckpt, **kw)
-    release.load_release_checkpoint(student, weights)  # r_embedder stays at its init: f(·, t, t) = teacher
+    dit.load_release_checkpoint(student, weights)  # r_embedder stays at its init: f(·, t, t) = teacher
     ema = dit.build(cfg.preset, with_r=True, **kw)
     ema.load_state_dict(student.state_dict())
     return codec, semantic, teacher, student.to(device), ema.to(device).requires_grad_(False).eval()

@@ -14,7 +14,7 @@ SwiGLU MLP. Time conditioning is "adaLN-single" (PixArt-alpha): one shared Linea
 learnable (6, d) table per block.
 
 Module and parameter names equal the released checkpoints' state-dict keys
-(release_keys_0.5B.txt), so tools/release.py's `load_release_checkpoint` needs no key map and `save_checkpoint`
+(release_keys_0.5B.txt), so `load_release_checkpoint` (below) needs no key map and `save_checkpoint`
 writes files in the release layout: ours and theirs are interchangeable.
 
 Initialisation (DiT / PixArt): xavier-uniform linears with zero bias; the patch embed as a
@@ -24,6 +24,7 @@ randn(6, d) / sqrt(d) (PixArt's choice): the gates are then non-zero, so every b
 receives gradient on the first step while the output is still zero.
 """
 import math
+import os
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tools.files import atomic_path
+from tools.release import RELEASE_ARCH_FLAGS
 
 
 @dataclass
@@ -409,7 +411,6 @@ def from_checkpoint(cfg: DiTConfig, path: str) -> VOSRDiT:
             for lin in (model.r_embedder.mlp[0], model.r_embedder.mlp[2]):
                 nn.init.normal_(lin.weight, std=0.02)
                 nn.init.zeros_(lin.bias)
-    from tools.release import load_release_checkpoint   # (tools.release imports this module)
     load_release_checkpoint(model, path)
     return model
 
@@ -441,3 +442,78 @@ def save_checkpoint(model: VOSRDiT, path: str, metadata: dict | None = None):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=meta)
+
+
+# ----------------------------------------------------------------------------- the official release's weights
+
+def release_config(args: dict, latent_channels: int, enc_dim: int, with_r: bool, sem_hidden: int = 0) -> DiTConfig:
+    """The DiTConfig of a released model from its args.json (the official release's training arguments).
+
+    dim/depth/num_heads/patch_size/mlp_ratio give the shape; the RoPE reference grid is the training crop
+    `resolution` / 8 (VAE factor) / patch_size (32 for the released 512² models). Raises ValueError naming
+    the key when args.json asks for an architecture variant this module does not implement."""
+    for key in ("dim", "depth", "num_heads"):
+        if not isinstance(args.get(key), int):
+            raise ValueError(f"args.json: '{key}' missing or not an integer (got {args.get(key)!r})")
+    for key, ours in RELEASE_ARCH_FLAGS.items():
+        if key in args and bool(args[key]) != ours:
+            raise ValueError(f"args.json: {key}={args[key]!r} is not supported (this DiT implements {key}={ours})")
+    patch = int(args.get("patch_size", 2))
+    shape = dict(dim=args["dim"], depth=args["depth"], num_heads=args["num_heads"])
+    preset = next((name for name, p in PRESETS.items() if p == shape), "custom")
+    return DiTConfig(**shape, latent_channels=latent_channels, enc_dim=enc_dim, patch_size=patch,
+                     train_grid=int(args.get("resolution", 512)) // 8 // patch,
+                     mlp_ratio=float(args.get("mlp_ratio", 4.0)), with_r=with_r, sem_hidden=sem_hidden,
+                     preset=preset)
+
+
+SEMANTIC_INPUT = ("layer_norm.", "mlp_ca.fc1.")  # the layers whose shape follows the semantic width enc_dim
+
+
+def load_release_checkpoint(model: VOSRDiT, path: str, own_rope: bool = False,
+                            new_semantic: bool = False) -> list[str]:
+    """Load a released VOSR (or our own) .safetensors strictly; returns the missing keys.
+
+    Only r_embedder.* may be missing (a teacher loaded into a student: it stays at its init, and
+    contributes nothing at r = t). Any other missing key, any unexpected key, or a shape mismatch
+    raises an error naming the key, both shapes and the file. The file's RoPE tables are checked
+    against ours, which verifies the position convention of the release's 2-D RoPE; own_rope=True keeps the model's
+    tables instead (training on from weights of another crop size: stage 2 from stage 1). new_semantic=True
+    (ours: a fine-tune onto another semantic encoder) keeps the model's SEMANTIC_INPUT layers at their init
+    when the file's enc_dim differs; everything else still loads strictly.
+    """
+    from safetensors.torch import load_file
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    state, own = load_file(path, device="cpu"), model.state_dict()
+    if own_rope:
+        state |= {k: v for k, v in own.items() if k.startswith("feat_rope.")}
+    width = state.get("layer_norm.weight", own["layer_norm.weight"]).shape
+    if new_semantic and width != own["layer_norm.weight"].shape:
+        state = {k: v for k, v in state.items() if not k.startswith(SEMANTIC_INPUT)}
+    unexpected = [k for k in state if k not in own]
+    if unexpected:
+        student = unexpected[0].startswith("r_embedder.")
+        hint = " (a student checkpoint: build the model with with_r=True)" if student else ""
+        raise ValueError(f"{path}: unexpected key {unexpected[0]!r}{hint}; {len(unexpected)} unexpected in all")
+    for k, v in own.items():  # model order, so the first mismatch reported is the earliest layer
+        if k in state and tuple(state[k].shape) != tuple(v.shape):
+            raise ValueError(f"{path}: shape mismatch at {k!r}: checkpoint {tuple(state[k].shape)} vs model "
+                             f"{tuple(v.shape)} (check preset, latent_channels, enc_dim, train_grid)")
+    missing = [k for k in own if k not in state]
+    fresh = ("r_embedder.",) + (SEMANTIC_INPUT if new_semantic else ())
+    bad = [k for k in missing if not k.startswith(fresh)]
+    if bad:
+        raise ValueError(f"{path}: missing key {bad[0]!r}; {len(bad)} missing in all")
+    for name in ("freqs_cos", "freqs_sin"):
+        ours = getattr(model.feat_rope, name).float().cpu()
+        theirs = state[f"feat_rope.{name}"].float()
+        tol = 1e-4 if state[f"feat_rope.{name}"].dtype == torch.float32 else 1e-2
+        err = (ours - theirs).abs().max().item()
+        if err > tol:
+            raise ValueError(f"{path}: feat_rope.{name} differs from our RoPE tables by {err:.3g} "
+                             f"(different position convention or train_grid)")
+    model.load_state_dict(state, strict=False)  # strictness checked above; dtypes are cast on copy
+    if missing:
+        print(f"load_release_checkpoint: {path} has no {', '.join(missing)}: kept at init")
+    return missing

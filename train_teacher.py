@@ -45,7 +45,8 @@ import degrade
 import dit
 import vae
 from sample import VOSRPipeline
-from tools import cli, files, runs
+from tools import cli, files, runs, shards
+from tools.crops import random_crop, step_generator
 
 NAME = "train_teacher.py"
 
@@ -245,7 +246,7 @@ def train(cfg: TrainConfig, changes=()) -> dict:
             torch.manual_seed(cfg.seed)  # the same init on every rank
             codec, semantic, model, ema = build_models(cfg, env[2])
             if cfg.init and not (cfg.resume and (Path(cfg.out) / "ckpt.safetensors").exists()):
-                runs.init_weights(cfg.init, model, ema)
+                init_weights(cfg.init, model, ema)
             run = Run(cfg, model, ema, codec, semantic, env, crops, changes=changes, stop=stop)
             for step in run.steps():
                 # draw → condition → loss, and its gradient
@@ -267,6 +268,43 @@ def ema_update(ema, model, decay: float):
     """EMA ← decay·EMA + (1 − decay)·model, in place."""
     for pe, pm in zip(ema.parameters(), model.parameters()):
         pe.lerp_(pm.detach().to(pe.dtype), 1 - decay)
+
+
+def init_weights(path: str, model, ema, name: str = "train_teacher.py") -> None:
+    """--init: model and EMA both start from the EMA weights of a run dir (its ema.safetensors) or of a
+    weights file in the release layout; the RoPE tables follow this run's crop (stage 2 from stage 1). From a
+    teacher of another semantic encoder (ours), the semantic projection's input layers start fresh."""
+    f = Path(path) / "ema.safetensors" if Path(path).is_dir() else Path(path)
+    if not f.is_file():
+        raise SystemExit(f"{name}: --init {path}: {f} not found")
+    try:
+        keys, _ = files.read_safetensors_header(f)
+    except ValueError as e:  # empty, truncated, not safetensors: the message names the file
+        raise SystemExit(f"{name}: --init {path}: {e}") from None
+    if any(k.startswith("r_embedder.") for k in keys):
+        raise SystemExit(f"{name}: --init {path}: {f} is a distilled student, not a teacher (it has an r embedder)")
+    try:
+        dit.load_release_checkpoint(model, str(f), own_rope=True, new_semantic=True)
+    except ValueError as e:  # another preset or codec: the loader names the key
+        raise SystemExit(f"{name}: --init {path} does not fit this model: {e}") from None
+    ema.load_state_dict(model.state_dict())
+    print(f"{name}: weights from {f}")
+
+
+def write_run_config(cfg, run: Path, model, semantic, changes=()):
+    """config.json: the resolved training config plus what sample.py needs to rebuild the model, and
+    the list of values each --resume changed (appended to the run's earlier ones)."""
+    conf = dataclasses.asdict(cfg) | {"train_grid": model.train_grid, "enc_dim": model.enc_dim}
+    if semantic is not None and hasattr(semantic, "layer"):
+        conf["semantic_layer"] = semantic.layer  # the encoder block c_sem is read from
+    if semantic is not None and cfg.semantic.startswith("random"):
+        vae.save_semantic(semantic, run / "semantic.safetensors")  # random init travels with the run
+        conf["semantic"] = "semantic.safetensors"
+    old = run / "config.json"
+    earlier = json.loads(old.read_text()).get("changes", []) if cfg.resume and old.is_file() else []
+    if earlier or changes:
+        conf["changes"] = earlier + list(changes)
+    runs.write_json(conf, run / "config.json")
 
 
 class Run:
@@ -293,7 +331,7 @@ class Run:
                                      fused=device.type == "cuda")  # one kernel for all parameters
         self.start = runs.resume(ckpt, model, ema, self.opt, cfg, rank, name)
         if rank == 0:
-            runs.write_run_config(cfg, self.dir, model, semantic, [c | {"step": self.start} for c in changes])
+            write_run_config(cfg, self.dir, model, semantic, [c | {"step": self.start} for c in changes])
         if cfg.compile:
             dit.compile_blocks(model)  # block by block: seconds to compile, not minutes
         self.net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
@@ -305,7 +343,6 @@ class Run:
                 crops, batch_size=self.micro, sampler=StepSampler(self.start, cfg.steps, cfg.batch, rank, world),
                 num_workers=cfg.workers, pin_memory=device.type == "cuda"))
         else:                           # streams: each continues where the checkpoint says it was
-            from tools import shards
             self.loader = shards.StreamLoader(cfg, rank, world, self.micro,
                                               shards.resume_streams(ckpt if resuming else None, world, cfg, name))
         self.logfile = open(self.dir / "log.jsonl", "a") if rank == 0 else None
@@ -465,11 +502,6 @@ def load_val(cfg: TrainConfig, device) -> torch.Tensor | None:
 
 # ----------------------------------------------------------------------------- data: a folder (streams: tools/shards)
 
-def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
-    """A CPU generator for one step's draws: the RNG state *is* (seed, step), so resume is exact."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 7919 + stream) % 2**63)
-
-
 class HRCrops(torch.utils.data.Dataset):
     """Sample i → a random crop (and flip) of a random image; the randomness is a function of i."""
 
@@ -535,20 +567,6 @@ class HRCrops(torch.utils.data.Dataset):
         return self.cache[k]
 
 
-def random_crop(img: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
-    """(3,H,W) → (3,size,size); images smaller than the crop are upscaled first."""
-    h, w = img.shape[-2:]
-    if min(h, w) < size:
-        s = size / min(h, w)
-        img = F.interpolate(img[None], size=(max(size, round(h * s)), max(size, round(w * s))),
-                            mode="bicubic", align_corners=False)[0].clamp(0, 1)
-        h, w = img.shape[-2:]
-    y = int(torch.randint(h - size + 1, (1,), generator=g))
-    x = int(torch.randint(w - size + 1, (1,), generator=g))
-    crop = img[:, y:y + size, x:x + size]
-    return crop.flip(-1) if torch.rand((), generator=g) < 0.5 else crop
-
-
 class StepSampler(torch.utils.data.Sampler):
     """Yields the global sample indices this rank consumes, from `start_step` on."""
 
@@ -568,7 +586,6 @@ class StepSampler(torch.utils.data.Sampler):
 def preflight(cfg, name: str = "train_teacher.py") -> HRCrops | list:
     """What a user can get wrong, checked before any model is built or file written: the run dir, the
     data. Returns the training data: an HRCrops, or the parsed sources of streamed data (tools/shards.py)."""
-    from tools import shards  # not at the top: it imports random_crop from here
     runs.check_run_dir(cfg, name)
     if shards.streamed(cfg.data):
         return shards.check_sources(cfg.data, name)

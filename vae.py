@@ -12,10 +12,11 @@ Codecs: encode(img in [-1,1], (B,3,H,W)) -> latent (B,channels,H/factor,W/factor
   FOLDER         a diffusers AutoencoderKL / AutoencoderKLQwenImage saved with save_pretrained, or the
                  official release's one-frame Qwen-Image-vae-2d/ folder
   FOLDER + file  same encoder, decoded by the lightweight SD2 decoder from a state dict or the release's
-                 sd21_lwdecoder.pth (the release's files are read by tools/release.py)
+                 sd21_lwdecoder.pth (load_light_decoder)
 Semantic encoder: load_semantic("none" | "random" | "random-b" | "random-l" | WEIGHTS_FILE
                                | "efficientnet-lite0" | "random-efficientnet-lite0").
 """
+import inspect
 import json
 import math
 import re
@@ -24,31 +25,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from tools.efficientnet import (block_stride, build_effnet_lite0, create_effnet_lite0, effnet_lite0_weights,
                                 effnet_state_dict, features, flat_blocks, is_effnet_state_dict)
-from tools.files import atomic_path, read_state_dict
+from tools.files import atomic_path, load_strict, read_state_dict
 
 # diffusers and timm are imported where a VAE folder, the light decoder or DINOv2 is built: together they
 # take ~4 s to import, which every CLI (and --help) would otherwise pay even with the pixel codec.
-
-
-def load_strict(module: nn.Module, sd: dict, path, prefix: str = "", assign: bool = True) -> None:
-    """Strict load with an error naming the file and the first bad key (`prefix` + name, as in the file).
-
-    assign=True (loaders here) also fills a module built on the meta device; training resumes with False,
-    so the optimiser keeps the parameters it holds."""
-    own = module.state_dict()
-    for k in own:
-        if k not in sd:
-            raise ValueError(f"{path}: missing key '{prefix}{k}' ({len(set(own) - set(sd))} missing in all)")
-    for k, v in sd.items():
-        if k not in own:
-            raise ValueError(f"{path}: unexpected key '{prefix}{k}' ({len(set(sd) - set(own))} unexpected in all)")
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise ValueError(f"{path}: key '{prefix}{k}' has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
-    module.load_state_dict(sd, strict=True, assign=assign)
 
 
 def _freeze(module: nn.Module) -> nn.Module:
@@ -186,7 +170,6 @@ def load_codec(spec: str, light_decoder: str | None = None, device="cpu", dtype=
         if factor not in (2, 4, 8, 16):
             raise ValueError(f"codec {spec!r}: the pixel codec's block side must be 2, 4, 8 or 16")
         return PixelCodec(factor).to(device)
-    from tools.release import load_light_decoder, load_qwen_2d   # (tools.release imports this module)
     folder = Path(spec)
     if not folder.is_dir():
         raise FileNotFoundError(f"codec folder not found: {folder} (give 'pixel', 'pixel4' or a diffusers VAE folder)")
@@ -224,7 +207,6 @@ SD21_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlo
 def random_sd_codec(latent_channels: int = 4, light_decoder: bool = True) -> DiffusersCodec:
     """An SD2.1-shaped VAE (and the release's light decoder) with random weights: a release's costs, no download."""
     from diffusers import AutoencoderKL
-    from tools.release import build_light_decoder
     vae = AutoencoderKL(**{**SD21_VAE, "latent_channels": latent_channels})
     return DiffusersCodec(vae, "random", build_light_decoder() if light_decoder else None)
 
@@ -232,6 +214,127 @@ def random_sd_codec(latent_channels: int = 4, light_decoder: bool = True) -> Dif
 def codec_spec_of(codec: Codec) -> dict:
     """What load_codec needs to rebuild this codec: {'codec': spec, 'light_decoder': path or None}."""
     return {"codec": codec.spec, "light_decoder": codec.light_decoder}
+
+
+# ----------------------------------------------------------------------------- the release's codec files
+
+LIGHT_DECODER = dict(in_channels=4, out_channels=3, block_out_channels=(64, 128, 256, 256), layers_per_block=2)
+
+
+def build_light_decoder(config: dict | None = None) -> nn.Module:
+    """The lightweight SD2 decoder of VOSR-0.5B (~12.4 M params with the default shape), randomly
+    initialised; its input is latent / scaling_factor. config: the shape keys of the release's
+    sd21_lwdecoder.pth (in_channels, out_channels, block_out_channels, layers_per_block)."""
+    from diffusers.models.autoencoders.vae import Decoder
+    c = {**LIGHT_DECODER, **(config or {})}
+    blocks = tuple(c["block_out_channels"])
+    return Decoder(in_channels=c["in_channels"], out_channels=c["out_channels"],
+                   up_block_types=("UpDecoderBlock2D",) * len(blocks), block_out_channels=blocks,
+                   layers_per_block=c["layers_per_block"], norm_num_groups=c.get("norm_num_groups", 32),
+                   act_fn="silu")
+
+
+def load_light_decoder(path) -> nn.Module:
+    """The light decoder from a released file, loaded strictly.
+
+    The release's sd21_lwdecoder.pth is a dict {"config": shape keys, "model_state_dict": weights} (the
+    official release's inference scripts build the decoder from that config); a flat state dict
+    (.safetensors or .pth) gets the default shape. A 'module.'/'decoder.' prefix on every key is stripped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"light decoder not found: {path}")
+    config = None
+    if path.suffix == ".safetensors":
+        sd = load_file(str(path))
+    else:
+        try:
+            raw = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:                      # truncated zip, not a pickle, a forbidden global, ...
+            raise ValueError(f"{path}: not a readable torch file ({str(e).splitlines()[0][:120]})") from None
+        if isinstance(raw, dict) and isinstance(raw.get("model_state_dict"), dict):
+            sd, config = raw["model_state_dict"], raw.get("config")
+            if config is not None and not isinstance(config, dict):
+                raise ValueError(f"{path}: 'config' is a {type(config).__name__}, expected a dict")
+            unknown = set(config or {}) - set(LIGHT_DECODER) - {"norm_num_groups"}
+            if unknown:
+                raise ValueError(f"{path}: unknown light-decoder config key(s) {sorted(unknown)}")
+        else:
+            sd = raw
+            for nest in ("model", "state_dict"):
+                if isinstance(sd, dict) and isinstance(sd.get(nest), dict):
+                    sd = sd[nest]
+        if not isinstance(sd, dict):
+            raise ValueError(f"{path}: not a state dict")
+    for prefix in ("module.", "decoder."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    with torch.device("meta"):  # skip the random init, every weight comes from the file
+        dec = build_light_decoder(config)
+    load_strict(dec, sd, path)
+    return _freeze(dec)
+
+
+# The official release's 2-D Qwen-Image VAE folder (config _class_name "AutoencoderKLQwenImage2D") holds
+# diffusers' AutoencoderKLQwenImage weights reduced to one frame: a causal 3-D conv kernel (O,I,3,k,k)
+# becomes its last temporal tap (O,I,k,k), an RMS-norm gamma (C,1,1,1) loses its time axis (C,1,1), and
+# the temporal up/down-sampling convs (time_conv) are dropped. For one frame that is exact: a causal conv
+# pads the time axis with zeros in front, so only the last tap ever meets the frame, and time_conv only
+# runs from the second frame on. We load such a folder into diffusers' class (the 2-D kernel in the last
+# tap, zeros in the others) and run it on (B, C, 1, H, W).
+
+def qwen_2d_to_3d(sd2d: dict, own: dict, path) -> dict:
+    """The 2-D folder's state dict in the shapes of diffusers' AutoencoderKLQwenImage state dict `own`.
+
+    Only the time_conv tensors may be absent (they get zeros: never used for one frame); any other missing
+    or unexpected key, or a shape that is not a reduction of diffusers' one, raises an error naming it."""
+    out = {}
+    for k, v in sd2d.items():
+        if k not in own:
+            raise ValueError(f"{path}: unexpected key '{k}' for AutoencoderKLQwenImage")
+        want = tuple(own[k].shape)
+        if tuple(v.shape) == want:
+            out[k] = v
+        elif k.endswith(".gamma") and want == (*v.shape, 1):                 # (C,1,1) -> (C,1,1,1)
+            out[k] = v.unsqueeze(-1)
+        elif v.ndim == 4 and len(want) == 5 and want[:2] + want[3:] == tuple(v.shape):
+            w = v.new_zeros(want)                                           # (O,I,T,k,k), zero taps
+            w[:, :, -1] = v                                                 # the tap that meets the frame
+            out[k] = w
+        else:
+            raise ValueError(f"{path}: key '{k}' has shape {tuple(v.shape)}, expected {want} "
+                             "(or its one-frame reduction)")
+    for k in own:
+        if k not in out:
+            if ".time_conv." not in k:
+                raise ValueError(f"{path}: missing key '{k}' ({len(set(own) - set(out))} missing in all)")
+            out[k] = torch.zeros(own[k].shape, dtype=own[k].dtype)
+    return out
+
+
+def load_qwen_2d(folder, dtype=torch.float32) -> nn.Module:
+    """diffusers' AutoencoderKLQwenImage with the weights of a 2-D folder (config.json + *.safetensors)."""
+    try:
+        from diffusers import AutoencoderKLQwenImage
+    except ImportError:
+        import diffusers
+        raise ValueError(f"{folder}: the Qwen-Image VAE needs diffusers >= 0.35 (installed "
+                         f"{diffusers.__version__})") from None
+    folder = Path(folder)
+    with open(folder / "config.json") as f:
+        conf = json.load(f)
+    params = inspect.signature(AutoencoderKLQwenImage.__init__).parameters
+    kwargs = {k: v for k, v in conf.items() if k in params and k != "self"}
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pth"))
+    if not files:
+        raise FileNotFoundError(f"no weights (*.safetensors, *.bin, *.pth) in {folder}")
+    sd = {}
+    for file in files:                              # one file, or the shards of one state dict
+        sd.update(read_state_dict(file))
+    with torch.device("meta"):
+        model = AutoencoderKLQwenImage(**kwargs)
+    path = files[0] if len(files) == 1 else folder
+    load_strict(model, qwen_2d_to_3d(sd, model.state_dict(), path), path)
+    return model if dtype == torch.float32 else model.to(dtype)  # (diffusers warns on any .to(dtype))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -440,7 +543,6 @@ def load_semantic(spec: str, image_size: int = 448, device="cpu", seed: int = 0,
     sd = read_state_dict(path)
     if isinstance(sd, dict) and is_effnet_state_dict(sd):
         return load_effnet_semantic(str(spec), image_size, layer, path=path).to(device, dtype)
-    from tools.release import dinov2_official_to_timm
     sd = dinov2_official_to_timm(sd)
     if "pos_embed" not in sd or "cls_token" not in sd:
         raise ValueError(f"{path}: not a DINOv2 state dict (no pos_embed/cls_token)")
@@ -452,6 +554,32 @@ def load_semantic(spec: str, image_size: int = 448, device="cpu", seed: int = 0,
         vit = build_dinov2(dim, depth=depth, reg_tokens=reg, img_size=14 * math.isqrt(n_pos))
     load_strict(vit, sd, path)
     return SemanticEncoder(vit, image_size, layer, spec=str(spec)).to(device, dtype)
+
+
+def dinov2_official_to_timm(sd: dict) -> dict:
+    """Map facebookresearch/dinov2 key names to timm's; timm-keyed dicts pass through unchanged.
+
+    Same in both: cls_token, pos_embed, patch_embed.proj.*, blocks.N.{norm1,attn.qkv,attn.proj,ls1.gamma,
+    norm2,mlp.fc1,mlp.fc2,ls2.gamma}.*, norm.*. Differences handled here:
+      mask_token                 (iBOT masking, unused at inference)      -> dropped
+      blocks.C.N.*               (block_chunks > 0 training checkpoints)  -> blocks.N.*
+      register_tokens            -> reg_token; pos_embed[:, 0] is folded into cls_token and removed from
+                                    pos_embed (timm's no_embed_class layout for registers)
+      head.*                     (a classifier head; never used)          -> dropped
+    """
+    out = {}
+    for k, v in sd.items():
+        if k == "mask_token" or k.startswith("head."):
+            continue
+        k = re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k)
+        if re.match(r"blocks\.\d+\.mlp\.w(12|3)\.", k):
+            raise ValueError("SwiGLU DINOv2 (ViT-g) weights are not supported; use ViT-S/B/L")
+        out[k] = v
+    if "register_tokens" in out:
+        out["reg_token"] = out.pop("register_tokens")
+        out["cls_token"] = out["cls_token"] + out["pos_embed"][:, :1]
+        out["pos_embed"] = out["pos_embed"][:, 1:]
+    return out
 
 
 def save_semantic(encoder: SemanticEncoder, path) -> None:

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dit  # noqa: E402
-from tools import release  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -284,16 +283,16 @@ def test_release_config_from_args_json():
     expected = dict(RELEASE_0_5B)
     for i in range(28):
         expected.update({f"blocks.{i}.{k}": s for k, s in RELEASE_BLOCK.items()})
-    conf = release.release_config(args, latent_channels=4, enc_dim=768, with_r=True, sem_hidden=3072)
+    conf = dit.release_config(args, latent_channels=4, enc_dim=768, with_r=True, sem_hidden=3072)
     assert (conf.preset, conf.train_grid) == ("0.5B", 32)
     with torch.device("meta"):
         got = {k: tuple(v.shape) for k, v in dit.VOSRDiT(conf).state_dict().items()}
     assert got == expected
     big_args = {**args, "dim": 1536, "depth": 36, "num_heads": 24, "resolution": 1024}
-    big = release.release_config(big_args, 16, 1024, False)
+    big = dit.release_config(big_args, 16, 1024, False)
     assert (big.preset, big.train_grid, big.latent_channels, big.enc_dim) == ("1.4B", 64, 16, 1024)
     with pytest.raises(ValueError, match="use_swiglu"):
-        release.release_config({**args, "use_swiglu": False}, 4, 768, False)
+        dit.release_config({**args, "use_swiglu": False}, 4, 768, False)
 
 
 def test_checkpoint_roundtrip_and_strict_errors(tmp_path):
@@ -304,7 +303,7 @@ def test_checkpoint_roundtrip_and_strict_errors(tmp_path):
     dit.save_checkpoint(student, path)
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
     fresh = dit.build("tiny", with_r=True, enc_dim=16, train_grid=8).eval()
-    assert release.load_release_checkpoint(fresh, path) == []
+    assert dit.load_release_checkpoint(fresh, path) == []
     x, t, c_sem = inputs(enc=16)
     with torch.no_grad():
         assert torch.equal(fresh(x, t, c_sem, r=t * 0.3), student(x, t, c_sem, r=t * 0.3))
@@ -314,37 +313,37 @@ def test_checkpoint_roundtrip_and_strict_errors(tmp_path):
     save_file({k: v for k, v in load_file(path).items() if not k.startswith("r_embedder.")}, teacher_path)
     fresh2 = dit.build("tiny", with_r=True, enc_dim=16, train_grid=8)
     r_init = fresh2.r_embedder.mlp[0].weight.clone()
-    missing = release.load_release_checkpoint(fresh2, teacher_path)
+    missing = dit.load_release_checkpoint(fresh2, teacher_path)
     assert sorted(missing) == sorted(k for k in student.state_dict() if k.startswith("r_embedder."))
     assert torch.equal(fresh2.r_embedder.mlp[0].weight, r_init)
     assert torch.equal(fresh2.t_block[1].weight, student.t_block[1].weight)
 
     # a student file into a teacher model: unexpected keys
     with pytest.raises(ValueError, match=r"unexpected key .r_embedder\.mlp.*with_r=True"):
-        release.load_release_checkpoint(dit.build("tiny", enc_dim=16, train_grid=8), path)
+        dit.load_release_checkpoint(dit.build("tiny", enc_dim=16, train_grid=8), path)
     # wrong shape: error names the file, the key and both shapes
     with pytest.raises(ValueError) as e:
         other = dit.build("tiny", with_r=True, enc_dim=16, train_grid=8, latent_channels=3)
-        release.load_release_checkpoint(other, path)
+        dit.load_release_checkpoint(other, path)
     assert "student.safetensors" in str(e.value) and "x_embedder.proj.weight" in str(e.value)
     assert "(64, 8, 2, 2)" in str(e.value) and "(64, 6, 2, 2)" in str(e.value)
     # extra key
     extra = str(tmp_path / "extra.safetensors")
     save_file({**load_file(path), "pos_embed": torch.zeros(3)}, extra)
     with pytest.raises(ValueError, match="extra.safetensors.*pos_embed"):
-        release.load_release_checkpoint(fresh, extra)
+        dit.load_release_checkpoint(fresh, extra)
     # missing non-r key
     holed = str(tmp_path / "holed.safetensors")
     save_file({k: v for k, v in load_file(path).items() if k != "blocks.1.norm2.weight"}, holed)
     with pytest.raises(ValueError, match="blocks.1.norm2.weight"):
-        release.load_release_checkpoint(fresh, holed)
+        dit.load_release_checkpoint(fresh, holed)
     # RoPE tables of a different position convention (e.g. no rescaling) are caught
     sd = load_file(path)
     sd["feat_rope.freqs_cos"], sd["feat_rope.freqs_sin"] = dit.rope_tables(8, 8, 32, 16)
     bad_rope = str(tmp_path / "rope.safetensors")
     save_file(sd, bad_rope)
     with pytest.raises(ValueError, match="feat_rope.freqs_cos"):
-        release.load_release_checkpoint(fresh, bad_rope)
+        dit.load_release_checkpoint(fresh, bad_rope)
 
 
 def test_init_onto_another_semantic_encoder_keeps_only_its_input_layers_fresh(tmp_path):
@@ -358,14 +357,14 @@ def test_init_onto_another_semantic_encoder_keeps_only_its_input_layers_fresh(tm
     model = dit.build("tiny", enc_dim=24, train_grid=8)
     init = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="layer_norm.weight"):
-        release.load_release_checkpoint(model, path)
-    missing = release.load_release_checkpoint(model, path, new_semantic=True)
+        dit.load_release_checkpoint(model, path)
+    missing = dit.load_release_checkpoint(model, path, new_semantic=True)
     fresh = {"layer_norm.weight", "layer_norm.bias", "mlp_ca.fc1.weight", "mlp_ca.fc1.bias"}
     assert set(missing) == fresh
     for k, v in model.state_dict().items():
         assert torch.equal(v, init[k] if k in fresh else src.state_dict()[k].to(v.dtype)), k
     same = dit.build("tiny", enc_dim=16, train_grid=8)
-    assert release.load_release_checkpoint(same, path, new_semantic=True) == []
+    assert dit.load_release_checkpoint(same, path, new_semantic=True) == []
     assert all(torch.equal(v, src.state_dict()[k]) for k, v in same.state_dict().items())
 
 
@@ -379,7 +378,7 @@ def test_from_checkpoint_skips_the_random_init(tmp_path):
     save_file({k: v.half() for k, v in student.state_dict().items()}, path)
     conf = dit.preset_config("tiny", with_r=True, enc_dim=16, train_grid=8)
     got, want = dit.from_checkpoint(conf, path), dit.build("tiny", with_r=True, enc_dim=16, train_grid=8)
-    release.load_release_checkpoint(want, path)
+    dit.load_release_checkpoint(want, path)
     for (k, a), b in zip(got.state_dict().items(), want.state_dict().values()):
         assert a.dtype == torch.float32 and torch.equal(a, b), k
     teacher = str(tmp_path / "teacher.safetensors")

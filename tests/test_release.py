@@ -23,7 +23,8 @@ import dit
 import sample
 import vae
 from tools import color_fix, sample_cli
-from tools.release import load_light_decoder, release_weights
+from tools.release import release_weights
+from vae import load_light_decoder
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS_2D = Path("/work/shared/release_qwen_vae2d_keys.txt")   # the real folder's key list, where present

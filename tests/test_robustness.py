@@ -17,7 +17,6 @@ from safetensors import safe_open
 
 import dit
 import train_teacher as tt
-from tools import release
 from tests.test_teacher import make_photos, poison_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,7 +167,7 @@ def test_checkpoint_mismatch_names_key_and_shapes(tmp_path):
     dit.save_checkpoint(small, path)
     other = dit.build("tiny", latent_channels=16, enc_dim=8, train_grid=4)  # a different channel count
     with pytest.raises(Exception) as e:
-        release.load_release_checkpoint(other, path)
+        dit.load_release_checkpoint(other, path)
     msg = str(e.value)
     assert "x_embedder.proj.weight" in msg and str(path) in msg
     assert "(64, 8, 2, 2)" in msg and "(64, 32, 2, 2)" in msg  # the file's shape and the model's
@@ -176,7 +175,7 @@ def test_checkpoint_mismatch_names_key_and_shapes(tmp_path):
     sd = {k: v.contiguous() for k, v in small.state_dict().items()} | {"extra.weight": torch.zeros(3)}
     save_file(sd, str(tmp_path / "extra.safetensors"))
     with pytest.raises(Exception) as e:
-        release.load_release_checkpoint(dit.build("tiny", latent_channels=4, enc_dim=8, train_grid=4),
+        dit.load_release_checkpoint(dit.build("tiny", latent_channels=4, enc_dim=8, train_grid=4),
                                     tmp_path / "extra.safetensors")
     assert "extra.weight" in str(e.value)
 

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import vae  # noqa: E402
-from tools import efficientnet, release  # noqa: E402
+from tools import efficientnet  # noqa: E402
 
 torch.set_num_threads(2)
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -144,27 +144,27 @@ def test_qwen_image_codec_one_frame(tmp_path):
 
 def test_light_decoder_strict_loading(tmp_path):
     torch.manual_seed(0)
-    dec = release.build_light_decoder()
+    dec = vae.build_light_decoder()
     assert 12.0e6 < sum(p.numel() for p in dec.parameters()) < 12.8e6  # the release's 12.4 M
     sd = {k: v.clone() for k, v in dec.state_dict().items()}
     path = tmp_path / "light.safetensors"
     save_file(sd, str(path))
-    loaded = release.load_light_decoder(path)
+    loaded = vae.load_light_decoder(path)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in sd.items())
 
     bad = dict(sd, extra_weight=torch.zeros(1))
     save_file(bad, str(tmp_path / "extra.safetensors"))
     with pytest.raises(ValueError, match=r"extra\.safetensors.*extra_weight"):
-        release.load_light_decoder(tmp_path / "extra.safetensors")
+        vae.load_light_decoder(tmp_path / "extra.safetensors")
     bad = dict(sd)
     bad["conv_in.weight"] = torch.zeros(256, 4, 1, 1)
     save_file(bad, str(tmp_path / "shape.safetensors"))
     with pytest.raises(ValueError, match=r"shape\.safetensors.*conv_in\.weight"):
-        release.load_light_decoder(tmp_path / "shape.safetensors")
+        vae.load_light_decoder(tmp_path / "shape.safetensors")
     bad = {k: v for k, v in sd.items() if k != "conv_out.bias"}
     save_file(bad, str(tmp_path / "missing.safetensors"))
     with pytest.raises(ValueError, match=r"missing\.safetensors.*conv_out\.bias"):
-        release.load_light_decoder(tmp_path / "missing.safetensors")
+        vae.load_light_decoder(tmp_path / "missing.safetensors")
 
     # a codec folder decoded by the light decoder: decode = light(z / scaling_factor), no post_quant_conv
     _, folder = tiny_kl(tmp_path, scaling_factor=0.25)
@@ -190,7 +190,7 @@ def test_codec_errors_name_the_path(tmp_path):
     with pytest.raises(ValueError, match=r"odd.*UNet2DModel"):
         vae.load_codec(str(tmp_path / "odd"))
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
-        release.load_light_decoder(tmp_path / "nope.safetensors")
+        vae.load_light_decoder(tmp_path / "nope.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Finding the input images of a CLI and naming its outputs (find_images, find_jobs
 into a (3, H, W) float tensor and writing one atomically (read_image, write_image, atomic_path),
 outputs that exist and output folders that cannot be written (keep_existing, probe_output_folder), the
 centre crop and HR | LR contact sheet of degrade.py, and reading weight files: a state dict (read_state_dict) or
-only a .safetensors header (read_safetensors_header). Used by the stage files, tools/ and the tests.
+only a .safetensors header (read_safetensors_header); loading a state dict strictly (load_strict). Used by the
+stage files, tools/ and the tests.
 """
 import contextlib
 import io
@@ -290,3 +291,20 @@ def read_safetensors_header(path) -> tuple[dict[str, tuple], dict]:
     if 8 + n + end > size:
         raise ValueError(f"{bad} (truncated: {size} bytes; its header lists {8 + n + end})")
     return shapes, meta
+
+
+def load_strict(module: torch.nn.Module, sd: dict, path, prefix: str = "", assign: bool = True) -> None:
+    """Strict load with an error naming the file and the first bad key (`prefix` + name, as in the file).
+
+    assign=True (vae.py's loaders) also fills a module built on the meta device; training resumes with False,
+    so the optimiser keeps the parameters it holds."""
+    own = module.state_dict()
+    for k in own:
+        if k not in sd:
+            raise ValueError(f"{path}: missing key '{prefix}{k}' ({len(set(own) - set(sd))} missing in all)")
+    for k, v in sd.items():
+        if k not in own:
+            raise ValueError(f"{path}: unexpected key '{prefix}{k}' ({len(set(sd) - set(own))} unexpected in all)")
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ValueError(f"{path}: key '{prefix}{k}' has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+    module.load_state_dict(sd, strict=True, assign=assign)

@@ -3,7 +3,7 @@
 Plumbing of sample.py (and of evaluate.py sweep, tools/bench_sample.py and tools/seams.py through
 sample.load_pipeline), not the paper's method. A --ckpt is a train_teacher.py / distill.py run dir
 (config.json + ema.safetensors), an official release model folder (args.json + weights, its codec and DINOv2
-files beside it; tools/release.py reads those) or a bare .safetensors. load_model builds its DiT, codec and
+files beside it; tools/release.py, dit.py and vae.py read those) or a bare .safetensors. load_model builds its DiT, codec and
 semantic encoder; checkpoint_defaults fills in the settings the flags left to the checkpoint.
 """
 from __future__ import annotations
@@ -171,7 +171,7 @@ def load_model(cfg, report=print):
                              f"needs {release.RELEASE_LATENT_CHANNELS[ae]}")
         try:
             fc1_width = shapes.get("mlp_ca.fc1.weight", (0,))[0]
-            conf = release.release_config(run["args"], codec.channels, enc_dim, with_r, fc1_width)
+            conf = dit.release_config(run["args"], codec.channels, enc_dim, with_r, fc1_width)
         except ValueError as e:
             raise ValueError(f"{ckpt / 'args.json'}: {e}") from None
         run.update(preset=conf.preset if conf.preset != "custom" else f"dim {conf.dim}, depth {conf.depth}",

@@ -2,16 +2,15 @@
 
 A run dir holds config.json, ckpt.safetensors (model, EMA, optimiser, step and, for streamed data, each data
 stream's position), ema.safetensors and log.jsonl. Here: checking it before a run starts (never overwrite a
-run silently), --overwrite, checkpoints written atomically and read back for --resume, --init from another
-run's EMA weights, the teacher run a student distils, torchrun's ranks, the progress line, the
-lock that keeps one run per dir (locked), and SIGINT/SIGTERM saving the current step before the run
-stops (StopSignals).
+run silently), --overwrite, checkpoints written atomically and read back for --resume, the teacher run a
+student distils, torchrun's ranks, the progress line, the lock that keeps one run per dir (locked), and
+SIGINT/SIGTERM saving the current step before the run stops (StopSignals). train_teacher.py writes
+config.json (write_run_config) and loads --init (init_weights) itself: they need its models.
 tools/export.py writes its files with these helpers too.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import signal
@@ -26,8 +25,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import vae
-from tools import files, release
+from tools import files
 
 RUN_FILES = ("ckpt.safetensors", "ema.safetensors", "config.json", "log.jsonl")
 
@@ -116,22 +114,6 @@ def save_checkpoint(run: Path, model, ema, opt, step: int, data_streams: dict | 
     save_atomic(ema.state_dict(), run / "ema.safetensors")
 
 
-def write_run_config(cfg, run: Path, model, semantic, changes=()):
-    """config.json: the resolved training config plus what sample.py needs to rebuild the model, and
-    the list of values each --resume changed (appended to the run's earlier ones)."""
-    conf = dataclasses.asdict(cfg) | {"train_grid": model.train_grid, "enc_dim": model.enc_dim}
-    if semantic is not None and hasattr(semantic, "layer"):
-        conf["semantic_layer"] = semantic.layer  # the encoder block c_sem is read from
-    if semantic is not None and cfg.semantic.startswith("random"):
-        vae.save_semantic(semantic, run / "semantic.safetensors")  # random init travels with the run
-        conf["semantic"] = "semantic.safetensors"
-    old = run / "config.json"
-    earlier = json.loads(old.read_text()).get("changes", []) if cfg.resume and old.is_file() else []
-    if earlier or changes:
-        conf["changes"] = earlier + list(changes)
-    write_json(conf, run / "config.json")
-
-
 def check_training_checkpoint(path: Path, name: str) -> None:
     """--resume: ckpt.safetensors must be whole and hold model, EMA and step; one line if not."""
     try:
@@ -149,8 +131,8 @@ def load_checkpoint(path: Path, model, ema, opt) -> int:
     """Restore model, EMA and optimiser from ckpt.safetensors; returns the step to continue from."""
     with safe_open(str(path), "pt") as f:
         meta, sd = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    vae.load_strict(model, {k[6:]: v for k, v in sd.items() if k.startswith("model.")}, path, "model.", assign=False)
-    vae.load_strict(ema, {k[4:]: v for k, v in sd.items() if k.startswith("ema.")}, path, "ema.", assign=False)
+    files.load_strict(model, {k[6:]: v for k, v in sd.items() if k.startswith("model.")}, path, "model.", assign=False)
+    files.load_strict(ema, {k[4:]: v for k, v in sd.items() if k.startswith("ema.")}, path, "ema.", assign=False)
     state: dict = {}
     for k, v in sd.items():
         if k.startswith("optim."):
@@ -179,27 +161,6 @@ def resume(ckpt: Path, model, ema, opt, cfg, rank: int, name: str) -> int:
         if start >= cfg.steps:
             print(f"{name}: step {start} is already --steps {cfg.steps}: nothing to train (give a larger --steps)")
     return start
-
-
-def init_weights(path: str, model, ema, name: str = "train_teacher.py") -> None:
-    """--init: model and EMA both start from the EMA weights of a run dir (its ema.safetensors) or of a
-    weights file in the release layout; the RoPE tables follow this run's crop (stage 2 from stage 1). From a
-    teacher of another semantic encoder (ours), the semantic projection's input layers start fresh."""
-    f = Path(path) / "ema.safetensors" if Path(path).is_dir() else Path(path)
-    if not f.is_file():
-        raise SystemExit(f"{name}: --init {path}: {f} not found")
-    try:
-        keys, _ = files.read_safetensors_header(f)
-    except ValueError as e:  # empty, truncated, not safetensors: the message names the file
-        raise SystemExit(f"{name}: --init {path}: {e}") from None
-    if any(k.startswith("r_embedder.") for k in keys):
-        raise SystemExit(f"{name}: --init {path}: {f} is a distilled student, not a teacher (it has an r embedder)")
-    try:
-        release.load_release_checkpoint(model, str(f), own_rope=True, new_semantic=True)
-    except ValueError as e:  # another preset or codec: the loader names the key
-        raise SystemExit(f"{name}: --init {path} does not fit this model: {e}") from None
-    ema.load_state_dict(model.state_dict())
-    print(f"{name}: weights from {f}")
 
 
 def trim_log(path: Path, step: int) -> None:

@@ -7,7 +7,6 @@ of each dataset's shards (or image files), read in a reshuffled order each epoch
 so the global batch depends on the number of streams (ranks × workers), not on how they are split into
 ranks and workers; every draw of stream j at its n-th sample is seeded by (seed, j, n), so a resume that
 skips the samples each stream had consumed (recorded in the checkpoint) continues exactly.
-train_teacher.py imports this module when it runs (not at import time: the crops are its random_crop).
 """
 from __future__ import annotations
 
@@ -23,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from tools import files
-from train_teacher import random_crop, step_generator
+from tools.crops import random_crop, step_generator
 
 SHARD_BUFFER = 1000   # WebDataset shuffle buffer (samples); the first `SHARD_BUFFER // 10` start the stream
 
