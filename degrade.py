@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tools.cli import OneLineParser
-from tools import files
-from tools.files import ImageError, center_crop, contact_sheet, find_jobs, read_image, write_image
-from tools.jpeg import jpeg
+from vosr.cli import OneLineParser
+from vosr import files
+from vosr.files import ImageError, center_crop, contact_sheet, find_jobs, read_image, write_image
+from vosr.jpeg import jpeg
 
 
 @dataclass
@@ -452,7 +452,7 @@ def run_folder(args):
 
 def main(argv=None):
     ap = OneLineParser(description="Make HR/LR training pairs with the Real-ESRGAN degradation "
-                                             "(or bicubic). Throughput: python tools/bench_degrade.py")
+                                             "(or bicubic). Throughput: python -m tools.bench_degrade")
     ap.add_argument("-i", "--input", help="folder of HR images (searched recursively) or one image file")
     ap.add_argument("-o", "--output", help="output folder: writes hr/, lr/ and contact_sheet.png")
     ap.add_argument("--scale", type=int, default=4, help="downscaling factor (default 4)")

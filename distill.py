@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import dit
 import vae
 import train_teacher as tt
-from tools import cli, runs
+from vosr import cli, runs
 from train_teacher import TrainConfig, build_conditions, draw_teacher, interpolate
 
 

@@ -33,8 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from tools.files import atomic_path
-from tools.release import RELEASE_ARCH_FLAGS
+from vosr.files import atomic_path
+from vosr.release import RELEASE_ARCH_FLAGS
 
 
 @dataclass

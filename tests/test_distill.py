@@ -17,8 +17,7 @@ import train_teacher as tt
 from tests.test_teacher import make_photos
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import export  # noqa: E402  (tools/export.py)
+from tools import export  # noqa: E402
 
 
 def test_time_sampler_statistics():

@@ -7,14 +7,12 @@ per-position RoPE loop. The model must agree with it.
 import math
 import os
 import shutil
-import sys
 import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dit  # noqa: E402
 
 torch.set_num_threads(2)

@@ -21,7 +21,7 @@ def defined_names(path: Path) -> set[str]:
 
 def test_reading_guide_names_exist():
     readme = (ROOT / "README.md").read_text()
-    refs = re.findall(r"`((?:tools/)?\w+\.py):([\w.]+)`", readme)
+    refs = re.findall(r"`((?:tools/|vosr/)?\w+\.py):([\w.]+)`", readme)
     assert len(refs) >= 20, "the reading guide should map the paper to functions"
     missing = [f"{f}:{n}" for f, n in refs if n not in defined_names(ROOT / f)]
     assert not missing, missing
@@ -31,7 +31,7 @@ def test_referenced_files_exist():
     """Paths named in the README and docs/, and their relative links, exist (links resolve from their file)."""
     for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         text = doc.read_text()
-        for path in re.findall(r"(?<![\w/.])((?:tools|docs|tests|checkpoints)/[\w./-]+\.(?:py|md|png|csv|txt))", text):
+        for path in re.findall(r"(?<![\w/.])((?:tools|vosr|docs|tests|checkpoints)/[\w./-]+\.(?:py|md|png|csv|txt))", text):
             assert (ROOT / path).exists(), (doc.name, path)
         for target in re.findall(r"\]\(((?!http)[^)#]+)", text):
             assert (doc.parent / target).exists(), (doc.name, target)

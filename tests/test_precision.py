@@ -10,7 +10,8 @@ import sample
 import vae
 from tests.test_robustness import cli, run_dir  # noqa: F401 (the fixture: a 1-step tiny run)
 from tests.test_sample import tiny_dit
-from tools import dtypes, precision
+from tools import precision
+from vosr import dtypes
 
 # the shipped default model on precision.photo_like(16) (64×64 output), bf16 against fp32 in 8-bit
 # levels: measured 0.29 mean and 2 worst (docs/precision.md); the bound leaves room for another

@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 import dit
 import sample
 import vae
-from tools import color_fix, sample_cli
-from tools.release import release_weights
+from vosr import color_fix
+from vosr.release import release_weights
 from vae import load_light_decoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -410,7 +410,7 @@ def kind_folder(ckpts, name, args, with_r):
 def test_release_kind_from_args_json(release, keys, with_r, kind):
     """The five kinds (0.5B/1.4B × ms/os, VOSR 2.0) from args.json's distill_type and
     auxiliary_time_cond."""
-    from tools.loading import read_release_folder
+    from vosr.loading import read_release_folder
     ckpts, _, _ = release
     layer = 8 if keys["enc_type"] == "dinov2b" else 17
     args = release_args(enc_dim=64, layer_dinov2b_list=[layer], **keys)
@@ -897,12 +897,12 @@ def test_progress_bar_over_steps_and_tiles(lr_folder, tmp_path, capsys, monkeypa
 
 
 def test_help_describes_every_flag_with_its_default():
-    for action in sample_cli.build_parser()._actions:
+    for action in sample.build_parser()._actions:
         if action.dest == "help":
             continue
         flag = action.option_strings[-1]
         assert action.help and len(action.help) > 20, flag
-        if action.required or isinstance(action, type(sample_cli.build_parser()._actions[0])) or action.const is True:
+        if action.required or isinstance(action, type(sample.build_parser()._actions[0])) or action.const is True:
             continue                                                     # -i (required), store_true flags
         d = action.default
         shown = f"{d:g}" if isinstance(d, float) else str(d)

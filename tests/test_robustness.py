@@ -263,7 +263,7 @@ def test_name_clashes_get_distinct_outputs(tmp_path, run_dir):
 
 
 def test_written_files_have_the_usual_permissions(tmp_path):
-    from tools import files, runs
+    from vosr import files, runs
     files.write_image(tmp_path / "x.png", torch.zeros(3, 4, 4))
     runs.save_atomic({"w": torch.zeros(2)}, tmp_path / "w.safetensors")       # safetensors alone makes 0600
     for name in ("x.png", "w.safetensors"):
@@ -516,7 +516,7 @@ def test_ctrl_c_in_a_tool_script_is_one_line_and_130(name, capsys, monkeypatch):
     """Each tools/ script's entry point goes through cli.run_script: a Ctrl-C inside its main is one
     line naming the script and exit 130, no traceback."""
     import runpy
-    from tools import cli
+    from vosr import cli
 
     def interrupted_main():
         raise KeyboardInterrupt

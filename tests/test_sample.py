@@ -12,7 +12,7 @@ import dit
 import sample
 import vae
 from tests.test_teacher import make_photos
-from tools import color_fix
+from vosr import color_fix
 
 ROOT = Path(__file__).resolve().parents[1]
 

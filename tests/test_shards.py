@@ -16,11 +16,10 @@ import torch
 from PIL import Image
 
 import train_teacher as tt
-from tools import shards
+from vosr import shards
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import make_shards  # noqa: E402
+from tools import make_shards  # noqa: E402
 
 
 def flat_images(folder: Path, values, size=(12, 10), ext="png") -> Path:
@@ -51,8 +50,8 @@ def test_make_shards_round_trips_every_image_bit_for_bit(tmp_path):
     (src / "sub").mkdir()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (9, 7, 3), dtype=np.uint8)).save(src / "sub" / "a.b.jpg")
     other = flat_images(tmp_path / "more", [40])
-    r = subprocess.run([sys.executable, ROOT / "tools" / "make_shards.py", "-i", src, other, "-o", tmp_path / "shards",
-                        "--shard-size", "2"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "tools.make_shards", "-i", src, other, "-o",
+                        tmp_path / "shards", "--shard-size", "2"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     members = {}
     for shard in sorted((tmp_path / "shards").glob("*.tar")):
@@ -65,8 +64,8 @@ def test_make_shards_round_trips_every_image_bit_for_bit(tmp_path):
         assert members[name] == path.read_bytes(), name
     assert len(list((tmp_path / "shards").glob("*.tar"))) == 3            # 5 images, 2 per shard
     assert "train-{000000..000002}.tar" in r.stdout
-    again = subprocess.run([sys.executable, ROOT / "tools" / "make_shards.py", "-i", src, "-o", tmp_path / "shards"],
-                           capture_output=True, text=True)
+    again = subprocess.run([sys.executable, "-m", "tools.make_shards", "-i", src, "-o", tmp_path / "shards"],
+                           cwd=ROOT, capture_output=True, text=True)
     assert again.returncode != 0 and "already holds 3 shard" in again.stderr and "Traceback" not in again.stderr
 
 

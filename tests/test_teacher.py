@@ -16,12 +16,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_teacher as tt
-from tools import files, runs
+from vosr import files, runs
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import bench_train  # noqa: E402  (tools/bench_train.py)
-import export  # noqa: E402  (tools/export.py)
+from tools import bench_train  # noqa: E402
+from tools import export  # noqa: E402
 
 
 def make_photos(folder: Path, n=6, size=(80, 96), seed=0):

@@ -263,7 +263,6 @@ def test_semantic_modes_agree_when_one_tile_covers(semantic):
 MEMORY_PROBE = textwrap.dedent("""
     import json, sys, torch
     import torch.nn.functional as F
-    sys.path.insert(0, sys.argv[1])
     import dit, sample, vae
     torch.set_num_threads(1)
 
@@ -318,7 +317,8 @@ def test_peak_memory_depends_on_the_tile_not_the_image(tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(MEMORY_PROBE)
     # fixed mmap threshold: large buffers go back to the OS when freed, so RSS follows live memory
-    env = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    env = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+           "PYTHONPATH": str(ROOT)}  # the probe script lies in tmp_path: import the stage files
     r = subprocess.run([sys.executable, str(script), str(ROOT)], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     extra = json.loads(r.stdout.strip().splitlines()[-1])

@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 import distill
 import train_teacher as tt
-from tools import cli as tcli
-from tools import files
+from vosr import cli as tcli
+from vosr import files
 from tests.test_teacher import make_photos
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +30,9 @@ def with_workers(n: int) -> list:
 
 
 def cli(script, *args):
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, capture_output=True,
+    """Run a stage file (`distill.py`) or a tools/ script (`-m tools.export`) from the repository root."""
+    start = script.split() if script.startswith("-m ") else [str(ROOT / script)]
+    return subprocess.run([sys.executable, *start, *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
 
 
@@ -440,11 +442,11 @@ def test_data_folder_with_some_broken_images_trains_past_them(runs, tmp_path):
 
 def test_export_does_not_overwrite_a_model(runs, tmp_path):
     out = tmp_path / "export"
-    assert cli("tools/export.py", runs["student"], out).returncode == 0
+    assert cli("-m tools.export", runs["student"], out).returncode == 0
     before = digest(out)
-    refused(cli("tools/export.py", runs["teacher"], out), out, "--overwrite")
+    refused(cli("-m tools.export", runs["teacher"], out), out, "--overwrite")
     assert digest(out) == before
-    refused(cli("tools/export.py", tmp_path / "nope", tmp_path / "e2"), "nope", "not a run dir")
+    refused(cli("-m tools.export", tmp_path / "nope", tmp_path / "e2"), "nope", "not a run dir")
     # the export's config carries what sample.py reads: the semantic block, the resize-back, a fixed α
     conf = json.loads((runs["student"] / "config.json").read_text())
     got = json.loads((out / "config.json").read_text())
@@ -454,7 +456,7 @@ def test_export_does_not_overwrite_a_model(runs, tmp_path):
     assert "resize_back" in got and conf["alpha"] is None and "alpha" not in got  # None: sample.py's 0.15
     # distill.py --export says where export went: one line, exit 2
     r = cli("distill.py", "--export", runs["student"], "--to", out)
-    assert r.returncode == 2 and "python tools/export.py RUN_DIR OUT_DIR" in refused(r, "--export")
+    assert r.returncode == 2 and "python -m tools.export RUN_DIR OUT_DIR" in refused(r, "--export")
 
 
 def test_export_ships_built_in_semantic_encoders_and_refuses_a_weights_file(tmp_path):
@@ -496,7 +498,7 @@ def test_help_has_a_description_and_the_true_default_of_every_flag():
         line = next(line for line in d.splitlines() if line.strip().startswith(name + " "))
         assert f"--batch {recipe['batch']}" in line and f"--size {recipe['size']}" in line, line
     d = " ".join(d.split())  # unwrapped
-    for text in ("runs/student)", "(default: 256)", "(default: 50000)", "(default: 2e-05)", "tools/export.py RUN_DIR OUT_DIR",
+    for text in ("runs/student)", "(default: 256)", "(default: 50000)", "(default: 2e-05)", "python -m tools.export RUN_DIR OUT_DIR",
                  "(default: the teacher's)"):
         assert text in d, text
     assert "(default: runs/teacher)" not in d and "(default: 200)" not in d
@@ -513,8 +515,8 @@ def test_progress_line_with_loss_rate_and_eta(runs, tmp_path):
 
 def test_bench_flags_are_checked_and_it_runs():
     r = cli("train_teacher.py", "--bench", "--batch", "1")  # the benchmark's old place says where it went
-    assert r.returncode == 2 and "python tools/bench_train.py" in refused(r, "--bench")
-    refused(cli("tools/bench_train.py", "--batch", "0"), "--batch", "at least 1")
-    r = cli("tools/bench_train.py", "--preset", "tiny", "--size", "32", "--batch", "1", "--steps", "1",
+    assert r.returncode == 2 and "python -m tools.bench_train" in refused(r, "--bench")
+    refused(cli("-m tools.bench_train", "--batch", "0"), "--batch", "at least 1")
+    r = cli("-m tools.bench_train", "--preset", "tiny", "--size", "32", "--batch", "1", "--steps", "1",
             "--device", "cpu")
     assert r.returncode == 0 and "img_per_s" in r.stdout, r.stderr

@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import vae  # noqa: E402
-from tools import efficientnet  # noqa: E402
+from vosr import efficientnet  # noqa: E402
 
 torch.set_num_threads(2)
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -455,7 +454,6 @@ def test_effnet_run_trains_and_samples(tmp_path):
     sample.py --ckpt RUN upsamples with it; the random control travels in the run dir and sample.py's encoder is
     the one it trained with."""
     from PIL import Image
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from tests.test_teacher import make_photos
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     photos = make_photos(tmp_path / "photos", n=2)

@@ -1,1 +1,2 @@
-"""Scripts and plumbing that are not a paper stage; the stage files import what they need from here."""
+"""Scripts that are not a paper stage, each run as `python -m tools.NAME` from the repository root;
+the code they share with the stage files is the vosr package."""

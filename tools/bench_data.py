@@ -1,6 +1,6 @@
 """Data-loader throughput: HR crops decoded + cropped per second, a folder vs its shards, 0-4 workers.
 
-    python tools/bench_data.py --data FOLDER [--size 64] [--batch 16] [--workers 0,1,2,4] [--batches 20]
+    python -m tools.bench_data --data FOLDER [--size 64] [--batch 16] [--workers 0,1,2,4] [--batches 20]
 
 Packs FOLDER into shards in a temporary folder (tools/make_shards.py), then reads `--batches` batches of
 `--batch` crops of `--size`² through train_teacher.py's loaders: HRCrops (a folder, map-style) and
@@ -15,14 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: import the stage files
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import torch
 
-import make_shards
 import train_teacher as tt
-from tools import shards
+from tools import make_shards
+from vosr import shards
 
 
 def folder_batches(cfg: tt.TrainConfig):

@@ -1,15 +1,12 @@
 """Degradation throughput: images/s of the Real-ESRGAN (or bicubic) pipeline at 512² on a device.
 
-    python tools/bench_degrade.py [--device cuda] [--batch 8] [--mode realesrgan|bicubic]
+    python -m tools.bench_degrade [--device cuda] [--batch 8] [--mode realesrgan|bicubic]
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: import the stage files
 
 import torch
 import torch.nn.functional as F

@@ -1,8 +1,8 @@
 """End-to-end latency of the sampler (sample.VOSRPipeline), split by stage, with random weights of the real shapes.
 
-    python tools/bench_sample.py [--preset 0.5B] [--size 512] [--batch 1,8] [--steps 1,25] [--dtypes fp32,bf16]
-    python tools/bench_sample.py --preset small --size 256 --bench-json b.json       # a CPU runs this one
-    python tools/bench_sample.py --shipped [--case 'CKPT WxH FLAGS' …] [--repeats 2]  # the shipped models, end to end
+    python -m tools.bench_sample [--preset 0.5B] [--size 512] [--batch 1,8] [--steps 1,25] [--dtypes fp32,bf16]
+    python -m tools.bench_sample --preset small --size 256 --bench-json b.json       # a CPU runs this one
+    python -m tools.bench_sample --shipped [--case 'CKPT WxH FLAGS' …] [--repeats 2]  # the shipped models, end to end
 
 Nothing is downloaded: the DiT, codec and semantic encoder are randomly initialised with a release's shapes.
 It times VOSRPipeline.__call__ itself: the stages are the methods it calls (STAGE_METHODS) -- bicubic + codec
@@ -18,17 +18,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: import the stage files
-
 import numpy as np
 import torch
 
 import dit
 import sample
 import vae
-from tools import eval_cli, reports
-from tools.cli import number
-from tools.dtypes import DTYPES
+from vosr import reports
+from vosr.cli import CLIParser, describe_defaults, listed, number, one_of
+from vosr.dtypes import DEFAULT_DEVICE, DTYPES
 
 
 STAGES = ("encode", "semantic", "dit", "decode")  # bicubic + codec encode, DINOv2, all Euler steps, decode
@@ -214,7 +212,7 @@ def bench_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    """python tools/bench_sample.py [--preset 0.5B] [--size 512] [--batch 1,8] [--steps 1,25] [--dtypes fp32,bf16]"""
+    """python -m tools.bench_sample [--preset 0.5B] [--size 512] [--batch 1,8] [--steps 1,25] [--dtypes fp32,bf16]"""
     a = build_parser().parse_args(argv)
     t0 = time.perf_counter()
     if a.shipped or a.case:
@@ -245,24 +243,24 @@ def main(argv=None) -> int:
 
 
 def build_parser():
-    ap = eval_cli.CLIParser(prog="bench_sample.py", description=__doc__,
+    ap = CLIParser(prog="bench_sample.py", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="0.5B", choices=sorted(dit.PRESETS),
                     help="DiT preset; small/tiny run the pixel codec (patch 1) and a ViT-S, for CPUs")
     ap.add_argument("--size", type=number(int, 4, multiple=4), default=512,
                     help="output side, a multiple of 4; the LR input is size/4")
-    ap.add_argument("--batch", type=eval_cli.listed(number(int, 1)), default=None,
+    ap.add_argument("--batch", type=listed(number(int, 1)), default=None,
                     help="comma list of batch sizes (default: 1,8 on CUDA, 1 on CPU)")
-    ap.add_argument("--steps", type=eval_cli.listed(number(int, 1)), default=None,
+    ap.add_argument("--steps", type=listed(number(int, 1)), default=None,
                     help="comma list of Euler step counts; 1 = the one-step student, more = the guided teacher "
                          "(default: 1,25 on CUDA, 1,4 on CPU)")
-    ap.add_argument("--device", default=eval_cli.DEFAULT_DEVICE,
-                    help=f"device (default: cuda if available, else cpu; here {eval_cli.DEFAULT_DEVICE})")
-    ap.add_argument("--dtypes", type=eval_cli.listed(eval_cli.one_of("fp32", "bf16")), default=None,
+    ap.add_argument("--device", default=DEFAULT_DEVICE,
+                    help=f"device (default: cuda if available, else cpu; here {DEFAULT_DEVICE})")
+    ap.add_argument("--dtypes", type=listed(one_of("fp32", "bf16")), default=None,
                     help="comma list of fp32, bf16 (bf16 = every network under autocast, as sample.py --bf16; "
                          "default: fp32,bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--bf16", action="store_true", help="the same as --dtypes bf16")
-    paths = eval_cli.listed(eval_cli.one_of("plain", "fast", "compiled", "graphs"))
+    paths = listed(one_of("plain", "fast", "compiled", "graphs"))
     ap.add_argument("--paths", type=paths, default=["plain", "fast"],
                     help="comma list: plain (no fast path), fast (sample.py --fast), compiled, graphs")
     ap.add_argument("--compile", action="store_true", help="add rows 'compiled': --fast + torch.compile")
@@ -280,7 +278,7 @@ def build_parser():
                     help="with or instead of --shipped: a checkpoint, an LR size and sample.py flags, e.g. "
                          "'checkpoints/vosr-small-teacher 120x80 --tile 128'; repeatable (default: the shipped two)")
     ap.add_argument("--bench-json", default=None, help="also write the rows as JSON here (default: none)")
-    return eval_cli.describe_defaults(ap)
+    return describe_defaults(ap)
 
 
 if __name__ == "__main__":

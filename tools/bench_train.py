@@ -1,6 +1,6 @@
 """Training throughput of the VOSR DiT: random weights, the real shapes, the teacher's loss (eq. 1).
 
-    python tools/bench_train.py --preset 0.5B --size 512 --batch 16 --bf16 --compile
+    python -m tools.bench_train --preset 0.5B --size 512 --batch 16 --bf16 --compile
 
 Times AdamW steps of the DiT alone (no data, codec or DINOv2) and reports images/s, TFLOP/s and, in bf16
 on a known GPU, the model FLOPs utilisation (MFU) against the dense bf16 peak. The FLOPs are counted by
@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: import the stage files
 
 import torch
 
 import dit
-from tools.cli import OneLineParser
+from vosr.cli import OneLineParser
 from train_teacher import flow_matching_loss
 
 
@@ -90,7 +87,7 @@ def _checked(typ, lo):
 
 
 def main(argv=None) -> None:
-    """python tools/bench_train.py [--preset 0.5B] [--size 512] [--batch 8] [--bf16] [--compile]"""
+    """python -m tools.bench_train [--preset 0.5B] [--size 512] [--batch 8] [--bf16] [--compile]"""
     p = OneLineParser(prog="bench_train.py", description="training throughput of the DiT (random "
                       "weights, real shapes)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="small", choices=sorted(dit.PRESETS), help="model preset of dit.py")

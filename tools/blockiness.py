@@ -1,6 +1,6 @@
 """Does a folder of SR images show a block grid? The gradient across block edges over the gradient inside blocks.
 
-    python tools/blockiness.py DIR [DIR ...] [--period 8] [--period 4]
+    python -m tools.blockiness DIR [DIR ...] [--period 8] [--period 4]
 
 A pixel codec packs each P×P block of pixels into one token (vae.py PixelCodec), and a DiT whose tokens disagree at
 their borders leaves a mosaic: neighbouring pixels on either side of a block edge differ more than neighbours inside a
@@ -12,13 +12,11 @@ About 1 for a photo; a visible grid shows from about 1.3. Ours, a diagnostic; no
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: import the stage files
-
 import torch
 
 from evaluate import to_y255
-from tools.cli import OneLineParser, number, run_script
-from tools.files import ImageError, find_images, read_image
+from vosr.cli import OneLineParser, number, run_script
+from vosr.files import ImageError, find_images, read_image
 
 
 def edge_ratio(y: torch.Tensor, period: int) -> float:

@@ -3,9 +3,9 @@ docs/ablations.md end to end -- its arms (train_teacher.py, distill.py), their s
 sweep --per-image), the paired comparisons with bootstrap intervals (evaluate.py compare) and the
 plots -- into one folder.
 
-    python tools/experiment.py fig4 --out results/fig4                  # CPU recipe (the default)
-    python tools/experiment.py table4 --out results/table4 --recipe gpu
-    python tools/experiment.py table1 --out results/table1 --dry-run    # print the commands only
+    python -m tools.experiment fig4 --out results/fig4                  # CPU recipe (the default)
+    python -m tools.experiment table4 --out results/table4 --recipe gpu
+    python -m tools.experiment table1 --out results/table1 --dry-run    # print the commands only
 
 Each step is a command line of the stage scripts, run in order as a child process. A finished step
 is marked in OUT/.done/ and skipped when the same command is run again, so a stopped experiment
@@ -22,11 +22,10 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from vosr.cli import OneLineParser, number
+from vosr.files import UserError, atomic_path
 
-from tools.cli import OneLineParser, number  # noqa: E402
-from tools.files import UserError, atomic_path  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass

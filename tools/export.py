@@ -1,6 +1,6 @@
 """Export a run's EMA weights (a teacher or a student) as fp16 + the config keys sample.py needs.
 
-    python tools/export.py RUN_DIR OUT_DIR [--note TEXT] [--sampler-defaults JSON] [--overwrite]
+    python -m tools.export RUN_DIR OUT_DIR [--note TEXT] [--sampler-defaults JSON] [--overwrite]
 
 OUT_DIR gets ema.safetensors (fp16) and config.json: a small, shippable model that
 `sample.py --ckpt OUT_DIR` runs and `train_teacher.py --init OUT_DIR` can start from.
@@ -11,16 +11,14 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: import the stage files
-
 from safetensors.torch import load_file
 
 import vae
 
-from tools.cli import OneLineParser, run_script
-from tools.files import read_safetensors_header
-from tools.loading import SAMPLER_DEFAULTS
-from tools.runs import save_atomic, write_json
+from vosr.cli import OneLineParser, run_script
+from vosr.files import read_safetensors_header
+from vosr.loading import SAMPLER_DEFAULTS
+from vosr.runs import save_atomic, write_json
 
 NAME = "export.py"
 # What sample.py reads from a run's config.json (the model, the codec, the semantic encoder and its block,

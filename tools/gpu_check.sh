@@ -25,12 +25,12 @@ run() {  # one step of the check: its own time limit, its output kept, and the n
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$out/gpu.txt"
-run sample_graphs 200 python3 tools/bench_sample.py --preset 0.5B --size 512 --batch 1 --steps 1,25 --dtypes bf16 \
+run sample_graphs 200 python3 -m tools.bench_sample --preset 0.5B --size 512 --batch 1 --steps 1,25 --dtypes bf16 \
     --paths fast --compile --cuda-graphs --bench-json "$out/sample_graphs.json"
-run sample_batches 150 python3 tools/bench_sample.py --preset 0.5B --size 512 --batch 1,8,32 --steps 1 --dtypes bf16 \
+run sample_batches 150 python3 -m tools.bench_sample --preset 0.5B --size 512 --batch 1,8,32 --steps 1 --dtypes bf16 \
     --paths plain,fast --bench-json "$out/sample_batches.json"
-run train_512 100 python3 tools/bench_train.py --preset 0.5B --size 512 --batch 16 --steps 10 --device cuda --bf16 --compile \
+run train_512 100 python3 -m tools.bench_train --preset 0.5B --size 512 --batch 16 --steps 10 --device cuda --bf16 --compile \
     --bench-json "$out/train_512.json"
-run train_256 100 python3 tools/bench_train.py --preset 0.5B --size 256 --batch 64 --steps 10 --device cuda --bf16 --compile \
+run train_256 100 python3 -m tools.bench_train --preset 0.5B --size 256 --batch 64 --steps 10 --device cuda --bf16 --compile \
     --bench-json "$out/train_256.json"
-run degrade 30 python3 tools/bench_degrade.py --device cuda --batch 8
+run degrade 30 python3 -m tools.bench_degrade --device cuda --batch 8

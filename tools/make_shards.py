@@ -1,6 +1,6 @@
 """Pack folders of images into WebDataset .tar shards for train_teacher.py / distill.py --data.
 
-    python tools/make_shards.py -i FOLDER [FOLDER ...] -o OUT_DIR [--shard-size 1000] [--prefix train]
+    python -m tools.make_shards -i FOLDER [FOLDER ...] -o OUT_DIR [--shard-size 1000] [--prefix train]
 
 Each image is stored as it is (its file's bytes, nothing re-encoded) as one sample: key = the file's path
 relative to its folder, without the extension (dots and path separators become '_'; with several folders the
@@ -14,13 +14,11 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: import the stage files
-
 import webdataset as wds
 from tqdm import tqdm
 
-from tools import files
-from tools.cli import run_script
+from vosr import files
+from vosr.cli import run_script
 
 
 def sample_keys(folders: list[Path]) -> list[tuple[Path, str]]:

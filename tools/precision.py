@@ -1,4 +1,4 @@
-"""The precision table of sample.py's number formats (--dtype; tools/dtypes.py): each against fp32.
+"""The precision table of sample.py's number formats (--dtype; vosr/dtypes.py): each against fp32.
 
     python -m tools.precision [--size 16] [--only shipped,0.5B,2.0]   # docs/precision.md
 
@@ -13,7 +13,7 @@ import sys
 import time
 import torch
 
-from tools.dtypes import DTYPES, NonFiniteError, resolve_device
+from vosr.dtypes import DTYPES, NonFiniteError, resolve_device
 
 
 # ----------------------------------------------------------- the table (python -m tools.precision)
@@ -39,7 +39,6 @@ def random_release_pipeline(kind: str, depth: int | None = None, device="cpu"):
     import dit
     import sample
     import vae
-    from tools.sample_cli import SampleConfig
     torch.manual_seed(0)
     if kind == "0.5B":
         codec = vae.random_sd_codec(4, light_decoder=True)
@@ -56,7 +55,7 @@ def random_release_pipeline(kind: str, depth: int | None = None, device="cpu"):
                                 with_r=with_r, train_grid=16, **extra)).eval()
     # one Euler step of one branch: the 0.5B student with r = 0; VOSR 2.0 has no r, and guidance 1
     # is its one branch v(cat[c_str, z_1], t = 1, c_sem) (sample.guided_velocity)
-    cfg = SampleConfig(device=str(device), steps=1, guidance=1.0, color_fix="none",
+    cfg = sample.SampleConfig(device=str(device), steps=1, guidance=1.0, color_fix="none",
                        upscale="pil", tile=0, vae_tile=0, semantic_tiles="whole", lapped="off",
                        tile_blend="linear")
     return sample.VOSRPipeline(model.to(device), codec.eval().to(device), semantic.to(device),
@@ -66,9 +65,8 @@ def random_release_pipeline(kind: str, depth: int | None = None, device="cpu"):
 def shipped_pipeline(device="cpu"):
     """(VOSRPipeline, its settings) of the shipped default model (sample.py without --ckpt)."""
     import sample
-    from tools.loading import checkpoint_defaults
-    from tools.sample_cli import SampleConfig
-    cfg = SampleConfig(device=str(device))
+    from vosr.loading import checkpoint_defaults
+    cfg = sample.SampleConfig(device=str(device))
     pipe, run = sample.load_pipeline(cfg, report=print)
     return pipe, sample.check_tiles(checkpoint_defaults(cfg, pipe, run), pipe)
 
@@ -182,7 +180,7 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     """python -m tools.precision [--size 16] [--only shipped,0.5B,2.0] [--dtypes bf16,fp16]"""
     import argparse
-    from tools.cli import OneLineParser
+    from vosr.cli import OneLineParser
     p = OneLineParser(prog="python -m tools.precision", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=16, help="LR side, the output is 4x (default: 16)")

@@ -1,6 +1,6 @@
 """Do neighbouring DiT tiles see the same thing where they overlap? A diagnostic of sample.py's tiling.
 
-    python tools/seams.py --image LR.png [--blur-half] [--tile 256] [--tile-overlap 64] [--ckpt RUN_DIR]
+    python -m tools.seams --image LR.png [--blur-half] [--tile 256] [--tile-overlap 64] [--ckpt RUN_DIR]
 
 For each --semantic-tiles mode (global: one token map for the whole image; per-tile: DINOv2 on each tile's own
 pixels) it runs the sampler's own conditioning and tiles at t = 1 and reports, over every overlap of two
@@ -10,20 +10,16 @@ random ViT-S, every weight non-zero, so that the semantic tokens reach the veloc
 """
 import argparse
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: import the stage files
-sys.path.insert(0, str(Path(__file__).resolve().parent))      # and the benchmark's random models
 
 import torch
 import torch.nn.functional as F
 
 import sample
 import vae
-from bench_sample import bench_models
-from tools import eval_cli, reports
-from tools.cli import number, run_script
-from tools.files import ImageError, read_image
+from tools.bench_sample import bench_models
+from vosr import reports
+from vosr.cli import CLIParser, describe_defaults, number, run_script
+from vosr.files import ImageError, read_image
 
 
 def tile_disagreement(pipe, lr, tile: int, overlap: int, mode: str, scale=4.0, guidance=0.5, alpha=0.15,
@@ -112,7 +108,7 @@ def main(argv=None) -> int:
 
 
 def build_parser():
-    ap = eval_cli.CLIParser(prog="seams.py", description=__doc__,
+    ap = CLIParser(prog="seams.py", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image", required=True, help="an LR image larger than one tile at --scale")
     ap.add_argument("--ckpt", help="run dir (default: a random small DiT + random ViT-S, all weights non-zero)")
@@ -122,7 +118,7 @@ def build_parser():
     ap.add_argument("--scale", type=number(float, 0, low_open=True), default=4.0, help="SR scale factor")
     ap.add_argument("--guidance", type=number(float), default=0.5, help="guidance scale s (eq. 2)")
     ap.add_argument("--seed", type=number(int), default=0, help="seed of the noise (and of the random model)")
-    return eval_cli.describe_defaults(ap)
+    return describe_defaults(ap)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import torch
 
-from tools.files import UserError
+from vosr.files import UserError
 
+# --device default of evaluate.py and tools/bench_sample.py
+DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # measured on CPU (docs/precision.md): bf16 autocast was not faster than fp32 even with native
 # bf16, and fp16 was slower; no GPU was measured here, so CUDA and MPS keep fp32, the official

@@ -3,18 +3,17 @@
 Plumbing of sample.py (and of evaluate.py sweep, tools/bench_sample.py and tools/seams.py through
 sample.load_pipeline), not the paper's method. A --ckpt is a train_teacher.py / distill.py run dir
 (config.json + ema.safetensors), an official release model folder (args.json + weights, its codec and DINOv2
-files beside it; tools/release.py, dit.py and vae.py read those) or a bare .safetensors. load_model builds its DiT, codec and
-semantic encoder; checkpoint_defaults fills in the settings the flags left to the checkpoint.
+files beside it; vosr/release.py, dit.py and vae.py read those) or a bare .safetensors. Here: finding its
+settings and weights (read_run_dir, read_release_folder, release_folder_of); sample.load_model builds its DiT,
+codec and semantic encoder; checkpoint_defaults fills in the settings the flags left to the checkpoint.
 """
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
 
-import dit
-import vae
-from tools import release
-from tools.files import read_safetensors_header
+from vosr import release
+from vosr.files import read_safetensors_header
 
 DEFAULT_CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "vosr-small-photo"  # sample.py without --ckpt
 # what a run dir's config.json "sampler_defaults" may set (ours)
@@ -31,7 +30,7 @@ RELEASE_FILES = {  # ae_type / enc_type → (file beside the model folder, what 
 
 
 def read_release_folder(folder: Path, cfg) -> tuple[dict, Path, list[str]]:
-    """(run settings, weights, what was loaded) of a release model folder (tools/release.py); flags win."""
+    """(run settings, weights, what was loaded) of a release model folder (vosr/release.py); flags win."""
     def beside(key):
         name, what, flag = RELEASE_FILES[key]
         if not (folder.parent / name).exists():
@@ -66,12 +65,6 @@ def read_run_dir(folder: Path, cfg) -> tuple[dict, Path, list[str]]:
     run.update({k: getattr(cfg, k) for k in ("codec", "light_decoder", "semantic", "semantic_size", "semantic_layer")
                 if getattr(cfg, k) is not None})
     return run, weights, [f"settings {conf_path}"]
-
-
-def describe_semantic(semantic) -> str:
-    """e.g. 'ViT-B, block 8 of 12, 448 px': what sample.py reports it loaded."""
-    name = {384: "ViT-S", 768: "ViT-B", 1024: "ViT-L"}.get(semantic.dim, f"{semantic.dim}-wide ViT")
-    return f"{name}, block {semantic.layer} of {semantic.depth}, {semantic.image_size} px"
 
 
 def onestep_settings(cfg, note=print):
@@ -121,71 +114,3 @@ def release_folder_of(weights: Path) -> Path | None:
             except ValueError:
                 return None
     return None
-
-
-def load_model(cfg, report=print):
-    """(DiT, codec, semantic encoder, student?, run settings) of the SampleConfig cfg's --ckpt; report gets one
-    line per file loaded; a ValueError or FileNotFoundError names what cannot be used."""
-    ckpt = Path(cfg.ckpt)
-    if ckpt.is_file() and ckpt.name in RUN_WEIGHTS and (ckpt.parent / "config.json").is_file():
-        report(f"sample.py: --ckpt {ckpt}: {RUN_WEIGHTS[ckpt.name]} of the run dir {ckpt.parent}: "
-               f"using the run dir (its config.json and ema.safetensors), as --ckpt {ckpt.parent}")
-        ckpt = ckpt.parent
-    folder = release_folder_of(ckpt)
-    if folder is not None:
-        report(f"sample.py: --ckpt {ckpt}: the weights of the release model folder {folder}: using "
-               f"the folder (its args.json), as --ckpt {folder}")
-        ckpt = folder
-    if ckpt.is_dir():
-        official = (ckpt / "args.json").is_file() and not (ckpt / "config.json").is_file()
-        run, weights, loaded = (read_release_folder if official else read_run_dir)(ckpt, cfg)
-    elif ckpt.is_file():
-        weights, loaded = ckpt, []
-        run = dict(preset=cfg.preset, codec=cfg.codec or "pixel", light_decoder=cfg.light_decoder,
-                   semantic=cfg.semantic or "none", semantic_size=cfg.semantic_size or 448,
-                   semantic_layer=cfg.semantic_layer, train_grid=32)
-    else:
-        raise ValueError(f"{ckpt}: checkpoint not found")
-    if run.get("kind") == release.ONESTEP and cfg.student is False:
-        raise ValueError(f"--student 0: {ckpt} is VOSR 2.0 (args.json distill_type 'onestep'), "
-                         "one step of one branch: it has no teacher sampling")
-    shapes = read_safetensors_header(weights)[0]
-    light = None if run.get("light_decoder") in (None, "none") else run["light_decoder"]
-    codec = vae.load_codec(run["codec"], light_decoder=light, device=cfg.device)
-    if not isinstance(codec, vae.PixelCodec):
-        loaded.append(f"codec {run['codec']} ({codec.channels} channels, ×{codec.factor})")
-    if light:
-        loaded.append(f"light decoder {light}")
-    semantic = vae.load_semantic(run["semantic"], image_size=run["semantic_size"], device=cfg.device,
-                                 layer=run.get("semantic_layer"))
-    if semantic is not None and Path(run["semantic"]).is_file():
-        loaded.append(f"DINOv2 {run['semantic']} ({describe_semantic(semantic)})")
-    with_r = any(k.startswith("r_embedder.") for k in shapes)
-    enc_dim = semantic.dim if semantic is not None else run.get("enc_dim", 768)
-    if run.get("release"):
-        ae = run["args"]["ae_type"]
-        if semantic is not None and semantic.dim != run["enc_dim"]:
-            raise ValueError(f"{run['semantic']}: a {semantic.dim}-wide DINOv2, but args.json has enc_dim {run['enc_dim']}")
-        if codec.channels != release.RELEASE_LATENT_CHANNELS[ae]:
-            raise ValueError(f"{run['codec']}: a {codec.channels}-channel codec, but args.json's ae_type {ae} "
-                             f"needs {release.RELEASE_LATENT_CHANNELS[ae]}")
-        try:
-            fc1_width = shapes.get("mlp_ca.fc1.weight", (0,))[0]
-            conf = dit.release_config(run["args"], codec.channels, enc_dim, with_r, fc1_width)
-        except ValueError as e:
-            raise ValueError(f"{ckpt / 'args.json'}: {e}") from None
-        run.update(preset=conf.preset if conf.preset != "custom" else f"dim {conf.dim}, depth {conf.depth}",
-                   train_grid=conf.train_grid)
-        if run["kind"] == release.ONESTEP:
-            run["preset"] += ", VOSR 2.0"
-    else:
-        conf = dit.preset_config(run["preset"], latent_channels=codec.channels, with_r=with_r, enc_dim=enc_dim,
-                                 train_grid=run["train_grid"], patch_size=run.get("patch_size", 2))
-    kind = run.get("kind", release.STUDENT if with_r else release.TEACHER)  # a run dir: its weights
-    model = dit.from_checkpoint(conf, str(weights))
-    what = release.KIND_NAMES[kind]
-    loaded.insert(0, f"DiT {weights} (dim {model.dim}, depth {model.depth}, {what})")
-    for line in loaded:
-        report(f"sample.py: loaded {line}")
-    student = kind != release.TEACHER if cfg.student is None else cfg.student
-    return model, codec, semantic, student, run

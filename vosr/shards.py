@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tools import files
-from tools.crops import random_crop, step_generator
+from vosr import files
+from vosr.crops import random_crop, step_generator
 
 SHARD_BUFFER = 1000   # WebDataset shuffle buffer (samples); the first `SHARD_BUFFER // 10` start the stream
 

@@ -19,7 +19,7 @@ def default_cache():
     return Path(os.environ.get("VOSR_METRICS_CACHE") or Path.home() / ".cache" / "vosr_metrics")
 
 
-FETCH_COMMAND = "python tools/fetch_weights.py"  # downloads and converts the weights below, once
+FETCH_COMMAND = "python -m tools.fetch_weights"  # downloads and converts the weights below, once
 
 # the converted files each weight-bearing metric reads (PSNR and SSIM need none)
 WEIGHT_FILES = {"lpips": ("alexnet.safetensors", "lpips_alex_heads.safetensors"),

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from tools.files import read_state_dict
+from vosr.files import read_state_dict
 
 EFFNET_LITE0_FILE = "efficientnet-lite0-57934424.pth"
 # Blocks per stage of the Lite0 builder: the package numbers its 16 blocks 0..15 in one list, timm by

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tools.files import UserError, atomic_path, write_image
+from vosr.files import UserError, atomic_path, write_image
 
 
 def mean_row(rows, names):

@@ -5,7 +5,7 @@ out/a.png pairs with hr/a.jpg; a second file of the same key and a file without 
 """
 from pathlib import Path
 
-from tools.files import find_images
+from vosr.files import find_images
 
 
 def index_images(root):

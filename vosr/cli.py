@@ -78,7 +78,7 @@ HELP = {  # one line per flag; the default is appended by config_parser
 }
 CHOICES = {"mode": ("partial", "cfg", "full"), "degradation": ("realesrgan", "bicubic", "mix"),
            "resize_back": ("bicubic", "release")}
-BENCH_MOVED = "--bench moved to tools/bench_train.py: python tools/bench_train.py --help"
+BENCH_MOVED = "--bench moved to tools/bench_train.py: python -m tools.bench_train --help"
 
 
 def number(kind=float, low=None, high=None, low_open=False, multiple=None):
@@ -140,8 +140,8 @@ DISTILL_HELP = HELP | {
 DISTILL_CHOICES = CHOICES | {"method": ("rc", "shortcut")}
 DISTILL_RANGES = RANGES | {"omega": FINITE, "delta": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
                            "n_rc": at_least(1), "alpha": IN_01}
-EXPORT_MOVED = "--export moved to tools/export.py: python tools/export.py RUN_DIR OUT_DIR [--note TEXT] [--overwrite]"
-DISTILL_EPILOG = """export (no training): python tools/export.py RUN_DIR OUT_DIR [--note TEXT] [--overwrite]
+EXPORT_MOVED = "--export moved to tools/export.py: python -m tools.export RUN_DIR OUT_DIR [--note TEXT] [--overwrite]"
+DISTILL_EPILOG = """export (no training): python -m tools.export RUN_DIR OUT_DIR [--note TEXT] [--overwrite]
   writes RUN_DIR's EMA weights as fp16 ema.safetensors + the config keys sample.py needs into OUT_DIR
   (a teacher or a student; train_teacher.py --init can start from it too)."""
 
@@ -171,7 +171,7 @@ def presets_epilog(presets: dict, models=None, header: str = PRESETS_HEADER) -> 
     if models is None:
         return text
     return (f"{text}\n  any of {', '.join(sorted(models))}: that dit.py model with the flags' "
-            "defaults\n\nthroughput benchmark (no training): python tools/bench_train.py --help")
+            "defaults\n\nthroughput benchmark (no training): python -m tools.bench_train --help")
 
 
 def refuse_moved(p: OneLineParser, argv, flags: tuple, message: str) -> None:
@@ -298,3 +298,48 @@ def run_script(main, prog: str) -> int:
         print(f"{prog}: interrupted (Ctrl-C): the files written so far are complete, an unfinished one "
               "was not kept; run the same command again", file=sys.stderr)
         return 130
+
+
+# ----------------------------------------------------------------------------- evaluate.py's argparse types
+# (shared with tools/bench_sample.py, tools/seams.py, tools/fetch_weights.py): range-checked numbers above,
+# comma lists, help that states every default
+
+class CLIParser(OneLineParser):
+    """OneLineParser with evaluate.py's `prog: error: message` wording (as its other error lines); also the
+    parser of tools/bench_sample.py, tools/seams.py and tools/fetch_weights.py."""
+
+    def error(self, message):
+        super().error(f"error: {message}")
+
+
+def listed(item):
+    """argparse type: a comma list, each entry parsed (and checked) by `item`; e.g. listed(number(int, 1))."""
+    def parse(text):
+        values = [item(v.strip()) for v in text.split(",") if v.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected a comma list, got {text!r}")
+        return values
+    return parse
+
+
+def one_of(*choices):
+    """argparse type for a comma-list entry that must be one of `choices`."""
+    def parse(text):
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(choices)}")
+        return text
+    return parse
+
+
+def describe_defaults(parser):
+    """Every option's help ends with its true default: '(default: X)' is appended where the help does not
+    already state one (on/off flags are off; a default computed at run time must be described by hand)."""
+    for a in parser._actions:
+        if a.help == argparse.SUPPRESS or a.nargs == 0 or a.required or not a.option_strings:
+            continue  # --help, on/off flags, required flags, the subcommand
+        if not a.help:
+            a.help = f"one of {', '.join(map(str, a.choices))}" if a.choices else a.dest.replace("_", " ")
+        if "default" not in a.help:
+            shown_default = ",".join(map(str, a.default)) if isinstance(a.default, (list, tuple)) else a.default
+            a.help += f" (default: {shown_default})".replace("%", "%%")
+    return parser

@@ -1,6 +1,6 @@
 """The random draws of training: generators seeded by (seed, step), so a resume draws exactly what the
 stopped run would have, and the random crop (and flip) of an HR image. Used by train_teacher.py (folder
-data, noise and degradation draws) and tools/shards.py (streamed data).
+data, noise and degradation draws) and vosr/shards.py (streamed data).
 """
 import torch
 import torch.nn.functional as F
