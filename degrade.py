@@ -222,9 +222,15 @@ def sample_params(n, cfg=None, generator=None) -> DegradationDraws:
     g = generator if generator is not None else torch.default_generator
     if g.device.type != "cpu":
         raise ValueError("degrade: pass a CPU torch.Generator (draws happen on CPU so every device agrees)")
-    u = lambda lo, hi: _uniform(n, lo, hi, g)                                    # noqa: E731
-    coin = lambda p: torch.rand(n, generator=g, dtype=torch.float64) < p         # noqa: E731
-    modes = lambda: torch.randint(len(cfg.resize_modes), (n,), generator=g)      # noqa: E731
+
+    def u(lo, hi):                # n uniform draws in [lo, hi]
+        return _uniform(n, lo, hi, g)
+
+    def coin(p):                  # n coin flips, each True with probability p
+        return torch.rand(n, generator=g, dtype=torch.float64) < p
+
+    def modes():                  # n resize modes (area, bilinear, bicubic)
+        return torch.randint(len(cfg.resize_modes), (n,), generator=g)
 
     def resize_scale(probs, rng):
         updown = torch.multinomial(torch.tensor(probs, dtype=torch.float64), n, replacement=True, generator=g)

@@ -29,6 +29,7 @@ The sampler's latency benchmark and the tiling diagnostic are `python -m tools.b
 `python -m tools.seams`.
 """
 import argparse
+import functools
 import math
 import sys
 from dataclasses import dataclass, fields, replace
@@ -98,7 +99,9 @@ def ssim_y(sr, hr, crop=4):
         raise ValueError(f"SSIM needs at least 11x11 pixels after the {crop}-pixel crop, got {tuple(x.shape[-2:])}")
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
     w = gaussian_window()[None, None]
-    blur = lambda t: F.conv2d(t[:, None], w)[:, 0]  # no padding = 'valid': (B, H-10, W-10)
+
+    def blur(t):  # no padding = 'valid': (B, H-10, W-10)
+        return F.conv2d(t[:, None], w)[:, 0]
     mu_x, mu_y = blur(x), blur(y)
     var_x, var_y, cov = blur(x * x) - mu_x ** 2, blur(y * y) - mu_y ** 2, blur(x * y) - mu_x * mu_y
     ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
@@ -164,7 +167,9 @@ class LPIPS(nn.Module):
     def forward(self, x, y):
         """x, y: (B,3,H,W) in [0,1] -> (B,) distances."""
         fx, fy = (tapped(self.features, self.taps, ((2 * t - 1) - self.shift) / self.scale) for t in (x, y))
-        unit = lambda f: f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)  # channel-unit-normalise
+
+        def unit(f):  # each position's feature vector scaled to unit length over channels
+            return f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
         d = 0
         for a, b, lin in zip(fx, fy, self.lins):
             d = d + lin((unit(a) - unit(b)) ** 2).mean(dim=(2, 3))  # (B, 1)
@@ -349,6 +354,22 @@ def parse_metrics(text):
     return list(dict.fromkeys(names))
 
 
+def _full_reference(metric, sr, hr, **kw) -> float:
+    return float(metric(sr, hr, **kw))
+
+
+def _network(net, device, sr, hr) -> float:
+    return float(net(sr.to(device), hr.to(device)))
+
+
+def _no_reference(net, device, sr, hr) -> float:
+    return float(net(sr.to(device)).item())
+
+
+def _niqe(params, sr, hr) -> float:
+    return niqe_y(sr, params)
+
+
 def build_scorers(names, crop=4, device="cpu", cache=None):
     """{name: f(sr, hr) -> float} for the metrics that can run, and {name: 'skipped NAME: why'} for the others
     (a weight-bearing metric whose converted weights are not in the cache, a pyiqa metric pyiqa cannot build)."""
@@ -356,25 +377,22 @@ def build_scorers(names, crop=4, device="cpu", cache=None):
     for name in names:
         if missing_weights(name, cache):
             skipped[name] = f"skipped {name}: {weights_not_found(cache)}"
-        elif name == "psnr":
-            scorers[name] = lambda sr, hr: psnr_y(sr, hr, crop).item()
-        elif name == "ssim":
-            scorers[name] = lambda sr, hr: ssim_y(sr, hr, crop).item()
+        elif name in ("psnr", "ssim"):
+            metric = psnr_y if name == "psnr" else ssim_y
+            scorers[name] = functools.partial(_full_reference, metric, crop=crop)
         elif name in ("lpips", "lpips_vgg"):
-            m = load_lpips("alex" if name == "lpips" else "vgg", cache, device)
-            scorers[name] = lambda sr, hr, m=m: m(sr.to(device), hr.to(device)).item()
+            net = load_lpips("alex" if name == "lpips" else "vgg", cache, device)
+            scorers[name] = functools.partial(_network, net, device)
         elif name == "dists":
-            m = load_dists(cache, device)
-            scorers[name] = lambda sr, hr, m=m: m(sr.to(device), hr.to(device)).item()
+            scorers[name] = functools.partial(_network, load_dists(cache, device), device)
         elif name == "niqe":
-            params = load_niqe_params(cache)
-            scorers[name] = lambda sr, hr: niqe_y(sr, params)
+            scorers[name] = functools.partial(_niqe, load_niqe_params(cache))
         else:
-            m, reason = load_pyiqa(name, device)
-            if m is None:
+            net, reason = load_pyiqa(name, device)
+            if net is None:
                 skipped[name] = f"skipped {name}: {reason}"
             else:
-                scorers[name] = lambda sr, hr, m=m: float(m(sr.to(device)).item())
+                scorers[name] = functools.partial(_no_reference, net, device)
     return scorers, skipped
 
 

@@ -125,11 +125,11 @@ def sample(model, codec, semantic, lr, scale=4.0, steps=25, guidance=0.5, alpha=
     c_sem = None if semantic is None else semantic(lr_up)              # DINOv2 tokens of LR↑
     z1 = torch.randn(c_str.shape, generator=generator).to(c_str.device)   # z_1 ~ N(0, I)
     z = start_latent(c_str, z1, start)                                   # z_1, or (ours) z_start
-    if student:      # one branch, r = the next time: the guidance was distilled in (§3.4)
-        velocity = lambda z, t, r: guided_velocity(  # noqa: E731
-            model, z, t, c_str, c_sem, 1.0, r=uses_r(model, r))
-    else:            # restoration-oriented guidance (eq. 2)
-        velocity = lambda z, t, r: guided_velocity(model, z, t, c_str, c_sem, guidance, alpha)  # noqa: E731
+
+    def velocity(z, t, r):
+        if student:  # one branch, r = the next time: the guidance was distilled in (§3.4)
+            return guided_velocity(model, z, t, c_str, c_sem, 1.0, r=uses_r(model, r))
+        return guided_velocity(model, z, t, c_str, c_sem, guidance, alpha)  # eq. 2
     z0 = euler_sample(velocity, z, timesteps(steps, schedule, shift, start))  # t: 1 → 0
     sr = codec.decode(z0).float()[..., :H, :W].add(1).div(2)           # [-1, 1] → [0, 1], padding cropped
     return color_fix_of(sr, lr_up, color_fix)
@@ -253,7 +253,9 @@ def tiled_decode(codec, z: torch.Tensor, size: tuple[int, int], tile: int = 512,
     return blend_tiles(lambda y, x: decode(z[..., y:y + th, x:x + tw]), out, rows, cols)[..., :size[0], :size[1]]
 
 
-_round = lambda v: math.floor(v + 0.5)  # noqa: E731 (half up; Python's round() is half-to-even)
+def _round(v):
+    """v rounded half up (Python's round() is half-to-even)."""
+    return math.floor(v + 0.5)
 
 
 @torch.no_grad()
@@ -269,7 +271,9 @@ def semantic_token_map(semantic, img: torch.Tensor, tile: int, overlap: int) -> 
         return tuple(zip(starts, offsets, blend_weights(offsets, g, G, _round(overlap * g / n), img.device))), n, G
     (rows, th, Gh), (cols, tw, Gw) = axis(H), axis(W)
     out = img.new_zeros(img.shape[0], semantic.dim, Gh, Gw, dtype=torch.float32)
-    tokens = lambda y, x: semantic(img[..., y:y + th, x:x + tw]).unflatten(1, (g, g)).permute(0, 3, 1, 2)  # noqa: E731
+
+    def tokens(y, x):  # the g×g tokens of one window, as a (B, dim, g, g) map
+        return semantic(img[..., y:y + th, x:x + tw]).unflatten(1, (g, g)).permute(0, 3, 1, 2)
     return blend_tiles(tokens, out, rows, cols).permute(0, 2, 3, 1).contiguous()
 
 
