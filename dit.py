@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from vosr.files import atomic_path
+from vosr.files import save_safetensors
 from vosr.release import RELEASE_ARCH_FLAGS
 
 
@@ -435,13 +435,10 @@ def param_count(preset: str, **overrides) -> int:
 
 def save_checkpoint(model: VOSRDiT, path: str, metadata: dict | None = None):
     """Write the state dict (release layout) as safetensors, atomically; config goes in the metadata."""
-    from safetensors.torch import save_file
     meta = {k: str(v) for k, v in asdict(model.cfg).items()}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
+    save_safetensors(model.state_dict(), path, meta)
 
 
 # ----------------------------------------------------------------------------- the official release's weights

