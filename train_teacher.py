@@ -26,6 +26,7 @@ All randomness of step k is drawn from generators seeded by (seed, k), so --resu
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -123,6 +124,125 @@ PRESETS = {
     "1.4B-stage2": dict(preset="1.4B", size=512, batch=256, lr=5e-5, steps=400_000, bf16=True,
                         semantic="dinov2_vitl14.safetensors", semantic_size=448),
 }
+
+
+# ----------------------------------------------------------------------------- the command line
+
+EPILOG = f"""{cli.presets_epilog(PRESETS)}
+  any of {", ".join(sorted(dit.PRESETS))}: that dit.py model with the flags' defaults
+
+throughput benchmark (no training): python -m tools.bench_train --help"""
+
+
+def build_parser() -> cli.OneLineParser:
+    """train_teacher.py's flags: --preset and --init, then the ones distill.py shares. The defaults
+    are what --help shows (the tiny preset's); parse_cli builds the config from the typed flags."""
+    usage = "%(prog)s --data DIR --out RUN_DIR [--preset NAME] [flag ...]"
+    p = cli.OneLineParser(prog=NAME, usage=usage, description=__doc__, epilog=EPILOG,
+                          formatter_class=cli.HelpFormatter)
+    p.add_argument("--preset", metavar="NAME", choices=sorted({*PRESETS, *dit.PRESETS}),
+                   default="tiny", help="recipe of defaults (listed below) or a bare dit.py model")
+    p.add_argument("--init", metavar="RUN_DIR",
+                   help="start from the EMA weights of a run dir or weights file "
+                        "(stage 2 from stage 1; step 0, new optimiser)")
+    add_training_flags(p, TrainConfig(**PRESETS["tiny"]))
+    return p
+
+
+def add_training_flags(p: cli.OneLineParser, d) -> None:
+    """The flags of TrainConfig's other fields, in groups; distill.py has them too. `d` holds the
+    defaults --help shows (distill.py's are not the teacher's)."""
+    on_off = argparse.BooleanOptionalAction  # --bf16 and --no-bf16: a flag given again on --resume
+    g = p.add_argument_group("data")
+    g.add_argument("--data", metavar="DIR", default=argparse.SUPPRESS,  # required, unless --resume
+                   help="HR training images: a folder (searched recursively), .tar shards or "
+                        "a .txt list; required")
+    g.add_argument("--val-data", metavar="DIR", default=d.val_data,
+                   help="held-out HR folder: validation loss, PSNR and an LR | sample | HR grid")
+    g.add_argument("--degradation", choices=("realesrgan", "bicubic", "mix"), default=d.degradation,
+                   help="how LR inputs are made: realesrgan (second order, §4.1), bicubic ×4, "
+                        "or mix (ours: a third each of bicubic, light and full Real-ESRGAN)")
+    g.add_argument("--resize-back", choices=("bicubic", "release"), default=d.resize_back,
+                   help="LR → HR size before encoding: bicubic, clamped (as sample.py) or release "
+                        "(the release's: area, bilinear or bicubic at random, 8-bit)")
+    g.add_argument("--size", type=int, metavar="N", default=d.size,
+                   help="HR crop side, a multiple of the codec's factor × --patch-size")
+
+    g = p.add_argument_group("the model (its size: --preset)")
+    g.add_argument("--patch-size", type=int, metavar="N", default=d.patch_size,
+                   help="DiT patch side in latent pixels: 2 in the paper, 1 for the pixel codec")
+    g.add_argument("--codec", metavar="SPEC", default=d.codec,
+                   help="'pixel' (8×8 blocks), 'pixel4' (4×4) or a diffusers VAE folder")
+    g.add_argument("--light-decoder", metavar="FILE", default=d.light_decoder,
+                   help="lightweight decoder .safetensors, used only to sample validation grids")
+    g.add_argument("--semantic", metavar="SPEC", default=d.semantic,
+                   help="c_sem encoder (§3.2): none, random (a seeded ViT-S/14), a DINOv2 weights "
+                        "file (.safetensors, .pth), efficientnet-lite0 (ImageNet) or "
+                        "random-efficientnet-lite0")
+    g.add_argument("--semantic-size", type=int, metavar="N", default=d.semantic_size,
+                   help="input side of the semantic encoder, a multiple of 14 (the release: 448)")
+
+    g = p.add_argument_group("optimisation (AdamW, constant lr: appendix A.3, Table 5)")
+    g.add_argument("--batch", type=int, metavar="N", default=d.batch,
+                   help="global batch: all ranks × --grad-accum")
+    g.add_argument("--grad-accum", type=int, metavar="N", default=d.grad_accum,
+                   help="micro-batches accumulated per optimiser step")
+    g.add_argument("--steps", type=int, metavar="N", default=d.steps,
+                   help="train until this step (with --resume: the total, not the new steps)")
+    g.add_argument("--lr", type=float, metavar="X", default=d.lr,
+                   help="AdamW learning rate")
+    g.add_argument("--weight-decay", type=float, metavar="X", default=d.weight_decay,
+                   help="AdamW weight decay")
+    g.add_argument("--beta1", type=float, metavar="X", default=d.beta1, help="AdamW β1")
+    g.add_argument("--beta2", type=float, metavar="X", default=d.beta2, help="AdamW β2")
+    g.add_argument("--grad-clip", type=float, metavar="X", default=d.grad_clip,
+                   help="clip the gradient norm to this")
+    g.add_argument("--ema", type=float, metavar="X", default=d.ema,
+                   help="EMA decay of the weights that are saved and sampled, in [0, 1)")
+
+    g = p.add_argument_group("conditioning κ (§3.3)")
+    g.add_argument("--mode", choices=("partial", "cfg", "full"), default=d.mode,
+                   help="the auxiliary branch: partial (α·c_str), cfg (nothing) or full (none)")
+    g.add_argument("--p-partial", type=float, metavar="X", default=d.p_partial,
+                   help="probability per sample of the auxiliary branch")
+    g.add_argument("--alpha-min", type=float, metavar="X", default=d.alpha_min,
+                   help="α ~ U[alpha_min, alpha_max] in the partial branch")
+    g.add_argument("--alpha-max", type=float, metavar="X", default=d.alpha_max,
+                   help="see --alpha-min")
+    g.add_argument("--aug-mean", type=float, metavar="X", default=d.aug_mean,
+                   help="noise augmentation of c_str (the release's): "
+                        "a = sigmoid(N(aug_mean, aug_std)), noise std sqrt(1 − a²)")
+    g.add_argument("--aug-std", type=float, metavar="X", default=d.aug_std, help="see --aug-mean")
+
+    g = p.add_argument_group("the run")
+    g.add_argument("--out", metavar="DIR", default=d.out,
+                   help="run dir to write (config.json, checkpoints, log.jsonl, val_*.png)")
+    g.add_argument("--resume", action=on_off, default=d.resume,
+                   help="continue the run in --out; its config.json gives the defaults")
+    g.add_argument("--overwrite", action=on_off, default=d.overwrite,
+                   help="start over in an --out that holds a run (deleting its files)")
+    g.add_argument("--device", default=d.device, help="cuda or cpu")
+    g.add_argument("--bf16", action=on_off, default=d.bf16, help="bfloat16 autocast")
+    g.add_argument("--compile", action=on_off, default=d.compile,
+                   help="torch.compile the DiT blocks")
+    g.add_argument("--grad-ckpt", action=on_off, default=d.grad_ckpt,
+                   help="gradient checkpointing of the DiT blocks (less memory, slower)")
+    g.add_argument("--seed", type=int, metavar="N", default=d.seed,
+                   help="seed of every random draw (step k's depend only on seed and k)")
+    g.add_argument("--workers", type=int, metavar="N", default=d.workers,
+                   help="DataLoader worker processes (0: none)")
+    g.add_argument("--cache-images", action=on_off, default=d.cache_images,
+                   help="keep decoded photos in RAM (per worker): for small folders")
+    g.add_argument("--log-every", type=int, metavar="N", default=d.log_every,
+                   help="log.jsonl record and progress line every N steps")
+    g.add_argument("--val-every", type=int, metavar="N", default=d.val_every,
+                   help="validate every N steps (with --val-data)")
+    g.add_argument("--val-steps", type=int, metavar="N", default=d.val_steps,
+                   help="sampling steps of the validation samples")
+    g.add_argument("--ckpt-every", type=int, metavar="N", default=d.ckpt_every,
+                   help="write ckpt.safetensors and ema.safetensors every N steps")
+    g.add_argument("--skip-nonfinite", type=int, metavar="N", default=d.skip_nonfinite,
+                   help="tolerate N non-finite losses (skipped steps) before stopping")
 
 
 # ----------------------------------------------------------------------------- conditioning κ (§3.3)
@@ -594,20 +714,12 @@ def preflight(cfg, name: str = "train_teacher.py") -> HRCrops | list:
 
 # ----------------------------------------------------------------------------- command line
 
-TRUE_DEFAULTS = dataclasses.asdict(TrainConfig()) | PRESETS["tiny"] | {
-    "preset": "tiny", "device": "cuda if available, else cpu"}
-EPILOG = cli.presets_epilog(PRESETS, dit.PRESETS)
-
-
 def parse_cli(argv=None, check_files: bool = True) -> tuple[TrainConfig, list]:
     """The command line → (config, changes). A fresh run: the preset fills the defaults (PRESETS, or a
     bare dit.py model preset), typed flags win. --resume: the run's config.json fills them instead."""
-    p = cli.config_parser(TrainConfig, __doc__, TRUE_DEFAULTS, cli.HELP, EPILOG)
-    cli.refuse_moved(p, argv, ("--bench",), cli.BENCH_MOVED)
-    given = vars(p.parse_args(argv))
+    p = build_parser()
+    given = cli.given_flags(p, argv)
     typed_preset, preset = "preset" in given, given.pop("preset", "tiny")
-    if preset not in PRESETS and preset not in dit.PRESETS:
-        p.error(f"--preset {preset}: choose from {', '.join(sorted(set(PRESETS) | set(dit.PRESETS)))}")
     recipe = PRESETS.get(preset, {"preset": preset})
     # on --resume a preset typed again names the model; its other defaults give way to the saved ones
     retyped = given | ({"preset": recipe["preset"]} if typed_preset else {})

@@ -81,6 +81,19 @@ CHOICES = {"mode": ("partial", "cfg", "full"), "degradation": ("realesrgan", "bi
 BENCH_MOVED = "--bench moved to tools/bench_train.py: python -m tools.bench_train --help"
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help of the training scripts: the docstring as written, and each flag's default after its help."""
+
+
+def given_flags(p: argparse.ArgumentParser, argv=None) -> dict:
+    """The flags typed on the command line, without the parser's defaults (those are what --help shows):
+    --resume must know which values were given again. argparse fills in a default only where the
+    namespace has no value yet, so every flag starts UNSET, and what is still UNSET was not typed."""
+    unset = object()
+    start = argparse.Namespace(**{a.dest: unset for a in p._actions})
+    return {k: v for k, v in vars(p.parse_args(argv, start)).items() if v is not unset}
+
+
 def number(kind=float, low=None, high=None, low_open=False, multiple=None):
     """argparse type: a finite `kind` number in [low, high] ((low, high] with low_open); None: unbounded."""
     name = "an integer" if kind is int else "a number"
