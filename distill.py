@@ -22,14 +22,16 @@ One training step (the loop in main() reads in this order; the plumbing is train
 
 The model preset, codec and semantic encoder come from the teacher's config.json. The output run
 dir has the same layout as a teacher's, so `sample.py --ckpt STUDENT_DIR --steps 1` works.
-Shipping a run as fp16 weights: tools/export.py RUN_DIR OUT_DIR.
+Shipping a run (a student's or a teacher's) as fp16 weights: python -m tools.export RUN_DIR OUT_DIR.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +42,12 @@ import train_teacher as tt
 from vosr import cli, runs
 from train_teacher import TrainConfig, build_conditions, draw_teacher, interpolate
 
+NAME = "distill.py"
+
 
 @dataclass
 class DistillConfig(TrainConfig):
+    out: str = "runs/student"   # (the teacher's: runs/teacher)
     teacher: str = ""        # teacher run dir (config.json + ema.safetensors)
     method: str = "rc"       # rc (the paper's, appendix A.1.2) | shortcut (A.1.1)
     omega: float = 0.5       # distillation guidance weight ω of the teacher target (eq. 5; the release's cfg_scale 0.5)
@@ -61,6 +66,49 @@ PRESETS = {
     "tiny": dict(size=64, batch=4, steps=200, lr=2e-4, ema=0.99, ckpt_every=50),
     "small": dict(size=64, batch=16, steps=400, lr=2e-4, ema=0.99, ckpt_every=50),
 }
+# What a student takes from its teacher's config.json unless a flag says otherwise.
+INHERITED = ("preset", "patch_size", "codec", "light_decoder", "semantic", "semantic_size",
+             "degradation", "resize_back", "mode", "p_partial", "alpha_min", "alpha_max", "aug_mean",
+             "aug_std")
+
+
+# ----------------------------------------------------------------------------- the command line
+
+EPILOG = cli.presets_epilog(PRESETS, cli.PRESETS_HEADER.replace("):", "; the model is the teacher's):"))
+
+
+def build_parser() -> cli.OneLineParser:
+    """distill.py's flags: its own, then the teacher's (train_teacher.add_training_flags). The defaults
+    are what --help shows (the paper preset's); parse_cli builds the config from the typed flags."""
+    usage = "%(prog)s --teacher RUN_DIR --data DIR --out STUDENT_DIR [--preset NAME] [flag ...]"
+    p = cli.OneLineParser(prog=NAME, usage=usage, description=__doc__, epilog=EPILOG,
+                          formatter_class=cli.HelpFormatter)
+    p.add_argument("--preset", choices=tuple(PRESETS), default="paper",
+                   help="recipe of training defaults (listed below); the model is the teacher's")
+    p.add_argument("--teacher", metavar="RUN_DIR", default=argparse.SUPPRESS,
+                   help="teacher run dir (config.json, ema.safetensors) of train_teacher.py; required")
+    # not shown: parse_cli refuses it (the student starts from the teacher's weights)
+    p.add_argument("--init", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    d = DistillConfig(**DEFAULTS)
+
+    g = p.add_argument_group("distillation (§3.4, appendix A.1)")
+    g.add_argument("--method", choices=("rc", "shortcut"), default=d.method,
+                   help="consistency loss for r < t: rc (recursive consistency, eq. 12–17) "
+                        "or shortcut (eq. 7–11)")
+    g.add_argument("--omega", type=float, metavar="X", default=d.omega,
+                   help="distillation guidance weight ω of the teacher target (eq. 5)")
+    g.add_argument("--delta", type=float, metavar="X", default=d.delta,
+                   help="RC: the teacher's warm-start step Δ (eq. 13), in (0, 1]")
+    g.add_argument("--n-rc", type=int, metavar="N", default=d.n_rc,
+                   help="RC: student rollout steps from t_m to r")
+    g.add_argument("--alpha", type=float, metavar="X", default=d.alpha,
+                   help="a fixed α of the partial branch, in the student's input and the teacher's "
+                        "target (the release's one-step models: 0.1); unset: α ~ U per sample")
+    # the training flags; those of the model and of κ default to the teacher's config
+    teachers = dict.fromkeys(INHERITED, "the teacher's")
+    tt.add_training_flags(p, SimpleNamespace(**(dataclasses.asdict(d) | teachers)))
+    return p
+
 
 
 # ----------------------------------------------------------------------------- times and targets
@@ -201,9 +249,7 @@ def main(argv=None) -> dict:
             return run.history
 
 
-# ----------------------------------------------------------------------------- the models and the command line
-
-NAME = "distill.py"
+# ----------------------------------------------------------------------------- the models
 
 
 def build_student(cfg: DistillConfig, tconf: dict, weights: Path, device):
@@ -228,30 +274,13 @@ def build_student(cfg: DistillConfig, tconf: dict, weights: Path, device):
     return codec, semantic, teacher, student.to(device), ema.to(device).requires_grad_(False).eval()
 
 
-# What a student takes from its teacher's config.json unless a flag says otherwise.
-INHERITED = ("preset", "patch_size", "codec", "light_decoder", "semantic", "semantic_size", "degradation",
-             "resize_back", "mode", "p_partial", "alpha_min", "alpha_max", "aug_mean", "aug_std")
-TRUE_DEFAULTS = (dataclasses.asdict(DistillConfig()) | DEFAULTS | {"out": "runs/student"}
-                 | {k: "the teacher's" for k in INHERITED}
-                 | {"preset": "paper", "device": "cuda if available, else cpu"})
-EPILOG = (cli.presets_epilog(PRESETS, header=cli.PRESETS_HEADER.replace(
-    "):", "; the model is always the teacher's):")) + "\n\n" + cli.DISTILL_EPILOG)
-
-
-def build_parser() -> cli.OneLineParser:
-    return cli.config_parser(DistillConfig, __doc__, TRUE_DEFAULTS, cli.DISTILL_HELP, EPILOG,
-                             prog=NAME, choices=cli.DISTILL_CHOICES | {"preset": tuple(PRESETS)})
-
-
 def parse_cli(argv=None, check_files: bool = True) -> tuple[DistillConfig, list]:
     """Teacher's config → distillation defaults → typed flags; with --resume the student run's
     config.json instead of the first two. Returns (config, what --resume changed)."""
     p = build_parser()
-    cli.refuse_moved(p, argv, ("--export", "--to", "--note"), cli.EXPORT_MOVED)
-    given = vars(p.parse_args(argv))
+    given = cli.given_flags(p, argv)
     if "init" in given:
         p.error("--init: not used by distill.py (the student starts from the --teacher's weights)")
-    given.setdefault("out", "runs/student")  # distill's own default, not the teacher's runs/teacher
     recipe = PRESETS[given.pop("preset", "paper")]  # the model preset: always the teacher's
 
     def fresh() -> DistillConfig:
@@ -259,7 +288,7 @@ def parse_cli(argv=None, check_files: bool = True) -> tuple[DistillConfig, list]
             p.error("--teacher RUN_DIR and --data DIR are required")
         tconf, _ = runs.load_teacher_run(given["teacher"], NAME)
         inherit = {k: tconf[k] for k in INHERITED if k in tconf}
-        return DistillConfig(**(inherit | DEFAULTS | recipe | {"out": "runs/student"} | given))
+        return DistillConfig(**(inherit | DEFAULTS | recipe | given))
     return cli.resolve_cli(p, DistillConfig, given, NAME, fresh, cli.DISTILL_RANGES, check_files)
 
 

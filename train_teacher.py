@@ -168,7 +168,7 @@ def add_training_flags(p: cli.OneLineParser, d) -> None:
     g.add_argument("--size", type=int, metavar="N", default=d.size,
                    help="HR crop side, a multiple of the codec's factor × --patch-size")
 
-    g = p.add_argument_group("the model (its size: --preset)")
+    g = p.add_argument_group("the model")
     g.add_argument("--patch-size", type=int, metavar="N", default=d.patch_size,
                    help="DiT patch side in latent pixels: 2 in the paper, 1 for the pixel codec")
     g.add_argument("--codec", metavar="SPEC", default=d.codec,
@@ -221,7 +221,7 @@ def add_training_flags(p: cli.OneLineParser, d) -> None:
                    help="continue the run in --out; its config.json gives the defaults")
     g.add_argument("--overwrite", action=on_off, default=d.overwrite,
                    help="start over in an --out that holds a run (deleting its files)")
-    g.add_argument("--device", default=d.device, help="cuda or cpu")
+    g.add_argument("--device", default=d.device, help="cuda or cpu (cuda where available)")
     g.add_argument("--bf16", action=on_off, default=d.bf16, help="bfloat16 autocast")
     g.add_argument("--compile", action=on_off, default=d.compile,
                    help="torch.compile the DiT blocks")

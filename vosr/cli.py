@@ -172,19 +172,14 @@ def flag(field: str) -> str:
 PRESETS_HEADER = "presets (each sets these defaults; any flag given wins):"
 
 
-def presets_epilog(presets: dict, models=None, header: str = PRESETS_HEADER) -> str:
-    """--help's epilog of a training script: what each preset sets; train_teacher.py's, then the
-    bare dit.py models."""
+def presets_epilog(presets: dict, header: str = PRESETS_HEADER) -> str:
+    """--help's epilog of a training script: each preset and the defaults it sets."""
     rows = []
     for k, d in presets.items():
         sets = ", ".join(flag(f) if v is True else f"{flag(f)} {_show(v)}"
                          for f, v in d.items() if f != "preset")
         rows.append(f"  {k:<12} {sets}" + (f" (model {d['preset']})" if "preset" in d else ""))
-    text = header + "\n" + "\n".join(rows)
-    if models is None:
-        return text
-    return (f"{text}\n  any of {', '.join(sorted(models))}: that dit.py model with the flags' "
-            "defaults\n\nthroughput benchmark (no training): python -m tools.bench_train --help")
+    return header + "\n" + "\n".join(rows)
 
 
 def refuse_moved(p: OneLineParser, argv, flags: tuple, message: str) -> None:
