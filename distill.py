@@ -26,12 +26,11 @@ Shipping a run (a student's or a teacher's) as fp16 weights: python -m tools.exp
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
+from argparse import SUPPRESS
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -68,47 +67,41 @@ PRESETS = {
 }
 # What a student takes from its teacher's config.json unless a flag says otherwise.
 INHERITED = ("preset", "patch_size", "codec", "light_decoder", "semantic", "semantic_size",
-             "degradation", "resize_back", "mode", "p_partial", "alpha_min", "alpha_max", "aug_mean",
-             "aug_std")
+             "degradation", "resize_back", "mode", "p_partial", "alpha_min", "alpha_max",
+             "aug_mean", "aug_std")
 
 
-# ----------------------------------------------------------------------------- the command line
-
-EPILOG = cli.presets_epilog(PRESETS, cli.PRESETS_HEADER.replace("):", "; the model is the teacher's):"))
-
+# ----------------------------------------------------------------------------- the flags
 
 def build_parser() -> cli.OneLineParser:
-    """distill.py's flags: its own, then the teacher's (train_teacher.add_training_flags). The defaults
-    are what --help shows (the paper preset's); parse_cli builds the config from the typed flags."""
+    """distill.py's flags: its own, then the teacher's (train_teacher.add_training_flags). The
+    defaults are what --help shows (the paper preset's); parse_cli builds the config."""
     usage = "%(prog)s --teacher RUN_DIR --data DIR --out STUDENT_DIR [--preset NAME] [flag ...]"
-    p = cli.OneLineParser(prog=NAME, usage=usage, description=__doc__, epilog=EPILOG,
-                          formatter_class=cli.HelpFormatter)
-    p.add_argument("--preset", choices=tuple(PRESETS), default="paper",
+    p = cli.OneLineParser(prog=NAME, usage=usage, description=__doc__,
+                          epilog=cli.presets_epilog(PRESETS), formatter_class=cli.HelpFormatter)
+    p.add_argument("--preset", choices=tuple(PRESETS),
                    help="recipe of training defaults (listed below); the model is the teacher's")
-    p.add_argument("--teacher", metavar="RUN_DIR", default=argparse.SUPPRESS,
-                   help="teacher run dir (config.json, ema.safetensors) of train_teacher.py; required")
+    p.add_argument("--teacher", metavar="RUN_DIR",
+                   help="run dir of train_teacher.py (config.json, ema.safetensors); required")
     # not shown: parse_cli refuses it (the student starts from the teacher's weights)
-    p.add_argument("--init", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    d = DistillConfig(**DEFAULTS)
+    p.add_argument("--init", help=SUPPRESS)
 
     g = p.add_argument_group("distillation (§3.4, appendix A.1)")
-    g.add_argument("--method", choices=("rc", "shortcut"), default=d.method,
-                   help="consistency loss for r < t: rc (recursive consistency, eq. 12–17) "
-                        "or shortcut (eq. 7–11)")
-    g.add_argument("--omega", type=float, metavar="X", default=d.omega,
+    g.add_argument("--method", choices=("rc", "shortcut"), help="consistency loss for r < t: "
+                   "rc (recursive consistency, eq. 12–17) or shortcut (eq. 7–11)")
+    g.add_argument("--omega", type=float,
                    help="distillation guidance weight ω of the teacher target (eq. 5)")
-    g.add_argument("--delta", type=float, metavar="X", default=d.delta,
-                   help="RC: the teacher's warm-start step Δ (eq. 13), in (0, 1]")
-    g.add_argument("--n-rc", type=int, metavar="N", default=d.n_rc,
-                   help="RC: student rollout steps from t_m to r")
-    g.add_argument("--alpha", type=float, metavar="X", default=d.alpha,
+    g.add_argument("--delta", type=float, help="RC: teacher warm-start step Δ (eq. 13), in (0, 1]")
+    g.add_argument("--n-rc", type=int, help="RC: student rollout steps from t_m to r")
+    g.add_argument("--alpha", type=float,
                    help="a fixed α of the partial branch, in the student's input and the teacher's "
                         "target (the release's one-step models: 0.1); unset: α ~ U per sample")
-    # the training flags; those of the model and of κ default to the teacher's config
+    tt.add_training_flags(p)
+    # the paper preset's defaults; those of the model and of κ come from the teacher's config.json
     teachers = dict.fromkeys(INHERITED, "the teacher's")
-    tt.add_training_flags(p, SimpleNamespace(**(dataclasses.asdict(d) | teachers)))
+    shown = dataclasses.asdict(DistillConfig(**DEFAULTS)) | teachers
+    p.set_defaults(**shown | {"preset": "paper", "data": SUPPRESS, "teacher": SUPPRESS})  # required
     return p
-
 
 
 # ----------------------------------------------------------------------------- times and targets

