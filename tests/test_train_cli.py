@@ -455,6 +455,15 @@ def test_export_does_not_overwrite_a_model(runs, tmp_path):
         if conf.get(key) is not None:
             assert got[key] == conf[key], key
     assert "resize_back" in got and conf["alpha"] is None and "alpha" not in got  # None: sample.py's 0.15
+    # --sampler-defaults: what sample.py then uses unless given; a key it does not know is one line
+    cli_out = cli("-m tools.export", runs["student"], tmp_path / "e3", "--sampler-defaults",
+                  '{"lapped": "on", "start": 0.4}')
+    assert cli_out.returncode == 0, cli_out.stderr
+    got = json.loads((tmp_path / "e3" / "config.json").read_text())
+    assert got["sampler_defaults"] == {"lapped": "on", "start": 0.4}
+    refused(cli("-m tools.export", runs["student"], tmp_path / "e4", "--sampler-defaults",
+                '{"guidance": 1}'), "--sampler-defaults", "start")
+    assert not (tmp_path / "e4").exists()
     r = cli("distill.py", "--export", runs["student"], "--to", out)  # its old flag: unknown now
     assert r.returncode == 2 and "unrecognized arguments" in refused(r, "--export")
 

@@ -17,7 +17,7 @@ import vae
 
 from vosr.cli import OneLineParser, run_script
 from vosr.files import read_safetensors_header
-from vosr.loading import SAMPLER_DEFAULTS
+from vosr.loading import SAMPLER_DEFAULTS, check_sampler_defaults
 from vosr.files import save_safetensors
 from vosr.runs import write_json
 
@@ -72,12 +72,15 @@ def main(argv=None) -> None:
                         "(default: none)")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in OUT_DIR")
     a = p.parse_args(argv)
-    try:
-        defaults = json.loads(a.sampler_defaults) if a.sampler_defaults else None
-    except json.JSONDecodeError as e:
-        p.error(f"argument --sampler-defaults: not JSON ({e})")
-    if defaults is not None and (not isinstance(defaults, dict) or not set(defaults) <= set(SAMPLER_DEFAULTS)):
-        p.error(f"argument --sampler-defaults: a JSON object of some of {', '.join(SAMPLER_DEFAULTS)}")
+    defaults = None
+    if a.sampler_defaults:
+        try:
+            defaults = json.loads(a.sampler_defaults)
+            check_sampler_defaults(defaults, "argument --sampler-defaults")
+        except json.JSONDecodeError as e:
+            p.error(f"argument --sampler-defaults: not JSON ({e})")
+        except ValueError as e:
+            p.error(str(e))
     out = export_run(a.run_dir, a.out_dir, a.note, a.overwrite, defaults)
     print(f"{NAME}: wrote {out}/ema.safetensors ({(out / 'ema.safetensors').stat().st_size / 1e6:.1f} MB, fp16)")
 

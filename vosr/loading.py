@@ -47,6 +47,13 @@ def read_release_folder(folder: Path, cfg) -> tuple[dict, Path, list[str]]:
     return run, weights, [f"settings {folder / 'args.json'}"]
 
 
+def check_sampler_defaults(own, where: str) -> None:
+    """What a model recommends to sample.py (ours): a JSON object of some of SAMPLER_DEFAULTS, or a
+    ValueError starting with `where`."""
+    if not isinstance(own, dict) or not set(own) <= set(SAMPLER_DEFAULTS):
+        raise ValueError(f"{where} {own!r}: a JSON object of some of {', '.join(SAMPLER_DEFAULTS)}")
+
+
 def read_run_dir(folder: Path, cfg) -> tuple[dict, Path, list[str]]:
     """(run settings, weights, what was loaded) of a train_teacher.py / distill.py run dir; flags win."""
     conf_path, weights = folder / "config.json", folder / "ema.safetensors"
@@ -57,9 +64,7 @@ def read_run_dir(folder: Path, cfg) -> tuple[dict, Path, list[str]]:
     missing = [k for k in ("preset", "codec", "semantic", "semantic_size", "train_grid") if k not in run]
     if missing:
         raise ValueError(f"{conf_path}: missing {', '.join(missing)} (not written by train_teacher.py?)")
-    own = run.get("sampler_defaults", {})                              # what the model recommends (ours)
-    if not isinstance(own, dict) or not set(own) <= set(SAMPLER_DEFAULTS):
-        raise ValueError(f"{conf_path}: sampler_defaults {own!r}: a JSON object of some of {', '.join(SAMPLER_DEFAULTS)}")
+    check_sampler_defaults(run.get("sampler_defaults", {}), f"{conf_path}: sampler_defaults")
     if (folder / run["semantic"]).is_file():                           # a random encoder saved in the run dir
         run["semantic"] = str(folder / run["semantic"])
     run.update({k: getattr(cfg, k) for k in ("codec", "light_decoder", "semantic", "semantic_size", "semantic_layer")
