@@ -571,6 +571,7 @@ def load_pipeline(cfg: SampleConfig, report=print) -> tuple[VOSRPipeline, dict]:
             raise ValueError(f"no --ckpt given and the shipped default model {DEFAULT_CKPT} is missing")
         cfg.ckpt = str(DEFAULT_CKPT)
     model, codec, semantic, student, run = load_model(cfg, report)
+    check_recommended(run.get("sampler_defaults", {}), f"{cfg.ckpt}/config.json: sampler_defaults")
     if default:   # its config.json note says what it is; the first sentence is enough here
         report(f"sample.py: no --ckpt given: using the shipped default model {DEFAULT_CKPT} "
                f"({run.get('note', 'no note').split('. ')[0].rstrip('.')}; README §2)")
@@ -578,6 +579,20 @@ def load_pipeline(cfg: SampleConfig, report=print) -> tuple[VOSRPipeline, dict]:
     pipe = VOSRPipeline(model.to(cfg.device), codec, semantic, student, cfg.device,
                         dtype=dtypes.DTYPES[name])
     return pipe, run
+
+
+def check_recommended(defaults: dict, where: str) -> None:
+    """A model's sampler_defaults pass the checks of the flags they stand for; else a ValueError."""
+    for name, value in defaults.items():
+        kind, _ = SAMPLER_FLAGS[name]
+        try:
+            if isinstance(kind, tuple):
+                if value not in kind:
+                    raise argparse.ArgumentTypeError(f"must be one of {', '.join(kind)}")
+            elif value is not None:
+                kind(str(value))
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"{where}: {name} {value!r}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -271,6 +271,14 @@ def test_tile_default_is_read_from_the_checkpoint(tmp_path, capsys):
     assert sample.main(["--ckpt", str(run), "-i", str(tmp_path / "lr.png"), "-o", str(tmp_path / "out"),
                         "--device", "cpu"]) == 2
     assert "config.json: sampler_defaults" in capsys.readouterr().err
+    # a known setting with a value its flag would refuse: the same one line, before any image
+    for bad, named in (({"start": 2}, "start 2"), ({"lapped": "maybe"}, "lapped 'maybe'")):
+        (run / "config.json").write_text(json.dumps({**conf, "sampler_defaults": bad}))
+        assert sample.main(["--ckpt", str(run), "-i", str(tmp_path / "lr.png"), "-o",
+                            str(tmp_path / "out"), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "sampler_defaults" in err and named in err, err
+        assert not (tmp_path / "out" / "lr.png").exists()
     for name, tile in SHIPPED_TILE.items():
         shipped = json.loads((ROOT / "checkpoints" / name / "config.json").read_text()).get("sampler_defaults", {})
         assert shipped.get("tile") == tile, name   # the measured choice: docs/performance_cpu.md
