@@ -36,10 +36,13 @@ def test_reuse_semantics_equals_plain(semantic, monkeypatch, student, guidance, 
     lr = torch.rand(2, 3, 8, 8) if tile is None else torch.rand(2, 3, 10, 12)
     kw = dict(steps=3, guidance=guidance, tile=tile, tile_overlap=8)
     calls = _count_projections(model, monkeypatch)
-    plain = _run(sample.VOSRPipeline(model, vae.PixelCodec(), semantic, student), lr, **kw)
+    pipes = [sample.VOSRPipeline(model, vae.PixelCodec(), semantic, student, fast=sample.FastPaths(reuse))
+             for reuse in (False, True)]
+    for pipe in pipes:
+        pipe.tile_batch = 1                               # one DiT call per window: counted below
+    plain = _run(pipes[0], lr, **kw)
     n_plain, calls[:] = len(calls), []
-    fast = _run(sample.VOSRPipeline(model, vae.PixelCodec(), semantic, student,
-                                    fast=sample.FastPaths(reuse_semantics=True)), lr, **kw)
+    fast = _run(pipes[1], lr, **kw)
     tiles = 1 if tile is None else len(sample.tile_windows(5, 3, 1, 1)) * len(sample.tile_windows(6, 3, 1, 1))
     assert tiles in (1, 6)                                # 40×48 output, 24-pixel tiles: latent 5×6, tiles 3
     assert n_plain == 3 * tiles and len(calls) == tiles   # once per tile instead of once per step and tile

@@ -659,8 +659,9 @@ def test_gaussian_blend_of_tiles_by_hand():
     """Each latent pixel gets Σ_k g_k(pos)·v_k / Σ_k g_k(pos) over the tiles k covering it, with g the
     separable Gaussian window of each tile; the release's overlap is at least tile/8."""
     z = torch.zeros(1, 1, 20, 27)
-    out = sample.tiled(lambda zw, win: torch.full_like(zw, 1 + win[0] * 100 + win[1]), z, 12, 3, align=1,
-                       blend="gaussian")
+    def level(zw, wins):  # each window's constant, stacked as the windows are
+        return torch.cat([torch.full_like(zw[:1], 1 + y * 100 + x) for y, x, _, _ in wins])
+    out = sample.tiled(level, z, 12, 3, align=1, blend="gaussian", batch=5)
     ys, xs = sample.tile_windows(20, 12, 3, 1), sample.tile_windows(27, 12, 3, 1)
     g = sample.gaussian_window(12)
     num, den = torch.zeros(20, 27), torch.zeros(20, 27)

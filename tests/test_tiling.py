@@ -193,9 +193,9 @@ def recorded_windows(pipe):
     def recording(*a, **kw):
         velocity = on_tile(*a, **kw)
 
-        def one(zw, win, t, r):
-            seen.append(win)
-            return velocity(zw, win, t, r)
+        def one(zw, wins, t, r):
+            seen.extend(wins)
+            return velocity(zw, wins, t, r)
         return one
     pipe.tile_velocity = recording
     return seen
@@ -227,6 +227,7 @@ def test_square_tiles_where_the_release_puts_them(lr_size, tile, overlap):
 def test_tiles_receive_their_semantics(semantic):
     model = PointwiseDiT(192)
     pipe = sample.VOSRPipeline(model, vae.PixelCodec(), semantic)
+    pipe.tile_batch = 1                     # one window per DiT call: model.seen holds each window's c_sem
     lr = torch.rand(1, 3, 16, 24)           # ×2 -> 32×48 output; tile 32, overlap 16 -> tiles at x = 0, 16
     lr_up = F.interpolate(lr, size=(32, 48), mode="bicubic", align_corners=False).clamp(0, 1)
     kw = dict(steps=1, generator=torch.Generator().manual_seed(0), tile=32, tile_overlap=16, guidance=1.0)
@@ -247,6 +248,22 @@ def test_tiles_receive_their_semantics(semantic):
     pipe(lr, 2.0, semantic_tiles="whole", **kw)
     for s in model.seen:
         assert torch.allclose(s, semantic(lr_up), atol=1e-5)
+
+
+@pytest.mark.parametrize("student,reuse", [(False, False), (True, True)])
+def test_batched_windows_equal_one_window_per_call(semantic, student, reuse):
+    """Windows stacked on the batch axis (teacher: both guidance branches; two images; lapped tokens;
+    a last call with fewer windows) give what the DiT gives one window at a time."""
+    torch.manual_seed(0)
+    pipe = sample.VOSRPipeline(tiny_dit(192, enc_dim=semantic.dim), vae.PixelCodec(), semantic,
+                               student=student, fast=sample.FastPaths(reuse_semantics=reuse))
+    lr = torch.rand(2, 3, 20, 28, generator=torch.Generator().manual_seed(1))
+    out = {}
+    for batch in (1, 4):                    # 80×112 output, tile 32, overlap 8: 4×5 windows
+        pipe.tile_batch = batch
+        out[batch] = pipe(lr, 4.0, steps=2, generator=torch.Generator().manual_seed(0), tile=32,
+                          tile_overlap=8, guidance=0.5, lapped="on")
+    torch.testing.assert_close(out[4], out[1], atol=1e-5, rtol=0)
 
 
 def test_semantic_modes_agree_when_one_tile_covers(semantic):

@@ -39,7 +39,8 @@ def tile_disagreement(pipe, lr, tile: int, overlap: int, mode: str, scale=4.0, g
     on_tile, t = pipe.tile_velocity(c_str, sem_of, guidance, alpha), torch.ones(1)
     z = torch.randn(c_str.shape, generator=torch.Generator().manual_seed(seed))
     v = {}                                                                         # window -> its velocity
-    sample.tiled(lambda zw, win: v.setdefault(win, on_tile(zw, win, t, t)), z, tile // f, overlap // f, align=p)
+    sample.tiled(lambda zw, wins: v.setdefault(wins[0], on_tile(zw, wins, t, t)), z, tile // f,
+                 overlap // f, align=p, batch=1)
 
     dv, nv, dc, nc = [], [], [], []
     for (y, x, th, tw), (y2, x2, _, _) in [(a, b) for a in v for b in v                 # right / lower neighbours
