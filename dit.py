@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from vosr.files import save_safetensors
-from vosr.release import RELEASE_ARCH_FLAGS
+from vosr.loading import RELEASE_ARCH_FLAGS
 
 
 @dataclass

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 import sample
 from vosr.cli import CLIParser, describe_defaults, listed, number
-from vosr.dtypes import DEFAULT_DEVICE
+from vosr.runtime import DEFAULT_DEVICE
 from vosr.files import ImageError, UserError, read_image, write_image
 from vosr.image_pairs import index_images, pair_images
 from vosr.metric_weights import load_niqe_params, load_pyiqa, load_weights, missing_weights, weights_not_found

@@ -31,21 +31,22 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 import dit
 import vae
-from vosr import dtypes, release
+from vosr import loading, runtime
 from vosr.cli import OneLineParser, number
-from vosr.color_fix import COLOR_FIX, color_fix_of
-from vosr.fast_paths import FastPaths
 from vosr.files import (ImageError, UserError, WriteError, existing_outputs, find_jobs,
-                         keep_existing, probe_output_folder, read_image, write_image)
-from vosr.files import read_safetensors_header
+                        keep_existing, probe_output_folder, read_image, read_safetensors_header,
+                        write_image)
 from vosr.loading import (DEFAULT_CKPT, RUN_WEIGHTS, checkpoint_defaults, read_release_folder,
                           read_run_dir, release_folder_of)
+from vosr.runtime import FastPaths
 
 
 # ----------------------------------------------------------------------------- the sampler (paper §3.3, §3.4)
@@ -334,6 +335,114 @@ class LappedDiT(torch.nn.Module):
         return F.pixel_unshuffle(v, self.cells)
 
 
+# ----------------------------------------------------------------------------- colour fix (post-processing)
+# Colour fixes of the output against the LR↑, used by sample.py (post-processing, not the method).
+#
+# Computed on the clamped 8-bit output against the 8-bit LR↑ (color_fix_of quantises both first).
+# `adain` and `wavelet` are the official release's (its inference scripts' `--align_method`, the
+# default of a release folder): adain matches each channel's mean and std; wavelet, despite its name,
+# is one Gaussian split that swaps in the reference's low frequencies. `adain-var` and
+# `wavelet-atrous` are ours (this project's earlier definitions, as StableSR's colorfix):
+# σ = sqrt(var + eps), and a 5-level à-trous low pass.
+
+def _std(flat: torch.Tensor) -> torch.Tensor:
+    """torch's unbiased std over the last axis; (ours) 0, not NaN, for one value (a 1×1 image)."""
+    return flat.std(-1, correction=1 if flat.shape[-1] > 1 else 0)
+
+
+def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each channel's mean and unbiased std, shaped to broadcast over (B, C, H, W)."""
+    flat = x.flatten(2)
+    return flat.mean(-1)[..., None, None], _std(flat)[..., None, None]
+
+
+def adain_color_fix(sr: torch.Tensor, ref: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """The release's adain, per channel: (sr − μ_sr)/(σ_sr + eps)·(σ_ref + eps) + μ_ref, σ the
+    unbiased std."""
+    (mu_s, sd_s), (mu_r, sd_r) = _moments(sr), _moments(ref)
+    return (sr - mu_s) / (sd_s + eps) * (sd_r + eps) + mu_r
+
+
+def adain_var_color_fix(sr: torch.Tensor, ref: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """(ours) adain with σ = sqrt(unbiased variance + eps): (sr − μ_sr)/σ_sr · σ_ref + μ_ref."""
+    (mu_s, sd_s), (mu_r, sd_r) = _moments(sr), _moments(ref)
+    return (sr - mu_s) / (sd_s ** 2 + eps).sqrt() * (sd_r ** 2 + eps).sqrt() + mu_r
+
+
+def _low_pass(x: torch.Tensor, levels: int = 5) -> torch.Tensor:
+    """The coarsest level of an à-trous wavelet decomposition: a 3×3 binomial dilated 1, 2, 4, 8,
+    16 (replicate pad)."""
+    k = torch.tensor([1.0, 2.0, 1.0], device=x.device, dtype=x.dtype)
+    k = (k[:, None] * k[None, :] / 16).expand(x.shape[1], 1, 3, 3)
+    for i in range(levels):
+        d = 2 ** i
+        x = F.conv2d(F.pad(x, (d, d, d, d), mode="replicate"), k, dilation=d, groups=x.shape[1])
+    return x
+
+
+def wavelet_atrous_color_fix(sr: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """(ours) The output's high frequencies with the reference's low ones (5-level à-trous):
+    sr − low(sr) + low(ref)."""
+    return sr - _low_pass(sr) + _low_pass(ref)
+
+
+def gaussian_low_pass(x: torch.Tensor, sigma: float = 5.0) -> torch.Tensor:
+    """OpenCV's GaussianBlur(img, (0, 0), sigma) of each image of x (B,C,H,W), in float32."""
+    import cv2                                 # opencv-python-headless (requirements.txt)
+    imgs = x.detach().float().cpu().permute(0, 2, 3, 1).numpy()
+    low = [cv2.GaussianBlur(np.ascontiguousarray(img), (0, 0), sigma).reshape(img.shape)
+           for img in imgs]
+    return torch.from_numpy(np.stack(low)).permute(0, 3, 1, 2).to(x.device)
+
+
+def resize_lanczos(ref: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """ref (B,3,h,w), 8-bit levels in [0,1], resized to (H, W) with PIL LANCZOS (as it is at its
+    own size: PIL returns a copy)."""
+    if tuple(ref.shape[-2:]) == tuple(size):
+        return ref
+    out = []
+    for img in ref:
+        arr = img.float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+        up = Image.fromarray(arr, "RGB").resize((size[1], size[0]), Image.LANCZOS)
+        out.append(torch.from_numpy(np.asarray(up).copy()).permute(2, 0, 1))
+    return torch.stack(out).to(ref.device, torch.float32).div_(255)
+
+
+def wavelet_color_fix(sr: torch.Tensor, ref: torch.Tensor, sigma: float = 5.0) -> torch.Tensor:
+    """The release's 'wavelet' (one Gaussian split): clip(low(ref) + (sr − low(sr)), 0, 1), low =
+    OpenCV's GaussianBlur, σ = 5; the reference first resized to the output's size (PIL LANCZOS)."""
+    ref = resize_lanczos(ref, tuple(sr.shape[-2:]))
+    return (gaussian_low_pass(ref, sigma) + (sr - gaussian_low_pass(sr, sigma))).clamp(0, 1)
+
+
+def quantize8(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] → the nearest of the 256 8-bit levels (what an 8-bit file of x holds)."""
+    return x.clamp(0, 1).mul(255).round().div(255)
+
+
+def truncate8(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] → the 8-bit level below (a uint8 cast of x·255), as the release's wavelet ends."""
+    return x.clamp(0, 1).mul(255).floor().div(255)
+
+
+def color_fix_of(sr: torch.Tensor, ref: torch.Tensor | None, method: str) -> torch.Tensor:
+    """The colour fix `method` of the clamped 8-bit output against the 8-bit LR↑, in [0, 1]; the
+    release's wavelet also truncated to 8 bits, as its function returns them."""
+    if ref is None or method == "none":
+        return sr.clamp(0, 1)
+    fixed = COLOR_FIX[method](quantize8(sr), quantize8(ref)).clamp(0, 1)
+    return truncate8(fixed) if method == "wavelet" else fixed
+
+
+def no_color_fix(sr: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """The output as it is."""
+    return sr
+
+
+COLOR_FIX = {"none": no_color_fix, "adain": adain_color_fix, "wavelet": wavelet_color_fix,
+             "adain-var": adain_var_color_fix, "wavelet-atrous": wavelet_atrous_color_fix}
+
+
 # ----------------------------------------------------------------------------- the tiled pipeline
 
 PROGRESS_AFTER = 3.0   # seconds an image may take before its bar (steps × tiles) and its time are shown
@@ -390,7 +499,7 @@ class VOSRPipeline:
         with self.autocast():
             c_str = tiled_encode(self.codec, lr_up, (H + -H % unit, W + -W % unit), tile, overlap,
                                  self.encode, generator).float()
-        return lr_up, dtypes.finite(c_str, "codec encoder (c_str)", self.dtype)
+        return lr_up, runtime.finite(c_str, "codec encoder (c_str)", self.dtype)
 
     def tile_semantics(self, lr_up: torch.Tensor, tile: int, mode: str = "global"):
         """c_sem of each tile: a function (y, x, h, w) in output pixels → (B, N, dim), or None."""
@@ -401,13 +510,13 @@ class VOSRPipeline:
         stage = "semantic encoder (c_sem)"
         with self.autocast():
             if mode == "whole":
-                c_sem = dtypes.finite(self.semantic(lr_up), stage, self.dtype)
+                c_sem = runtime.finite(self.semantic(lr_up), stage, self.dtype)
                 return lambda *win: c_sem
             if mode == "global":
-                tmap = dtypes.finite(semantic_token_map(self.semantic, lr_up, tile, tile // 2),
+                tmap = runtime.finite(semantic_token_map(self.semantic, lr_up, tile, tile // 2),
                                         stage, self.dtype)
                 return lambda y, x, h, w: crop_tokens(tmap, y, x, tuple(lr_up.shape[-2:]), self.semantic.grid)
-        return functools.lru_cache(None)(lambda y, x, h, w: dtypes.finite(
+        return functools.lru_cache(None)(lambda y, x, h, w: runtime.finite(
             self.semantic(lr_up[..., y:y + h, x:x + w]), stage, self.dtype))
 
     def denoise(self, c_str, sem_of, generator, ts, guidance, alpha, latent_tiles, blend="linear", progress=False,
@@ -427,14 +536,14 @@ class VOSRPipeline:
                 return tiled(some_tiles, z, lt, lo, align, blend, self.tile_batch)
             z0 = euler_sample(velocity, z1, ts, inplace=True)                  # z_1 → z_0, in place
         # a NaN or inf of any step's velocity stays in z_0: one check per image, no sync per step
-        return dtypes.finite(z0, "DiT (velocity)", self.dtype)
+        return runtime.finite(z0, "DiT (velocity)", self.dtype)
 
     def finish(self, z0, size, tile: int, overlap: int, ref, color_fix: str = "none"):
         """z_0 → SR in [0,1]: decoded tile by tile, then the colour fix against LR↑."""
         with self.autocast():
             sr = tiled_decode(self.codec, z0, size, tile, overlap, self.decode).add_(1).div_(2)
-            sr = dtypes.finite(sr, "codec decoder (image)", self.dtype)
-            return dtypes.finite(color_fix_of(sr, ref, color_fix), f"{color_fix} colour fix",
+            sr = runtime.finite(sr, "codec decoder (image)", self.dtype)
+            return runtime.finite(color_fix_of(sr, ref, color_fix), f"{color_fix} colour fix",
                                     self.dtype)
 
     def tile_velocity(self, c_str, sem_of, guidance: float, alpha: float, lapped: bool = False):
@@ -498,7 +607,7 @@ class VOSRPipeline:
         return torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32)
 
     def enable(self, fast: FastPaths):
-        """Use these fast paths from now on (vosr/fast_paths.py; channels_last converts the codec in place)."""
+        """Use these fast paths from now on (vosr/runtime.py; channels_last converts the codec in place)."""
         self.net, self.encode, self.decode = fast.apply(self.model, self.codec, self.device)  # what runs
         self.fast = fast
         return self
@@ -535,7 +644,7 @@ def load_model(cfg, report=print):
                    semantic_layer=cfg.semantic_layer, train_grid=32)
     else:
         raise ValueError(f"{ckpt}: checkpoint not found")
-    if run.get("kind") == release.ONESTEP and cfg.student is False:
+    if run.get("kind") == loading.ONESTEP and cfg.student is False:
         raise ValueError(f"--student 0: {ckpt} is VOSR 2.0 (args.json distill_type 'onestep'), "
                          "one step of one branch: it has no teacher sampling")
     shapes = read_safetensors_header(weights)[0]
@@ -555,9 +664,9 @@ def load_model(cfg, report=print):
         ae = run["args"]["ae_type"]
         if semantic is not None and semantic.dim != run["enc_dim"]:
             raise ValueError(f"{run['semantic']}: a {semantic.dim}-wide DINOv2, but args.json has enc_dim {run['enc_dim']}")
-        if codec.channels != release.RELEASE_LATENT_CHANNELS[ae]:
+        if codec.channels != loading.RELEASE_LATENT_CHANNELS[ae]:
             raise ValueError(f"{run['codec']}: a {codec.channels}-channel codec, but args.json's ae_type {ae} "
-                             f"needs {release.RELEASE_LATENT_CHANNELS[ae]}")
+                             f"needs {loading.RELEASE_LATENT_CHANNELS[ae]}")
         try:
             fc1_width = shapes.get("mlp_ca.fc1.weight", (0,))[0]
             conf = dit.release_config(run["args"], codec.channels, enc_dim, with_r, fc1_width)
@@ -565,18 +674,18 @@ def load_model(cfg, report=print):
             raise ValueError(f"{ckpt / 'args.json'}: {e}") from None
         run.update(preset=conf.preset if conf.preset != "custom" else f"dim {conf.dim}, depth {conf.depth}",
                    train_grid=conf.train_grid)
-        if run["kind"] == release.ONESTEP:
+        if run["kind"] == loading.ONESTEP:
             run["preset"] += ", VOSR 2.0"
     else:
         conf = dit.preset_config(run["preset"], latent_channels=codec.channels, with_r=with_r, enc_dim=enc_dim,
                                  train_grid=run["train_grid"], patch_size=run.get("patch_size", 2))
-    kind = run.get("kind", release.STUDENT if with_r else release.TEACHER)  # a run dir: its weights
+    kind = run.get("kind", loading.STUDENT if with_r else loading.TEACHER)  # a run dir: its weights
     model = dit.from_checkpoint(conf, str(weights))
-    what = release.KIND_NAMES[kind]
+    what = loading.KIND_NAMES[kind]
     loaded.insert(0, f"DiT {weights} (dim {model.dim}, depth {model.depth}, {what})")
     for line in loaded:
         report(f"sample.py: loaded {line}")
-    student = kind != release.TEACHER if cfg.student is None else cfg.student
+    student = kind != loading.TEACHER if cfg.student is None else cfg.student
     return model, codec, semantic, student, run
 
 
@@ -593,9 +702,9 @@ def load_pipeline(cfg: SampleConfig, report=print) -> tuple[VOSRPipeline, dict]:
     if default:   # its config.json note says what it is; the first sentence is enough here
         report(f"sample.py: no --ckpt given: using the shipped default model {DEFAULT_CKPT} "
                f"({run.get('note', 'no note').split('. ')[0].rstrip('.')}; README §2)")
-    name = cfg.dtype or ("bf16" if cfg.bf16 else dtypes.default_dtype(cfg.device))
+    name = cfg.dtype or ("bf16" if cfg.bf16 else runtime.default_dtype(cfg.device))
     pipe = VOSRPipeline(model.to(cfg.device), codec, semantic, student, cfg.device,
-                        dtype=dtypes.DTYPES[name])
+                        dtype=runtime.DTYPES[name])
     return pipe, run
 
 
@@ -645,7 +754,7 @@ class SampleConfig:
     shift: float = 1.0               # (ours) SD3 time shift of the schedule; > 1: larger last steps
     start: float | None = None       # (ours) first time of the sampler; < 1 starts from the noised LR↑
     device: str = "cuda" if torch.cuda.is_available() else "cpu"   # --device auto resolves to it
-    dtype: str | None = None         # fp32 | bf16 | fp16; None: dtypes.default_dtype
+    dtype: str | None = None         # fp32 | bf16 | fp16; None: runtime.default_dtype
     bf16: bool = False               # --bf16: the same as dtype "bf16"
     overwrite: bool = False          # replace existing output files
     skip_existing: bool = False      # keep existing outputs, compute only the missing ones
@@ -744,7 +853,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto",
                    help="torch device (cpu, cuda, cuda:1, mps) or auto: CUDA, else Apple MPS, else "
                         "the CPU (default: auto)")
-    p.add_argument("--dtype", choices=tuple(dtypes.DTYPES), default=None,
+    p.add_argument("--dtype", choices=tuple(runtime.DTYPES), default=None,
                    help="number format of the codec, semantic encoder and DiT (autocast; the "
                         "sampler itself stays fp32): fp32, bf16 or fp16; each one's error and speed "
                         "in docs/precision.md (default: fp32, on every device: bf16 measured no "
@@ -796,7 +905,7 @@ def parse_args(argv=None) -> SampleConfig:
     if a.tile and a.tile_overlap is not None and 2 * a.tile_overlap >= a.tile:
         p.error(f"argument --tile-overlap: must be below tile/2 = {a.tile / 2:g}, got {a.tile_overlap}")
     try:
-        device = dtypes.resolve_device(a.device)
+        device = runtime.resolve_device(a.device)
     except RuntimeError:
         p.error(f"argument --device: {a.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)")
     available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
@@ -808,7 +917,7 @@ def parse_args(argv=None) -> SampleConfig:
     if a.bf16 and a.dtype not in (None, "bf16"):
         p.error(f"argument --bf16: is --dtype bf16, but --dtype {a.dtype} was given too: give one")
     a.device = str(device)
-    a.dtype = "bf16" if a.bf16 else a.dtype or dtypes.default_dtype(device)
+    a.dtype = "bf16" if a.bf16 else a.dtype or runtime.default_dtype(device)
     a.bf16 = a.dtype == "bf16"
     a.student = None if a.student is None else bool(a.student)
     return SampleConfig(**vars(a))
@@ -901,14 +1010,14 @@ def run_batch(cfg: SampleConfig, tally: Tally) -> int:
             pipe.lapped_net()                     # a model whose tokens cannot be half-shifted: say so now
     except (OSError, ValueError) as e:            # a missing or unusable file, a setting the model cannot use
         raise UserError((str(e).strip().splitlines() or [type(e).__name__])[0]) from None
-    dtype = dtypes.name_of(pipe.dtype)
+    dtype = runtime.name_of(pipe.dtype)
     print(f"sample.py: {cfg.ckpt} ({run['preset']}, {'student' if pipe.student else 'teacher'}, "
           f"{cfg.steps} step(s), guidance {cfg.guidance:g}, colour fix {cfg.color_fix}, upscale {cfg.upscale}, "
           f"tile blend {cfg.tile_blend}, lapped {cfg.lapped}, start {cfg.start:g}), {len(todo)} image(s) → {cfg.output}"
           f"{f' ({len(kept)} kept from before)' if kept else ''}")
     print(f"sample.py: device {pipe.device}, dtype {dtype} (the default on {pipe.device.type}: "
-          f"{dtypes.default_dtype(pipe.device)}, docs/precision.md)")
-    warning = dtypes.dtype_warning(pipe.device, dtype)
+          f"{runtime.default_dtype(pipe.device)}, docs/precision.md)")
+    warning = runtime.dtype_warning(pipe.device, dtype)
     if warning:
         print(f"sample.py: {warning}", file=sys.stderr)
     tally.total = len(todo)
@@ -919,7 +1028,7 @@ def run_batch(cfg: SampleConfig, tally: Tally) -> int:
                 lr = read_image(src)[None]
                 start = time.perf_counter()
                 sr = super_resolve(pipe, lr, cfg, progress=True)[0]
-            except (ImageError, dtypes.NonFiniteError) as e:   # this image only; the rest go on
+            except (ImageError, runtime.NonFiniteError) as e:   # this image only; the rest go on
                 named = e if isinstance(e, ImageError) else f"{src}: {e}"   # ImageError names it
                 tqdm.write(f"sample.py: failed {named}", file=sys.stderr)
                 tally.failed += 1

@@ -1,6 +1,5 @@
 """tools/experiment.py: every planned command is one its script accepts; an experiment runs end to
 end into one folder, continues where it stopped and refuses a folder of another experiment."""
-import csv
 import importlib
 import io
 from contextlib import redirect_stderr, redirect_stdout

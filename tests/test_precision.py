@@ -11,7 +11,7 @@ import vae
 from tests.test_robustness import cli, run_dir  # noqa: F401 (the fixture: a 1-step tiny run)
 from tests.test_sample import tiny_dit
 from tools import precision
-from vosr import dtypes
+from vosr import runtime
 
 # the shipped default model on precision.photo_like(16) (64×64 output), bf16 against fp32 in 8-bit
 # levels: measured 0.29 mean and 2 worst (docs/precision.md); the bound leaves room for another
@@ -20,7 +20,7 @@ SHIPPED_BF16_MEAN, SHIPPED_BF16_WORST = 0.5, 4
 
 
 def test_dtype_flags_and_the_bf16_alias(capsys):
-    assert sample.parse_args(["-i", "x"]).dtype == dtypes.default_dtype("cpu") == "fp32"
+    assert sample.parse_args(["-i", "x"]).dtype == runtime.default_dtype("cpu") == "fp32"
     for argv, dtype in ((["--bf16"], "bf16"), (["--dtype", "fp16"], "fp16"),
                         (["--dtype", "bf16", "--bf16"], "bf16")):
         cfg = sample.parse_args(["-i", "x", *argv])
@@ -35,9 +35,9 @@ def test_device_auto_prefers_cuda_then_mps_then_cpu(monkeypatch):
     for cuda, mps, expect in ((True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")):
         monkeypatch.setattr(torch.cuda, "is_available", lambda on=cuda: on)
         monkeypatch.setattr(torch.backends.mps, "is_available", lambda on=mps: on)
-        assert dtypes.resolve_device("auto").type == expect
+        assert runtime.resolve_device("auto").type == expect
     assert sample.parse_args(["-i", "x", "--device", "auto"]).device == "cpu"
-    assert dtypes.resolve_device("cpu").type == "cpu"
+    assert runtime.resolve_device("cpu").type == "cpu"
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
@@ -63,7 +63,7 @@ def test_every_network_runs_in_the_chosen_dtype(tmp_path, run_dir, monkeypatch, 
     assert r.returncode == 0, r.stderr
     assert f"device cpu, dtype {dtype}" in r.stdout
     assert {n for n, _ in seen} == {"forward", "encode", "decode"}
-    assert {t for _, t in seen} == {dtypes.DTYPES[dtype]}, seen
+    assert {t for _, t in seen} == {runtime.DTYPES[dtype]}, seen
     assert Image.open(tmp_path / "out" / "a.png").size == (32, 24)
 
 
@@ -74,7 +74,7 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_once(tmp_path, run_dir, monkeyp
         Image.new("RGB", (8, 6), (20, 120, 30)).save(d / name)
     for native, dtype, warned in ((False, "bf16", True), (True, "bf16", False),
                                   (False, "fp32", False)):
-        monkeypatch.setattr(dtypes, "native_bf16", lambda n=native: n)
+        monkeypatch.setattr(runtime, "native_bf16", lambda n=native: n)
         out = tmp_path / f"out_{native}_{dtype}"
         r = cli("sample.py", "--ckpt", run_dir, "-i", d, "-o", out, "--steps", "1",
                 "--dtype", dtype)
@@ -100,10 +100,10 @@ def test_a_non_finite_stage_names_itself_and_the_format():
         for dtype, hint in ((torch.float32, "in fp32: not a rounding problem"),
                             (torch.bfloat16, "in bf16: re-run with --dtype fp32")):
             pipe.dtype = dtype
-            with pytest.raises(dtypes.NonFiniteError) as e:
+            with pytest.raises(runtime.NonFiniteError) as e:
                 pipe(lr, steps=1, semantic_tiles=mode)
             assert "semantic encoder (c_sem)" in str(e.value) and hint in str(e.value)
-    assert dtypes.finite(torch.ones(3), "x") is not None
+    assert runtime.finite(torch.ones(3), "x") is not None
 
 
 def test_the_shipped_model_in_bf16_is_within_the_measured_bound(tmp_path):

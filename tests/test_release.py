@@ -22,8 +22,7 @@ from safetensors.torch import save_file
 import dit
 import sample
 import vae
-from vosr import color_fix
-from vosr.release import release_weights
+from vosr.loading import release_weights
 from vae import load_light_decoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -625,7 +624,7 @@ def test_color_fixes_by_hand():
     # a reference of another size (the release's odd sizes) is resized with LANCZOS first
     small = ref[..., :29, :31]
     want = torch.from_numpy(release_wavelet(q, small)[0]).permute(2, 0, 1)[None]
-    torch.testing.assert_close(color_fix.wavelet_color_fix(q, small), want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sample.wavelet_color_fix(q, small), want, rtol=0, atol=1e-6)
 
 
 def test_pil_upscale_is_pil_bicubic_on_8_bit():

@@ -26,7 +26,7 @@ import sample
 import vae
 from vosr import reports
 from vosr.cli import CLIParser, describe_defaults, listed, number, one_of
-from vosr.dtypes import DEFAULT_DEVICE, DTYPES
+from vosr.runtime import DEFAULT_DEVICE, DTYPES
 
 
 STAGES = ("encode", "semantic", "dit", "decode")  # bicubic + codec encode, DINOv2, all Euler steps, decode

@@ -321,7 +321,7 @@ def main(argv=None):
         print(f"experiment.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"experiment.py: interrupted; the steps done are kept: run the same command again to "
+        print("experiment.py: interrupted; the steps done are kept: run the same command again to "
               "continue", file=sys.stderr)
         return 130
 

@@ -1,4 +1,4 @@
-"""The precision table of sample.py's number formats (--dtype; vosr/dtypes.py): each against fp32.
+"""The precision table of sample.py's number formats (--dtype; vosr/runtime.py): each against fp32.
 
     python -m tools.precision [--size 16] [--only shipped,0.5B,2.0]   # docs/precision.md
 
@@ -13,7 +13,7 @@ import sys
 import time
 import torch
 
-from vosr.dtypes import DTYPES, NonFiniteError, resolve_device
+from vosr.runtime import DTYPES, NonFiniteError, resolve_device
 
 
 # ----------------------------------------------------------- the table (python -m tools.precision)
