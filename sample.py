@@ -44,7 +44,7 @@ from vosr.cli import OneLineParser, number
 from vosr.files import (ImageError, UserError, WriteError, existing_outputs, find_jobs,
                         keep_existing, probe_output_folder, read_image, read_safetensors_header,
                         write_image)
-from vosr.loading import (DEFAULT_CKPT, RUN_WEIGHTS, checkpoint_defaults, read_release_folder,
+from vosr.loading import (DEFAULT_CKPT, ONESTEP, RUN_WEIGHTS, read_release_folder,
                           read_run_dir, release_folder_of)
 from vosr.runtime import FastPaths
 
@@ -706,6 +706,40 @@ def load_pipeline(cfg: SampleConfig, report=print) -> tuple[VOSRPipeline, dict]:
     pipe = VOSRPipeline(model.to(cfg.device), codec, semantic, student, cfg.device,
                         dtype=runtime.DTYPES[name])
     return pipe, run
+
+
+def onestep_settings(cfg, note=print):
+    """VOSR 2.0 (args.json distill_type 'onestep'): one Euler step t = 1 → 0 of one branch with full
+    conditioning (guidance 1 in eq. 2). --steps above 1 is a ValueError (the model has no steps in
+    between); --guidance and --alpha get a note that they are ignored (its authors: no effect)."""
+    if cfg.steps not in (None, 1):
+        raise ValueError(f"--steps {cfg.steps}: VOSR 2.0 (args.json distill_type 'onestep') takes "
+                         "one Euler step, t = 1 → 0; leave --steps out")
+    default = type(cfg).__dataclass_fields__["guidance"].default
+    ignored = [flag for flag, given in (("--guidance", cfg.guidance != default),
+                                        ("--alpha", cfg.alpha is not None)) if given]
+    if ignored:
+        note(f"sample.py: {' and '.join(ignored)} ignored: VOSR 2.0 runs one branch with full "
+             "conditioning (no guidance, no weak condition)")
+    return replace(cfg, steps=1, guidance=1.0)
+
+
+def checkpoint_defaults(cfg, pipe, run: dict, note=print):
+    """The SampleConfig cfg with the settings left to the checkpoint filled in: first a run dir's own (config.json
+    "sampler_defaults", e.g. the shipped models' fastest good --tile), then 1 step for a student, 25 (a release's
+    infer_steps) for a teacher; α = 0.15 (a release's mean weak_cond_strength_aelq), 0 for a run trained with
+    --mode cfg (its auxiliary branch never saw c_str); the release's colour fix, LR upscaler and tile blending
+    for a release folder, else none / torch / linear (pil for a run trained with --resize-back
+    release); VOSR 2.0's one step of one branch (onestep_settings)."""
+    cfg = replace(cfg, **{k: v for k, v in run.get("sampler_defaults", {}).items() if getattr(cfg, k) is None})
+    if run.get("kind") == ONESTEP:
+        cfg = onestep_settings(cfg, note)
+    steps = cfg.steps if cfg.steps is not None else 1 if pipe.student else run.get("infer_steps", 25)
+    alpha = cfg.alpha if cfg.alpha is not None else run.get("alpha", 0.0 if run.get("mode") == "cfg" else 0.15)
+    return replace(cfg, steps=steps, alpha=alpha, color_fix=cfg.color_fix or run.get("color_fix", "none"),
+                   upscale=cfg.upscale or run.get("upscale", "pil" if run.get("resize_back") == "release" else "torch"),
+                   tile_blend=cfg.tile_blend or run.get("tile_blend", "linear"), lapped=cfg.lapped or "off",
+                   start=cfg.start if cfg.start is not None else 1.0)
 
 
 def check_recommended(defaults: dict, where: str) -> None:

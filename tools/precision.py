@@ -65,10 +65,9 @@ def random_release_pipeline(kind: str, depth: int | None = None, device="cpu"):
 def shipped_pipeline(device="cpu"):
     """(VOSRPipeline, its settings) of the shipped default model (sample.py without --ckpt)."""
     import sample
-    from vosr.loading import checkpoint_defaults
     cfg = sample.SampleConfig(device=str(device))
     pipe, run = sample.load_pipeline(cfg, report=print)
-    return pipe, sample.check_tiles(checkpoint_defaults(cfg, pipe, run), pipe)
+    return pipe, sample.check_tiles(sample.checkpoint_defaults(cfg, pipe, run), pipe)
 
 
 def photo_like(side: int, seed: int = 0) -> torch.Tensor:

@@ -7,13 +7,12 @@ check_args checks it, release_kind tells teacher, student and VOSR 2.0 apart and
 .safetensors; the files themselves are loaded by the stages (dit.py: release_config,
 load_release_checkpoint; vae.py: load_light_decoder, load_qwen_2d, dinov2_official_to_timm). A run dir of
 train_teacher.py / distill.py holds config.json + ema.safetensors. read_run_dir, read_release_folder and
-release_folder_of find a --ckpt's settings and weights; sample.load_model builds its networks;
-checkpoint_defaults fills in the settings the flags left to the checkpoint.
+release_folder_of find a --ckpt's settings and weights; sample.py builds its networks (load_model)
+and decides the settings the flags left to the checkpoint (checkpoint_defaults).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 from vosr.files import read_safetensors_header
@@ -216,40 +215,6 @@ def read_run_dir(folder: Path, cfg) -> tuple[dict, Path, list[str]]:
     run.update({k: getattr(cfg, k) for k in ("codec", "light_decoder", "semantic", "semantic_size", "semantic_layer")
                 if getattr(cfg, k) is not None})
     return run, weights, [f"settings {conf_path}"]
-
-
-def onestep_settings(cfg, note=print):
-    """VOSR 2.0 (args.json distill_type 'onestep'): one Euler step t = 1 → 0 of one branch with full
-    conditioning (guidance 1 in eq. 2). --steps above 1 is a ValueError (the model has no steps in
-    between); --guidance and --alpha get a note that they are ignored (its authors: no effect)."""
-    if cfg.steps not in (None, 1):
-        raise ValueError(f"--steps {cfg.steps}: VOSR 2.0 (args.json distill_type 'onestep') takes "
-                         "one Euler step, t = 1 → 0; leave --steps out")
-    default = type(cfg).__dataclass_fields__["guidance"].default
-    ignored = [flag for flag, given in (("--guidance", cfg.guidance != default),
-                                        ("--alpha", cfg.alpha is not None)) if given]
-    if ignored:
-        note(f"sample.py: {' and '.join(ignored)} ignored: VOSR 2.0 runs one branch with full "
-             "conditioning (no guidance, no weak condition)")
-    return replace(cfg, steps=1, guidance=1.0)
-
-
-def checkpoint_defaults(cfg, pipe, run: dict, note=print):
-    """The SampleConfig cfg with the settings left to the checkpoint filled in: first a run dir's own (config.json
-    "sampler_defaults", e.g. the shipped models' fastest good --tile), then 1 step for a student, 25 (a release's
-    infer_steps) for a teacher; α = 0.15 (a release's mean weak_cond_strength_aelq), 0 for a run trained with
-    --mode cfg (its auxiliary branch never saw c_str); the release's colour fix, LR upscaler and tile blending
-    for a release folder, else none / torch / linear (pil for a run trained with --resize-back
-    release); VOSR 2.0's one step of one branch (onestep_settings)."""
-    cfg = replace(cfg, **{k: v for k, v in run.get("sampler_defaults", {}).items() if getattr(cfg, k) is None})
-    if run.get("kind") == ONESTEP:
-        cfg = onestep_settings(cfg, note)
-    steps = cfg.steps if cfg.steps is not None else 1 if pipe.student else run.get("infer_steps", 25)
-    alpha = cfg.alpha if cfg.alpha is not None else run.get("alpha", 0.0 if run.get("mode") == "cfg" else 0.15)
-    return replace(cfg, steps=steps, alpha=alpha, color_fix=cfg.color_fix or run.get("color_fix", "none"),
-                   upscale=cfg.upscale or run.get("upscale", "pil" if run.get("resize_back") == "release" else "torch"),
-                   tile_blend=cfg.tile_blend or run.get("tile_blend", "linear"), lapped=cfg.lapped or "off",
-                   start=cfg.start if cfg.start is not None else 1.0)
 
 
 def release_folder_of(weights: Path) -> Path | None:
