@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import dit
 import vae
 import train_teacher as tt
-from vosr import cli, runs
+from vosr import cli, files, runs
 from train_teacher import TrainConfig, build_conditions, draw_teacher, interpolate
 
 NAME = "distill.py"
@@ -223,7 +223,7 @@ def main(argv=None) -> dict:
     # one run per dir (its lock); SIGINT/SIGTERM: the step is saved and the run stops (runs.Stopped)
     with runs.StopSignals(Path(cfg.out), NAME) as stop, runs.locked(Path(cfg.out), NAME):
         crops = tt.preflight(cfg, NAME)  # before the teacher is loaded
-        tconf, weights = runs.load_teacher_run(cfg.teacher, NAME)
+        tconf, weights = runs.load_teacher_run(cfg.teacher)
         with runs.distributed(cfg) as env:
             torch.manual_seed(cfg.seed)
             codec, semantic, teacher, student, ema = build_student(cfg, tconf, weights, env[2])
@@ -251,14 +251,14 @@ def build_student(cfg: DistillConfig, tconf: dict, weights: Path, device):
         codec = vae.load_codec(cfg.codec, device=device)
         semantic = vae.load_semantic(cfg.semantic, image_size=cfg.semantic_size, device=device)
     except (FileNotFoundError, ValueError) as e:  # a missing or invalid folder/file: say which
-        raise SystemExit(f"{NAME}: {e}") from None
+        raise files.UserError(f"{e}") from None
     kw = dict(latent_channels=codec.channels, enc_dim=tconf["enc_dim"], train_grid=tconf["train_grid"],
               patch_size=tconf.get("patch_size", 2))
     teacher = dit.build(cfg.preset, **kw)
     try:
         dit.load_release_checkpoint(teacher, weights)
     except ValueError as e:  # missing keys, another preset: the loader names the key and the file
-        raise SystemExit(f"{NAME}: --teacher {cfg.teacher}: {e}") from None
+        raise files.UserError(f"--teacher {cfg.teacher}: {e}") from None
     teacher = teacher.to(device).requires_grad_(False).eval()
     student = dit.build(cfg.preset, with_r=True, grad_ckpt=cfg.grad_ckpt, **kw)
     dit.load_release_checkpoint(student, weights)  # r_embedder stays at its init: f(·, t, t) = teacher
@@ -279,7 +279,7 @@ def parse_cli(argv=None, check_files: bool = True) -> tuple[DistillConfig, list]
     def fresh() -> DistillConfig:
         if not given.get("teacher") or not given.get("data"):
             p.error("--teacher RUN_DIR and --data DIR are required")
-        tconf, _ = runs.load_teacher_run(given["teacher"], NAME)
+        tconf, _ = runs.load_teacher_run(given["teacher"])
         inherit = {k: tconf[k] for k in INHERITED if k in tconf}
         return DistillConfig(**(inherit | DEFAULTS | recipe | given))
     return cli.resolve_cli(p, DistillConfig, given, NAME, fresh, cli.DISTILL_RANGES, check_files)

@@ -376,17 +376,17 @@ def init_weights(path: str, model, ema, name: str = "train_teacher.py") -> None:
     teacher of another semantic encoder (ours), the semantic projection's input layers start fresh."""
     f = Path(path) / "ema.safetensors" if Path(path).is_dir() else Path(path)
     if not f.is_file():
-        raise SystemExit(f"{name}: --init {path}: {f} not found")
+        raise files.UserError(f"--init {path}: {f} not found")
     try:
         keys, _ = files.read_safetensors_header(f)
     except ValueError as e:  # empty, truncated, not safetensors: the message names the file
-        raise SystemExit(f"{name}: --init {path}: {e}") from None
+        raise files.UserError(f"--init {path}: {e}") from None
     if any(k.startswith("r_embedder.") for k in keys):
-        raise SystemExit(f"{name}: --init {path}: {f} is a distilled student, not a teacher (it has an r embedder)")
+        raise files.UserError(f"--init {path}: {f} is a distilled student, not a teacher (it has an r embedder)")
     try:
         dit.load_release_checkpoint(model, str(f), own_rope=True, new_semantic=True)
     except ValueError as e:  # another preset or codec: the loader names the key
-        raise SystemExit(f"{name}: --init {path} does not fit this model: {e}") from None
+        raise files.UserError(f"--init {path} does not fit this model: {e}") from None
     ema.load_state_dict(model.state_dict())
     print(f"{name}: weights from {f}")
 
@@ -401,7 +401,7 @@ def write_run_config(cfg, run: Path, model, semantic, changes=()):
         vae.save_semantic(semantic, run / "semantic.safetensors")  # random init travels with the run
         conf["semantic"] = "semantic.safetensors"
     old = run / "config.json"
-    earlier = json.loads(old.read_text()).get("changes", []) if cfg.resume and old.is_file() else []
+    earlier = files.read_json(old).get("changes", []) if cfg.resume and old.is_file() else []
     if earlier or changes:
         conf["changes"] = earlier + list(changes)
     runs.write_json(conf, run / "config.json")
@@ -415,8 +415,8 @@ class Run:
                  changes=(), stop=None):
         self.rank, self.world, self.device = rank, world, device = env
         if cfg.batch % (world * cfg.grad_accum):
-            raise SystemExit(f"{name}: --batch {cfg.batch}: must divide by world size × grad_accum = "
-                             f"{world * cfg.grad_accum}")
+            raise files.UserError(f"--batch {cfg.batch}: must divide by world size × grad_accum = "
+                                  f"{world * cfg.grad_accum}")
         self.cfg, self.model, self.ema, self.codec, self.semantic = cfg, model, ema, codec, semantic
         self.student, self.name = student, name
         self.stop = stop or runs.StopSignals(Path(cfg.out), name)  # none given: never set
@@ -444,7 +444,7 @@ class Run:
                 num_workers=cfg.workers, pin_memory=device.type == "cuda"))
         else:                           # streams: each continues where the checkpoint says it was
             self.loader = shards.StreamLoader(cfg, rank, world, self.micro,
-                                              shards.resume_streams(ckpt if resuming else None, world, cfg, name))
+                                              shards.resume_streams(ckpt if resuming else None, world, cfg))
         self.logfile = open(self.dir / "log.jsonl", "a") if rank == 0 else None
         # A bar on a terminal; elsewhere (nohup, a log file) a plain line every --log-every steps instead.
         self.tty = sys.stderr.isatty()
@@ -544,7 +544,7 @@ def build_models(cfg: TrainConfig, device):
         semantic = vae.load_semantic(runs.semantic_source(cfg), image_size=cfg.semantic_size, device=device,
                                      seed=cfg.seed)
     except (FileNotFoundError, ValueError) as e:  # a missing or invalid folder/file: say which, no traceback
-        raise SystemExit(f"train_teacher.py: {e}") from e
+        raise files.UserError(str(e)) from None
     kw = dict(latent_channels=codec.channels, patch_size=cfg.patch_size,
               enc_dim=semantic.dim if semantic is not None else 768,
               train_grid=cfg.size // codec.factor // cfg.patch_size)
@@ -609,9 +609,9 @@ class HRCrops(torch.utils.data.Dataset):
         try:
             self.files, self.size, self.seed = files.find_images(root), size, seed
         except FileNotFoundError:
-            raise SystemExit(f"{name}: --data {root}: folder not found") from None
+            raise files.UserError(f"--data {root}: folder not found") from None
         if not self.files:
-            raise SystemExit(f"{name}: --data {root}: no images ({', '.join(files.IMAGE_EXTS)}) found")
+            raise files.UserError(f"--data {root}: no images ({', '.join(files.IMAGE_EXTS)}) found")
         self.bad: set[int] = set()
         self.cache: dict[int, torch.Tensor] | None = {} if cache else None
         self.name = name
@@ -636,8 +636,8 @@ class HRCrops(torch.utils.data.Dataset):
             for e in errors:
                 print(f"{name}: skipping {e}", file=sys.stderr)
             return
-        raise SystemExit(f"{name}: --data {root}: none of its {len(self.files)} image files can be read "
-                         f"(first: {errors[0]})")
+        raise files.UserError(f"--data {root}: none of its {len(self.files)} image files can be read "
+                              f"(first: {errors[0]})")
 
     def __len__(self):
         return 2**62
@@ -686,9 +686,9 @@ class StepSampler(torch.utils.data.Sampler):
 def preflight(cfg, name: str = "train_teacher.py") -> HRCrops | list:
     """What a user can get wrong, checked before any model is built or file written: the run dir, the
     data. Returns the training data: an HRCrops, or the parsed sources of streamed data (vosr/shards.py)."""
-    runs.check_run_dir(cfg, name)
+    runs.check_run_dir(cfg)
     if shards.streamed(cfg.data):
-        return shards.check_sources(cfg.data, name)
+        return shards.check_sources(cfg.data)
     return HRCrops(cfg.data, cfg.size, cfg.seed, cfg.cache_images, name)
 
 

@@ -17,6 +17,7 @@ from PIL import Image
 
 import train_teacher as tt
 from vosr import shards
+from vosr.files import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 from tools import make_shards  # noqa: E402
@@ -181,7 +182,7 @@ def test_training_on_shards_resumes_exactly(tmp_path):
     assert all(resumed[s] == full[s] for s in (2, 3))
     a, b = (load_file(str(tmp_path / d / "ckpt.safetensors")) for d in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(("model.", "ema.")))
-    with pytest.raises(SystemExit, match="the run read 2 streams"):
+    with pytest.raises(UserError, match="the run read 2 streams"):
         tt.train(_cfg(tmp_path, None, out=str(tmp_path / "b"), steps=6, resume=True, data=kw["data"], workers=1))
 
 

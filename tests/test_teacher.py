@@ -357,7 +357,7 @@ def test_init_starts_from_another_runs_ema(tmp_path):
     for k in weights:
         assert torch.equal(b["model." + k], a["ema." + k]) and torch.equal(b["ema." + k], a["ema." + k]), k
     assert a["model.feat_rope.freqs_cos"].shape != b["model.feat_rope.freqs_cos"].shape  # its own grid
-    with pytest.raises(SystemExit, match="does not fit"):
+    with pytest.raises(files.UserError, match="does not fit"):
         tt.train(_cfg(tmp_path, photos, out=str(tmp_path / "c"), steps=1, preset="small", init=str(tmp_path / "a")))
 
 

@@ -333,25 +333,37 @@ def test_out_of_range_flag_is_one_line_and_makes_no_run_dir(runs, tmp_path, flag
 
 
 def test_every_range_is_checked_in_both_clis(runs, capsys):
-    """In-process, each range of RANGES (a plain SystemExit or argparse's exit is all the CLI prints)."""
+    """In-process, each range of RANGES: a UserError, which main prints as one line (exit 2)."""
     bad = {"patch_size": 0, "semantic_size": 13, "batch": 0, "grad_accum": 0, "steps": 0, "lr": 0, "weight_decay": -1,
            "beta1": 1, "beta2": -0.5, "grad_clip": 0, "ema": 1.0, "p_partial": 2, "alpha_min": 1.5, "alpha_max": -1,
            "aug_mean": float("inf"), "aug_std": -1, "seed": -1, "workers": -2, "log_every": 0, "val_every": 0,
            "val_steps": 0, "ckpt_every": 0, "skip_nonfinite": -1}
     assert set(bad) == set(tcli.RANGES)
     for field, v in bad.items():
-        with pytest.raises(SystemExit) as e:
+        with pytest.raises(files.UserError) as e:
             tt.parse_args([tcli.flag(field), str(v)])
-        assert str(e.value).startswith(f"train_teacher.py: {tcli.flag(field)} ") and "must" in str(e.value), e.value
+        assert str(e.value).startswith(f"{tcli.flag(field)} ") and "must" in str(e.value), e.value
     for field, v in {"delta": 0, "n_rc": 0, "omega": "nan", "alpha": 1.5, "lr": -1}.items():
-        with pytest.raises(SystemExit) as e:
+        with pytest.raises(files.UserError) as e:
             distill.parse_args(["--teacher", str(runs["teacher"]), "--data", "x", tcli.flag(field), str(v)])
-        assert str(e.value).startswith(f"distill.py: {tcli.flag(field)} ") and "must" in str(e.value), e.value
-    with pytest.raises(SystemExit, match="--alpha-min 0.3 > --alpha-max 0.2"):
+        assert str(e.value).startswith(f"{tcli.flag(field)} ") and "must" in str(e.value), e.value
+    with pytest.raises(files.UserError, match="--alpha-min 0.3 > --alpha-max 0.2"):
         tt.parse_args(["--alpha-min", "0.3", "--alpha-max", "0.2"])
-    with pytest.raises(SystemExit, match="multiple of --grad-accum 3"):
+    with pytest.raises(files.UserError, match="multiple of --grad-accum 3"):
         tt.parse_args(["--batch", "4", "--grad-accum", "3"])
     assert tt.parse_args(["--codec", "pixel4", "--size", "36"]).size == 36  # 4 px × patch 1
+
+
+def test_broken_config_json_is_one_line_for_resume_and_teacher(runs, tmp_path):
+    """A truncated config.json in the run to resume or the teacher to distil: exit 2, one line naming it."""
+    broken = tmp_path / "broken"
+    shutil.copytree(runs["teacher"], broken)
+    (broken / "config.json").write_text('{"preset": "tiny", ')
+    r = cli("train_teacher.py", "--data", runs["photos"], "--out", broken, "--resume")
+    assert r.returncode == 2 and "cannot resume" in refused(r, broken / "config.json")
+    r = cli("distill.py", "--teacher", broken, "--data", runs["photos"], "--out", tmp_path / "s")
+    assert r.returncode == 2 and "--teacher" in refused(r, broken / "config.json")
+    assert not (tmp_path / "s").exists()
 
 
 @pytest.mark.parametrize("flag", ["--data", "--val-data", "--init"])

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from vosr.cli import OneLineParser, number
-from vosr.files import UserError, atomic_path
+from vosr.files import UserError, atomic_path, read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -222,7 +222,7 @@ def claim_folder(out, settings):
     refused (its runs and tables would be mixed or replaced)."""
     record = Path(out) / "experiment.json"
     if record.is_file():
-        if json.loads(record.read_text()) != settings:
+        if read_json(record) != settings:
             raise UserError(f"{out} holds another experiment or other settings ({record}): "
                             "choose another --out")
     elif Path(out).is_dir() and any(Path(out).iterdir()):

@@ -16,9 +16,8 @@ from safetensors.torch import load_file
 import vae
 
 from vosr.cli import OneLineParser, run_script
-from vosr.files import read_safetensors_header
+from vosr.files import read_json, read_safetensors_header, save_safetensors
 from vosr.loading import SAMPLER_DEFAULTS, check_sampler_defaults
-from vosr.files import save_safetensors
 from vosr.runs import write_json
 
 NAME = "export.py"
@@ -41,11 +40,9 @@ def export_run(run_dir: str, out_dir: str, note: str = "", overwrite: bool = Fal
     if (out / "ema.safetensors").exists() and not overwrite:
         raise SystemExit(f"{NAME}: OUT_DIR {out} already holds a model (ema.safetensors); add --overwrite to replace it")
     try:
-        conf = json.loads((src / "config.json").read_text())
+        conf = read_json(src / "config.json")
         read_safetensors_header(src / "ema.safetensors")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SystemExit(f"{NAME}: RUN_DIR {src}: config.json is not valid JSON ({e})") from None
-    except ValueError as e:
+    except ValueError as e:  # broken JSON, a truncated weights file: the message names the file
         raise SystemExit(f"{NAME}: RUN_DIR {src}: {e}") from None
     if conf.get("semantic") not in vae.BUILT_IN_SEMANTICS:   # a weights file: the user ships it
         raise SystemExit(f"{NAME}: {src} uses the semantic encoder file {conf.get('semantic')}; "

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import re
 import sys
 from pathlib import Path
+
+from vosr.files import UserError, read_json
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -112,32 +113,32 @@ def codec_factor(spec: str) -> int | None:
     return int(m.group(1) or 8) if m else 8
 
 
-def check_ranges(cfg, name: str, ranges: dict) -> None:
+def check_ranges(cfg, ranges: dict) -> None:
     """Every numeric setting in its range, or one line naming the flag, its value and the range."""
     for field in (f.name for f in dataclasses.fields(cfg) if f.name in ranges):  # in the config's order
         (ok, must), v = ranges[field], getattr(cfg, field)
         if v is not None and not ok(v):
-            raise SystemExit(f"{name}: {flag(field)} {v:g}: {must}")
+            raise UserError(f"{flag(field)} {v:g}: {must}")
     if cfg.alpha_min > cfg.alpha_max:
-        raise SystemExit(f"{name}: --alpha-min {cfg.alpha_min:g} > --alpha-max {cfg.alpha_max:g}")
+        raise UserError(f"--alpha-min {cfg.alpha_min:g} > --alpha-max {cfg.alpha_max:g}")
     if cfg.batch % cfg.grad_accum:
-        raise SystemExit(f"{name}: --batch {cfg.batch}: must be a multiple of --grad-accum {cfg.grad_accum}")
+        raise UserError(f"--batch {cfg.batch}: must be a multiple of --grad-accum {cfg.grad_accum}")
     unit = codec_factor(cfg.codec) * cfg.patch_size
     if cfg.size < unit or cfg.size % unit:
-        raise SystemExit(f"{name}: --size {cfg.size}: must be a multiple of {unit} (codec {cfg.codec}: "
-                         f"{codec_factor(cfg.codec)} px per latent pixel × --patch-size {cfg.patch_size})")
+        raise UserError(f"--size {cfg.size}: must be a multiple of {unit} (codec {cfg.codec}: "
+                        f"{codec_factor(cfg.codec)} px per latent pixel × --patch-size {cfg.patch_size})")
 
 
-def check_paths(cfg, name: str) -> None:
+def check_paths(cfg) -> None:
     """Inputs that do not exist stop here, before anything is built or written."""
     if not cfg.data:
-        raise SystemExit(f"{name}: --data DIR is required (a folder of HR images, .tar shards or a .txt list)")
+        raise UserError("--data DIR is required (a folder of HR images, .tar shards or a .txt list)")
     for field in ("data", "val_data", "init"):
         v = getattr(cfg, field)
         if field == "init" and cfg.resume and (Path(cfg.out) / "ckpt.safetensors").exists():
             continue  # the checkpoint, not --init, gives the weights of a resume
         if v and not Path(v).exists() and not (field == "data" and "{" in v):  # a shard pattern: preflight
-            raise SystemExit(f"{name}: {flag(field)} {v}: not found")
+            raise UserError(f"{flag(field)} {v}: not found")
 
 
 # How to run now, not what the run is: never taken from a saved config.
@@ -146,18 +147,15 @@ NOT_INHERITED = ("out", "resume", "overwrite", "device")
 FIXED_ON_RESUME = ("preset", "patch_size", "codec", "semantic", "semantic_size", "size")
 
 
-def saved_config(out: str, name: str) -> dict | None:
+def saved_config(out: str) -> dict | None:
     """--resume: the run's config.json (None if it has none yet); one line if it is broken."""
     path = Path(out) / "config.json"
     if not path.is_file():
         return None
     try:
-        conf = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SystemExit(f"{name}: cannot resume: {path}: not valid JSON ({e})") from None
-    if not isinstance(conf, dict):
-        raise SystemExit(f"{name}: cannot resume: {path}: not a run config")
-    return conf
+        return read_json(path)
+    except ValueError as e:
+        raise UserError(f"cannot resume: {e}") from None
 
 
 def resolve_resume(config_cls, saved: dict, given: dict, name: str, out: str):
@@ -171,8 +169,8 @@ def resolve_resume(config_cls, saved: dict, given: dict, name: str, out: str):
     changed = {k: v for k, v in given.items() if k not in NOT_INHERITED and conf.get(k) != v}
     for k, v in changed.items():
         if k in FIXED_ON_RESUME:
-            raise SystemExit(f"{name}: {flag(k)} {v}: the run in {out} has {flag(k)} {conf[k]}, "
-                             "which its checkpoint depends on; start a new run with --init to change it")
+            raise UserError(f"{flag(k)} {v}: the run in {out} has {flag(k)} {conf[k]}, "
+                            "which its checkpoint depends on; start a new run with --init to change it")
     for k, v in changed.items():
         if os.environ.get("RANK", "0") == "0":  # torchrun: once, not once per rank
             print(f"{name}: {flag(k)}: {_show(conf[k])} -> {_show(v)} (given again)")
@@ -186,14 +184,14 @@ def resolve_cli(p, config_cls, given: dict, name: str, fresh, ranges: dict, chec
     if given.get("resume") and given.get("overwrite"):
         p.error("--resume and --overwrite: give one (continue the run, or start it over)")
     out = given.get("out", config_cls.out)
-    saved = saved_config(out, name) if given.get("resume") else None
+    saved = saved_config(out) if given.get("resume") else None
     if saved is None:
         cfg, changes = fresh(), []
     else:
         cfg, changes = resolve_resume(config_cls, saved, given if retyped is None else retyped, name, out)
-    check_ranges(cfg, name, ranges)
+    check_ranges(cfg, ranges)
     if check_files:
-        check_paths(cfg, name)
+        check_paths(cfg)
     return cfg, changes
 
 

@@ -226,6 +226,17 @@ def atomic_path(path):
         tmp.unlink(missing_ok=True)
 
 
+def read_json(path: Path) -> dict:
+    """The JSON object in `path` (args.json, config.json, experiment.json), or a ValueError naming the file."""
+    try:
+        obj = json.loads(path.read_text())
+        if not isinstance(obj, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable {path.name} ({e})") from None
+    return obj
+
+
 def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
     """Tensors as .safetensors (contiguous, on the CPU), written atomically: a crash never leaves half a file."""
     from safetensors.torch import save_file

@@ -12,10 +12,9 @@ and decides the settings the flags left to the checkpoint (checkpoint_defaults).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from vosr.files import read_safetensors_header
+from vosr.files import read_json, read_safetensors_header
 
 # ----------------------------------------------------------------------------- args.json and model folders
 
@@ -26,17 +25,6 @@ RELEASE_WEIGHT_DIRS = ("clean_weights", "checkpoints", ".")
 RELEASE_WEIGHT_NAMES = ("ema_model.safetensors", "model.safetensors")
 RELEASE_LATENT_CHANNELS = {"sd2": 4, "qwen": 16}                                        # ae_type -> C
 RELEASE_DINOV2 = {"dinov2b": ("dinov2_vitb14_pretrain.pth", 768), "dinov2l": ("dinov2_vitl14_pretrain.pth", 1024)}
-
-
-def read_json(path: Path) -> dict:
-    """The JSON object in `path` (args.json, config.json), or a ValueError naming the file."""
-    try:
-        obj = json.loads(path.read_text())
-        if not isinstance(obj, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable {path.name} ({e})") from None
-    return obj
 
 
 def release_weights(folder: Path) -> Path:

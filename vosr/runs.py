@@ -25,6 +25,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 
 from vosr import files
+from vosr.files import UserError
 
 RUN_FILES = ("ckpt.safetensors", "ema.safetensors", "config.json", "log.jsonl")
 
@@ -49,27 +50,27 @@ def distributed(cfg):
         dist.destroy_process_group()
 
 
-def check_run_dir(cfg, name: str) -> None:
+def check_run_dir(cfg) -> None:
     """The run dir, before any model is built or file written: never overwrite a run silently (one that
     holds a run needs --resume or --overwrite); the checkpoint to resume must be whole; --val-data exists."""
     run = Path(cfg.out)
     if run.exists() and not run.is_dir():
-        raise SystemExit(f"{name}: --out {run} is a file, not a folder")
+        raise UserError(f"--out {run} is a file, not a folder")
     if cfg.resume and cfg.overwrite:
-        raise SystemExit(f"{name}: --resume and --overwrite: give one (continue the run, or start it over)")
+        raise UserError("--resume and --overwrite: give one (continue the run, or start it over)")
     if cfg.resume and (run / "ckpt.safetensors").exists():
-        check_training_checkpoint(run / "ckpt.safetensors", name)
+        check_training_checkpoint(run / "ckpt.safetensors")
     found = [f for f in RUN_FILES if (run / f).is_file()]
     if found and not (cfg.resume or cfg.overwrite):
-        refuse_existing_run(run, found, name)
+        refuse_existing_run(run, found)
     if cfg.val_data and not Path(cfg.val_data).exists():
-        raise SystemExit(f"{name}: --val-data {cfg.val_data}: not found")
+        raise UserError(f"--val-data {cfg.val_data}: not found")
     if cfg.val_data and not files.find_images(cfg.val_data):  # else a run without validation
         exts = ", ".join(files.IMAGE_EXTS)
-        raise files.UserError(f"--val-data {cfg.val_data}: no images ({exts}) found")
+        raise UserError(f"--val-data {cfg.val_data}: no images ({exts}) found")
 
 
-def refuse_existing_run(run: Path, found: list, name: str):
+def refuse_existing_run(run: Path, found: list):
     """The one line for a run dir that holds a run: what is there and how to go on."""
     held = ", ".join(found)
     if "ckpt.safetensors" in found:
@@ -77,8 +78,8 @@ def refuse_existing_run(run: Path, found: list, name: str):
             held = f"a checkpoint at step {files.read_safetensors_header(run / 'ckpt.safetensors')[1]['step']}"
         except (ValueError, KeyError):
             held = "a ckpt.safetensors that cannot be read"
-    raise SystemExit(f"{name}: --out {run} already holds a run ({held}); add --resume to continue it "
-                     "or --overwrite to start over")
+    raise UserError(f"--out {run} already holds a run ({held}); add --resume to continue it "
+                    "or --overwrite to start over")
 
 
 def clear_run(run: Path) -> None:
@@ -107,17 +108,17 @@ def save_checkpoint(run: Path, model, ema, opt, step: int, data_streams: dict | 
     files.save_safetensors(ema.state_dict(), run / "ema.safetensors")
 
 
-def check_training_checkpoint(path: Path, name: str) -> None:
+def check_training_checkpoint(path: Path) -> None:
     """--resume: ckpt.safetensors must be whole and hold model, EMA and step; one line if not."""
     try:
         keys, meta = files.read_safetensors_header(path)
     except ValueError as e:
-        raise SystemExit(f"{name}: cannot resume: {e}") from None
+        raise UserError(f"cannot resume: {e}") from None
     for what, ok in (("step in its metadata", "step" in meta),
                      ("model.* weights", any(k.startswith("model.") for k in keys)),
                      ("ema.* weights", any(k.startswith("ema.") for k in keys))):
         if not ok:
-            raise SystemExit(f"{name}: cannot resume: {path}: not a training checkpoint (no {what})")
+            raise UserError(f"cannot resume: {path}: not a training checkpoint (no {what})")
 
 
 def load_checkpoint(path: Path, model, ema, opt) -> int:
@@ -145,7 +146,7 @@ def resume(ckpt: Path, model, ema, opt, cfg, rank: int, name: str) -> int:
     try:
         start = load_checkpoint(ckpt, model, ema, opt)
     except ValueError as e:  # a checkpoint of another model: the message names the key
-        raise SystemExit(f"{name}: cannot resume: {e}") from None
+        raise UserError(f"cannot resume: {e}") from None
     for group in opt.param_groups:
         group.update(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     if rank == 0:
@@ -178,28 +179,26 @@ def semantic_source(cfg) -> str:
     return str(own) if cfg.semantic == "semantic.safetensors" and own.is_file() else cfg.semantic
 
 
-def load_teacher_run(path: str, name: str = "distill.py") -> tuple[dict, Path]:
+def load_teacher_run(path: str) -> tuple[dict, Path]:
     """The teacher's config.json and EMA weights; one line naming the file if it is not a teacher run
     (missing, broken, truncated, or a distilled student)."""
     run = Path(path)
     conf, weights = run / "config.json", run / "ema.safetensors"
     if not run.exists():
-        raise SystemExit(f"{name}: --teacher {run}: not found")
+        raise UserError(f"--teacher {run}: not found")
     if not conf.is_file() or not weights.is_file():
-        raise SystemExit(f"{name}: --teacher {run}: not a teacher run dir (needs config.json and ema.safetensors)")
+        raise UserError(f"--teacher {run}: not a teacher run dir (needs config.json and ema.safetensors)")
     try:
-        tconf = json.loads(conf.read_text())
+        tconf = files.read_json(conf)
         keys, _ = files.read_safetensors_header(weights)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SystemExit(f"{name}: --teacher {run}: {conf}: not valid JSON ({e})") from None
-    except ValueError as e:  # empty, truncated or not safetensors: the message names the file
-        raise SystemExit(f"{name}: --teacher {run}: {e}") from None
+    except ValueError as e:  # broken JSON; empty, truncated or not safetensors: the message names the file
+        raise UserError(f"--teacher {run}: {e}") from None
     if "method" in tconf or any(k.startswith("r_embedder.") for k in keys):
-        raise SystemExit(f"{name}: --teacher {run}: {weights} is a distilled student, not a teacher "
-                         "(give the teacher's run dir)")
+        raise UserError(f"--teacher {run}: {weights} is a distilled student, not a teacher "
+                        "(give the teacher's run dir)")
     for k in ("preset", "codec", "semantic", "enc_dim", "train_grid"):
         if k not in tconf:
-            raise SystemExit(f"{name}: --teacher {run}: {conf} has no {k!r}: not a run config")
+            raise UserError(f"--teacher {run}: {conf} has no {k!r}: not a run config")
     sem = tconf["semantic"]
     if sem not in ("none",) and not sem.startswith("random") and (run / sem).is_file():
         tconf["semantic"] = str((run / sem).resolve())  # a random encoder saved inside the teacher run
@@ -228,12 +227,12 @@ def locked(run: Path, name: str):
         yield
         return
     if run.exists() and not run.is_dir():
-        raise files.UserError(f"--out {run} is a file, not a folder")
+        raise UserError(f"--out {run} is a file, not a folder")
     made = [p for p in (run, *run.parents) if not p.exists()]  # deepest first
     try:
         run.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise files.UserError(f"--out {run}: cannot create the folder ({e.strerror})") from None
+        raise UserError(f"--out {run}: cannot create the folder ({e.strerror})") from None
     mine = _take_lock(run / LOCK, name)
     try:
         yield
@@ -260,11 +259,11 @@ def _take_lock(lock: Path, name: str) -> dict:
                 time.sleep(0.2)
                 holder = _read_lock(lock)
             if holder is None and lock.exists():
-                raise files.UserError(f"--out {lock.parent} is locked by another run ({lock} "
-                                      "cannot be read); if no run uses this folder, delete "
-                                      f"{lock}") from None
+                raise UserError(f"--out {lock.parent} is locked by another run ({lock} "
+                                "cannot be read); if no run uses this folder, delete "
+                                f"{lock}") from None
             if holder is not None and not _stale(holder):
-                raise files.UserError(_held_line(lock, holder)) from None
+                raise UserError(_held_line(lock, holder)) from None
             if holder is not None:
                 print(f"{name}: --out {lock.parent}: taking over the lock of pid {holder['pid']} "
                       f"on {holder['host']} (started {holder['started']}): that process is gone")
@@ -277,8 +276,8 @@ def _take_lock(lock: Path, name: str) -> dict:
             lock.unlink(missing_ok=True)
             raise
         return mine
-    raise files.UserError(f"--out {lock.parent}: other runs keep taking its lock {lock}; "
-                          "start one at a time")
+    raise UserError(f"--out {lock.parent}: other runs keep taking its lock {lock}; "
+                    "start one at a time")
 
 
 def _read_lock(lock: Path) -> dict | None:

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from vosr import files
+from vosr.files import UserError
 from vosr.crops import random_crop, step_generator
 
 SHARD_BUFFER = 1000   # WebDataset shuffle buffer (samples); the first `SHARD_BUFFER // 10` start the stream
@@ -164,8 +165,8 @@ class StreamLoader:
     def __init__(self, cfg, rank: int, world: int, micro: int, start: dict):
         self.workers = max(1, cfg.workers)
         if micro % self.workers:
-            raise SystemExit(f"train_teacher.py: with streamed data the micro-batch ({micro} per rank) must "
-                             f"divide by --workers {self.workers}")
+            raise UserError(f"with streamed data the micro-batch ({micro} per rank) must "
+                            f"divide by --workers {self.workers}")
         self.rank, self.streams = rank, world * self.workers
         ds = HRStream(parse_sources(cfg.data), cfg.size, cfg.seed, rank, self.workers, self.streams, start)
         self.loader = iter(torch.utils.data.DataLoader(ds, batch_size=micro // self.workers,
@@ -181,7 +182,7 @@ class StreamLoader:
             try:
                 crops, pos = next(self.loader)
             except files.ImageError as e:                    # from a worker it comes wrapped in its traceback
-                raise SystemExit(f"train_teacher.py: --data: {str(e).splitlines()[-1].split('ImageError: ')[-1]}") from None
+                raise UserError(f"--data: {str(e).splitlines()[-1].split('ImageError: ')[-1]}") from None
             self.positions[self.rank * self.workers + w] = int(pos[-1])
             parts.append(crops)
         return torch.cat(parts)
@@ -202,20 +203,20 @@ def streamed(data: str) -> bool:
             or (path.is_dir() and next(path.rglob("*.tar"), None) is not None))
 
 
-def check_sources(data: str, name: str) -> list[tuple[str, list[str], float]]:
+def check_sources(data: str) -> list[tuple[str, list[str], float]]:
     """Streamed --data, before a run starts: parsed, and each dataset with one readable image (the first
     usually is); one line if not."""
     try:
         sources = parse_sources(data)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"{name}: --data {data}: {e}") from None
+        raise UserError(f"--data {data}: {e}") from None
     for source, units, _ in sources:
         if not any(readable(*sample) for sample in read_units(units, lambda msg: None)):
-            raise SystemExit(f"{name}: --data {data}: no readable image in {source}")
+            raise UserError(f"--data {data}: no readable image in {source}")
     return sources
 
 
-def resume_streams(ckpt: Path | None, world: int, cfg, name: str) -> dict:
+def resume_streams(ckpt: Path | None, world: int, cfg) -> dict:
     """{stream: samples drawn} saved in the checkpoint ({} for a new run). The streams are ranks × workers;
     a resume with another number of them cannot continue each stream, so it is refused with one line."""
     if ckpt is None:
@@ -225,7 +226,7 @@ def resume_streams(ckpt: Path | None, world: int, cfg, name: str) -> dict:
         return {}
     positions = {int(k): v for k, v in json.loads(saved).items()}
     if len(positions) != world * max(1, cfg.workers):
-        raise SystemExit(f"{name}: cannot resume the data streams: the run read {len(positions)} streams "
-                         f"(ranks × --workers), this one would read {world * max(1, cfg.workers)}; "
-                         "resume with the same number of ranks and --workers")
+        raise UserError(f"cannot resume the data streams: the run read {len(positions)} streams "
+                        f"(ranks × --workers), this one would read {world * max(1, cfg.workers)}; "
+                        "resume with the same number of ranks and --workers")
     return positions
