@@ -10,12 +10,12 @@ zero-effect r embedder (dit.py), and learns from the frozen teacher's guided vel
 plus a consistency loss for r < t — recursive consistency (rc, eq. 12–17, the paper's choice) or
 the shortcut midpoint rule (shortcut, eq. 7–11, the baseline of Table 3).
 
-One training step (the loop in main() reads in this order; the plumbing is train_teacher.py's Run):
+One training step (the loop in main() reads in this order; its plumbing is train_teacher.py's):
 
     draw       (t, r) (sample_times), z_1 and κ's draws (as the teacher's) for the global batch
     condition  HR crop → z_0, c_str, c_sem (the teacher's make_condition); κ for the student (§3.3)
     loss       z_t = (1 − t)·z_0 + t·z_1;  v_tea (eq. 5);  L_base + L_rc-cons (eq. 17) or L_short-cons (eq. 11)
-    step → EMA → log / checkpoint
+    step       backward → (all-reduce) → clip → AdamW → EMA → log / validate / checkpoint
 
     python distill.py --teacher RUN_DIR --data DIR --out STUDENT_DIR [--method rc] [--size 256] \
         [--batch 32] [--steps 50000]
@@ -27,6 +27,7 @@ Shipping a run (a student's or a teacher's) as fp16 weights: python -m tools.exp
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from argparse import SUPPRESS
 from dataclasses import dataclass
@@ -202,44 +203,63 @@ def draw_distill(cfg: DistillConfig, latent_shape, g: torch.Generator) -> dict:
     return d
 
 
-def train_step(cfg: DistillConfig, run: tt.Run, teacher, codec, semantic, step: int) -> torch.Tensor:
-    """Draw → condition → loss (eq. 17 / 11) and its gradient: the teacher's train_step with (t, r), this loss."""
-    draws = draw_distill(cfg, run.latent_shape, tt.step_rngs(cfg.seed, step).draws)        # draw
-    loss_sum = 0.0
-    for k in range(cfg.grad_accum):
-        hr = run.next_batch()
-        rng = tt.step_rngs(cfg.seed, step, run.rank * cfg.grad_accum + k)
-        z0, c_str, c_sem, _ = tt.make_condition(hr, cfg, codec, semantic, rng.degrade)     # condition
-        with run.autocast():
-            loss = distill_loss(cfg, teacher, run.net, z0, c_str, c_sem, run.share(draws, k))  # loss
-        (loss / cfg.grad_accum).backward()
-        loss_sum += loss.detach().float() / cfg.grad_accum
-    return loss_sum
-
-
 def main(argv=None) -> dict:
     """Distil; returns {step: loss} of the steps this call ran."""
     cfg, changes = parse_cli(argv)
+    out = Path(cfg.out)
     # one run per dir (its lock); SIGINT/SIGTERM: the step is saved and the run stops (runs.Stopped)
-    with runs.StopSignals(Path(cfg.out), NAME) as stop, runs.locked(Path(cfg.out), NAME):
-        crops = tt.preflight(cfg, NAME)  # before the teacher is loaded
+    with runs.StopSignals(out, NAME) as stop, runs.locked(out, NAME):
+        data = tt.preflight(cfg, NAME)  # before the teacher is loaded
         tconf, weights = runs.load_teacher_run(cfg.teacher)
-        with runs.distributed(cfg) as env:
+        with runs.distributed(cfg) as (rank, world, device):
             torch.manual_seed(cfg.seed)
-            codec, semantic, teacher, student, ema = build_student(cfg, tconf, weights, env[2])
-            run = tt.Run(cfg, student, ema, codec, semantic, env, crops, student=True, name=NAME,
-                         changes=changes, stop=stop)
-            for step in run.steps():
-                # draw → condition → loss, and its gradient
-                loss = train_step(cfg, run, teacher, codec, semantic, step)
-                loss = run.update(loss, step)  # step: AdamW (None: non-finite, skipped)
-                if loss is None:
+            codec, semantic, teacher, student, ema = build_student(cfg, tconf, weights, device)
+            val_hr = tt.load_val(cfg, device) if rank == 0 else None
+            opt, start = tt.open_run(cfg, student, ema, semantic, changes, rank, world, device, NAME)
+            net = tt.wrap_model(cfg, student, world, device)
+            loader = tt.data_loader(cfg, data, start, rank, world, device)
+            log = runs.Progress(cfg, NAME, start, rank)
+            latent_shape = (codec.channels, cfg.size // codec.factor, cfg.size // codec.factor)
+            history, bad, saved = {}, 0, start
+
+            stop.armed = True  # from here a signal ends the step, saves it and stops the run
+            for step in range(start, cfg.steps):
+                draws = draw_distill(cfg, latent_shape, tt.step_rngs(cfg.seed, step).draws)  # draw
+                loss = 0.0
+                for k in range(cfg.grad_accum):
+                    hr = next(loader).to(device, non_blocking=True)
+                    rng = tt.step_rngs(cfg.seed, step, rank * cfg.grad_accum + k)
+                    z0, c_str, c_sem, _ = tt.make_condition(hr, cfg, codec, semantic, rng.degrade)
+                    with tt.autocast(cfg, device):
+                        d = tt.share(draws, cfg, rank, world, k, device)
+                        micro_loss = distill_loss(cfg, teacher, net, z0, c_str, c_sem, d)  # eq. 17 / 11
+                    (micro_loss / cfg.grad_accum).backward()                             # backward
+                    loss += micro_loss.detach().float() / cfg.grad_accum
+                loss = runs.mean_over_ranks(loss, world)                                 # all-reduce
+                if not math.isfinite(loss):  # skipped; after --skip-nonfinite of them the run stops
+                    opt.zero_grad(set_to_none=True)
+                    bad = tt.nonfinite_step(cfg, bad, loss, step)
                     continue
-                # EMA, warmed up as the teacher's
-                tt.ema_update(ema, student, min(cfg.ema, (1 + step) / (10 + step)))
-                run.log(step, loss)  # log.jsonl, validation, checkpoint
-            run.close()
-            return run.history
+                torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)      # clip
+                opt.step()                                                                 # AdamW
+                opt.zero_grad(set_to_none=True)
+                tt.ema_update(ema, student, min(cfg.ema, (1 + step) / (10 + step)))      # EMA
+
+                done, history[step] = step + 1, loss
+                record = {"step": done, "loss": loss}
+                if val_hr is not None and (done % cfg.val_every == 0 or done == cfg.steps):
+                    record |= tt.validate(cfg, ema, codec, semantic, val_hr, done, out, device, True)
+                log.write(record)                                     # log.jsonl, bar or line
+                signum = stop.agreed(world, device)                   # the same on every rank
+                if done % cfg.ckpt_every == 0 or done == cfg.steps or signum:
+                    runs.checkpoint(out, student, ema, opt, done, loader, rank, world)
+                    saved = done
+                if signum and done < cfg.steps:  # (after the last step the run is done anyway)
+                    log.close()
+                    raise runs.Stopped(signum, runs.stop_line(NAME, out, signum, saved)
+                                       if rank == 0 else "")
+            log.close()
+            return history
 
 
 # ----------------------------------------------------------------------------- the models

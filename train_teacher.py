@@ -7,9 +7,9 @@ One training step (the loop in train() reads in this order):
                HR crop ──codec──► z_0 (the data latent)
                κ = full (c̃_str, c_sem)  or, with probability p_partial, partial (α·c_str, ∅)      (§3.3)
     loss       z_t = (1 − t)·z_0 + t·z_1,   L_ms = ‖v_θ(z_t, t, κ) − (z_1 − z_0)‖²                  (eq. 1)
-    step       AdamW on the gradient, clipped
+    step       backward → (all-reduce over the ranks) → clip the gradient → AdamW
     EMA        the weights that are saved and sampled
-    log        log.jsonl, validation grid, checkpoint
+    log        log.jsonl, validation grid, checkpoint; a SIGINT / SIGTERM saves the step and stops
 
 c̃_str (c_str mixed with a little noise) is the official release's (`cond_strength_aelq_list`), not the paper's.
 
@@ -28,26 +28,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import degrade
 import dit
 import vae
 from sample import VOSRPipeline
 from vosr import cli, files, runs, shards
-from vosr.crops import random_crop, step_generator
+from vosr.crops import (CROPS, DEGRADE, DRAWS, VAL_DEGRADE, VAL_NOISE, random_crop,
+                        step_generator)
 
 NAME = "train_teacher.py"
 
@@ -284,7 +281,8 @@ def step_rngs(seed: int, step: int, micro: int = 0) -> SimpleNamespace:
     draws: t, z_1 and κ for the whole global batch — the same whatever the number of GPUs;
     degrade: the Real-ESRGAN degradation of micro-batch `micro` (= rank × grad_accum + k).
     (The crops have their own streams, seeded by the sample's index: HRCrops, HRStream.)"""
-    return SimpleNamespace(draws=step_generator(seed, step), degrade=step_generator(seed, step, 100 + micro))
+    return SimpleNamespace(draws=step_generator(seed, step, DRAWS),
+                           degrade=step_generator(seed, step, DEGRADE + micro))
 
 
 def draw_teacher(cfg: TrainConfig, latent_shape, g: torch.Generator) -> dict:
@@ -320,48 +318,134 @@ def teacher_loss(cfg: TrainConfig, net, z0, c_str, c_sem, d: dict):
     return flow_matching_loss(net, z0, c_str_k, c_sem_k, d["t"], d["z1"])
 
 
-def train_step(cfg: TrainConfig, run: Run, codec, semantic, step: int) -> torch.Tensor:
-    """Draw → condition → loss and its gradient, over this rank's --grad-accum micro-batches.
-    Returns this rank's loss of the step (Run.update averages it over the ranks and takes the step)."""
-    draws = draw_teacher(cfg, run.latent_shape, step_rngs(cfg.seed, step).draws)      # draw
-    loss_sum = 0.0
-    for k in range(cfg.grad_accum):
-        hr = run.next_batch()
-        rng = step_rngs(cfg.seed, step, run.rank * cfg.grad_accum + k)
-        z0, c_str, c_sem, _ = make_condition(hr, cfg, codec, semantic, rng.degrade)  # condition
-        with run.autocast():
-            loss = teacher_loss(cfg, run.net, z0, c_str, c_sem, run.share(draws, k))  # loss (eq. 1)
-        (loss / cfg.grad_accum).backward()
-        loss_sum += loss.detach().float() / cfg.grad_accum
-    return loss_sum
-
-
 def train(cfg: TrainConfig, changes=()) -> dict:
     """Train the teacher; returns {step: loss} of the steps this call ran. `changes`: what a --resume
     changed (parse_cli), recorded in config.json."""
+    out = Path(cfg.out)
     # one run per dir (its lock); SIGINT/SIGTERM: the step is saved and the run stops (runs.Stopped)
-    with runs.StopSignals(Path(cfg.out), NAME) as stop, runs.locked(Path(cfg.out), NAME):
-        crops = preflight(cfg)  # before the models are built: a refusal need not wait for DINOv2
-        with runs.distributed(cfg) as env:  # torchrun's ranks; a plain run is rank 0 of 1
+    with runs.StopSignals(out, NAME) as stop, runs.locked(out, NAME):
+        data = preflight(cfg)  # before the models are built: a refusal need not wait for DINOv2
+        with runs.distributed(cfg) as (rank, world, device):
             torch.manual_seed(cfg.seed)  # the same init on every rank
-            codec, semantic, model, ema = build_models(cfg, env[2])
-            if cfg.init and not (cfg.resume and (Path(cfg.out) / "ckpt.safetensors").exists()):
+            codec, semantic, model, ema = build_models(cfg, device)
+            if cfg.init and not runs.resuming(cfg):
                 init_weights(cfg.init, model, ema)
-            run = Run(cfg, model, ema, codec, semantic, env, crops, changes=changes, stop=stop)
-            for step in run.steps():
-                # draw → condition → loss, and its gradient
-                loss = train_step(cfg, run, codec, semantic, step)
-                loss = run.update(loss, step)  # step: AdamW (None: a non-finite loss, skipped)
-                if loss is None:
+            val_hr = load_val(cfg, device) if rank == 0 else None
+            opt, start = open_run(cfg, model, ema, semantic, changes, rank, world, device)
+            net = wrap_model(cfg, model, world, device)
+            loader = data_loader(cfg, data, start, rank, world, device)
+            log = runs.Progress(cfg, NAME, start, rank)
+            latent_shape = (codec.channels, cfg.size // codec.factor, cfg.size // codec.factor)
+            history, bad, saved = {}, 0, start
+
+            stop.armed = True  # from here a signal ends the step, saves it and stops the run
+            for step in range(start, cfg.steps):
+                draws = draw_teacher(cfg, latent_shape, step_rngs(cfg.seed, step).draws)     # draw
+                loss = 0.0
+                for k in range(cfg.grad_accum):
+                    hr = next(loader).to(device, non_blocking=True)
+                    rng = step_rngs(cfg.seed, step, rank * cfg.grad_accum + k)
+                    z0, c_str, c_sem, _ = make_condition(hr, cfg, codec, semantic, rng.degrade)  # condition
+                    with autocast(cfg, device):
+                        d = share(draws, cfg, rank, world, k, device)
+                        micro_loss = teacher_loss(cfg, net, z0, c_str, c_sem, d)  # loss (eq. 1)
+                    (micro_loss / cfg.grad_accum).backward()                      # backward
+                    loss += micro_loss.detach().float() / cfg.grad_accum
+                loss = runs.mean_over_ranks(loss, world)                          # all-reduce
+                if not math.isfinite(loss):  # skipped; after --skip-nonfinite of them the run stops
+                    opt.zero_grad(set_to_none=True)
+                    bad = nonfinite_step(cfg, bad, loss, step)
                     continue
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # clip
+                opt.step()                                                          # AdamW
+                opt.zero_grad(set_to_none=True)
                 # EMA, warmed up so short runs mean something: cfg.ema after ~10/(1−ema) steps
                 ema_update(ema, model, min(cfg.ema, (1 + step) / (10 + step)))
-                run.log(step, loss)  # log.jsonl, validation, checkpoint
-            run.close()
-            return run.history
+
+                done, history[step] = step + 1, loss
+                record = {"step": done, "loss": loss}
+                if val_hr is not None and (done % cfg.val_every == 0 or done == cfg.steps):
+                    record |= validate(cfg, ema, codec, semantic, val_hr, done, out, device)
+                log.write(record)                                     # log.jsonl, bar or line
+                signum = stop.agreed(world, device)                   # the same on every rank
+                if done % cfg.ckpt_every == 0 or done == cfg.steps or signum:
+                    runs.checkpoint(out, model, ema, opt, done, loader, rank, world)
+                    saved = done
+                if signum and done < cfg.steps:  # (after the last step the run is done anyway)
+                    log.close()
+                    raise runs.Stopped(signum, runs.stop_line(NAME, out, signum, saved)
+                                       if rank == 0 else "")
+            log.close()
+            return history
 
 
 # ----------------------------------------------------------------------------- the loop's plumbing
+
+def share(draws: dict, cfg, rank: int, world: int, k: int, device) -> dict:
+    """This rank's slice of the global batch's draws for micro-batch k: the same global indices as
+    its images (StepSampler), so the draws of a sample do not depend on the number of ranks."""
+    micro = cfg.batch // world // cfg.grad_accum
+    lo = rank * micro * cfg.grad_accum + k * micro
+    return {key: v[lo:lo + micro].to(device) for key, v in draws.items()}
+
+
+def autocast(cfg, device):
+    """bf16 autocast of the forward passes under --bf16."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16)
+
+
+def nonfinite_step(cfg, bad: int, loss: float, step: int) -> int:
+    """One more non-finite loss (its step skipped); past --skip-nonfinite the run stops, exit 3, and
+    the last good checkpoint is kept."""
+    if bad + 1 > cfg.skip_nonfinite:
+        print(f"{NAME}: non-finite loss ({loss}) at step {step}; the last good checkpoint is kept",
+              file=sys.stderr)
+        raise SystemExit(3)
+    return bad + 1
+
+
+def open_run(cfg, model, ema, semantic, changes, rank: int, world: int, device, name: str = NAME):
+    """The run dir made (emptied by --overwrite), AdamW, and --resume's model, EMA and optimiser;
+    config.json written. Returns (optimiser, the step to start at)."""
+    if cfg.batch % (world * cfg.grad_accum):
+        raise files.UserError(f"--batch {cfg.batch}: must divide by world size × grad_accum = "
+                              f"{world * cfg.grad_accum}")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite and rank == 0:
+        runs.clear_run(out)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                            fused=device.type == "cuda")  # one kernel for all parameters
+    start = runs.resume(out / "ckpt.safetensors", model, ema, opt, cfg, rank, name)
+    if rank == 0:
+        write_run_config(cfg, out, model, semantic, [c | {"step": start} for c in changes])
+    return opt, start
+
+
+def wrap_model(cfg, model, world: int, device):
+    """The module the loss calls: compiled block by block (--compile), DDP under torchrun."""
+    if cfg.compile:
+        dit.compile_blocks(model)  # block by block: seconds to compile, not minutes
+    if world == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def data_loader(cfg, data, start: int, rank: int, world: int, device):
+    """This rank's micro-batches from step `start` on: a folder's (sample i of the run is a function
+    of i: StepSampler), or each stream continued where the checkpoint says it was (vosr/shards.py)."""
+    micro = cfg.batch // world // cfg.grad_accum
+    if isinstance(data, HRCrops):
+        sampler = StepSampler(start, cfg.steps, cfg.batch, rank, world)
+        return iter(torch.utils.data.DataLoader(data, batch_size=micro, sampler=sampler,
+                                                num_workers=cfg.workers,
+                                                pin_memory=device.type == "cuda"))
+    ckpt = Path(cfg.out) / "ckpt.safetensors"
+    positions = shards.resume_streams(ckpt if runs.resuming(cfg) else None, world, cfg)
+    return shards.StreamLoader(cfg, rank, world, micro, positions)
+
 
 @torch.no_grad()
 def ema_update(ema, model, decay: float):
@@ -407,136 +491,6 @@ def write_run_config(cfg, run: Path, model, semantic, changes=()):
     runs.write_json(conf, run / "config.json")
 
 
-class Run:
-    """What both stages do around their step (files: vosr/runs.py): the run dir, AdamW, --resume, DDP, the
-    data loader, the loss over ranks, non-finite losses, log.jsonl and the progress line, validation, checkpoints."""
-
-    def __init__(self, cfg, model, ema, codec, semantic, env, crops, student=False, name="train_teacher.py",
-                 changes=(), stop=None):
-        self.rank, self.world, self.device = rank, world, device = env
-        if cfg.batch % (world * cfg.grad_accum):
-            raise files.UserError(f"--batch {cfg.batch}: must divide by world size × grad_accum = "
-                                  f"{world * cfg.grad_accum}")
-        self.cfg, self.model, self.ema, self.codec, self.semantic = cfg, model, ema, codec, semantic
-        self.student, self.name = student, name
-        self.stop = stop or runs.StopSignals(Path(cfg.out), name)  # none given: never set
-        self.dir, ckpt = Path(cfg.out), Path(cfg.out) / "ckpt.safetensors"
-        resuming = cfg.resume and ckpt.exists()
-        self.val_hr = load_val(cfg, device) if rank == 0 else None
-        self.dir.mkdir(parents=True, exist_ok=True)
-        if cfg.overwrite and rank == 0:
-            runs.clear_run(self.dir)
-        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                     betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
-                                     fused=device.type == "cuda")  # one kernel for all parameters
-        self.start = runs.resume(ckpt, model, ema, self.opt, cfg, rank, name)
-        if rank == 0:
-            write_run_config(cfg, self.dir, model, semantic, [c | {"step": self.start} for c in changes])
-        if cfg.compile:
-            dit.compile_blocks(model)  # block by block: seconds to compile, not minutes
-        self.net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None)
-        self.micro = cfg.batch // world // cfg.grad_accum
-        self.latent_shape = (codec.channels, cfg.size // codec.factor, cfg.size // codec.factor)
-        if isinstance(crops, HRCrops):  # a folder: sample i of the run is a function of i (StepSampler)
-            self.loader = iter(torch.utils.data.DataLoader(
-                crops, batch_size=self.micro, sampler=StepSampler(self.start, cfg.steps, cfg.batch, rank, world),
-                num_workers=cfg.workers, pin_memory=device.type == "cuda"))
-        else:                           # streams: each continues where the checkpoint says it was
-            self.loader = shards.StreamLoader(cfg, rank, world, self.micro,
-                                              shards.resume_streams(ckpt if resuming else None, world, cfg))
-        self.logfile = open(self.dir / "log.jsonl", "a") if rank == 0 else None
-        # A bar on a terminal; elsewhere (nohup, a log file) a plain line every --log-every steps instead.
-        self.tty = sys.stderr.isatty()
-        self.bar = tqdm(range(self.start, cfg.steps), initial=self.start, total=cfg.steps,
-                        disable=rank != 0 or not self.tty, desc=name.removesuffix(".py"))
-        self.history, self.bad, self.t0 = {}, 0, time.time()
-        self.saved = self.start  # the step of the last checkpoint written
-
-    def steps(self):
-        """The steps to run; after each, a SIGINT/SIGTERM any rank got saves that step and stops."""
-        self.stop.armed = True
-        for step in self.bar:
-            yield step
-            signum = self.stop.agreed(self.world, self.device)
-            if signum and step + 1 < self.cfg.steps:  # (in the last step: the run is done anyway)
-                if self.saved != step + 1:
-                    self.checkpoint(step + 1)
-                self.close()
-                raise runs.Stopped(signum, runs.stop_line(self.name, self.dir, signum, self.saved)
-                                   if self.rank == 0 else "")
-
-    def next_batch(self) -> torch.Tensor:
-        return next(self.loader).to(self.device, non_blocking=True)
-
-    def share(self, draws: dict, k: int) -> dict:
-        """This rank's slice of the global batch's draws for micro-batch k: the same global indices as its images."""
-        lo = self.rank * (self.micro * self.cfg.grad_accum) + k * self.micro
-        return {key: v[lo:lo + self.micro].to(self.device) for key, v in draws.items()}
-
-    def autocast(self):
-        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.bf16)
-
-    def update(self, loss: torch.Tensor, step: int) -> float | None:
-        """The mean loss over the ranks; finite: clip the gradient, AdamW step. Non-finite: the step is
-        skipped (None), and after --skip-nonfinite of them the run stops (the last checkpoint is kept)."""
-        if self.world > 1:
-            dist.all_reduce(loss)
-            loss /= self.world
-        loss_val = float(loss)
-        if not math.isfinite(loss_val):
-            self.bad += 1
-            self.opt.zero_grad(set_to_none=True)
-            if self.bad > self.cfg.skip_nonfinite:
-                print(f"{self.name}: non-finite loss ({loss_val}) at step {step}; the last good checkpoint is kept",
-                      file=sys.stderr)
-                raise SystemExit(3)
-            return None
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return loss_val
-
-    def log(self, step: int, loss: float) -> None:
-        """log.jsonl, the progress bar or line, validation every --val-every, the checkpoint every --ckpt-every."""
-        cfg, done = self.cfg, step + 1
-        self.history[step] = loss
-        checkpoint_now = done % cfg.ckpt_every == 0 or done == cfg.steps
-        if self.rank != 0:
-            if checkpoint_now:
-                self.checkpoint(done)  # a collective under torchrun: its part of it
-            return
-        elapsed = time.time() - self.t0
-        ips = (done - self.start) * cfg.batch / elapsed
-        self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}")
-        rec = {"step": done, "loss": loss, "img_per_s": round(ips, 2)}
-        if self.val_hr is not None and (done % cfg.val_every == 0 or done == cfg.steps):
-            rec |= validate(cfg, self.ema, self.codec, self.semantic, self.val_hr, done, self.dir, self.device,
-                            self.student)
-            self.bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in rec.items() if k.startswith("val")))
-        if done % cfg.log_every == 0 or "val_psnr" in rec:
-            self.logfile.write(json.dumps(rec) + "\n")
-            self.logfile.flush()
-        # from the first step on (a CPU step of the paper's recipe takes seconds: 10 are minutes)
-        if not self.tty and (done % cfg.log_every == 0 or done in (self.start + 1, cfg.steps)):
-            print(runs.progress_line(self.name, done, cfg.steps, loss, (done - self.start) / elapsed), flush=True)
-        if checkpoint_now:  # last: a run killed before it logged past it (runs.trim_log)
-            self.checkpoint(done)
-
-    def checkpoint(self, done: int) -> None:
-        """ckpt.safetensors and ema.safetensors of step `done` (rank 0 writes; every rank calls)."""
-        # every rank takes part in gathering the streams' positions (a collective under torchrun)
-        streams = self.loader.state(self.world) if hasattr(self.loader, "state") else None
-        if self.rank == 0:
-            runs.save_checkpoint(self.dir, self.model, self.ema, self.opt, done, streams)
-        self.saved = done
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.logfile:
-            self.logfile.close()
-
-
 def build_models(cfg: TrainConfig, device):
     """Frozen codec and semantic encoder, the trainable DiT and its EMA copy."""
     try:
@@ -564,8 +518,9 @@ def build_models(cfg: TrainConfig, device):
 def validate(cfg, ema, codec, semantic, val_hr, step, run: Path, device, student=False) -> dict:
     """EMA weights on held-out crops: flow-matching loss of the full branch at fixed t, PSNR of
     samples (`val_steps` guided Euler steps; a student: its own step count) and an LR | SR | HR grid."""
-    z0, c_str, c_sem, lr = make_condition(val_hr, cfg, codec, semantic, step_generator(cfg.seed, 0, 9))
-    z1 = torch.randn(z0.shape, generator=step_generator(cfg.seed, 0, 10)).to(device)
+    g = step_generator(cfg.seed, 0, VAL_DEGRADE)
+    z0, c_str, c_sem, lr = make_condition(val_hr, cfg, codec, semantic, g)
+    z1 = torch.randn(z0.shape, generator=step_generator(cfg.seed, 0, VAL_NOISE)).to(device)
     losses = [flow_matching_loss(ema, z0, c_str, c_sem, torch.full((len(z0),), t, device=device), z1).item()
               for t in (0.1, 0.3, 0.5, 0.7, 0.9)]
     pipe = VOSRPipeline(ema, codec, semantic, student=student, device=device, bf16=cfg.bf16)
@@ -643,7 +598,7 @@ class HRCrops(torch.utils.data.Dataset):
         return 2**62
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        g = step_generator(self.seed, i, stream=1)
+        g = step_generator(self.seed, i, CROPS)
         while True:
             k = int(torch.randint(len(self.files), (1,), generator=g))
             if k in self.bad:

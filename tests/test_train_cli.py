@@ -200,19 +200,19 @@ def test_a_stop_before_the_first_step_names_a_checkpoint_only_if_one_exists(runs
 def test_a_signal_while_saving_does_not_cut_the_save_short(runs, tmp_path, monkeypatch):
     """SIGTERM in step 2, then Ctrl-C twice while its checkpoint is written: the save completes,
     the run stops after step 2 with the first signal's status, and the checkpoint is whole."""
-    real_step, real_save = tt.train_step, tt.runs.save_checkpoint
+    real_rngs, real_save = tt.step_rngs, tt.runs.save_checkpoint
 
-    def step(cfg, run, codec, semantic, k):
-        if k == 1:
+    def rngs(seed, step, micro=0):  # asked for at the start of each step
+        if step == 1 and micro == 0:
             os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(cfg, run, codec, semantic, k)
+        return real_rngs(seed, step, micro)
 
     def save(*a, **kw):
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)
         return real_save(*a, **kw)
 
-    monkeypatch.setattr(tt, "train_step", step)
+    monkeypatch.setattr(tt, "step_rngs", rngs)
     monkeypatch.setattr(tt.runs, "save_checkpoint", save)
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     out = tmp_path / "run"

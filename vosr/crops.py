@@ -5,6 +5,15 @@ data, noise and degradation draws) and vosr/shards.py (streamed data).
 import torch
 import torch.nn.functional as F
 
+# The random streams of a run. Each draw has its own generator, seeded by (seed, index, stream), so a
+# resumed run draws exactly what the stopped one would have, whatever the number of ranks or workers:
+DRAWS = 0           # index = step: t, z_1, κ, α and the c_str noise of the whole global batch
+CROPS = 1           # index = global sample: the image, crop and flip of a folder's sample (HRCrops)
+VAL_DEGRADE = 9     # index 0: the held-out crops' degradation, the same at every validation
+VAL_NOISE = 10      # index 0: the held-out z_1
+DEGRADE = 100       # + micro-batch (rank × grad_accum + k), index = step: its Real-ESRGAN draws
+SHARD_CROPS = 1000  # + stream (rank × workers + worker), index = the stream's sample: crop and flip
+
 
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     """A CPU generator for one step's draws: the RNG state *is* (seed, step), so resume is exact."""

@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
+from tqdm import tqdm
 
 from vosr import files
 from vosr.files import UserError
@@ -155,6 +157,65 @@ def resume(ckpt: Path, model, ema, opt, cfg, rank: int, name: str) -> int:
         if start >= cfg.steps:
             print(f"{name}: step {start} is already --steps {cfg.steps}: nothing to train (give a larger --steps)")
     return start
+
+
+def resuming(cfg) -> bool:
+    """--resume of a run dir that has a checkpoint (else the run starts at step 0)."""
+    return bool(cfg.resume) and (Path(cfg.out) / "ckpt.safetensors").exists()
+
+
+def mean_over_ranks(loss, world: int) -> float:
+    """The step's loss averaged over the ranks (an all-reduce under torchrun), as a float."""
+    if world > 1:
+        dist.all_reduce(loss)
+        loss /= world
+    return float(loss)
+
+
+def checkpoint(run: Path, model, ema, opt, step: int, loader, rank: int, world: int) -> None:
+    """ckpt.safetensors and ema.safetensors of `step`: rank 0 writes them, every rank calls this
+    (under torchrun each rank's streams tell where they are: a collective)."""
+    streams = loader.state(world) if hasattr(loader, "state") else None
+    if rank == 0:
+        save_checkpoint(run, model, ema, opt, step, streams)
+
+
+class Progress:
+    """What rank 0 shows and keeps of the steps: log.jsonl (every --log-every steps and every
+    validation), and a bar on a terminal or, elsewhere (nohup, a log file), a plain line every
+    --log-every steps from the first step on (a CPU step of the paper's recipe takes seconds)."""
+
+    def __init__(self, cfg, name: str, start: int, rank: int):
+        self.cfg, self.name, self.start, self.on = cfg, name, start, rank == 0
+        self.file = open(Path(cfg.out) / "log.jsonl", "a") if self.on else None
+        self.tty = sys.stderr.isatty()
+        self.bar = tqdm(total=cfg.steps, initial=start, disable=not (self.on and self.tty),
+                        desc=name.removesuffix(".py"))
+        self.t0 = time.time()
+
+    def write(self, record: dict) -> None:
+        """One finished step: {"step": steps done, "loss": …, and any "val_*" of its validation}."""
+        if not self.on:
+            return
+        cfg, done, elapsed = self.cfg, record["step"], time.time() - self.t0
+        rate = (done - self.start) * cfg.batch / elapsed
+        rec = {"step": done, "loss": record["loss"], "img_per_s": round(rate, 2)} | record
+        vals = {k: v for k, v in rec.items() if k.startswith("val")}
+        self.bar.update(done - self.bar.n)
+        self.bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rate:.1f}")
+        if vals:
+            self.bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in vals.items()))
+        if done % cfg.log_every == 0 or vals:
+            self.file.write(json.dumps(rec) + "\n")
+            self.file.flush()
+        if not self.tty and (done % cfg.log_every == 0 or done in (self.start + 1, cfg.steps)):
+            speed = (done - self.start) / elapsed
+            print(progress_line(self.name, done, cfg.steps, rec["loss"], speed), flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.file:
+            self.file.close()
 
 
 def trim_log(path: Path, step: int) -> None:

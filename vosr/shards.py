@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from vosr import files
 from vosr.files import UserError
-from vosr.crops import random_crop, step_generator
+from vosr.crops import SHARD_CROPS, random_crop, step_generator
 
 SHARD_BUFFER = 1000   # WebDataset shuffle buffer (samples); the first `SHARD_BUFFER // 10` start the stream
 
@@ -155,7 +155,7 @@ class HRStream(torch.utils.data.IterableDataset):
             except files.ImageError as e:
                 report(f"skipping {e}")
                 continue
-            yield random_crop(img, self.size, step_generator(self.seed, pos, stream=1000 + stream)), pos
+            yield random_crop(img, self.size, step_generator(self.seed, pos, SHARD_CROPS + stream)), pos
 
 
 class StreamLoader:
