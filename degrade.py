@@ -1,15 +1,17 @@
-"""Degradation: HR photos in, degraded LR images out (CLI: python degrade.py -i HR_DIR -o OUT_DIR --crop 256).
+"""Degradation: HR photos in, degraded LR images out (CLI: python degrade.py -i HR_DIR -o OUT_DIR
+--crop 256).
 
-VOSR trains only on synthetic pairs made with the Real-ESRGAN second-order degradation (paper §4.1, "We then
-synthesize LR-HR training pairs using the Real-ESRGAN degradation pipeline"), here in batched torch so that it
-runs on the GPU inside a training step:
+VOSR trains only on synthetic pairs made with the Real-ESRGAN second-order degradation (paper §4.1,
+"We then synthesize LR-HR training pairs using the Real-ESRGAN degradation pipeline"), here in
+batched torch so that it runs on the GPU inside a training step:
 
     HR ─blur─resize─noise─JPEG─┬─(p=.8) blur─resize─noise─┬─ resize+sinc → JPEG ─┐
                                first order     second order └─ JPEG → resize+sinc ─┴─ clamp, 8-bit → LR
 
-Unlike the released code (one kernel and one set of scalars per batch) every random choice is drawn **per
-sample**, from an explicit CPU `torch.Generator`, so a seed reproduces a batch bit for bit and the GPU path uses
-exactly the same draws. degrade_bicubic, a classic bicubic ×4, serves the first, easy experiment (ours).
+Unlike the released code (one kernel and one set of scalars per batch) every random choice is drawn
+**per sample**, from an explicit CPU `torch.Generator`, so a seed reproduces a batch bit for bit and
+the GPU path uses exactly the same draws. degrade_bicubic, a classic bicubic ×4, serves the first,
+easy experiment (ours).
 """
 import math
 import sys
@@ -27,10 +29,18 @@ from vosr.jpeg import jpeg
 
 @dataclass
 class DegradeConfig:
-    """Real-ESRGAN's parameters: the release's values, BasicSR's names (second-order ones end in 2, then final)."""
+    """Real-ESRGAN's parameters: the release's values, BasicSR's names (second-order ones end in 2,
+    then final)."""
     kernel_range: tuple = (7, 9, 11, 13, 15, 17, 19, 21)  # odd sizes, zero-padded to kernel_pad_to
     kernel_pad_to: int = 21
-    kernel_list: tuple = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
+    kernel_list: tuple = (
+        "iso",
+        "aniso",
+        "generalized_iso",
+        "generalized_aniso",
+        "plateau_iso",
+        "plateau_aniso",
+    )
     kernel_prob: tuple = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
     sinc_prob: float = 0.1                      # sinc kernel instead of a blur kernel
     blur_sigma: tuple = (0.2, 3.0)
@@ -45,7 +55,14 @@ class DegradeConfig:
     gray_noise_prob: float = 0.4
     jpeg_range: tuple = (30, 95)
     second_blur_prob: float = 0.8
-    kernel_list2: tuple = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
+    kernel_list2: tuple = (
+        "iso",
+        "aniso",
+        "generalized_iso",
+        "generalized_aniso",
+        "plateau_iso",
+        "plateau_aniso",
+    )
     kernel_prob2: tuple = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
     sinc_prob2: float = 0.1
     blur_sigma2: tuple = (0.2, 1.5)
@@ -63,7 +80,8 @@ class DegradeConfig:
 
 
 # ----------------------------------------------------------------------------- kernels
-# All kernels are (B, 21, 21), sum 1; one of odd size k < 21 is zero outside the central k×k (BasicSR's zero-pad).
+# All kernels are (B, 21, 21), sum 1; one of odd size k < 21 is zero outside the central k×k
+# (BasicSR's zero-pad).
 
 def _grid(pad_to=21):
     """Pixel offsets (x = column, y = row) from the centre of a pad_to × pad_to kernel."""
@@ -82,9 +100,11 @@ def _finish(k, size, pad_to):
 
 def _mahalanobis(sigma_x, sigma_y, theta, pad_to):
     """q = [x y] Σ⁻¹ [x y]ᵀ with Σ = R(θ) diag(σx², σy²) R(θ)ᵀ, per sample: (B, pad_to, pad_to)."""
-    sx, sy, th = (torch.as_tensor(v, dtype=torch.float64).reshape(-1, 1, 1) for v in (sigma_x, sigma_y, theta))
+    sx, sy, th = (
+        torch.as_tensor(v, dtype=torch.float64).reshape(-1, 1, 1) for v in (sigma_x, sigma_y, theta)
+    )
     c, s = torch.cos(th), torch.sin(th)
-    a = c * c / sx**2 + s * s / sy**2                   # Σ⁻¹ = R diag(1/σx², 1/σy²) Rᵀ = [[a, b], [b, d]]
+    a = c * c / sx**2 + s * s / sy**2  # Σ⁻¹ = R diag(1/σx², 1/σy²) Rᵀ = [[a, b], [b, d]]
     b = c * s * (1 / sx**2 - 1 / sy**2)
     d = s * s / sx**2 + c * c / sy**2
     xx, yy = _grid(pad_to)
@@ -99,13 +119,17 @@ def gaussian_kernel(sigma_x, sigma_y, theta, size, pad_to=21):
 def generalized_gaussian_kernel(sigma_x, sigma_y, theta, beta, size, pad_to=21):
     """BasicSR's generalized Gaussian exp(-(q)^β / 2); β = 1 is the Gaussian."""
     beta = torch.as_tensor(beta, dtype=torch.float64).reshape(-1, 1, 1)
-    return _finish(torch.exp(-0.5 * _mahalanobis(sigma_x, sigma_y, theta, pad_to) ** beta), size, pad_to)
+    return _finish(
+        torch.exp(-0.5 * _mahalanobis(sigma_x, sigma_y, theta, pad_to) ** beta), size, pad_to
+    )
 
 
 def plateau_kernel(sigma_x, sigma_y, theta, beta, size, pad_to=21):
     """Plateau-shaped kernel 1 / (1 + q^β)."""
     beta = torch.as_tensor(beta, dtype=torch.float64).reshape(-1, 1, 1)
-    return _finish(1.0 / (_mahalanobis(sigma_x, sigma_y, theta, pad_to) ** beta + 1.0), size, pad_to)
+    return _finish(
+        1.0 / (_mahalanobis(sigma_x, sigma_y, theta, pad_to) ** beta + 1.0), size, pad_to
+    )
 
 
 def sinc_kernel(cutoff, size, pad_to=21):
@@ -132,8 +156,11 @@ def _uniform(n, lo, hi, g):
 
 def _beta(n, lo, hi, g):
     """BasicSR's β draw: half the time in [lo, 1], else in [1, hi]."""
-    return torch.where(torch.rand(n, generator=g, dtype=torch.float64) < 0.5, _uniform(n, lo, 1.0, g),
-                       _uniform(n, 1.0, hi, g))
+    return torch.where(
+        torch.rand(n, generator=g, dtype=torch.float64) < 0.5,
+        _uniform(n, lo, 1.0, g),
+        _uniform(n, 1.0, hi, g),
+    )
 
 
 def random_kernels(n, kernel_range, kernel_list, kernel_prob, sinc_prob, sigma_range, betag_range,
@@ -141,7 +168,9 @@ def random_kernels(n, kernel_range, kernel_list, kernel_prob, sinc_prob, sigma_r
     """Draw n blur kernels (B, pad_to, pad_to) the Real-ESRGAN way, one per sample."""
     g = generator
     sizes = torch.tensor(kernel_range)[torch.randint(len(kernel_range), (n,), generator=g)]
-    kind = torch.multinomial(torch.tensor(kernel_prob, dtype=torch.float64), n, replacement=True, generator=g)
+    kind = torch.multinomial(
+        torch.tensor(kernel_prob, dtype=torch.float64), n, replacement=True, generator=g
+    )
     names = [kernel_list[i] for i in kind.tolist()]
     iso = torch.tensor(["iso" in m and "aniso" not in m for m in names])
     sx = _uniform(n, *sigma_range, g)
@@ -155,15 +184,19 @@ def random_kernels(n, kernel_range, kernel_list, kernel_prob, sinc_prob, sigma_r
     k = torch.where(is_plat, plateau_kernel(sx, sy, theta, bp, sizes, pad_to), k)
     # sinc instead of blur with prob sinc_prob; cutoff range depends on the kernel size
     use_sinc = torch.rand(n, generator=g, dtype=torch.float64) < sinc_prob
-    wc = torch.where(sizes < 13, _uniform(n, math.pi / 3, math.pi, g), _uniform(n, math.pi / 5, math.pi, g))
+    wc = torch.where(
+        sizes < 13, _uniform(n, math.pi / 3, math.pi, g), _uniform(n, math.pi / 5, math.pi, g)
+    )
     return torch.where(use_sinc.reshape(-1, 1, 1), sinc_kernel(wc, sizes, pad_to), k)
 
 
 def filter2d(img, kernel):
-    """Per-sample 2-D filter: img (B,C,H,W), kernel (B,k,k); reflect padding like BasicSR's filter2D."""
+    """Per-sample 2-D filter: img (B,C,H,W), kernel (B,k,k); reflect padding like BasicSR's
+    filter2D."""
     b, c, h, w = img.shape
     k, p = kernel.shape[-1], kernel.shape[-1] // 2
-    img = F.pad(img, (p, p, p, p), mode="reflect" if p < min(h, w) else "replicate")   # reflect needs p < size
+    # reflect needs p < size
+    img = F.pad(img, (p, p, p, p), mode="reflect" if p < min(h, w) else "replicate")
     weight = kernel.to(img).reshape(b, 1, k, k).repeat_interleave(c, dim=0)   # (B*C, 1, k, k)
     out = F.conv2d(img.reshape(1, b * c, h + 2 * p, w + 2 * p), weight, groups=b * c)
     return out.reshape(b, c, h, w)
@@ -172,7 +205,8 @@ def filter2d(img, kernel):
 # ----------------------------------------------------------------------------- noise
 
 def add_noise(img, gaussian, sigma, poisson_scale, gray, seed):
-    """Gaussian (σ/255) or Poisson noise on ONE sample (1,3,h,w); gray = one plane for all channels."""
+    """Gaussian (σ/255) or Poisson noise on ONE sample (1,3,h,w); gray = one plane for all channels.
+    """
     g = torch.Generator(device=img.device).manual_seed(int(seed))
     if gaussian:
         shape = (1, 1) + img.shape[2:] if gray else img.shape
@@ -221,7 +255,9 @@ def sample_params(n, cfg=None, generator=None) -> DegradationDraws:
     cfg = cfg or DegradeConfig()
     g = generator if generator is not None else torch.default_generator
     if g.device.type != "cpu":
-        raise ValueError("degrade: pass a CPU torch.Generator (draws happen on CPU so every device agrees)")
+        raise ValueError(
+            "degrade: pass a CPU torch.Generator (draws happen on CPU so every device agrees)"
+        )
 
     def u(lo, hi):                # n uniform draws in [lo, hi]
         return _uniform(n, lo, hi, g)
@@ -233,24 +269,48 @@ def sample_params(n, cfg=None, generator=None) -> DegradationDraws:
         return torch.randint(len(cfg.resize_modes), (n,), generator=g)
 
     def resize_scale(probs, rng):
-        updown = torch.multinomial(torch.tensor(probs, dtype=torch.float64), n, replacement=True, generator=g)
+        updown = torch.multinomial(
+            torch.tensor(probs, dtype=torch.float64), n, replacement=True, generator=g
+        )
         up, down = u(1.0, rng[1]), u(rng[0], 1.0)
-        return torch.where(updown == 0, up, torch.where(updown == 1, down, torch.ones(n, dtype=torch.float64)))
+        return torch.where(
+            updown == 0, up, torch.where(updown == 1, down, torch.ones(n, dtype=torch.float64))
+        )
 
-    def order(resize_prob, resize_range, gaussian_prob, noise_range, poisson_range, gray_prob, jpeg_range):
+    def order(
+        resize_prob, resize_range, gaussian_prob, noise_range, poisson_range, gray_prob, jpeg_range
+    ):
         scale, mode = resize_scale(resize_prob, resize_range), modes()
-        gaussian, sigma, poisson, gray = coin(gaussian_prob), u(*noise_range), u(*poisson_range), coin(gray_prob)
+        gaussian, sigma, poisson, gray = (
+            coin(gaussian_prob),
+            u(*noise_range),
+            u(*poisson_range),
+            coin(gray_prob),
+        )
         seed = torch.randint(2**62, (n,), generator=g)
         quality = torch.randint(jpeg_range[0], jpeg_range[1] + 1, (n,), generator=g).double()
         return OrderDraws(scale, mode, gaussian, sigma, poisson, gray, seed, quality)
 
     kernel1 = random_kernels(n, cfg.kernel_range, cfg.kernel_list, cfg.kernel_prob, cfg.sinc_prob,
                              cfg.blur_sigma, cfg.betag_range, cfg.betap_range, g, cfg.kernel_pad_to)
-    kernel2 = random_kernels(n, cfg.kernel_range, cfg.kernel_list2, cfg.kernel_prob2, cfg.sinc_prob2,
-                             cfg.blur_sigma2, cfg.betag_range2, cfg.betap_range2, g, cfg.kernel_pad_to)
+    kernel2 = random_kernels(
+        n,
+        cfg.kernel_range,
+        cfg.kernel_list2,
+        cfg.kernel_prob2,
+        cfg.sinc_prob2,
+        cfg.blur_sigma2,
+        cfg.betag_range2,
+        cfg.betap_range2,
+        g,
+        cfg.kernel_pad_to,
+    )
     sizes = torch.tensor(cfg.kernel_range)[torch.randint(len(cfg.kernel_range), (n,), generator=g)]
-    sinc = sinc_kernel(u(math.pi / 3, math.pi), sizes, cfg.kernel_pad_to)     # final sinc: ωc ~ U[π/3, π]
-    sinc = torch.where(coin(cfg.final_sinc_prob).reshape(-1, 1, 1), sinc, delta_kernel(n, cfg.kernel_pad_to))
+    # final sinc: ωc ~ U[π/3, π]
+    sinc = sinc_kernel(u(math.pi / 3, math.pi), sizes, cfg.kernel_pad_to)
+    sinc = torch.where(
+        coin(cfg.final_sinc_prob).reshape(-1, 1, 1), sinc, delta_kernel(n, cfg.kernel_pad_to)
+    )
     first = order(cfg.resize_prob, cfg.resize_range, cfg.gaussian_noise_prob, cfg.noise_range,
                   cfg.poisson_scale_range, cfg.gray_noise_prob, cfg.jpeg_range)
     second = order(cfg.resize_prob2, cfg.resize_range2, cfg.gaussian_noise_prob2, cfg.noise_range2,
@@ -275,17 +335,29 @@ def apply_degradation(hr, params: DegradationDraws, scale=4, modes=("area", "bil
     for i in range(b):
         x = out[i:i + 1]                                 # (1, 3, H, W)
         s = float(o1.scale[i])                           # first resize is relative to the input
-        x = _resize(x, (x.shape[2] * s, x.shape[3] * s), modes[o1.mode[i]])   # (1, 3, h1, w1)
-        x = add_noise(x, bool(o1.gaussian[i]), float(o1.sigma[i]), float(o1.poisson[i]), bool(o1.gray[i]),
-                      int(o1.seed[i]))
+        x = _resize(x, (x.shape[2] * s, x.shape[3] * s), modes[o1.mode[i]])  # (1, 3, h1, w1)
+        x = add_noise(
+            x,
+            bool(o1.gaussian[i]),
+            float(o1.sigma[i]),
+            float(o1.poisson[i]),
+            bool(o1.gray[i]),
+            int(o1.seed[i]),
+        )
         x = jpeg(x, o1.quality[i:i + 1])
         # --- second order ---
         if p.blur2[i]:
             x = filter2d(x, p.kernel2[i:i + 1])
         s = float(o2.scale[i])                           # second resize is relative to H/scale
-        x = _resize(x, (h / scale * s, w / scale * s), modes[o2.mode[i]])   # (1, 3, h2, w2)
-        x = add_noise(x, bool(o2.gaussian[i]), float(o2.sigma[i]), float(o2.poisson[i]), bool(o2.gray[i]),
-                      int(o2.seed[i]))
+        x = _resize(x, (h / scale * s, w / scale * s), modes[o2.mode[i]])  # (1, 3, h2, w2)
+        x = add_noise(
+            x,
+            bool(o2.gaussian[i]),
+            float(o2.sigma[i]),
+            float(o2.poisson[i]),
+            bool(o2.gray[i]),
+            int(o2.seed[i]),
+        )
         if p.jpeg_first[i]:                              # order B: JPEG, then resize + sinc
             x = jpeg(x, o2.quality[i:i + 1])
         finals.append(_resize(x, (ho, wo), modes[p.mode_final[i]]))
@@ -299,14 +371,19 @@ def apply_degradation(hr, params: DegradationDraws, scale=4, modes=("area", "bil
 
 def _check_hr(hr, scale):
     if hr.dim() != 4 or hr.shape[1] != 3 or not hr.is_floating_point():
-        raise ValueError(f"degrade: expected float hr of shape (B,3,H,W), got {hr.dtype} {tuple(hr.shape)}")
+        raise ValueError(
+            f"degrade: expected float hr of shape (B,3,H,W), got {hr.dtype} {tuple(hr.shape)}"
+        )
     if hr.shape[2] < scale or hr.shape[3] < scale:
-        raise ValueError(f"degrade: image {hr.shape[2]}×{hr.shape[3]} is smaller than the scale {scale}")
+        raise ValueError(
+            f"degrade: image {hr.shape[2]}×{hr.shape[3]} is smaller than the scale {scale}"
+        )
 
 
 def _resize_back(lr, size, mode="bicubic", generator=None, modes=("area", "bilinear", "bicubic")):
-    """LR → `size` on the 8-bit grid. mode "bicubic": bicubic; "release": the official release's resize-back, a
-    mode drawn from `modes`, here per sample from `generator` (CPU; None: torch's), there once per batch."""
+    """LR → `size` on the 8-bit grid. mode "bicubic": bicubic; "release": the official release's
+    resize-back, a mode drawn from `modes`, here per sample from `generator` (CPU; None: torch's),
+    there once per batch."""
     if mode not in ("bicubic", "release"):
         raise ValueError(f"degrade: resize_back must be 'bicubic' or 'release', got {mode!r}")
     if mode == "bicubic":
@@ -319,10 +396,12 @@ def _resize_back(lr, size, mode="bicubic", generator=None, modes=("area", "bilin
 
 
 def degrade(hr, scale=4, generator=None, resize_back=False, cfg=None):
-    """Real-ESRGAN second-order degradation of hr (B,3,H,W) in [0,1] → LR (B,3,H/scale,W/scale), 8-bit grid.
+    """Real-ESRGAN second-order degradation of hr (B,3,H,W) in [0,1] → LR (B,3,H/scale,W/scale),
+    8-bit grid.
 
-    resize_back True or "bicubic": bicubic back to (B,3,H,W); "release": a random mode per sample (_resize_back,
-    drawn after the degradation's draws). All draws are per sample, from `generator` (CPU; None: torch's)."""
+    resize_back True or "bicubic": bicubic back to (B,3,H,W); "release": a random mode per sample
+    (_resize_back, drawn after the degradation's draws). All draws are per sample, from `generator`
+    (CPU; None: torch's)."""
     _check_hr(hr, scale)
     cfg = cfg or DegradeConfig()
     params = sample_params(hr.shape[0], cfg, generator)
@@ -334,7 +413,8 @@ def degrade(hr, scale=4, generator=None, resize_back=False, cfg=None):
 
 
 def degrade_bicubic(hr, scale=4, resize_back=False):
-    """Classic SR degradation: antialiased bicubic ×1/scale, rounded to 8 bits (ours, not the paper's)."""
+    """Classic SR degradation: antialiased bicubic ×1/scale, rounded to 8 bits (ours, not the
+    paper's)."""
     _check_hr(hr, scale)
     h, w = hr.shape[2] // scale, hr.shape[3] // scale
     lr = F.interpolate(hr.float(), size=(h, w), mode="bicubic", align_corners=False, antialias=True)
@@ -342,25 +422,41 @@ def degrade_bicubic(hr, scale=4, resize_back=False):
     return (_resize_back(lr, hr.shape[2:]) if resize_back else lr).to(hr.dtype)
 
 
-# A light Real-ESRGAN setting (ours): the same two orders with mild blur, noise and JPEG, for the middle of a
-# mix that must also keep clean and lightly degraded photos intact (the full ranges above reach down to light
-# degradations only rarely).
-LIGHT = DegradeConfig(blur_sigma=(0.2, 1.2), blur_sigma2=(0.2, 0.8), sinc_prob=0.0, sinc_prob2=0.0,
-                      resize_prob=(0.2, 0.3, 0.5), resize_range=(0.7, 1.2), resize_prob2=(0.2, 0.3, 0.5),
-                      resize_range2=(0.8, 1.1), noise_range=(1.0, 6.0), noise_range2=(1.0, 4.0),
-                      poisson_scale_range=(0.05, 0.4), poisson_scale_range2=(0.05, 0.3),
-                      jpeg_range=(75, 95), jpeg_range2=(80, 95), final_sinc_prob=0.2)
+# A light Real-ESRGAN setting (ours): the same two orders with mild blur, noise and JPEG, for the
+# middle of a mix that must also keep clean and lightly degraded photos intact (the full ranges
+# above reach down to light degradations only rarely).
+LIGHT = DegradeConfig(
+    blur_sigma=(0.2, 1.2),
+    blur_sigma2=(0.2, 0.8),
+    sinc_prob=0.0,
+    sinc_prob2=0.0,
+    resize_prob=(0.2, 0.3, 0.5),
+    resize_range=(0.7, 1.2),
+    resize_prob2=(0.2, 0.3, 0.5),
+    resize_range2=(0.8, 1.1),
+    noise_range=(1.0, 6.0),
+    noise_range2=(1.0, 4.0),
+    poisson_scale_range=(0.05, 0.4),
+    poisson_scale_range2=(0.05, 0.3),
+    jpeg_range=(75, 95),
+    jpeg_range2=(80, 95),
+    final_sinc_prob=0.2,
+)
 
-# The mix of `--degradation mix` (ours): clean bicubic ×4, light and full Real-ESRGAN, each a third of the
-# samples, so one model learns to keep what a clean photo has and to restore what a degraded one lost.
+# The mix of `--degradation mix` (ours): clean bicubic ×4, light and full Real-ESRGAN, each a third
+# of the samples, so one model learns to keep what a clean photo has and to restore what a degraded
+# one lost.
 MIX = ("bicubic", "light", "realesrgan")
 
 
 def degrade_mix(hr, scale=4, generator=None, weights=(1.0, 1.0, 1.0)):
-    """Each sample of hr (B,3,H,W) degraded by one kind of MIX, drawn per sample by `weights` → LR."""
+    """Each sample of hr (B,3,H,W) degraded by one kind of MIX, drawn per sample by `weights` → LR.
+    """
     _check_hr(hr, scale)
     g = generator if generator is not None else torch.default_generator
-    kind = torch.multinomial(torch.tensor(weights, dtype=torch.float), hr.shape[0], True, generator=g)
+    kind = torch.multinomial(
+        torch.tensor(weights, dtype=torch.float), hr.shape[0], True, generator=g
+    )
     h, w = hr.shape[2] // scale, hr.shape[3] // scale
     lr = hr.new_empty(hr.shape[0], 3, h, w)
     for k, name in enumerate(MIX):
@@ -402,7 +498,11 @@ def run_folder(args):
         print(f"degrade.py: all {len(kept)} pair(s) are in {out} already; nothing to do")
         return 0
     device, gen = torch.device(args.device), torch.Generator().manual_seed(args.seed)
-    fn = degrade if args.mode == "realesrgan" else (lambda x, scale, generator: degrade_bicubic(x, scale))
+    fn = (
+        degrade
+        if args.mode == "realesrgan"
+        else (lambda x, scale, generator: degrade_bicubic(x, scale))
+    )
     pending, sheet, done, lr_sizes = {}, [], [], set()
 
     def flush(side):
@@ -457,16 +557,27 @@ def run_folder(args):
 
 
 def main(argv=None):
-    ap = OneLineParser(description="Make HR/LR training pairs with the Real-ESRGAN degradation "
-                                             "(or bicubic). Throughput: python -m tools.bench_degrade")
-    ap.add_argument("-i", "--input", help="folder of HR images (searched recursively) or one image file")
+    ap = OneLineParser(
+        description="Make HR/LR training pairs with the Real-ESRGAN degradation "
+        "(or bicubic). Throughput: python -m tools.bench_degrade"
+    )
+    ap.add_argument(
+        "-i", "--input", help="folder of HR images (searched recursively) or one image file"
+    )
     ap.add_argument("-o", "--output", help="output folder: writes hr/, lr/ and contact_sheet.png")
     ap.add_argument("--scale", type=int, default=4, help="downscaling factor (default 4)")
-    ap.add_argument("--crop", type=int, default=512, help="centre-crop side in HR pixels (default 512)")
+    ap.add_argument(
+        "--crop", type=int, default=512, help="centre-crop side in HR pixels (default 512)"
+    )
     ap.add_argument("--seed", type=int, default=0, help="seed of the degradation draws (default 0)")
     ap.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
-    ap.add_argument("--mode", choices=("realesrgan", "bicubic"), default="realesrgan",
-                    help="realesrgan: the second-order pipeline (default); bicubic: classic antialiased ×1/scale")
+    ap.add_argument(
+        "--mode",
+        choices=("realesrgan", "bicubic"),
+        default="realesrgan",
+        help="realesrgan: the second-order pipeline (default); bicubic: classic antialiased "
+             "×1/scale",
+    )
     ap.add_argument("--batch", type=int, default=8, help="images per batch (default 8)")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--overwrite", action="store_true",

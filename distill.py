@@ -49,15 +49,19 @@ NAME = "distill.py"
 class DistillConfig(TrainConfig):
     out: str = "runs/student"   # (the teacher's: runs/teacher)
     teacher: str = ""        # teacher run dir (config.json + ema.safetensors)
-    method: str = "rc"       # rc (the paper's, appendix A.1.2) | shortcut (A.1.1)
-    omega: float = 0.5       # distillation guidance weight ω of the teacher target (eq. 5; the release's cfg_scale 0.5)
+    method: str = "rc"  # rc (the paper's, appendix A.1.2) | shortcut (A.1.1)
+    # distillation guidance weight ω of the teacher target (eq. 5; the release's cfg_scale 0.5)
+    omega: float = 0.5
     delta: float = 0.01      # RC: teacher warm-start step Δ (eq. 13)
-    n_rc: int = 2            # RC: student rollout steps from t_m to r
-    alpha: float | None = None  # a fixed α (the released one-step models: 0.1); None: α ~ U per sample
+    n_rc: int = 2  # RC: student rollout steps from t_m to r
+    alpha: float | None = (
+        None  # a fixed α (the released one-step models: 0.1); None: α ~ U per sample
+    )
 
 
-# The paper's recipe (appendix A.3 and Table 5): 50K steps, batch 32, lr 2e-5 — overridable by flags.
-# (The official release's one-step configs: 100K steps at 512².) The rest as the teacher (appendix A.3).
+# The paper's recipe (appendix A.3 and Table 5): 50K steps, batch 32, lr 2e-5 — overridable by
+# flags. (The official release's one-step configs: 100K steps at 512².) The rest as the teacher
+# (appendix A.3).
 DEFAULTS = dict(size=256, batch=32, steps=50_000, lr=2e-5, val_steps=1)
 # --preset: recipes of defaults; the model is always the teacher's. The CPU ones are ours: 64²
 # crops, lr 2e-4 and EMA 0.99 as the distillations of docs/ablations.md and docs/small_scale.md.
@@ -108,16 +112,18 @@ def build_parser() -> cli.OneLineParser:
 # ----------------------------------------------------------------------------- times and targets
 
 def sample_times(n: int, g: torch.Generator):
-    """t = max(u1, u2) (more weight near the noise end), r = t·(1 − g), g ~ U(0, 1). Ours: the paper does not
-    say how t and r are drawn."""
+    """t = max(u1, u2) (more weight near the noise end), r = t·(1 − g), g ~ U(0, 1). Ours: the paper
+    does not say how t and r are drawn."""
     t = torch.maximum(torch.rand(n, generator=g), torch.rand(n, generator=g))
     r = t * (1 - torch.rand(n, generator=g))
     return t, r
 
 
 def teacher_target(teacher, z_t, t, c_str_full, c_str_partial, c_sem, omega):
-    """v_tea = v_pcond + ω·(v_cond − v_pcond) (eq. 5); full: (c̃_str, c_sem), partial: (α·c_str, ∅)."""
-    x = torch.cat([torch.cat([c_str_full, z_t], 1), torch.cat([c_str_partial, z_t], 1)])  # (2B, 2C, h, w)
+    """v_tea = v_pcond + ω·(v_cond − v_pcond) (eq. 5); full: (c̃_str, c_sem), partial: (α·c_str, ∅).
+    """
+    # (2B, 2C, h, w)
+    x = torch.cat([torch.cat([c_str_full, z_t], 1), torch.cat([c_str_partial, z_t], 1)])
     sem = None if c_sem is None else torch.cat([c_sem, torch.zeros_like(c_sem)])
     v_cond, v_pcond = teacher(x, t.repeat(2), sem).float().chunk(2)
     return v_pcond + omega * (v_cond - v_pcond)
@@ -149,7 +155,9 @@ def rc_correction(student, z_t, t, r, u, v_tea, delta: float, n: int):
         F_sum += _b(t_i - t_next) * f
         z = z - _b(t_i - t_next) * f
     d = _b(t - r)
-    corr = torch.where(d > delta, (u * d - F_sum) / delta - v_tea, u - F_sum / d.clamp_min(1e-8) - v_tea)
+    corr = torch.where(
+        d > delta, (u * d - F_sum) / delta - v_tea, u - F_sum / d.clamp_min(1e-8) - v_tea
+    )
     return corr.clamp(-1, 1)
 
 
@@ -163,17 +171,24 @@ def shortcut_target(student, z_t, t, r):
     return (u_ts + u_sr) / 2
 
 
-# ----------------------------------------------------------------------------- the loss (eq. 17 / 11)
+# --------------------------------------------------------------------------- the loss (eq. 17 / 11)
 
 def distill_loss(cfg: DistillConfig, teacher, net, z0, c_str, c_sem, d: dict):
     """L = L_base + L_cons, with L_cons = L_rc-cons (eq. 16–17) or L_short-cons (eq. 10–11)."""
     t, r = d["t"], d["r"]
     z_t = interpolate(z0, d["z1"], t)
-    # κ for the student, exactly as in teacher training; the teacher target always uses both branches.
-    c_str_k, c_sem_k = build_conditions(c_str, c_sem, cfg.mode, d["aux"], d["alpha"], d["a_logit"], d["n"])
-    c_str_full, _ = build_conditions(c_str, c_sem, "full", d["aux"], d["alpha"], d["a_logit"], d["n"])
+    # κ for the student, exactly as in teacher training; the teacher target always uses both
+    # branches.
+    c_str_k, c_sem_k = build_conditions(
+        c_str, c_sem, cfg.mode, d["aux"], d["alpha"], d["a_logit"], d["n"]
+    )
+    c_str_full, _ = build_conditions(
+        c_str, c_sem, "full", d["aux"], d["alpha"], d["a_logit"], d["n"]
+    )
     with torch.no_grad():
-        v_tea = teacher_target(teacher, z_t, t, c_str_full, _b(d["alpha"]) * c_str, c_sem, cfg.omega)
+        v_tea = teacher_target(
+            teacher, z_t, t, c_str_full, _b(d["alpha"]) * c_str, c_sem, cfg.omega
+        )
 
     def student(z, t_, r_):  # f(z, t, r, κ) with the step's conditioning
         return net(torch.cat([c_str_k, z], 1), t_, c_sem_k, r_)
@@ -184,7 +199,10 @@ def distill_loss(cfg: DistillConfig, teacher, net, z0, c_str, c_sem, d: dict):
     u_base, u = net(x2, t.repeat(2), sem2, torch.cat([t, r])).float().chunk(2)
     loss_base = F.mse_loss(u_base, v_tea)                                        # eq. 4/6
     if cfg.method == "rc":
-        target = u.detach() - rc_correction(student, z_t, t, r, u.detach(), v_tea, cfg.delta, cfg.n_rc)  # eq. 15
+        # eq. 15
+        target = u.detach() - rc_correction(
+            student, z_t, t, r, u.detach(), v_tea, cfg.delta, cfg.n_rc
+        )
     else:
         target = shortcut_target(student, z_t, t, r)                             # eq. 9
     return loss_base + F.mse_loss(u, target)                                     # eq. 17 / 11
@@ -193,9 +211,9 @@ def distill_loss(cfg: DistillConfig, teacher, net, z0, c_str, c_sem, d: dict):
 # ----------------------------------------------------------------------------- the training step
 
 def draw_distill(cfg: DistillConfig, latent_shape, g: torch.Generator) -> dict:
-    """The teacher's draws (z_1, κ) with the time pair (t, r) instead of t. A fixed --alpha (the official release's
-    one-step models: 0.1) replaces the per-sample α of the partial branch in the student's κ and the teacher's
-    target; the draws are made anyway, so the others stay the same."""
+    """The teacher's draws (z_1, κ) with the time pair (t, r) instead of t. A fixed --alpha (the
+    official release's one-step models: 0.1) replaces the per-sample α of the partial branch in the
+    student's κ and the teacher's target; the draws are made anyway, so the others stay the same."""
     d = draw_teacher(cfg, latent_shape, g)
     d["t"], d["r"] = sample_times(cfg.batch, g)
     if cfg.alpha is not None:
@@ -215,7 +233,9 @@ def main(argv=None) -> dict:
             torch.manual_seed(cfg.seed)
             codec, semantic, teacher, student, ema = build_student(cfg, tconf, weights, device)
             val_hr = tt.load_val(cfg, device) if rank == 0 else None
-            opt, start = tt.open_run(cfg, student, ema, semantic, changes, rank, world, device, NAME)
+            opt, start = tt.open_run(
+                cfg, student, ema, semantic, changes, rank, world, device, NAME
+            )
             net = tt.wrap_model(cfg, student, world, device)
             loader = tt.data_loader(cfg, data, start, rank, world, device)
             log = runs.Progress(cfg, NAME, start, rank)
@@ -227,15 +247,16 @@ def main(argv=None) -> dict:
                 draws = draw_distill(cfg, latent_shape, tt.step_rngs(cfg.seed, step).draws)  # draw
                 loss = 0.0
                 for k in range(cfg.grad_accum):
-                    hr = next(loader).to(device, non_blocking=True)
+                    hr = next(loader).to(device, non_blocking=True)               # condition
                     rng = tt.step_rngs(cfg.seed, step, rank * cfg.grad_accum + k)
                     z0, c_str, c_sem, _ = tt.make_condition(hr, cfg, codec, semantic, rng.degrade)
                     with tt.autocast(cfg, device):
                         d = tt.share(draws, cfg, rank, world, k, device)
-                        micro_loss = distill_loss(cfg, teacher, net, z0, c_str, c_sem, d)  # eq. 17 / 11
-                    (micro_loss / cfg.grad_accum).backward()                             # backward
+                        # loss: eq. 17 (rc) or eq. 11 (shortcut)
+                        micro_loss = distill_loss(cfg, teacher, net, z0, c_str, c_sem, d)
+                    (micro_loss / cfg.grad_accum).backward()                      # backward
                     loss += micro_loss.detach().float() / cfg.grad_accum
-                loss = runs.mean_over_ranks(loss, world)                                 # all-reduce
+                loss = runs.mean_over_ranks(loss, world)                          # all-reduce
                 if not math.isfinite(loss):  # skipped; after --skip-nonfinite of them the run stops
                     opt.zero_grad(set_to_none=True)
                     bad = tt.nonfinite_step(cfg, bad, loss, step)
@@ -248,7 +269,9 @@ def main(argv=None) -> dict:
                 done, history[step] = step + 1, loss
                 record = {"step": done, "loss": loss}
                 if val_hr is not None and (done % cfg.val_every == 0 or done == cfg.steps):
-                    record |= tt.validate(cfg, ema, codec, semantic, val_hr, done, out, device, True)
+                    record |= tt.validate(
+                        cfg, ema, codec, semantic, val_hr, done, out, device, True
+                    )
                 log.write(record)                                     # log.jsonl, bar or line
                 signum = stop.agreed(world, device)                   # the same on every rank
                 if done % cfg.ckpt_every == 0 or done == cfg.steps or signum:
@@ -266,14 +289,19 @@ def main(argv=None) -> dict:
 
 
 def build_student(cfg: DistillConfig, tconf: dict, weights: Path, device):
-    """Codec, semantic encoder, frozen teacher, the student (teacher weights + r embedder) and its EMA."""
+    """Codec, semantic encoder, frozen teacher, the student (teacher weights + r embedder) and its
+    EMA."""
     try:
         codec = vae.load_codec(cfg.codec, device=device)
         semantic = vae.load_semantic(cfg.semantic, image_size=cfg.semantic_size, device=device)
     except (FileNotFoundError, ValueError) as e:  # a missing or invalid folder/file: say which
         raise files.UserError(f"{e}") from None
-    kw = dict(latent_channels=codec.channels, enc_dim=tconf["enc_dim"], train_grid=tconf["train_grid"],
-              patch_size=tconf.get("patch_size", 2))
+    kw = dict(
+        latent_channels=codec.channels,
+        enc_dim=tconf["enc_dim"],
+        train_grid=tconf["train_grid"],
+        patch_size=tconf.get("patch_size", 2),
+    )
     teacher = dit.build(cfg.preset, **kw)
     try:
         dit.load_release_checkpoint(teacher, weights)
@@ -281,7 +309,8 @@ def build_student(cfg: DistillConfig, tconf: dict, weights: Path, device):
         raise files.UserError(f"--teacher {cfg.teacher}: {e}") from None
     teacher = teacher.to(device).requires_grad_(False).eval()
     student = dit.build(cfg.preset, with_r=True, grad_ckpt=cfg.grad_ckpt, **kw)
-    dit.load_release_checkpoint(student, weights)  # r_embedder stays at its init: f(·, t, t) = teacher
+    # r_embedder stays at its init: f(·, t, t) = teacher
+    dit.load_release_checkpoint(student, weights)
     ema = dit.build(cfg.preset, with_r=True, **kw)
     ema.load_state_dict(student.state_dict())
     return codec, semantic, teacher, student.to(device), ema.to(device).requires_grad_(False).eval()

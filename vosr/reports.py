@@ -1,8 +1,8 @@
-"""What evaluate.py writes besides its error lines: aligned text tables, CSV files, the guidance sweep's line
-plot (Fig. 4 style) and the grid's comparison sheet.
+"""What evaluate.py writes besides its error lines: aligned text tables, CSV files, the guidance
+sweep's line plot (Fig. 4 style) and the grid's comparison sheet.
 
-Plumbing of evaluate.py, not the paper's method; tools/bench_sample.py and tools/seams.py print their tables with
-text_table. Drawn with PIL alone: no plotting dependency.
+Plumbing of evaluate.py, not the paper's method; tools/bench_sample.py and tools/seams.py print
+their tables with text_table. Drawn with PIL alone: no plotting dependency.
 """
 import csv
 from pathlib import Path
@@ -69,10 +69,13 @@ def read_csv(path):
 
 
 def text_table(cells: list[list[str]]) -> list[str]:
-    """Rows of strings as lines of aligned columns: the first left-aligned (names), the rest right (numbers)."""
+    """Rows of strings as lines of aligned columns: the first left-aligned (names), the rest right
+    (numbers)."""
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
-    return ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
-            for row in cells]
+    return [
+        "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
+        for row in cells
+    ]
 
 
 def format_table(rows, names, max_rows=30, mean=True):
@@ -114,8 +117,8 @@ def line_plot(xs, series: dict, path, title="", size=(640, 300)):
 
 
 def comparison_sheet(rows: list[list[torch.Tensor]], names: list[str]) -> torch.Tensor:
-    """Rows of same-size images (3,H,W) in [0,1], one per column, each above its 4× zoomed centre crop; the
-    columns labelled with `names` → one image (3, H', W')."""
+    """Rows of same-size images (3,H,W) in [0,1], one per column, each above its 4× zoomed centre
+    crop; the columns labelled with `names` → one image (3, H', W')."""
     from PIL import Image, ImageDraw
     lines = []
     for row in rows:

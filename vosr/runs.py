@@ -1,12 +1,13 @@
 """Run-dir plumbing of the training scripts (train_teacher.py, distill.py; ours, not the paper's).
 
-A run dir holds config.json, ckpt.safetensors (model, EMA, optimiser, step and, for streamed data, each data
-stream's position), ema.safetensors and log.jsonl. Here: checking it before a run starts (never overwrite a
-run silently), --overwrite, checkpoints written atomically and read back for --resume, the teacher run a
-student distils, torchrun's ranks, the progress line, the lock that keeps one run per dir (locked), and
-SIGINT/SIGTERM saving the current step before the run stops (StopSignals). train_teacher.py writes
-config.json (write_run_config) and loads --init (init_weights) itself: they need its models.
-tools/export.py writes its files with these helpers too.
+A run dir holds config.json, ckpt.safetensors (model, EMA, optimiser, step and, for streamed data,
+each data stream's position), ema.safetensors and log.jsonl. Here: checking it before a run starts
+(never overwrite a run silently), --overwrite, checkpoints written atomically and read back for
+--resume, the teacher run a student distils, torchrun's ranks, the progress line, the lock that
+keeps one run per dir (locked), and SIGINT/SIGTERM saving the current step before the run stops
+(StopSignals). train_teacher.py writes config.json (write_run_config) and loads --init
+(init_weights) itself: they need its models. tools/export.py writes its files with these helpers
+too.
 """
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ RUN_FILES = ("ckpt.safetensors", "ema.safetensors", "config.json", "log.jsonl")
 
 @contextlib.contextmanager
 def distributed(cfg):
-    """(rank, world size, device) of this process, its process group closed at the end. torchrun sets
-    RANK/WORLD_SIZE/LOCAL_RANK; a plain `python` run is rank 0 of 1."""
+    """(rank, world size, device) of this process, its process group closed at the end. torchrun
+    sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python` run is rank 0 of 1."""
     if "RANK" not in os.environ:
         yield 0, 1, torch.device(cfg.device)
         return
@@ -53,8 +54,9 @@ def distributed(cfg):
 
 
 def check_run_dir(cfg) -> None:
-    """The run dir, before any model is built or file written: never overwrite a run silently (one that
-    holds a run needs --resume or --overwrite); the checkpoint to resume must be whole; --val-data exists."""
+    """The run dir, before any model is built or file written: never overwrite a run silently (one
+    that holds a run needs --resume or --overwrite); the checkpoint to resume must be whole;
+    --val-data exists."""
     run = Path(cfg.out)
     if run.exists() and not run.is_dir():
         raise UserError(f"--out {run} is a file, not a folder")
@@ -85,7 +87,8 @@ def refuse_existing_run(run: Path, found: list):
 
 
 def clear_run(run: Path) -> None:
-    """--overwrite: the old run's files go before the new run writes any, so no file mixes two runs."""
+    """--overwrite: the old run's files go before the new run writes any, so no file mixes two runs.
+    """
     for f in [*(run / f for f in RUN_FILES), run / "semantic.safetensors", *run.glob("val_*.png")]:
         f.unlink(missing_ok=True)
 
@@ -97,12 +100,15 @@ def write_json(obj: dict, path: Path):
 
 
 def save_checkpoint(run: Path, model, ema, opt, step: int, data_streams: dict | None = None):
-    """ckpt.safetensors (model, EMA, AdamW state; step and the streams' positions as metadata), ema.safetensors."""
+    """ckpt.safetensors (model, EMA, AdamW state; step and the streams' positions as metadata),
+    ema.safetensors."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
     osd = opt.state_dict()
     for i, st in osd["state"].items():
-        tensors |= {f"optim.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)) for k, v in st.items()}
+        tensors |= {
+            f"optim.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)) for k, v in st.items()
+        }
     meta = {"step": str(step), "param_groups": json.dumps(osd["param_groups"])}
     if data_streams is not None:  # streamed data: samples drawn by each stream, for an exact resume
         meta["data_streams"] = json.dumps(data_streams)
@@ -127,8 +133,16 @@ def load_checkpoint(path: Path, model, ema, opt) -> int:
     """Restore model, EMA and optimiser from ckpt.safetensors; returns the step to continue from."""
     with safe_open(str(path), "pt") as f:
         meta, sd = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    files.load_strict(model, {k[6:]: v for k, v in sd.items() if k.startswith("model.")}, path, "model.", assign=False)
-    files.load_strict(ema, {k[4:]: v for k, v in sd.items() if k.startswith("ema.")}, path, "ema.", assign=False)
+    files.load_strict(
+        model,
+        {k[6:]: v for k, v in sd.items() if k.startswith("model.")},
+        path,
+        "model.",
+        assign=False,
+    )
+    files.load_strict(
+        ema, {k[4:]: v for k, v in sd.items() if k.startswith("ema.")}, path, "ema.", assign=False
+    )
     state: dict = {}
     for k, v in sd.items():
         if k.startswith("optim."):
@@ -139,8 +153,9 @@ def load_checkpoint(path: Path, model, ema, opt) -> int:
 
 
 def resume(ckpt: Path, model, ema, opt, cfg, rank: int, name: str) -> int:
-    """--resume: model, EMA and optimiser from the checkpoint; the flags win over its hyper-parameters (a
-    cool-down). Returns the step to continue from (0: a new run, or a run dir without a checkpoint yet)."""
+    """--resume: model, EMA and optimiser from the checkpoint; the flags win over its
+    hyper-parameters (a cool-down). Returns the step to continue from (0: a new run, or a run dir
+    without a checkpoint yet)."""
     if not (cfg.resume and ckpt.exists()):
         if cfg.resume and rank == 0:
             print(f"{name}: {ckpt.parent} has no ckpt.safetensors yet: starting at step 0")
@@ -155,7 +170,10 @@ def resume(ckpt: Path, model, ema, opt, cfg, rank: int, name: str) -> int:
         trim_log(ckpt.parent / "log.jsonl", start)
         print(f"{name}: resumed {ckpt.parent} at step {start}")
         if start >= cfg.steps:
-            print(f"{name}: step {start} is already --steps {cfg.steps}: nothing to train (give a larger --steps)")
+            print(
+                f"{name}: step {start} is already --steps {cfg.steps}: nothing to train (give a "
+                "larger --steps)"
+            )
     return start
 
 
@@ -219,8 +237,9 @@ class Progress:
 
 
 def trim_log(path: Path, step: int) -> None:
-    """On resume: keep the log records up to the checkpoint's step (a killed run logged past it) and drop
-    a line the kill cut short, so the continued log has each step once; rewritten atomically."""
+    """On resume: keep the log records up to the checkpoint's step (a killed run logged past it) and
+    drop a line the kill cut short, so the continued log has each step once; rewritten
+    atomically."""
     if not path.is_file():
         return
     keep = []
@@ -235,24 +254,29 @@ def trim_log(path: Path, step: int) -> None:
 
 
 def semantic_source(cfg) -> str:
-    """The semantic encoder to load: a random encoder saved in the run (a resume) is loaded from there."""
+    """The semantic encoder to load: a random encoder saved in the run (a resume) is loaded from
+    there."""
     own = Path(cfg.out) / cfg.semantic
     return str(own) if cfg.semantic == "semantic.safetensors" and own.is_file() else cfg.semantic
 
 
 def load_teacher_run(path: str) -> tuple[dict, Path]:
-    """The teacher's config.json and EMA weights; one line naming the file if it is not a teacher run
-    (missing, broken, truncated, or a distilled student)."""
+    """The teacher's config.json and EMA weights; one line naming the file if it is not a teacher
+    run (missing, broken, truncated, or a distilled student)."""
     run = Path(path)
     conf, weights = run / "config.json", run / "ema.safetensors"
     if not run.exists():
         raise UserError(f"--teacher {run}: not found")
     if not conf.is_file() or not weights.is_file():
-        raise UserError(f"--teacher {run}: not a teacher run dir (needs config.json and ema.safetensors)")
+        raise UserError(
+            f"--teacher {run}: not a teacher run dir (needs config.json and ema.safetensors)"
+        )
     try:
         tconf = files.read_json(conf)
         keys, _ = files.read_safetensors_header(weights)
-    except ValueError as e:  # broken JSON; empty, truncated or not safetensors: the message names the file
+    except (
+        ValueError
+    ) as e:  # broken JSON; empty, truncated or not safetensors: the message names the file
         raise UserError(f"--teacher {run}: {e}") from None
     if "method" in tconf or any(k.startswith("r_embedder.") for k in keys):
         raise UserError(f"--teacher {run}: {weights} is a distilled student, not a teacher "
@@ -262,12 +286,14 @@ def load_teacher_run(path: str) -> tuple[dict, Path]:
             raise UserError(f"--teacher {run}: {conf} has no {k!r}: not a run config")
     sem = tconf["semantic"]
     if sem not in ("none",) and not sem.startswith("random") and (run / sem).is_file():
-        tconf["semantic"] = str((run / sem).resolve())  # a random encoder saved inside the teacher run
+        # a random encoder saved inside the teacher run
+        tconf["semantic"] = str((run / sem).resolve())
     return tconf, weights
 
 
 def progress_line(name: str, done: int, steps: int, loss: float, steps_per_s: float) -> str:
-    """The line printed every --log-every steps when stderr is not a terminal (no progress bar there)."""
+    """The line printed every --log-every steps when stderr is not a terminal (no progress bar
+    there)."""
     eta = time.strftime("%H:%M:%S", time.gmtime((steps - done) / max(steps_per_s, 1e-9)))
     return f"{name}: step {done}/{steps} loss {loss:.4f} {steps_per_s:.2f} steps/s ETA {eta}"
 
