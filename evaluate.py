@@ -763,6 +763,8 @@ def compare(args):
 def grid(args):
     """`grid`: rows of bicubic | each --sr folder | HR for a few images, each with a 4× zoomed crop;
     without --hr (inputs that have none) the first --sr folder sets each row's size."""
+    if Path(args.out).exists() and not args.overwrite:
+        raise UserError(f"--out {args.out} exists; add --overwrite to replace it")
     if args.hr is None and not args.sr:
         raise UserError("grid without --hr needs at least one --sr NAME=DIR")
     reference = args.hr or args.sr[0][1]
@@ -925,6 +927,7 @@ def build_parser() -> CLIParser:
     gr.add_argument("--images", help="comma list of image names (default: the first --n)")
     gr.add_argument("--n", type=number(int, 1), default=3, help="number of images (rows)")
     gr.add_argument("--out", default="grid.png", help="output PNG")
+    gr.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     for p in (ap, sc, sw, cp, gr):
         describe_defaults(p)
     return ap
@@ -961,12 +964,8 @@ def main(argv=None):
     except UserError as e:
         print(f"evaluate.py {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except (
-        RuntimeError,
-        FileNotFoundError,
-        ImageError,
-        ValueError,
-    ) as e:  # pip failed, a bad file, a bad value
+    # pip failed, a bad file, a bad value
+    except (RuntimeError, FileNotFoundError, ImageError, ValueError) as e:
         print(f"evaluate.py {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: results are written only at the end, and atomically

@@ -455,8 +455,13 @@ def test_grid_matches_sr_files_by_name_and_leaves_out_missing_rows(tmp_path, cap
     # below the labels, the SR and HR cells are the files themselves
     assert np.array_equal(sheet[16:32, 48:96], sr[16:32])
     assert np.array_equal(sheet[16:32, 96:144], np.asarray(Image.open(dirs["hr"] / "b.png"))[16:32])
+    # an existing --out is kept, with one line, unless --overwrite is given
+    before = out.read_bytes()
+    assert E.main(["grid", "--lr", str(dirs["lr"]), "--sr", f"model={dirs['sr']}", "--out", str(out)]) == 2
+    assert "exists; add --overwrite" in capsys.readouterr().err and out.read_bytes() == before
     # photos upscaled as they are have no HR: bicubic | SR only, sized by the SR
-    assert E.main(["grid", "--lr", str(dirs["lr"]), "--sr", f"model={dirs['sr']}", "--out", str(out)]) == 0
+    assert E.main(["grid", "--lr", str(dirs["lr"]), "--sr", f"model={dirs['sr']}", "--out", str(out),
+                   "--overwrite"]) == 0
     sheet = np.asarray(Image.open(out))
     assert sheet.shape == (32 + 48, 2 * 48, 3) and np.array_equal(sheet[16:32, 48:96], sr[16:32])
 
