@@ -173,8 +173,9 @@ def shortcut_target(student, z_t, t, r):
 
 # --------------------------------------------------------------------------- the loss (eq. 17 / 11)
 
-def distill_loss(cfg: DistillConfig, teacher, net, z0, c_str, c_sem, d: dict):
-    """L = L_base + L_cons, with L_cons = L_rc-cons (eq. 16–17) or L_short-cons (eq. 10–11)."""
+def distill_loss(cfg: DistillConfig, teacher, net, z0, c_str, c_sem, d: dict, terms=None):
+    """L = L_base + L_cons, with L_cons = L_rc-cons (eq. 16–17) or L_short-cons (eq. 10–11).
+    terms: a dict to receive the two terms and, for rc, the share of clipped corrections (ours)."""
     t, r = d["t"], d["r"]
     z_t = interpolate(z0, d["z1"], t)
     # κ for the student, exactly as in teacher training; the teacher target always uses both
@@ -199,13 +200,16 @@ def distill_loss(cfg: DistillConfig, teacher, net, z0, c_str, c_sem, d: dict):
     u_base, u = net(x2, t.repeat(2), sem2, torch.cat([t, r])).float().chunk(2)
     loss_base = F.mse_loss(u_base, v_tea)                                        # eq. 4/6
     if cfg.method == "rc":
-        # eq. 15
-        target = u.detach() - rc_correction(
-            student, z_t, t, r, u.detach(), v_tea, cfg.delta, cfg.n_rc
-        )
+        corr = rc_correction(student, z_t, t, r, u.detach(), v_tea, cfg.delta, cfg.n_rc)
+        target = u.detach() - corr                                               # eq. 15
     else:
         target = shortcut_target(student, z_t, t, r)                             # eq. 9
-    return loss_base + F.mse_loss(u, target)                                     # eq. 17 / 11
+    loss_cons = F.mse_loss(u, target)
+    if terms is not None:  # logged: how much each term weighs, and how often the clip bites
+        terms.update(loss_base=float(loss_base), loss_cons=float(loss_cons))
+        if cfg.method == "rc":
+            terms["rc_clipped"] = float((corr.abs() >= 1).float().mean())
+    return loss_base + loss_cons                                                 # eq. 17 / 11
 
 
 # ----------------------------------------------------------------------------- the training step
@@ -245,7 +249,7 @@ def main(argv=None) -> dict:
             stop.armed = True  # from here a signal ends the step, saves it and stops the run
             for step in range(start, cfg.steps):
                 draws = draw_distill(cfg, latent_shape, tt.step_rngs(cfg.seed, step).draws)  # draw
-                loss = 0.0
+                loss, terms = 0.0, {}
                 for k in range(cfg.grad_accum):
                     hr = next(loader).to(device, non_blocking=True)               # condition
                     rng = tt.step_rngs(cfg.seed, step, rank * cfg.grad_accum + k)
@@ -253,7 +257,7 @@ def main(argv=None) -> dict:
                     with tt.autocast(cfg, device):
                         d = tt.share(draws, cfg, rank, world, k, device)
                         # loss: eq. 17 (rc) or eq. 11 (shortcut)
-                        micro_loss = distill_loss(cfg, teacher, net, z0, c_str, c_sem, d)
+                        micro_loss = distill_loss(cfg, teacher, net, z0, c_str, c_sem, d, terms)
                     (micro_loss / cfg.grad_accum).backward()                      # backward
                     loss += micro_loss.detach().float() / cfg.grad_accum
                 loss = runs.mean_over_ranks(loss, world)                          # all-reduce
@@ -267,7 +271,7 @@ def main(argv=None) -> dict:
                 tt.ema_update(ema, student, min(cfg.ema, (1 + step) / (10 + step)))      # EMA
 
                 done, history[step] = step + 1, loss
-                record = {"step": done, "loss": loss}
+                record = {"step": done, "loss": loss} | terms  # terms: this rank's last micro-batch
                 if val_hr is not None and (done % cfg.val_every == 0 or done == cfg.steps):
                     record |= tt.validate(
                         cfg, ema, codec, semantic, val_hr, done, out, device, True
