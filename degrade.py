@@ -33,14 +33,8 @@ class DegradeConfig:
     then final)."""
     kernel_range: tuple = (7, 9, 11, 13, 15, 17, 19, 21)  # odd sizes, zero-padded to kernel_pad_to
     kernel_pad_to: int = 21
-    kernel_list: tuple = (
-        "iso",
-        "aniso",
-        "generalized_iso",
-        "generalized_aniso",
-        "plateau_iso",
-        "plateau_aniso",
-    )
+    kernel_list: tuple = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso",
+                          "plateau_aniso")
     kernel_prob: tuple = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
     sinc_prob: float = 0.1                      # sinc kernel instead of a blur kernel
     blur_sigma: tuple = (0.2, 3.0)
@@ -55,14 +49,8 @@ class DegradeConfig:
     gray_noise_prob: float = 0.4
     jpeg_range: tuple = (30, 95)
     second_blur_prob: float = 0.8
-    kernel_list2: tuple = (
-        "iso",
-        "aniso",
-        "generalized_iso",
-        "generalized_aniso",
-        "plateau_iso",
-        "plateau_aniso",
-    )
+    kernel_list2: tuple = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso",
+                           "plateau_aniso")
     kernel_prob2: tuple = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
     sinc_prob2: float = 0.1
     blur_sigma2: tuple = (0.2, 1.5)
@@ -156,11 +144,8 @@ def _uniform(n, lo, hi, g):
 
 def _beta(n, lo, hi, g):
     """BasicSR's β draw: half the time in [lo, 1], else in [1, hi]."""
-    return torch.where(
-        torch.rand(n, generator=g, dtype=torch.float64) < 0.5,
-        _uniform(n, lo, 1.0, g),
-        _uniform(n, 1.0, hi, g),
-    )
+    return torch.where(torch.rand(n, generator=g, dtype=torch.float64) < 0.5,
+                       _uniform(n, lo, 1.0, g), _uniform(n, 1.0, hi, g))
 
 
 def random_kernels(n, kernel_range, kernel_list, kernel_prob, sinc_prob, sigma_range, betag_range,
@@ -281,30 +266,17 @@ def sample_params(n, cfg=None, generator=None) -> DegradationDraws:
         resize_prob, resize_range, gaussian_prob, noise_range, poisson_range, gray_prob, jpeg_range
     ):
         scale, mode = resize_scale(resize_prob, resize_range), modes()
-        gaussian, sigma, poisson, gray = (
-            coin(gaussian_prob),
-            u(*noise_range),
-            u(*poisson_range),
-            coin(gray_prob),
-        )
+        gaussian, sigma, poisson, gray = (coin(gaussian_prob), u(*noise_range), u(*poisson_range),
+                                          coin(gray_prob))
         seed = torch.randint(2**62, (n,), generator=g)
         quality = torch.randint(jpeg_range[0], jpeg_range[1] + 1, (n,), generator=g).double()
         return OrderDraws(scale, mode, gaussian, sigma, poisson, gray, seed, quality)
 
     kernel1 = random_kernels(n, cfg.kernel_range, cfg.kernel_list, cfg.kernel_prob, cfg.sinc_prob,
                              cfg.blur_sigma, cfg.betag_range, cfg.betap_range, g, cfg.kernel_pad_to)
-    kernel2 = random_kernels(
-        n,
-        cfg.kernel_range,
-        cfg.kernel_list2,
-        cfg.kernel_prob2,
-        cfg.sinc_prob2,
-        cfg.blur_sigma2,
-        cfg.betag_range2,
-        cfg.betap_range2,
-        g,
-        cfg.kernel_pad_to,
-    )
+    kernel2 = random_kernels(n, cfg.kernel_range, cfg.kernel_list2, cfg.kernel_prob2,
+                             cfg.sinc_prob2, cfg.blur_sigma2, cfg.betag_range2, cfg.betap_range2, g,
+                             cfg.kernel_pad_to)
     sizes = torch.tensor(cfg.kernel_range)[torch.randint(len(cfg.kernel_range), (n,), generator=g)]
     # final sinc: ωc ~ U[π/3, π]
     sinc = sinc_kernel(u(math.pi / 3, math.pi), sizes, cfg.kernel_pad_to)
@@ -336,28 +308,16 @@ def apply_degradation(hr, params: DegradationDraws, scale=4, modes=("area", "bil
         x = out[i:i + 1]                                 # (1, 3, H, W)
         s = float(o1.scale[i])                           # first resize is relative to the input
         x = _resize(x, (x.shape[2] * s, x.shape[3] * s), modes[o1.mode[i]])  # (1, 3, h1, w1)
-        x = add_noise(
-            x,
-            bool(o1.gaussian[i]),
-            float(o1.sigma[i]),
-            float(o1.poisson[i]),
-            bool(o1.gray[i]),
-            int(o1.seed[i]),
-        )
+        x = add_noise(x, bool(o1.gaussian[i]), float(o1.sigma[i]), float(o1.poisson[i]),
+                      bool(o1.gray[i]), int(o1.seed[i]))
         x = jpeg(x, o1.quality[i:i + 1])
         # --- second order ---
         if p.blur2[i]:
             x = filter2d(x, p.kernel2[i:i + 1])
         s = float(o2.scale[i])                           # second resize is relative to H/scale
         x = _resize(x, (h / scale * s, w / scale * s), modes[o2.mode[i]])  # (1, 3, h2, w2)
-        x = add_noise(
-            x,
-            bool(o2.gaussian[i]),
-            float(o2.sigma[i]),
-            float(o2.poisson[i]),
-            bool(o2.gray[i]),
-            int(o2.seed[i]),
-        )
+        x = add_noise(x, bool(o2.gaussian[i]), float(o2.sigma[i]), float(o2.poisson[i]),
+                      bool(o2.gray[i]), int(o2.seed[i]))
         if p.jpeg_first[i]:                              # order B: JPEG, then resize + sinc
             x = jpeg(x, o2.quality[i:i + 1])
         finals.append(_resize(x, (ho, wo), modes[p.mode_final[i]]))
@@ -425,23 +385,12 @@ def degrade_bicubic(hr, scale=4, resize_back=False):
 # A light Real-ESRGAN setting (ours): the same two orders with mild blur, noise and JPEG, for the
 # middle of a mix that must also keep clean and lightly degraded photos intact (the full ranges
 # above reach down to light degradations only rarely).
-LIGHT = DegradeConfig(
-    blur_sigma=(0.2, 1.2),
-    blur_sigma2=(0.2, 0.8),
-    sinc_prob=0.0,
-    sinc_prob2=0.0,
-    resize_prob=(0.2, 0.3, 0.5),
-    resize_range=(0.7, 1.2),
-    resize_prob2=(0.2, 0.3, 0.5),
-    resize_range2=(0.8, 1.1),
-    noise_range=(1.0, 6.0),
-    noise_range2=(1.0, 4.0),
-    poisson_scale_range=(0.05, 0.4),
-    poisson_scale_range2=(0.05, 0.3),
-    jpeg_range=(75, 95),
-    jpeg_range2=(80, 95),
-    final_sinc_prob=0.2,
-)
+LIGHT = DegradeConfig(blur_sigma=(0.2, 1.2), blur_sigma2=(0.2, 0.8), sinc_prob=0.0, sinc_prob2=0.0,
+                      resize_prob=(0.2, 0.3, 0.5), resize_range=(0.7, 1.2),
+                      resize_prob2=(0.2, 0.3, 0.5), resize_range2=(0.8, 1.1),
+                      noise_range=(1.0, 6.0), noise_range2=(1.0, 4.0),
+                      poisson_scale_range=(0.05, 0.4), poisson_scale_range2=(0.05, 0.3),
+                      jpeg_range=(75, 95), jpeg_range2=(80, 95), final_sinc_prob=0.2)
 
 # The mix of `--degradation mix` (ours): clean bicubic ×4, light and full Real-ESRGAN, each a third
 # of the samples, so one model learns to keep what a clean photo has and to restore what a degraded

@@ -65,11 +65,9 @@ class DistillConfig(TrainConfig):
 DEFAULTS = dict(size=256, batch=32, steps=50_000, lr=2e-5, val_steps=1)
 # --preset: recipes of defaults; the model is always the teacher's. The CPU ones are ours: 64²
 # crops, lr 2e-4 and EMA 0.99 as the distillations of docs/ablations.md and docs/small_scale.md.
-PRESETS = {
-    "paper": {k: v for k, v in DEFAULTS.items() if k != "val_steps"},
-    "tiny": dict(size=64, batch=4, steps=200, lr=2e-4, ema=0.99, ckpt_every=50),
-    "small": dict(size=64, batch=16, steps=400, lr=2e-4, ema=0.99, ckpt_every=50),
-}
+PRESETS = {"paper": {k: v for k, v in DEFAULTS.items() if k != "val_steps"},
+           "tiny": dict(size=64, batch=4, steps=200, lr=2e-4, ema=0.99, ckpt_every=50),
+           "small": dict(size=64, batch=16, steps=400, lr=2e-4, ema=0.99, ckpt_every=50)}
 # What a student takes from its teacher's config.json unless a flag says otherwise.
 INHERITED = ("preset", "patch_size", "codec", "light_decoder", "semantic", "semantic_size",
              "degradation", "resize_back", "mode", "p_partial", "alpha_min", "alpha_max",
@@ -206,7 +204,7 @@ def distill_loss(cfg: DistillConfig, teacher, net, z0, c_str, c_sem, d: dict, te
         target = shortcut_target(student, z_t, t, r)                             # eq. 9
     loss_cons = F.mse_loss(u, target)
     if terms is not None:  # logged: how much each term weighs, and how often the clip bites
-        terms.update(loss_base=float(loss_base), loss_cons=float(loss_cons))
+        terms.update(loss_base=loss_base.item(), loss_cons=loss_cons.item())
         if cfg.method == "rc":
             terms["rc_clipped"] = float((corr.abs() >= 1).float().mean())
     return loss_base + loss_cons                                                 # eq. 17 / 11
@@ -300,12 +298,8 @@ def build_student(cfg: DistillConfig, tconf: dict, weights: Path, device):
         semantic = vae.load_semantic(cfg.semantic, image_size=cfg.semantic_size, device=device)
     except (FileNotFoundError, ValueError) as e:  # a missing or invalid folder/file: say which
         raise files.UserError(f"{e}") from None
-    kw = dict(
-        latent_channels=codec.channels,
-        enc_dim=tconf["enc_dim"],
-        train_grid=tconf["train_grid"],
-        patch_size=tconf.get("patch_size", 2),
-    )
+    kw = dict(latent_channels=codec.channels, enc_dim=tconf["enc_dim"],
+              train_grid=tconf["train_grid"], patch_size=tconf.get("patch_size", 2))
     teacher = dit.build(cfg.preset, **kw)
     try:
         dit.load_release_checkpoint(teacher, weights)

@@ -308,12 +308,8 @@ class VOSRDiT(nn.Module):
                 f"dim {cfg.dim} / heads {cfg.num_heads} must give a head_dim divisible by 4"
             )
         self.cfg = cfg
-        self.preset, self.dim, self.depth, self.num_heads = (
-            cfg.preset,
-            cfg.dim,
-            cfg.depth,
-            cfg.num_heads,
-        )
+        self.preset, self.dim, self.depth, self.num_heads = (cfg.preset, cfg.dim, cfg.depth,
+                                                             cfg.num_heads)
         self.latent_channels, self.enc_dim = cfg.latent_channels, cfg.enc_dim
         self.patch_size, self.train_grid = cfg.patch_size, cfg.train_grid
         self.with_r, self.grad_ckpt = cfg.with_r, cfg.grad_ckpt
@@ -509,17 +505,10 @@ def release_config(
     patch = int(args.get("patch_size", 2))
     shape = dict(dim=args["dim"], depth=args["depth"], num_heads=args["num_heads"])
     preset = next((name for name, p in PRESETS.items() if p == shape), "custom")
-    return DiTConfig(
-        **shape,
-        latent_channels=latent_channels,
-        enc_dim=enc_dim,
-        patch_size=patch,
-        train_grid=int(args.get("resolution", 512)) // 8 // patch,
-        mlp_ratio=float(args.get("mlp_ratio", 4.0)),
-        with_r=with_r,
-        sem_hidden=sem_hidden,
-        preset=preset,
-    )
+    return DiTConfig(**shape, latent_channels=latent_channels, enc_dim=enc_dim, patch_size=patch,
+                     train_grid=int(args.get("resolution", 512)) // 8 // patch,
+                     mlp_ratio=float(args.get("mlp_ratio", 4.0)), with_r=with_r,
+                     sem_hidden=sem_hidden, preset=preset)
 
 
 # the layers whose shape follows the semantic width enc_dim

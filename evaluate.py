@@ -50,32 +50,17 @@ from vosr.cli import CLIParser, describe_defaults, listed, number
 from vosr.runtime import DEFAULT_DEVICE
 from vosr.files import ImageError, UserError, read_image, write_image
 from vosr.image_pairs import index_images, pair_images
-from vosr.metric_weights import (
-    load_niqe_params,
-    load_pyiqa,
-    load_weights,
-    missing_weights,
-    weights_not_found,
-)
+from vosr.metric_weights import (load_niqe_params, load_pyiqa, load_weights, missing_weights,
+                                 weights_not_found)
 from vosr.reports import (KEY_COLUMNS, comparison_sheet, format_table, line_plot, mean_row,
                            read_csv, text_table, write_csv, write_rows)
 
 
 FULL_REFERENCE = ("psnr", "ssim", "lpips", "lpips_vgg", "dists")
 # all but niqe come from pyiqa, if present
-NO_REFERENCE = (
-    "niqe",
-    "musiq",
-    "maniqa",
-    "clipiqa",
-    "topiq_nr",
-)
-ALIASES = {
-    "lpips_alex": "lpips",
-    "lpips-alex": "lpips",
-    "lpips-vgg": "lpips_vgg",
-    "topiq": "topiq_nr",
-}
+NO_REFERENCE = ("niqe", "musiq", "maniqa", "clipiqa", "topiq_nr")
+ALIASES = {"lpips_alex": "lpips", "lpips-alex": "lpips", "lpips-vgg": "lpips_vgg",
+           "topiq": "topiq_nr"}
 
 
 # -------------------------------------------------------------------------- PSNR / SSIM (Y channel)
@@ -339,12 +324,7 @@ def niqe_block_features(block):
     alpha, beta_l, beta_r = estimate_aggd_param(block)
     feat = [alpha, (beta_l + beta_r) / 2]
     # horizontal, vertical, two diagonals (circular)
-    for shift in (
-        (0, 1),
-        (1, 0),
-        (1, 1),
-        (1, -1),
-    ):
+    for shift in ((0, 1), (1, 0), (1, 1), (1, -1)):
         alpha, beta_l, beta_r = estimate_aggd_param(block * np.roll(block, shift, axis=(0, 1)))
         mean = (beta_r - beta_l) * math.gamma(2 / alpha) / math.gamma(1 / alpha)
         feat += [alpha, mean, beta_l, beta_r]

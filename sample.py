@@ -125,24 +125,9 @@ def euler_sample(
 
 
 @torch.no_grad()
-def sample(
-    model,
-    codec,
-    semantic,
-    lr,
-    scale=4.0,
-    steps=25,
-    guidance=0.5,
-    alpha=0.15,
-    generator=None,
-    student=False,
-    schedule="uniform",
-    shift=1.0,
-    upscale="torch",
-    latent="mean",
-    color_fix="none",
-    start=1.0,
-):
+def sample(model, codec, semantic, lr, scale=4.0, steps=25, guidance=0.5, alpha=0.15,
+           generator=None, student=False, schedule="uniform", shift=1.0, upscale="torch",
+           latent="mean", color_fix="none", start=1.0):
     """LR (B,3,h,w) in [0,1] → SR (B,3,round(scale·h),round(scale·w)) in [0,1], every network on the
     whole image."""
     H, W = round(lr.shape[-2] * scale), round(lr.shape[-1] * scale)
@@ -230,15 +215,8 @@ def blend_weights(starts: list[int], n: int, size: int, fade: int, device=None,
 
 
 @functools.lru_cache(maxsize=32)
-def axis_plan(
-    size: int,
-    tile: int,
-    overlap: int,
-    align: int = 1,
-    scale: int = 1,
-    blend: str = "linear",
-    device: torch.device | None = None,
-) -> tuple[tuple, int]:
+def axis_plan(size: int, tile: int, overlap: int, align: int = 1, scale: int = 1,
+              blend: str = "linear", device: torch.device | None = None) -> tuple[tuple, int]:
     """((start, output start, weights), …) of one axis and the window length; outputs are `scale`×
     the input."""
     # cached: the DiT asks for the same plan at every step, and copying weights to a GPU syncs with
@@ -300,15 +278,8 @@ def reflect_crop(img: torch.Tensor, y: int, x: int, h: int, w: int) -> torch.Ten
 
 
 @torch.no_grad()
-def tiled_encode(
-    codec,
-    img,
-    size: tuple[int, int],
-    tile: int = 512,
-    overlap: int = 64,
-    encode=None,
-    generator=None,
-):
+def tiled_encode(codec, img, size: tuple[int, int], tile: int = 512, overlap: int = 64, encode=None,
+                 generator=None):
     """img (B,3,H,W) in [0,1], reflect-padded to `size` → c_str (B,C,H'/f,W'/f): posterior means of
     tiles (generator: posterior samples drawn from it, as the official release)."""
     encode, f = encode or codec.encode, codec.factor
@@ -321,11 +292,8 @@ def tiled_encode(
         img.shape[0], codec.channels, size[0] // f, size[1] // f, dtype=torch.float32
     )
     return blend_tiles(
-        lambda y, x: encode(
-            reflect_crop(img, y * f, x * f, th * f, tw * f) * 2 - 1,
-            generator=generator,
-            mode=generator is None,
-        ),
+        lambda y, x: encode(reflect_crop(img, y * f, x * f, th * f, tw * f) * 2 - 1,
+                            generator=generator, mode=generator is None),
         out,
         rows,
         cols,
@@ -366,11 +334,8 @@ def semantic_token_map(semantic, img: torch.Tensor, tile: int, overlap: int) -> 
         offsets = [min(_round(s * G / size), G - g) for s in starts[:-1]] + [G - g]
         return (
             tuple(
-                zip(
-                    starts,
-                    offsets,
-                    blend_weights(offsets, g, G, _round(overlap * g / n), img.device),
-                )
+                zip(starts, offsets,
+                    blend_weights(offsets, g, G, _round(overlap * g / n), img.device))
             ),
             n,
             G,
@@ -417,11 +382,7 @@ class LappedDiT(torch.nn.Module):
         # latent pixels)
         super().__init__()
         # unit: grid cells per token side
-        self.net, self.cells, self.unit = (
-            net,
-            cells,
-            cells * patch,
-        )
+        self.net, self.cells, self.unit = (net, cells, cells * patch)
         if self.unit % 2:
             raise ValueError(
                 f"lapped tokens need an even token side, this model's is {self.unit} cell(s)"
@@ -433,12 +394,7 @@ class LappedDiT(torch.nn.Module):
         for dy in (0, u // 2):
             for dx in (0, u // 2):
                 # whole tokens, grid moved by (dy, dx)
-                pad = (
-                    dx,
-                    u - dx if dx else 0,
-                    dy,
-                    u - dy if dy else 0,
-                )
+                pad = (dx, u - dx if dx else 0, dy, u - dy if dy else 0)
                 shifted = F.pad(grid, pad, mode="reflect") if dy or dx else grid
                 vs = F.pixel_shuffle(
                     self.net(F.pixel_unshuffle(shifted, self.cells), t, c_sem, r, **kw), self.cells
@@ -576,43 +532,22 @@ class VOSRPipeline:
         self.enable(fast or FastPaths())
 
     @torch.no_grad()
-    def __call__(
-        self,
-        lr,
-        scale=4.0,
-        steps=25,
-        guidance=0.5,
-        alpha=0.15,
-        generator=None,
-        tile=None,
-        tile_overlap=None,
-        color_fix="none",
-        schedule="uniform",
-        shift=1.0,
-        progress=False,
-        semantic_tiles="global",
-        upscale="torch",
-        tile_blend="linear",
-        vae_tile=None,
-        latent="mean",
-        lapped="off",
-        tile_shape="fit",
-        start=1.0,
-    ):
+    def __call__(self, lr, scale=4.0, steps=25, guidance=0.5, alpha=0.15, generator=None, tile=None,
+                 tile_overlap=None, color_fix="none", schedule="uniform", shift=1.0, progress=False,
+                 semantic_tiles="global", upscale="torch", tile_blend="linear", vae_tile=None,
+                 latent="mean", lapped="off", tile_shape="fit", start=1.0):
         """sample() with tiles: LR↑ → c_str (condition) → c_sem (tile_semantics) → z_0 (denoise) →
         SR (finish). tile, tile_overlap, vae_tile (the codec's; None: tile, 0: whole) in output
         pixels, see tile_sizes."""
         if scale <= 0:
             raise ValueError(f"scale must be positive, got {scale}")
-        for name, value, allowed in (
-            ("semantic_tiles", semantic_tiles, SEMANTIC_TILES),
-            ("upscale", upscale, UPSCALE),
-            ("tile_blend", tile_blend, TILE_BLEND),
-            ("latent", latent, LATENT),
-            ("color_fix", color_fix, tuple(COLOR_FIX)),
-            ("lapped", lapped, LAPPED),
-            ("tile_shape", tile_shape, TILE_SHAPE),
-        ):
+        for name, value, allowed in (("semantic_tiles", semantic_tiles, SEMANTIC_TILES),
+                                     ("upscale", upscale, UPSCALE),
+                                     ("tile_blend", tile_blend, TILE_BLEND),
+                                     ("latent", latent, LATENT),
+                                     ("color_fix", color_fix, tuple(COLOR_FIX)),
+                                     ("lapped", lapped, LAPPED),
+                                     ("tile_shape", tile_shape, TILE_SHAPE)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         unit = self.codec.factor * self.model.patch_size
@@ -630,18 +565,8 @@ class VOSRPipeline:
         del lr_up  # freed unless the colour fix needs it
         if not 0 < start <= 1:
             raise ValueError(f"start must be in (0, 1], got {start}")
-        z0 = self.denoise(
-            c_str,
-            sem_of,
-            generator,
-            timesteps(steps, schedule, shift, start),
-            guidance,
-            alpha,
-            lt,
-            tile_blend,
-            progress,
-            lapped == "on",
-        )
+        z0 = self.denoise(c_str, sem_of, generator, timesteps(steps, schedule, shift, start),
+                          guidance, alpha, lt, tile_blend, progress, lapped == "on")
         return self.finish(z0, (H, W), vae_tile, overlap, ref, color_fix)
 
     def condition(
@@ -678,19 +603,8 @@ class VOSRPipeline:
         return functools.lru_cache(None)(lambda y, x, h, w: runtime.finite(
             self.semantic(lr_up[..., y:y + h, x:x + w]), stage, self.dtype))
 
-    def denoise(
-        self,
-        c_str,
-        sem_of,
-        generator,
-        ts,
-        guidance,
-        alpha,
-        latent_tiles,
-        blend="linear",
-        progress=False,
-        lapped=False,
-    ):
+    def denoise(self, c_str, sem_of, generator, ts, guidance, alpha, latent_tiles, blend="linear",
+                progress=False, lapped=False):
         """z_1 ~ N(0, I) drawn once for the whole latent → z_0 by guided Euler (eq. 2), the DiT on
         latent tiles; ts[0] < 1 starts from the noised LR↑ latent (start_latent)."""
         z1 = torch.randn(c_str.shape, generator=generator, dtype=torch.float32).to(self.device)
@@ -726,11 +640,7 @@ class VOSRPipeline:
         the teacher's guided velocity (eq. 2), or the student's one branch with r = the next time
         (§3.4); lapped: LappedDiT's."""
         # keys: windows → projected c_sem
-        f, s, keys = (
-            self.codec.factor,
-            1.0 if self.student else guidance,
-            {},
-        )
+        f, s, keys = (self.codec.factor, 1.0 if self.student else guidance, {})
         net = self.lapped_net() if lapped else self.net
 
         def semantics(wins):  # c_sem of each window, stacked as the windows are
@@ -841,12 +751,8 @@ def load_model(cfg, report=print):
         loaded.append(f"codec {run['codec']} ({codec.channels} channels, ×{codec.factor})")
     if light:
         loaded.append(f"light decoder {light}")
-    semantic = vae.load_semantic(
-        run["semantic"],
-        image_size=run["semantic_size"],
-        device=cfg.device,
-        layer=run.get("semantic_layer"),
-    )
+    semantic = vae.load_semantic(run["semantic"], image_size=run["semantic_size"],
+                                 device=cfg.device, layer=run.get("semantic_layer"))
     if semantic is not None and Path(run["semantic"]).is_file():
         loaded.append(f"DINOv2 {run['semantic']} ({describe_semantic(semantic)})")
     with_r = any(k.startswith("r_embedder.") for k in shapes)
@@ -877,14 +783,9 @@ def load_model(cfg, report=print):
         if run["kind"] == loading.ONESTEP:
             run["preset"] += ", VOSR 2.0"
     else:
-        conf = dit.preset_config(
-            run["preset"],
-            latent_channels=codec.channels,
-            with_r=with_r,
-            enc_dim=enc_dim,
-            train_grid=run["train_grid"],
-            patch_size=run.get("patch_size", 2),
-        )
+        conf = dit.preset_config(run["preset"], latent_channels=codec.channels, with_r=with_r,
+                                 enc_dim=enc_dim, train_grid=run["train_grid"],
+                                 patch_size=run.get("patch_size", 2))
     kind = run.get("kind", loading.STUDENT if with_r else loading.TEACHER)  # a run dir: its weights
     model = dit.from_checkpoint(conf, str(weights))
     what = loading.KIND_NAMES[kind]
@@ -983,13 +884,9 @@ def check_recommended(defaults: dict, where: str) -> None:
 
 # ----------------------------------------------------------------------------- CLI
 
-SEMANTIC_TILES, UPSCALE, TILE_BLEND, LATENT, LAPPED = (
-    ("global", "per-tile", "whole"),
-    ("torch", "pil"),
-    ("linear", "gaussian"),
-    ("mean", "sample"),
-    ("off", "on"),
-)
+SEMANTIC_TILES, UPSCALE, TILE_BLEND, LATENT, LAPPED = (("global", "per-tile", "whole"),
+                                                       ("torch", "pil"), ("linear", "gaussian"),
+                                                       ("mean", "sample"), ("off", "on"))
 TILE_SHAPE = ("fit", "square")
 
 
@@ -1278,11 +1175,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         action="store_true",
         help="project the semantic tokens once per image, not at every step for both branches",
     )
-    g.add_argument(
-        "--channels-last",
-        action="store_true",
-        help="NHWC conv weights in the codec (faster on GPUs)",
-    )
+    g.add_argument("--channels-last", action="store_true",
+                   help="NHWC conv weights in the codec (faster on GPUs)")
     g.add_argument(
         "--compile",
         nargs="?",
@@ -1371,28 +1265,12 @@ def super_resolve(
 ) -> torch.Tensor:
     """pipe(lr) with every sampler setting of cfg; the noise is seeded with cfg.seed for each image.
     """
-    return pipe(
-        lr,
-        cfg.scale,
-        cfg.steps,
-        cfg.guidance,
-        cfg.alpha,
-        torch.Generator().manual_seed(cfg.seed),
-        cfg.tile,
-        cfg.tile_overlap,
-        cfg.color_fix or "none",
-        cfg.schedule,
-        cfg.shift,
-        progress=progress,
-        semantic_tiles=cfg.semantic_tiles,
-        upscale=cfg.upscale or "torch",
-        tile_blend=cfg.tile_blend or "linear",
-        vae_tile=cfg.vae_tile,
-        latent=cfg.latent,
-        lapped=cfg.lapped or "off",
-        tile_shape=cfg.tile_shape,
-        start=cfg.start or 1.0,
-    )
+    return pipe(lr, cfg.scale, cfg.steps, cfg.guidance, cfg.alpha,
+                torch.Generator().manual_seed(cfg.seed), cfg.tile, cfg.tile_overlap,
+                cfg.color_fix or "none", cfg.schedule, cfg.shift, progress=progress,
+                semantic_tiles=cfg.semantic_tiles, upscale=cfg.upscale or "torch",
+                tile_blend=cfg.tile_blend or "linear", vae_tile=cfg.vae_tile, latent=cfg.latent,
+                lapped=cfg.lapped or "off", tile_shape=cfg.tile_shape, start=cfg.start or 1.0)
 
 
 class Tally:

@@ -120,52 +120,18 @@ PRESETS = {
     # CPU recipes (ours) for the 192-channel pixel codec use patch 1: with patch 2 a token would
     # carry 2·2·192 = 768 values, more than the model width, and the final Linear(dim → p·p·C) could
     # not span the noise — whatever it cannot represent would stay in the sample as noise.
-    "tiny": dict(
-        preset="tiny", patch_size=1, size=64, batch=4, lr=3e-4, ema=0.99, semantic_size=56
-    ),
-    "small": dict(
-        preset="small", patch_size=1, size=64, batch=16, lr=2e-4, ema=0.999, semantic_size=112
-    ),
-    "0.5B-stage1": dict(
-        preset="0.5B",
-        size=256,
-        batch=1024,
-        lr=1e-4,
-        steps=400_000,
-        bf16=True,
-        semantic="dinov2_vitb14.safetensors",
-        semantic_size=448,
-    ),
-    "0.5B-stage2": dict(
-        preset="0.5B",
-        size=512,
-        batch=256,
-        lr=5e-5,
-        steps=400_000,
-        bf16=True,
-        semantic="dinov2_vitb14.safetensors",
-        semantic_size=448,
-    ),
-    "1.4B-stage1": dict(
-        preset="1.4B",
-        size=256,
-        batch=1024,
-        lr=1e-4,
-        steps=400_000,
-        bf16=True,
-        semantic="dinov2_vitl14.safetensors",
-        semantic_size=448,
-    ),
-    "1.4B-stage2": dict(
-        preset="1.4B",
-        size=512,
-        batch=256,
-        lr=5e-5,
-        steps=400_000,
-        bf16=True,
-        semantic="dinov2_vitl14.safetensors",
-        semantic_size=448,
-    ),
+    "tiny": dict(preset="tiny", patch_size=1, size=64, batch=4, lr=3e-4, ema=0.99,
+                 semantic_size=56),
+    "small": dict(preset="small", patch_size=1, size=64, batch=16, lr=2e-4, ema=0.999,
+                  semantic_size=112),
+    "0.5B-stage1": dict(preset="0.5B", size=256, batch=1024, lr=1e-4, steps=400_000, bf16=True,
+                        semantic="dinov2_vitb14.safetensors", semantic_size=448),
+    "0.5B-stage2": dict(preset="0.5B", size=512, batch=256, lr=5e-5, steps=400_000, bf16=True,
+                        semantic="dinov2_vitb14.safetensors", semantic_size=448),
+    "1.4B-stage1": dict(preset="1.4B", size=256, batch=1024, lr=1e-4, steps=400_000, bf16=True,
+                        semantic="dinov2_vitl14.safetensors", semantic_size=448),
+    "1.4B-stage2": dict(preset="1.4B", size=512, batch=256, lr=5e-5, steps=400_000, bf16=True,
+                        semantic="dinov2_vitl14.safetensors", semantic_size=448),
 }
 
 
@@ -705,13 +671,8 @@ class StepSampler(torch.utils.data.Sampler):
     """Yields the global sample indices this rank consumes, from `start_step` on."""
 
     def __init__(self, start_step, steps, global_batch, rank, world):
-        self.start, self.steps, self.gb, self.rank, self.world = (
-            start_step,
-            steps,
-            global_batch,
-            rank,
-            world,
-        )
+        self.start, self.steps, self.gb, self.rank, self.world = (start_step, steps, global_batch,
+                                                                  rank, world)
 
     def __iter__(self):
         local = self.gb // self.world
@@ -746,16 +707,9 @@ def parse_cli(argv=None, check_files: bool = True) -> tuple[TrainConfig, list]:
     # on --resume a preset typed again names the model; its other defaults give way to the saved
     # ones
     retyped = given | ({"preset": recipe["preset"]} if typed_preset else {})
-    return cli.resolve_cli(
-        p,
-        TrainConfig,
-        given,
-        "train_teacher.py",
-        lambda: TrainConfig(**(recipe | given)),
-        cli.RANGES,
-        check_files,
-        retyped,
-    )
+    return cli.resolve_cli(p, TrainConfig, given, "train_teacher.py",
+                           lambda: TrainConfig(**(recipe | given)), cli.RANGES, check_files,
+                           retyped)
 
 
 def parse_args(argv=None) -> TrainConfig:

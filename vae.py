@@ -28,16 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from vosr.efficientnet import (
-    block_stride,
-    build_effnet_lite0,
-    create_effnet_lite0,
-    effnet_lite0_weights,
-    effnet_state_dict,
-    features,
-    flat_blocks,
-    is_effnet_state_dict,
-)
+from vosr.efficientnet import (block_stride, build_effnet_lite0, create_effnet_lite0,
+                               effnet_lite0_weights, effnet_state_dict, features, flat_blocks,
+                               is_effnet_state_dict)
 from vosr.files import load_strict, read_state_dict, save_safetensors
 
 # diffusers and timm are imported where a VAE folder, the light decoder or DINOv2 is built: together
@@ -247,19 +240,10 @@ def load_codec(
 
 
 # the shape of SD2.1-base's vae/config.json
-SD21_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    act_fn="silu",
-    latent_channels=4,
-    norm_num_groups=32,
-    sample_size=768,
-    scaling_factor=0.18215,
-)
+SD21_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2, act_fn="silu", latent_channels=4, norm_num_groups=32,
+                sample_size=768, scaling_factor=0.18215)
 
 
 def random_sd_codec(latent_channels: int = 4, light_decoder: bool = True) -> DiffusersCodec:
@@ -290,15 +274,10 @@ def build_light_decoder(config: dict | None = None) -> nn.Module:
     from diffusers.models.autoencoders.vae import Decoder
     c = {**LIGHT_DECODER, **(config or {})}
     blocks = tuple(c["block_out_channels"])
-    return Decoder(
-        in_channels=c["in_channels"],
-        out_channels=c["out_channels"],
-        up_block_types=("UpDecoderBlock2D",) * len(blocks),
-        block_out_channels=blocks,
-        layers_per_block=c["layers_per_block"],
-        norm_num_groups=c.get("norm_num_groups", 32),
-        act_fn="silu",
-    )
+    return Decoder(in_channels=c["in_channels"], out_channels=c["out_channels"],
+                   up_block_types=("UpDecoderBlock2D",) * len(blocks), block_out_channels=blocks,
+                   layers_per_block=c["layers_per_block"],
+                   norm_num_groups=c.get("norm_num_groups", 32), act_fn="silu")
 
 
 def load_light_decoder(path) -> nn.Module:
@@ -491,12 +470,8 @@ class SemanticEncoder(nn.Module):
         vit = self.vit
         dtype = vit.patch_embed.proj.weight.dtype
         # (B,3,S,S), no antialias
-        x = F.interpolate(
-            img.float(),
-            size=(self.image_size, self.image_size),
-            mode="bicubic",
-            align_corners=False,
-        )
+        x = F.interpolate(img.float(), size=(self.image_size, self.image_size), mode="bicubic",
+                          align_corners=False)
         x = (x.clamp(0, 1) - self.img_mean) / self.img_std
         x = vit.patch_embed.proj(x.to(dtype)).flatten(2).transpose(1, 2)       # (B,G*G,D)
         x = vit.patch_embed.norm(x)
@@ -597,12 +572,8 @@ class EffNetSemanticEncoder(nn.Module):
     def preprocess(self, img: torch.Tensor) -> torch.Tensor:
         """img (B,3,H,W) in [0,1] -> the network's input (B,3,S,S): bicubic to image_size, as for
         DINOv2 (no antialias), then the Lite normalisation."""
-        x = F.interpolate(
-            img.float(),
-            size=(self.image_size, self.image_size),
-            mode="bicubic",
-            align_corners=False,
-        )
+        x = F.interpolate(img.float(), size=(self.image_size, self.image_size), mode="bicubic",
+                          align_corners=False)
         x = (x.clamp(0, 1) - EFFNET_LITE_MEAN) / EFFNET_LITE_STD
         return x.to(self.net.conv_stem.weight.dtype)
 
@@ -629,29 +600,14 @@ def load_effnet_semantic(spec: str, image_size: int = 224, layer: int | None = N
 
 
 # seeded ViT-S/S/B/L
-RANDOM_VIT_DIMS = {
-    "random": 384,
-    "random-s": 384,
-    "random-b": 768,
-    "random-l": 1024,
-}
+RANDOM_VIT_DIMS = {"random": 384, "random-s": 384, "random-b": 768, "random-l": 1024}
 EFFNET_SPECS = ("efficientnet-lite0", "random-efficientnet-lite0")
 # the specs that need no weights file beside a run
-BUILT_IN_SEMANTICS = (
-    "none",
-    *RANDOM_VIT_DIMS,
-    *EFFNET_SPECS,
-)
+BUILT_IN_SEMANTICS = ("none", *RANDOM_VIT_DIMS, *EFFNET_SPECS)
 
 
-def load_semantic(
-    spec: str,
-    image_size: int = 448,
-    device="cpu",
-    seed: int = 0,
-    layer: int | None = None,
-    dtype=torch.float32,
-):
+def load_semantic(spec: str, image_size: int = 448, device="cpu", seed: int = 0,
+                  layer: int | None = None, dtype=torch.float32):
     """'none' -> None (callers pass zeros); 'random'/'random-b'/'random-l' -> seeded random
     ViT-S/B/L; 'efficientnet-lite0' -> the ImageNet EfficientNet-Lite0 of its PyPI package,
     'random-efficientnet-lite0' -> its seeded random control (load_effnet_semantic); otherwise a

@@ -18,11 +18,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument(
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="default: cuda if present",
-    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda if present")
     p.add_argument("--batch", type=int, default=8, help="images per batch (default 8)")
     p.add_argument(
         "--mode", choices=("realesrgan", "bicubic"), default="realesrgan", help="default realesrgan"

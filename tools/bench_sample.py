@@ -31,12 +31,7 @@ from vosr.runtime import DEFAULT_DEVICE, DTYPES
 
 
 # bicubic + codec encode, DINOv2, all Euler steps, decode
-STAGES = (
-    "encode",
-    "semantic",
-    "dit",
-    "decode",
-)
+STAGES = ("encode", "semantic", "dit", "decode")
 
 
 class StageTimer:
@@ -92,12 +87,8 @@ def bench_models(preset: str, size: int, device, semantic_size: int | None = Non
 # The stages of VOSRPipeline.__call__, the methods it calls in order: bicubic + codec encode, the
 # semantic encoder (the global token map; per-tile tokens are computed in the first DiT step), every
 # Euler step, decode.
-STAGE_METHODS = {
-    "encode": "condition",
-    "semantic": "tile_semantics",
-    "dit": "denoise",
-    "decode": "finish",
-}
+STAGE_METHODS = {"encode": "condition", "semantic": "tile_semantics", "dit": "denoise",
+                 "decode": "finish"}
 
 
 @contextlib.contextmanager
@@ -133,28 +124,16 @@ def bench_row(pipe: sample.VOSRPipeline, lr: torch.Tensor, steps: int, repeats: 
     return {**ms, "img_per_s": lr.shape[0] / ms["total_ms"] * 1e3}
 
 
-def bench(
-    preset="0.5B",
-    size=512,
-    batches=(1,),
-    steps=(1,),
-    dtypes=("fp32",),
-    paths=("plain",),
-    device="cpu",
-    repeats=1,
-    semantic_size=None,
-    compile_mode="default",
-    verbose=False,
-) -> list[dict]:
+def bench(preset="0.5B", size=512, batches=(1,), steps=(1,), dtypes=("fp32",), paths=("plain",),
+          device="cpu", repeats=1, semantic_size=None, compile_mode="default",
+          verbose=False) -> list[dict]:
     """One row per (path, dtype, batch, steps): the stage times of bench_row and what was run."""
     dev = torch.device(device)
     model, codec, semantic = bench_models(preset, size, dev, semantic_size)
-    path_fast = {
-        "plain": sample.FastPaths(),
-        "fast": sample.FastPaths(reuse_semantics=True, channels_last=True),
-        "compiled": sample.FastPaths(True, True, compile=compile_mode),
-        "graphs": sample.FastPaths(True, True, compile=compile_mode, cuda_graphs=True),
-    }
+    path_fast = {"plain": sample.FastPaths(),
+                 "fast": sample.FastPaths(reuse_semantics=True, channels_last=True),
+                 "compiled": sample.FastPaths(True, True, compile=compile_mode),
+                 "graphs": sample.FastPaths(True, True, compile=compile_mode, cuda_graphs=True)}
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     rows = []
     # plain first: channels_last converts the codec
@@ -168,19 +147,11 @@ def bench(
                 )
                 for n in steps:
                     rows.append(
-                        {
-                            "device": name,
-                            "torch": torch.__version__,
-                            "threads": torch.get_num_threads(),
-                            "preset": preset,
-                            "size": size,
-                            "path": path,
-                            "dtype": dtype,
-                            "batch": batch,
-                            "steps": n,
-                            "sampler": "student" if n == 1 else "teacher",
-                            **bench_row(pipe, lr, n, repeats),
-                        }
+                        {"device": name, "torch": torch.__version__,
+                         "threads": torch.get_num_threads(), "preset": preset, "size": size,
+                         "path": path, "dtype": dtype, "batch": batch, "steps": n,
+                         "sampler": "student" if n == 1 else "teacher",
+                         **bench_row(pipe, lr, n, repeats)}
                     )
                     if verbose:  # each row as soon as it is measured: compiled rows take minutes
                         print(bench_table(rows[-1:]).splitlines()[-1], flush=True)
@@ -226,17 +197,8 @@ def bench_shipped(cases=SHIPPED, repeats: int = 2) -> list[dict]:
     flags of the case."""
     rows = []
     for ckpt, (w, h), flags in cases:
-        argv = [
-            "--ckpt",
-            str(ROOT / ckpt if not Path(ckpt).is_absolute() else ckpt),
-            "-i",
-            "LR.png",
-            "-o",
-            "SR.png",
-            "--device",
-            "cpu",
-            *flags.split(),
-        ]
+        argv = ["--ckpt", str(ROOT / ckpt if not Path(ckpt).is_absolute() else ckpt), "-i",
+                "LR.png", "-o", "SR.png", "--device", "cpu", *flags.split()]
         cfg = sample.parse_args(argv)
         t0 = time.perf_counter()
         pipe, run = sample.load_pipeline(cfg, report=lambda line: None)
@@ -261,19 +223,11 @@ def bench_shipped(cases=SHIPPED, repeats: int = 2) -> list[dict]:
             len(sample.tile_windows(-(-n // (f * p)) * p, lt, lo, align)) for n in sr.shape[-2:]
         )
         rows.append(
-            {
-                "command": f"python sample.py --ckpt {ckpt} -i LR.png -o SR.png {flags}".strip(),
-                "lr": f"{w}×{h}",
-                "sr": f"{sr.shape[-1]}×{sr.shape[-2]}",
-                "steps": cfg.steps,
-                "guidance": cfg.guidance if not pipe.student else "-",
-                "tile": tile,
-                "tiles": tiles,
-                "load_s": load,
-                "sample_s": times,
-                "threads": torch.get_num_threads(),
-                "torch": torch.__version__,
-            }
+            {"command": f"python sample.py --ckpt {ckpt} -i LR.png -o SR.png {flags}".strip(),
+             "lr": f"{w}×{h}", "sr": f"{sr.shape[-1]}×{sr.shape[-2]}", "steps": cfg.steps,
+             "guidance": cfg.guidance if not pipe.student else "-", "tile": tile, "tiles": tiles,
+             "load_s": load, "sample_s": times, "threads": torch.get_num_threads(),
+             "torch": torch.__version__}
         )
         # the row as soon as it is measured
         print(shipped_table(rows[-1:]).splitlines()[1], flush=True)
@@ -284,16 +238,8 @@ def shipped_table(rows: list[dict]) -> str:
     """The rows of bench_shipped as an aligned table; the commands below it, numbered."""
     cells = [["#", "LR → SR", "steps", "s", "tile", "tiles", "load s", "s per image"]]
     cells += [
-        [
-            str(i + 1),
-            f"{r['lr']} → {r['sr']}",
-            str(r["steps"]),
-            str(r["guidance"]),
-            str(r["tile"]),
-            str(r["tiles"]),
-            f"{r['load_s']:.1f}",
-            " / ".join(f"{t:.1f}" for t in r["sample_s"]),
-        ]
+        [str(i + 1), f"{r['lr']} → {r['sr']}", str(r["steps"]), str(r["guidance"]), str(r["tile"]),
+         str(r["tiles"]), f"{r['load_s']:.1f}", " / ".join(f"{t:.1f}" for t in r["sample_s"])]
         for i, r in enumerate(rows)
     ]
     return "\n".join(
@@ -303,15 +249,8 @@ def shipped_table(rows: list[dict]) -> str:
 
 def bench_table(rows: list[dict]) -> str:
     """The rows as an aligned text table, times in ms."""
-    cols = [
-        "path",
-        "dtype",
-        "batch",
-        "steps",
-        "sampler",
-        *(f"{s}_ms" for s in (*STAGES, "total")),
-        "img_per_s",
-    ]
+    cols = ["path", "dtype", "batch", "steps", "sampler", *(f"{s}_ms" for s in (*STAGES, "total")),
+            "img_per_s"]
     cells = [[c.replace("_ms", " ms").replace("_per_s", "/s") for c in cols]]
     cells += [
         [
@@ -348,19 +287,10 @@ def main(argv=None) -> int:
             )
             return 2
         repeats = a.repeats or (3 if on_cuda else 1)
-        rows = bench(
-            a.preset,
-            a.size,
-            a.batch or ([1, 8] if on_cuda else [1]),
-            a.steps or ([1, 25] if on_cuda else [1, 4]),
-            dtypes,
-            list(dict.fromkeys(paths)),
-            a.device,
-            repeats,
-            a.semantic_size,
-            a.compile_mode,
-            verbose=True,
-        )
+        rows = bench(a.preset, a.size, a.batch or ([1, 8] if on_cuda else [1]),
+                     a.steps or ([1, 25] if on_cuda else [1, 4]), dtypes,
+                     list(dict.fromkeys(paths)), a.device, repeats, a.semantic_size, a.compile_mode,
+                     verbose=True)
         r = rows[0]
         lines = [
             f"bench_sample.py: {r['preset']} at {a.size}², {r['device']}, torch {r['torch']}, "
@@ -419,11 +349,8 @@ def build_parser():
     ap.add_argument(
         "--compile-mode", default="default", help="torch.compile mode, e.g. max-autotune on a GPU"
     )
-    ap.add_argument(
-        "--cuda-graphs",
-        action="store_true",
-        help="add rows 'graphs': compiled + CUDA graphs (CUDA only)",
-    )
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="add rows 'graphs': compiled + CUDA graphs (CUDA only)")
     ap.add_argument("--repeats", type=number(int, 1), default=None,
                     help="timed calls per row after one warm-up (default: 3 on CUDA, 1 on CPU)")
     ap.add_argument(

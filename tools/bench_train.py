@@ -38,19 +38,9 @@ def dit_flops(model, tokens: int, sem_tokens: int) -> float:
     return 2.0 * (L * per_block + io + sem)
 
 
-def bench(
-    preset: str,
-    size: int,
-    batch: int,
-    steps: int,
-    device: str,
-    bf16: bool,
-    compile_: bool,
-    latent_channels: int = 4,
-    factor: int = 8,
-    sem_tokens: int = 1024,
-    enc_dim: int = 768,
-) -> dict:
+def bench(preset: str, size: int, batch: int, steps: int, device: str, bf16: bool, compile_: bool,
+          latent_channels: int = 4, factor: int = 8, sem_tokens: int = 1024,
+          enc_dim: int = 768) -> dict:
     """Time training steps of the DiT alone (random weights, real shapes) → images/s, TFLOP/s, MFU.
     Training FLOPs = 3 × forward (the backward pass costs twice the forward)."""
     dev = torch.device(device)
@@ -88,19 +78,10 @@ def bench(
     flops = 3 * batch * dit_flops(model, (h // 2) ** 2, sem_tokens)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-    return {
-        "device": name,
-        "torch": torch.__version__,
-        "preset": preset,
-        "size": size,
-        "batch": batch,
-        "bf16": bf16,
-        "compile": compile_,
-        "step_s": sec,
-        "img_per_s": batch / sec,
-        "tflops": flops / sec / 1e12,
-        "mfu": None if peak is None or not bf16 else flops / sec / 1e12 / peak,
-    }
+    return {"device": name, "torch": torch.__version__, "preset": preset, "size": size,
+            "batch": batch, "bf16": bf16, "compile": compile_, "step_s": sec,
+            "img_per_s": batch / sec, "tflops": flops / sec / 1e12,
+            "mfu": None if peak is None or not bf16 else flops / sec / 1e12 / peak}
 
 
 def _checked(typ, lo):
@@ -115,20 +96,14 @@ def _checked(typ, lo):
 
 def main(argv=None) -> None:
     """python -m tools.bench_train [--preset 0.5B] [--size 512] [--batch 8] [--bf16] [--compile]"""
-    p = OneLineParser(
-        prog="bench_train.py",
-        description="training throughput of the DiT (random weights, real shapes)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = OneLineParser(prog="bench_train.py",
+                      description="training throughput of the DiT (random weights, real shapes)",
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument(
         "--preset", default="small", choices=sorted(dit.PRESETS), help="model preset of dit.py"
     )
-    p.add_argument(
-        "--size",
-        type=_checked(int, 16),
-        default=256,
-        help="HR crop side (latent = size/8, SD-VAE shapes)",
-    )
+    p.add_argument("--size", type=_checked(int, 16), default=256,
+                   help="HR crop side (latent = size/8, SD-VAE shapes)")
     p.add_argument("--batch", type=_checked(int, 1), default=4, help="images per step")
     p.add_argument(
         "--steps", type=_checked(int, 1), default=3, help="timed steps (after 3 warm-up steps)"

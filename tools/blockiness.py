@@ -49,12 +49,8 @@ def folder_ratios(folder: Path, periods) -> tuple[dict, list[str]]:
 def main(argv=None) -> int:
     p = OneLineParser(prog="blockiness.py", description=__doc__.split("\n\n")[0])
     p.add_argument("folders", nargs="+", type=Path, help="folders of images (searched recursively)")
-    p.add_argument(
-        "--period",
-        type=number(int, 2),
-        action="append",
-        help="block side in pixels, at least 2; repeat for several (default: 8 and 4)",
-    )
+    p.add_argument("--period", type=number(int, 2), action="append",
+                   help="block side in pixels, at least 2; repeat for several (default: 8 and 4)")
     args = p.parse_args(argv)
     periods = args.period or [8, 4]
     print(

@@ -24,32 +24,10 @@ NAME = "export.py"
 # What sample.py reads from a run's config.json (the model, the codec, the semantic encoder and its
 # block, the conditioning it was trained with, how it meets the LR at inference), and what says
 # where it came from.
-EXPORT_KEYS = (
-    "preset",
-    "patch_size",
-    "codec",
-    "light_decoder",
-    "semantic",
-    "semantic_size",
-    "semantic_layer",
-    "train_grid",
-    "enc_dim",
-    "mode",
-    "alpha",
-    "degradation",
-    "resize_back",
-    "upscale",
-    "color_fix",
-    "tile_blend",
-    "size",
-    "teacher",
-    "method",
-    "omega",
-    "steps",
-    "batch",
-    "lr",
-    "ema",
-)
+EXPORT_KEYS = ("preset", "patch_size", "codec", "light_decoder", "semantic", "semantic_size",
+               "semantic_layer", "train_grid", "enc_dim", "mode", "alpha", "degradation",
+               "resize_back", "upscale", "color_fix", "tile_blend", "size", "teacher", "method",
+               "omega", "steps", "batch", "lr", "ema")
 
 
 def export_run(run_dir: str, out_dir: str, note: str = "", overwrite: bool = False,

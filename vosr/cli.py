@@ -92,16 +92,8 @@ POSITIVE, NON_NEGATIVE = (lambda v: v > 0, "must be > 0"), (lambda v: v >= 0, "m
 FINITE = (math.isfinite, "must be a finite number")
 RANGES = {  # field → (test, what it must be); checked on the resolved config (presets, --resume)
     **dict.fromkeys(
-        (
-            "patch_size",
-            "batch",
-            "grad_accum",
-            "steps",
-            "log_every",
-            "val_every",
-            "val_steps",
-            "ckpt_every",
-        ),
+        ("patch_size", "batch", "grad_accum", "steps", "log_every", "val_every", "val_steps",
+         "ckpt_every"),
         at_least(1),
     ),
     **dict.fromkeys(("seed", "workers", "skip_nonfinite"), at_least(0)),

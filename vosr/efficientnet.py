@@ -23,12 +23,8 @@ STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
 _STAGE_OF = [(s, j) for s, n in enumerate(STAGE_DEPTHS) for j in range(n)]
 # Inside a block the package names layers by role, timm by position; the first block has no
 # expansion.
-_FIRST_BLOCK = {
-    "_depthwise_conv": "conv_dw",
-    "_bn1": "bn1",
-    "_project_conv": "conv_pw",
-    "_bn2": "bn2",
-}
+_FIRST_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw",
+                "_bn2": "bn2"}
 _BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
           "_project_conv": "conv_pwl", "_bn2": "bn3"}
 _TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",

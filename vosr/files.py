@@ -337,15 +337,8 @@ def read_safetensors_header(path) -> tuple[dict[str, tuple], dict]:
         meta = header.pop("__metadata__", None) or {}
         shapes = {k: tuple(v["shape"]) for k, v in header.items()}
         end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
-    except (
-        json.JSONDecodeError,
-        UnicodeDecodeError,
-        AttributeError,
-        KeyError,
-        TypeError,
-        IndexError,
-        ValueError,
-    ):
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError,
+            IndexError, ValueError):
         raise ValueError(f"{bad} (not a safetensors header)") from None
     if 8 + n + end > size:
         raise ValueError(f"{bad} (truncated: {size} bytes; its header lists {8 + n + end})")

@@ -159,29 +159,16 @@ def release_kind(args: dict, has_r: bool, path, weights) -> str:
 # sample.py without --ckpt
 DEFAULT_CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "vosr-small-photo"
 # what a run dir's config.json "sampler_defaults" may set (ours)
-SAMPLER_DEFAULTS = (
-    "steps",
-    "alpha",
-    "tile",
-    "tile_overlap",
-    "color_fix",
-    "upscale",
-    "tile_blend",
-    "vae_tile",
-    "lapped",
-    "start",
-)
+SAMPLER_DEFAULTS = ("steps", "alpha", "tile", "tile_overlap", "color_fix", "upscale", "tile_blend",
+                    "vae_tile", "lapped", "start")
 RUN_WEIGHTS = {"ema.safetensors": "the EMA weights", "ckpt.safetensors": "the training state"}
 # the release's scripts
 RELEASE_CONVENTIONS = dict(color_fix="adain", upscale="pil", tile_blend="gaussian")
 # ae_type / enc_type → (file beside the model folder, what it is, the flag that replaces it)
 RELEASE_FILES = {
     "sd2": ("stable-diffusion-2-1-base", "the SD2.1 VAE of ae_type sd2", "--codec FOLDER"),
-    "sd2-light": (
-        "sd21_lwdecoder.pth",
-        "the light decoder of ae_type sd2",
-        "--light-decoder FILE or --light-decoder none",
-    ),
+    "sd2-light": ("sd21_lwdecoder.pth", "the light decoder of ae_type sd2",
+                  "--light-decoder FILE or --light-decoder none"),
     "qwen": ("Qwen-Image-vae-2d", "the Qwen-Image VAE of ae_type qwen", "--codec FOLDER"),
     **{
         enc: (f"torch_cache/checkpoints/{name}", f"the DINOv2 of enc_type {enc}", "--semantic FILE")

@@ -133,13 +133,8 @@ def load_checkpoint(path: Path, model, ema, opt) -> int:
     """Restore model, EMA and optimiser from ckpt.safetensors; returns the step to continue from."""
     with safe_open(str(path), "pt") as f:
         meta, sd = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    files.load_strict(
-        model,
-        {k[6:]: v for k, v in sd.items() if k.startswith("model.")},
-        path,
-        "model.",
-        assign=False,
-    )
+    files.load_strict(model, {k[6:]: v for k, v in sd.items() if k.startswith("model.")}, path,
+                      "model.", assign=False)
     files.load_strict(
         ema, {k[4:]: v for k, v in sd.items() if k.startswith("ema.")}, path, "ema.", assign=False
     )

@@ -109,12 +109,9 @@ class FastPaths:
     def from_config(cls, cfg) -> FastPaths:
         """The fast paths the sample.py flags ask for (--fast = --reuse-semantics --channels-last).
         """
-        return cls(
-            reuse_semantics=cfg.fast or cfg.reuse_semantics,
-            channels_last=cfg.fast or cfg.channels_last,
-            compile=cfg.compile,
-            cuda_graphs=cfg.cuda_graphs,
-        )
+        return cls(reuse_semantics=cfg.fast or cfg.reuse_semantics,
+                   channels_last=cfg.fast or cfg.channels_last, compile=cfg.compile,
+                   cuda_graphs=cfg.cuda_graphs)
 
     def apply(self, model, codec, device: torch.device):
         """(DiT, codec encode, codec decode) to run with these paths; channels_last converts the
