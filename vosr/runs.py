@@ -135,9 +135,8 @@ def load_checkpoint(path: Path, model, ema, opt) -> int:
         meta, sd = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     files.load_strict(model, {k[6:]: v for k, v in sd.items() if k.startswith("model.")}, path,
                       "model.", assign=False)
-    files.load_strict(
-        ema, {k[4:]: v for k, v in sd.items() if k.startswith("ema.")}, path, "ema.", assign=False
-    )
+    ema_sd = {k[4:]: v for k, v in sd.items() if k.startswith("ema.")}
+    files.load_strict(ema, ema_sd, path, "ema.", assign=False)
     state: dict = {}
     for k, v in sd.items():
         if k.startswith("optim."):
