@@ -54,9 +54,8 @@ class DistillConfig(TrainConfig):
     omega: float = 0.5
     delta: float = 0.01      # RC: teacher warm-start step Δ (eq. 13)
     n_rc: int = 2  # RC: student rollout steps from t_m to r
-    alpha: float | None = (
-        None  # a fixed α (the released one-step models: 0.1); None: α ~ U per sample
-    )
+    # a fixed α (the released one-step models: 0.1); None: α ~ U per sample
+    alpha: float | None = None
 
 
 # The paper's recipe (appendix A.3 and Table 5): 50K steps, batch 32, lr 2e-5 — overridable by

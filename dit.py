@@ -512,10 +512,7 @@ def release_config(
 
 
 # the layers whose shape follows the semantic width enc_dim
-SEMANTIC_INPUT = (
-    "layer_norm.",
-    "mlp_ca.fc1.",
-)
+SEMANTIC_INPUT = ("layer_norm.", "mlp_ca.fc1.")
 
 
 def load_release_checkpoint(model: VOSRDiT, path: str, own_rope: bool = False,

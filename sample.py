@@ -237,9 +237,8 @@ def blend_tiles(fn, out: torch.Tensor, rows, cols) -> torch.Tensor:
     return out
 
 
-TILE_BATCH = (
-    16  # windows per DiT call (ours): one call on a batch beats a call per small tile on a CPU
-)
+# windows per DiT call (ours): one call on a batch beats a call per small tile on a CPU
+TILE_BATCH = 16
 
 
 def tiled(fn, z: torch.Tensor, tile: int, overlap: int, align: int = 2, blend: str = "linear",
@@ -514,9 +513,8 @@ COLOR_FIX = {"none": no_color_fix, "adain": adain_color_fix, "wavelet": wavelet_
 
 # ----------------------------------------------------------------------------- the tiled pipeline
 
-PROGRESS_AFTER = (
-    3.0  # seconds an image may take before its bar (steps × tiles) and its time are shown
-)
+# seconds an image may take before its bar (steps × tiles) and its time are shown
+PROGRESS_AFTER = 3.0
 
 
 class VOSRPipeline:
@@ -639,8 +637,9 @@ class VOSRPipeline:
         """v of latent windows, (z_windows, [(y, x, h, w) in latent pixels, …], t, r) → velocity:
         the teacher's guided velocity (eq. 2), or the student's one branch with r = the next time
         (§3.4); lapped: LappedDiT's."""
-        # keys: windows → projected c_sem
-        f, s, keys = (self.codec.factor, 1.0 if self.student else guidance, {})
+        f = self.codec.factor
+        s = 1.0 if self.student else guidance
+        keys = {}  # windows → their projected c_sem
         net = self.lapped_net() if lapped else self.net
 
         def semantics(wins):  # c_sem of each window, stacked as the windows are
@@ -900,9 +899,8 @@ class SampleConfig:
     alpha: float | None = None  # α of the partial branch; None: 0.15 (0 for a standard-CFG run)
     scale: float = 4.0
     seed: int = 0
-    tile: int | None = (
-        None  # tile side in output pixels; None: config.json's, else the training crop; 0: off
-    )
+    # tile side in output pixels; None: config.json's, else the training crop; 0: off
+    tile: int | None = None
     tile_overlap: int | None = None  # overlap between tiles in output pixels; None: tile / 8
     semantic_tiles: str = "global"  # global | per-tile | whole (VOSRPipeline.tile_semantics)
     # None below: the checkpoint's convention (the official release's for a release folder,
@@ -911,9 +909,9 @@ class SampleConfig:
     upscale: str | None = None       # torch | pil
     tile_blend: str | None = None    # linear | gaussian
     tile_shape: str = "fit"  # fit (ours) | square (the release's: short-side squares)
-    lapped: str | None = (
-        None  # off | on: (ours) sample.LappedDiT, the DiT also on half-token-shifted grids
-    )
+    # off | on: (ours) sample.LappedDiT, the DiT also on half-token-shifted grids
+    lapped: str | None = None
+    # tile side of the codec in output pixels; None: --tile; 0: the whole image
     vae_tile: int | None = None
     latent: str = "mean"  # mean | sample: c_str from the codec posterior's mean or a sample
     schedule: str = "uniform"        # uniform | cosine
@@ -927,19 +925,16 @@ class SampleConfig:
     # what a run dir records in config.json and a release folder in args.json; given explicitly,
     # they win
     preset: str = "0.5B"  # bare .safetensors only
-    codec: str | None = (
-        None  # 'pixel', 'pixel4' (ours) or a diffusers VAE folder; bare file: 'pixel'
-    )
+    # 'pixel', 'pixel4' (ours) or a diffusers VAE folder; bare file: 'pixel'
+    codec: str | None = None
     light_decoder: str | None = None  # the light decoder file, or 'none' (the VAE's own decoder)
     semantic: str | None = None      # 'none', 'random' or a DINOv2 weights file; bare file: 'none'
     semantic_size: int | None = None  # DINOv2 input side; bare file: 448
-    semantic_layer: int | None = (
-        None  # DINOv2 block of c_sem; None: the checkpoint's, else by depth (8 of 12, 17 of 24)
-    )
+    # DINOv2 block of c_sem; None: the checkpoint's, else by depth (8 of 12, 17 of 24)
+    semantic_layer: int | None = None
     student: bool | None = None  # None: decided by the checkpoint (has r_embedder ⇒ student)
-    fast: bool = (
-        False  # FastPaths; the output does not change. --fast = --reuse-semantics --channels-last
-    )
+    # FastPaths; the output does not change. --fast = --reuse-semantics --channels-last
+    fast: bool = False
     reuse_semantics: bool = False
     channels_last: bool = False
     compile: str | None = None       # torch.compile mode, e.g. "default", "max-autotune"

@@ -63,14 +63,13 @@ class TrainConfig:
     patch_size: int = 2  # DiT patch side in latent pixels: 2 (appendix A.3)
     codec: str = "pixel"  # ours: 'pixel' (8×8 blocks), 'pixel4' (4×4); or a diffusers VAE folder
     light_decoder: str | None = None  # lightweight decoder .safetensors (sampling only)
+    # c_sem (§3.2): 'none', 'random' (seeded ViT-S/14) or a DINOv2 weights file
     semantic: str = "random"
-    semantic_size: int = (
-        224  # input side of the semantic encoder (the official release's dinov2_size: 448)
-    )
+    # input side of the semantic encoder (the official release's dinov2_size: 448)
+    semantic_size: int = 224
     degradation: str = "realesrgan"  # realesrgan (second order, §4.1) | bicubic | mix (ours)
-    resize_back: str = (
-        "bicubic"  # LR → HR size before encoding: bicubic (as sample.py) | release (the release's)
-    )
+    # LR → HR size before encoding: bicubic (as sample.py) | release (the release's)
+    resize_back: str = "bicubic"
     # the optimiser: appendix A.3 and Table 5 (the training recipe) — AdamW, no warm-up, constant lr
     size: int = 128                   # HR crop side (256 in stage 1, 512 in stage 2)
     batch: int = 8                    # global batch, all ranks × accumulation (1024 / 256)
@@ -84,7 +83,7 @@ class TrainConfig:
     ema: float = 0.9999               # appendix A.3
     # conditioning κ (§3.3)
     mode: str = "partial"             # partial | cfg | full   (the three rows of Table 7)
-    p_partial: float = 0.1
+    p_partial: float = 0.1  # probability of the auxiliary branch per sample (not stated in the paper)
     alpha_min: float = 0.05  # α ~ U[alpha_min, alpha_max] in the partial branch: [0.05, 0.25]
     alpha_max: float = 0.25  #   (appendix A.4.2; the release's weak_cond_strength_aelq_list)
     # Noise augmentation of c_str in the full branch — the official release's

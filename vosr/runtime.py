@@ -95,14 +95,14 @@ def dtype_warning(device, dtype: str) -> str | None:
 class FastPaths:
     """Speed-ups of VOSRPipeline, off by default; none changes what is computed
     (tests/test_bench.py)."""
+    # project c_sem once per image and tile: it does not depend on z or t
     reuse_semantics: bool = False
-    channels_last: bool = (
-        False  # NHWC conv weights in the codec, the layout of cuDNN's fastest kernels
-    )
+    # NHWC conv weights in the codec, the layout of cuDNN's fastest kernels
+    channels_last: bool = False
+    # torch.compile mode of the DiT and the codec ("default", "max-autotune")
     compile: str | None = None
-    cuda_graphs: bool = (
-        False  # replay the DiT as CUDA graphs (fixed shapes, e.g. the one-step student)
-    )
+    # replay the DiT as CUDA graphs (fixed shapes, e.g. the one-step student)
+    cuda_graphs: bool = False
     compile_backend: str = "inductor"  # tests use "aot_eager": the same graphs, no generated code
 
     @classmethod

@@ -26,9 +26,8 @@ from vosr import files
 from vosr.files import UserError
 from vosr.crops import SHARD_CROPS, random_crop, step_generator
 
-SHARD_BUFFER = (
-    1000  # WebDataset shuffle buffer (samples); the first `SHARD_BUFFER // 10` start the stream
-)
+# WebDataset shuffle buffer (samples); the first `SHARD_BUFFER // 10` start the stream
+SHARD_BUFFER = 1000
 
 
 def parse_sources(spec: str) -> list[tuple[str, list[str], float]]:
