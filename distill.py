@@ -203,9 +203,10 @@ def distill_loss(cfg: DistillConfig, teacher, net, z0, c_str, c_sem, d: dict, te
         target = shortcut_target(student, z_t, t, r)                             # eq. 9
     loss_cons = F.mse_loss(u, target)
     if terms is not None:  # logged: how much each term weighs, and how often the clip bites
-        terms.update(loss_base=loss_base.item(), loss_cons=loss_cons.item())
+        # detached tensors: read on the host only when a log line is written, no sync per step
+        terms.update(loss_base=loss_base.detach(), loss_cons=loss_cons.detach())
         if cfg.method == "rc":
-            terms["rc_clipped"] = float((corr.abs() >= 1).float().mean())
+            terms["rc_clipped"] = (corr.abs() >= 1).float().mean()
     return loss_base + loss_cons                                                 # eq. 17 / 11
 
 

@@ -354,6 +354,18 @@ def test_every_range_is_checked_in_both_clis(runs, capsys):
     assert tt.parse_args(["--codec", "pixel4", "--size", "36"]).size == 36  # 4 px × patch 1
 
 
+def test_distill_logs_its_loss_terms(runs, tmp_path):
+    """log.jsonl of an rc student: the base and consistency terms sum to the logged loss (one rank,
+    one micro-batch), and the clipped share is a fraction."""
+    out = tmp_path / "st"
+    distill.main(["--teacher", str(runs["teacher"]), "--data", str(runs["photos"]), "--out", str(out),
+                  "--size", "32", "--batch", "2", "--steps", "2", "--workers", "0", "--log-every", "1",
+                  "--device", "cpu"])
+    for rec in map(json.loads, (out / "log.jsonl").read_text().splitlines()):
+        assert rec["loss_base"] + rec["loss_cons"] == pytest.approx(rec["loss"], rel=1e-5)
+        assert 0 <= rec["rc_clipped"] <= 1
+
+
 def test_broken_config_json_is_one_line_for_resume_and_teacher(runs, tmp_path):
     """A truncated config.json in the run to resume or the teacher to distil: exit 2, one line naming it."""
     broken = tmp_path / "broken"

@@ -218,6 +218,7 @@ class Progress:
         if vals:
             self.bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in vals.items()))
         if done % cfg.log_every == 0 or vals:
+            rec = {k: float(v) if torch.is_tensor(v) else v for k, v in rec.items()}
             self.file.write(json.dumps(rec) + "\n")
             self.file.flush()
         if not self.tty and (done % cfg.log_every == 0 or done in (self.start + 1, cfg.steps)):
