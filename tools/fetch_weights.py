@@ -98,7 +98,7 @@ def convert_archives(archives, cache):
         out[f"lpips_{net}_heads.safetensors"] = {
             f"lins.{k}.weight": heads[f"lin{k}.model.1.weight"] for k in range(5)
         }
-        # shapes
+        # a shape check: load_state_dict refuses any mismatch
         model.load_state_dict(
             {**out[f"{trunk}.safetensors"], **out[f"lpips_{net}_heads.safetensors"]}
         )
@@ -115,7 +115,7 @@ def convert_archives(archives, cache):
     ab = torch.load(member("DISTS-pytorch==0.1", "DISTS_pytorch/weights.pt"), map_location="cpu",
                     weights_only=True)
     out["dists_alpha_beta.safetensors"] = {"alpha": ab["alpha"], "beta": ab["beta"]}
-    # shapes
+    # a shape check, as above
     evaluate.DISTS().load_state_dict(
         {**out["vgg16.safetensors"], **out["dists_alpha_beta.safetensors"]}
     )
